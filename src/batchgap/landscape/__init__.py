@@ -1,0 +1,8 @@
+"""Geometry of a trained model, each quantity on an explicit evaluation protocol."""
+from .evaluate import BN_MODES, Metrics, batches, evaluate, recompute_bn_statistics
+from .params import distance, preserved, restore, snapshot
+
+__all__ = [
+    "BN_MODES", "Metrics", "batches", "evaluate", "recompute_bn_statistics",
+    "distance", "preserved", "restore", "snapshot",
+]
