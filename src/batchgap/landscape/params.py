@@ -28,12 +28,13 @@ def snapshot(model: nn.Module) -> dict:
         "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
         "training": {n: m.training for n, m in model.named_modules()},
         "bn_momentum": {n: m.momentum for n, m in model.named_modules() if is_batchnorm(m)},
+        "bn_track": {n: m.track_running_stats for n, m in model.named_modules() if is_batchnorm(m)},
     }
 
 
 @torch.no_grad()
 def restore(model: nn.Module, snap: dict) -> None:
-    """Put back parameters, buffers, flags and BN momenta bit for bit."""
+    """Put back parameters, buffers, flags, BN momenta and ``track_running_stats`` bit for bit."""
     for n, p in model.named_parameters():
         p.copy_(snap["params"][n])
         p.requires_grad_(snap["requires_grad"][n])
@@ -43,6 +44,8 @@ def restore(model: nn.Module, snap: dict) -> None:
         m.training = snap["training"][n]
         if n in snap["bn_momentum"]:
             m.momentum = snap["bn_momentum"][n]
+        if n in snap.get("bn_track", {}):
+            m.track_running_stats = snap["bn_track"][n]
 
 
 @contextmanager
