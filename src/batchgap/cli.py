@@ -1,0 +1,139 @@
+"""Command line: parse arguments, call the library. Bad input -> one line on stderr, exit code 2."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line (no usage dump) with exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="batchgap", description="The large-batch generalization gap and sharp minima, measured.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    run = sub.add_parser("run", help="run a study (train, measure, report)")
+    run.add_argument("study", nargs="?", default="default", help="a built-in study name or a .toml file (default: default)")
+    run.add_argument("--out", type=Path, help="output directory (default: runs/STUDY, runs/STUDY-quick with --quick)")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a setting, e.g. train.epochs=5 or regimes.LB.batch_size=\"5%%\" (repeatable)")
+    run.add_argument("--quick", action="store_true", help="shrink the study (few epochs, a slice of the data) for a smoke test")
+    run.add_argument("--data-dir", type=Path, help="where data files live (default: $BATCHGAP_DATA or ~/.cache/batchgap/data)")
+    run.add_argument("--download", action="store_true", help="download missing data files first")
+    run.add_argument("--no-report", action="store_true", help="write results.json only")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bars (default: when stderr is a terminal)")
+
+    rep = sub.add_parser("report", help="(re)write OUT/report.md and figures from OUT/results.json")
+    rep.add_argument("out", type=Path)
+
+    show = sub.add_parser("show", help="print a study's resolved settings as JSON")
+    show.add_argument("study", nargs="?", default="default")
+    show.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    show.add_argument("--quick", action="store_true")
+
+    sub.add_parser("list", help="list models, data sets and built-in studies")
+
+    data = sub.add_parser("data", help="data set files")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    data_sub.required = True
+    dl = data_sub.add_parser("download", help="download a data set's official files and verify their checksums")
+    dl.add_argument("name")
+    dl.add_argument("--data-dir", type=Path)
+    return p
+
+
+def _cmd_run(args) -> int:
+    from .config import load_study
+    from .report import write_report
+    from .studies import find_study
+    from .study import run_study
+
+    path = find_study(args.study)
+    cfg = load_study(path, args.sets, quick=args.quick)
+    out = args.out or Path("runs") / (cfg.name + ("-quick" if args.quick else ""))
+    command = "batchgap " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"study {cfg.name}: {len(cfg.seeds)} seeds x {len(cfg.regimes)} regimes -> {out}")
+    doc = run_study(cfg, out, data_dir=args.data_dir, download=args.download, progress=args.progress,
+                    log=log, command=command)
+    comp = doc.get("comparison") or {}
+    if "test_accuracy_gap" in comp:
+        p = f", p = {comp['p_value']:.3g}" if "p_value" in comp else ""
+        log(f"test accuracy gap {comp['small']} - {comp['large']}: {100 * comp['test_accuracy_gap']:+.2f} points{p}")
+    if not args.no_report:
+        print(write_report(out))
+    else:
+        print(out / "results.json")
+    return 0
+
+
+def _cmd_show(args) -> int:
+    import json
+
+    from .config import load_study
+    from .studies import find_study
+
+    cfg = load_study(find_study(args.study), args.sets, quick=args.quick)
+    print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from .data import list_datasets
+    from .models import list_models
+    from .studies import list_studies
+
+    print("models:")
+    for name, desc, paper in list_models():
+        print(f"  {name:<12} {('[' + paper + '] ') if paper else ''}{desc}")
+    print("data sets:")
+    for name, desc, needs_files in list_datasets():
+        print(f"  {name:<12} {desc}{'' if needs_files else ' (generated offline, no download)'}")
+    print("studies:")
+    for name, desc in list_studies():
+        print(f"  {name:<16} {desc}")
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from .data import download
+
+    for path in download(args.name, data_dir=args.data_dir):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"run": _cmd_run, "report": _report, "show": _cmd_show, "list": _cmd_list, "data": _cmd_data}[args.command]
+    try:
+        return handler(args)
+    except UserError as e:
+        print(f"batchgap: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("batchgap: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

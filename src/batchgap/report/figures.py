@@ -1,0 +1,121 @@
+"""Figures of a study, drawn from results.json and the runs' histories (matplotlib, Agg)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator  # noqa: E402
+
+from ..train import read_history  # noqa: E402
+
+COLORS = {0: "tab:blue", 1: "tab:red"}
+OTHER = ["tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
+
+
+def regime_colors(doc: dict) -> dict:
+    """SB blue, LB red (as the seed demonstration), other regimes from a fixed cycle."""
+    names = [r["name"] for r in doc["study"]["regimes"]]
+    compare = (doc.get("comparison") or {})
+    fixed = {compare.get("small"): COLORS[0], compare.get("large"): COLORS[1]}
+    out, k = {}, 0
+    for n in names:
+        if n in fixed and n is not None:
+            out[n] = fixed[n]
+        else:
+            out[n] = OTHER[k % len(OTHER)]
+            k += 1
+    return out
+
+
+def _band(ax, x, rows, color, style, label):
+    arr = np.asarray(rows, dtype=float)
+    mean = np.nanmean(arr, axis=0)
+    ax.plot(x, mean, style, color=color, label=label, lw=1.8)
+    if len(arr) > 1:
+        std = np.nanstd(arr, axis=0, ddof=1)
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.18, lw=0)
+
+
+def _protocol_note(fig, text: str) -> None:
+    fig.text(0.01, 0.01, text, fontsize=7.5, color="0.3", ha="left", va="bottom", wrap=True)
+
+
+def accuracy_curves(doc: dict, out: Path, path: Path) -> Path | None:
+    """Figure 2 analog: train (solid) and test (dashed) accuracy per epoch, mean +- std over seeds."""
+    colors = regime_colors(doc)
+    fig, ax = plt.subplots(figsize=(7.2, 5.2))
+    drawn = False
+    for regime in colors:
+        runs = [r for r in doc["runs"] if r["regime"] == regime and not r.get("diverged_epoch")]
+        hists = [[h for h in read_history(out / Path(r["history"]).parent) if "test_accuracy" in h] for r in runs]
+        hists = [h for h in hists if h]
+        if not hists:
+            continue
+        length = min(len(h) for h in hists)
+        epochs = [h["epoch"] for h in hists[0][:length]]
+        bs = runs[0]["batch_size"]
+        for key, style, word in (("train_accuracy", "-", "train"), ("test_accuracy", "--", "test")):
+            rows = [[100 * row[key] for row in h[:length]] for h in hists]
+            _band(ax, epochs, rows, colors[regime], style, f"{regime} (batch {bs}) {word}")
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    n_seeds = len(doc["study"]["seeds"])
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{doc['study']['name']}: accuracy during training (mean ± std over {n_seeds} seeds)")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(colors), bbox_to_anchor=(0.5, 0.07), frameon=False)
+    fig.subplots_adjust(bottom=0.28)
+    _protocol_note(fig, "Full train and test sets evaluated after each epoch; solid = train, dashed = test; "
+                        "band = ±1 std over seeds.")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def parametric_plot(doc: dict, path: Path) -> Path | None:
+    """Figure 3 analog: cross-entropy (left) and accuracy (right) along alpha x_LB + (1-alpha) x_SB."""
+    pairs = [p["parametric"] for p in doc.get("pairs", []) if p.get("parametric")]
+    if not pairs:
+        return None
+    alphas = np.asarray(pairs[0]["alphas"])
+    comp = doc["comparison"]
+    fig, ax = plt.subplots(figsize=(7.2, 5.4))
+    ax2 = ax.twinx()
+    for split, style in (("train", "-"), ("test", "--")):
+        _band(ax, alphas, [p[split]["loss"] for p in pairs], "tab:blue", style, f"{split} cross-entropy")
+        _band(ax2, alphas, [[100 * a for a in p[split]["accuracy"]] for p in pairs], "tab:red", style, f"{split} accuracy")
+    losses = np.asarray([p[s]["loss"] for p in pairs for s in ("train", "test")], dtype=float)
+    log_scale = np.nanmax(losses) > 10 * np.nanmin(losses) > 0  # log only when the loss spans a decade
+    if log_scale:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
+    ax.set_xlabel(f"alpha   (0 = {comp['small']}, 1 = {comp['large']})")
+    ax.set_ylabel("cross-entropy" + (" (log scale)" if log_scale else ""), color="tab:blue")
+    ax2.set_ylabel("accuracy (%)", color="tab:red")
+    ax.tick_params(axis="y", colors="tab:blue")
+    ax2.tick_params(axis="y", colors="tab:red")
+    for a in (0.0, 1.0):
+        ax.axvline(a, color="0.6", lw=0.8, ls=":")
+    ax.grid(alpha=0.3)
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+    fig.legend(lines, labels, fontsize=8, loc="lower center", ncol=4, bbox_to_anchor=(0.5, 0.075), frameon=False)
+    proto = pairs[0]["protocol"]
+    ax.set_title(f"{doc['study']['name']}: f({proto['formula']}), {len(pairs)} seeds", fontsize=10)
+    fig.subplots_adjust(bottom=0.25, left=0.11, right=0.89)
+    _protocol_note(fig, f"Protocol: {proto['data']}; BN: {proto['bn']}; {proto['parameters']}; "
+                        f"{proto['points']} points; band = ±1 std over seeds.")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

@@ -1,0 +1,345 @@
+"""Expand a study into runs, execute them resumably, gather results.json.
+
+Layout of an output directory::
+
+    OUT/results.json              everything the report is drawn from (written atomically, last)
+    OUT/report.md, OUT/figures/   the report (batchgap.report)
+    OUT/init/<model>-s<seed>.pt   x0: the start point shared by every regime of one seed
+    OUT/runs/<run id>/            config.json, history.jsonl, state.pt (resumable), model.pt,
+                                  result.json (written last: a run with it is finished)
+    OUT/pairs/<sb>__<lb>.json     pairwise measures (parametric plot) of one seed
+
+A run id is ``<regime>-s<seed>-<hash>``, the hash over everything that determines the run, so changing
+a setting makes new runs and re-running the same study skips the finished ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy import stats
+
+from . import __version__
+from .config import Regime, StudyConfig, config_hash, resolve_batch_size
+from .data import load_dataset, make_augment, check_augment
+from .data.base import Dataset
+from .errors import UserError
+from .measure import data_protocol, distance_from_init, endpoint_metrics, parametric_plot
+from .models import init_model
+from .train import train
+from .util import atomic_save_torch, atomic_write_json
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Run:
+    id: str
+    regime: Regime
+    seed: int
+    batch_size: int
+    config: dict  # everything that determines the run (hashed into the id)
+
+
+def plan(cfg: StudyConfig, n_train: int) -> list[Run]:
+    """Every (regime, seed) run of the study, in a stable order: seeds outer, regimes inner."""
+    runs = []
+    for seed in cfg.seeds:
+        for regime in cfg.regimes:
+            bs = resolve_batch_size(regime.batch_size, n_train, f"regimes.{regime.name}.batch_size")
+            run_cfg = {
+                "data": dataclasses.asdict(cfg.data),
+                "model": dataclasses.asdict(cfg.model),
+                "train": dataclasses.asdict(regime.train),
+                "regime": regime.name,
+                "batch_size": bs,
+                "seed": seed,
+            }
+            runs.append(Run(f"{regime.name}-s{seed}-{config_hash(run_cfg)}", regime, seed, bs, run_cfg))
+    return runs
+
+
+def prepare_data(cfg: StudyConfig, data_dir: str | Path | None = None, download: bool = False) -> Dataset:
+    """Load the study's data set and cut the seeded subsets it asks for (indices recorded in info)."""
+    ds = load_dataset(cfg.data.name, data_dir=data_dir, download=download)
+    subset = {}
+    for split, k in (("train", cfg.data.train_subset), ("test", cfg.data.test_subset)):
+        part = getattr(ds, split)
+        if k and k < len(part):
+            gen = torch.Generator().manual_seed(cfg.data.subset_seed + (0 if split == "train" else 1))
+            idx = torch.randperm(len(part), generator=gen)[:k].sort().values
+            setattr(ds, split, part.subset(idx))
+            subset[split] = {"n": k, "of": len(part), "seed": cfg.data.subset_seed, "indices_sha": config_hash(idx.tolist())}
+    if subset:
+        ds.info = {**ds.info, "subset": subset}
+    check_augment(cfg.data.augment, ds.input_shape)
+    return ds
+
+
+def environment() -> dict:
+    import scipy
+
+    return {
+        "batchgap": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _init_path(out: Path, cfg: StudyConfig, seed: int) -> Path:
+    return out / "init" / f"{cfg.model.name}-{config_hash(dataclasses.asdict(cfg.model))}-s{seed}.pt"
+
+
+def start_point(out: Path, cfg: StudyConfig, ds: Dataset, seed: int) -> dict:
+    """x0 for a seed: built once from the seed, saved, and shared by every regime of that seed."""
+    path = _init_path(out, cfg, seed)
+    if path.exists():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            pass  # a damaged file is rebuilt: x0 is a pure function of the seed
+    model = init_model(cfg.model.name, ds.input_shape, ds.num_classes, seed, bn=cfg.model.bn, **cfg.model.options)
+    state = model.state_dict()
+    atomic_save_torch(state, path)
+    return state
+
+
+def build(cfg: StudyConfig, ds: Dataset, state: dict | None = None) -> torch.nn.Module:
+    model = init_model(cfg.model.name, ds.input_shape, ds.num_classes, 0, bn=cfg.model.bn, **cfg.model.options)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def execute_run(out: Path, cfg: StudyConfig, ds: Dataset, run: Run, progress: bool | None = None) -> dict:
+    """Train and measure one run, or return its result if it already finished."""
+    run_dir = out / "runs" / run.id
+    done = _read_json(run_dir / "result.json")
+    if done is not None and done.get("id") == run.id and done.get("complete"):
+        return done
+    atomic_write_json(run_dir / "config.json", run.config)
+    x0 = start_point(out, cfg, ds, run.seed)
+    model = build(cfg, ds, x0)
+    augment = make_augment(cfg.data.augment)
+    res = train(
+        model, ds.train, ds.test, run.regime.train, run.batch_size, seed=run.seed, augment=augment,
+        run_dir=run_dir, progress=progress, desc=f"{run.regime.name} seed {run.seed}",
+    )
+    result = {
+        "id": run.id,
+        "regime": run.regime.name,
+        "batch_size": run.batch_size,
+        "seed": run.seed,
+        "lr": res.lr,
+        "lr_rule": run.regime.train.lr_rule,
+        "optimizer": run.regime.train.optimizer,
+        "epochs": res.epochs_done,
+        "steps": res.steps,
+        "steps_per_epoch": res.steps_per_epoch,
+        "diverged_epoch": res.diverged_epoch,
+        "wall_time_s": res.wall_time_s,
+        "x0": str(_init_path(out, cfg, run.seed).relative_to(out)),
+        "checkpoint": str((run_dir / "model.pt").relative_to(out)),
+        "history": str((run_dir / "history.jsonl").relative_to(out)),
+    }
+    if res.diverged_epoch is None:
+        metrics = endpoint_metrics(model, ds, cfg.measure)
+        result.update(train=metrics["train"], test=metrics["test"], eval_protocol=metrics["protocol"])
+        result["distance_from_init"] = distance_from_init(model, x0)
+    result["complete"] = True
+    atomic_write_json(run_dir / "result.json", result)
+    return result
+
+
+def execute_pair(out: Path, cfg: StudyConfig, ds: Dataset, sb: dict, lb: dict) -> dict | None:
+    """The parametric plot between the SB and LB solutions of one seed (cached by the two run ids)."""
+    if not cfg.measure.interpolation or sb.get("diverged_epoch") or lb.get("diverged_epoch"):
+        return None
+    path = out / "pairs" / f"{sb['id']}__{lb['id']}.json"
+    key = config_hash(dataclasses.asdict(cfg.measure))
+    cached = _read_json(path)
+    if cached is not None and cached.get("measure_hash") == key:
+        return cached
+    models = [build(cfg, ds, torch.load(out / r["checkpoint"], map_location="cpu", weights_only=True)) for r in (sb, lb)]
+    result = {"seed": sb["seed"], "sb": sb["id"], "lb": lb["id"], "measure_hash": key,
+              "parametric": parametric_plot(models[0], models[1], ds, cfg.measure, (sb["regime"], lb["regime"]))}
+    atomic_write_json(path, result)
+    return result
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value) with the count."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if v.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+
+
+def summarize(cfg: StudyConfig, runs: list[dict]) -> dict:
+    summary = {}
+    for regime in cfg.regimes:
+        rs = [r for r in runs if r["regime"] == regime.name]
+        ok = [r for r in rs if not r.get("diverged_epoch")]
+        summary[regime.name] = {
+            "batch_size": rs[0]["batch_size"] if rs else None,
+            "lr": rs[0]["lr"] if rs else None,
+            "runs": len(rs),
+            "diverged": len(rs) - len(ok),
+            "train_accuracy": mean_std([r["train"]["accuracy"] for r in ok]),
+            "test_accuracy": mean_std([r["test"]["accuracy"] for r in ok]),
+            "train_loss": mean_std([r["train"]["loss"] for r in ok]),
+            "test_loss": mean_std([r["test"]["loss"] for r in ok]),
+            "distance_from_init": mean_std([r["distance_from_init"]["value"] for r in ok]),
+            "wall_time_s": mean_std([r["wall_time_s"] for r in rs]),
+        }
+    return summary
+
+
+def compare(cfg: StudyConfig, runs: list[dict]) -> dict | None:
+    """The SB - LB test-accuracy gap with Welch's t-test, and the SB/LB distance ratio."""
+    if not cfg.compare:
+        return None
+    sb_name, lb_name = cfg.compare
+    def values(name: str, key) -> list[float]:
+        return [key(r) for r in runs if r["regime"] == name and not r.get("diverged_epoch")]
+    sb = values(sb_name, lambda r: r["test"]["accuracy"])
+    lb = values(lb_name, lambda r: r["test"]["accuracy"])
+    out = {"small": sb_name, "large": lb_name}
+    if sb and lb:
+        out["test_accuracy_gap"] = float(np.mean(sb) - np.mean(lb))
+        if len(sb) > 1 and len(lb) > 1:
+            t = stats.ttest_ind(sb, lb, equal_var=False)
+            out["welch_t"], out["p_value"] = float(t.statistic), float(t.pvalue)
+            out["test"] = "Welch's two-sided t-test, unequal variances, one value per seed"
+    d_sb = values(sb_name, lambda r: r["distance_from_init"]["value"])
+    d_lb = values(lb_name, lambda r: r["distance_from_init"]["value"])
+    if d_sb and d_lb:
+        out["distance_ratio"] = float(np.mean(d_sb) / np.mean(d_lb))
+    return out
+
+
+class OutputLock:
+    """``OUT/.lock`` holds the pid of the one ``batchgap run`` writing there; a second one refuses."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+
+    def __enter__(self) -> "OutputLock":
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid = self._holder()
+                if pid is not None and _alive(pid):
+                    raise UserError(f"{self.path.parent}: another batchgap run (pid {pid}) is writing there; wait for it or use another --out") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise UserError(f"{self.path}: cannot take the output lock")
+
+    def _holder(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_output_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the output directory ({e.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: the output directory is not writable")
+    existing = out / "results.json"
+    if existing.exists():
+        prior = _read_json(existing)
+        if not isinstance(prior, dict) or not isinstance(prior.get("runs"), list):
+            raise UserError(f"{existing}: not a batchgap results file (unreadable or edited); move it away or use another --out")
+
+
+def run_study(
+    cfg: StudyConfig,
+    out: str | Path,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    progress: bool | None = None,
+    log: Log = lambda s: None,
+    command: str | None = None,
+) -> dict:
+    """Run every run of ``cfg`` that has not finished in ``out``, measure, write ``out/results.json``."""
+    out = Path(out)
+    check_output_dir(out)
+    t0 = time.perf_counter()
+    with OutputLock(out):
+        ds = prepare_data(cfg, data_dir, download)
+        runs = plan(cfg, len(ds.train))
+        atomic_write_json(out / "study.json", cfg.to_dict())
+        results = []
+        for i, run in enumerate(runs, 1):
+            log(f"[{i}/{len(runs)}] {run.id}: batch {run.batch_size}, {run.regime.train.epochs} epochs")
+            results.append(execute_run(out, cfg, ds, run, progress=progress))
+            r = results[-1]
+            if r.get("diverged_epoch"):
+                log(f"    diverged at epoch {r['diverged_epoch']}")
+            else:
+                log(f"    train {r['train']['accuracy']:.4f}  test {r['test']['accuracy']:.4f}  ({r['wall_time_s']:.1f} s)")
+        pairs = []
+        if cfg.compare:
+            by = {(r["regime"], r["seed"]): r for r in results}
+            for seed in cfg.seeds:
+                pair = execute_pair(out, cfg, ds, by[(cfg.compare[0], seed)], by[(cfg.compare[1], seed)])
+                if pair is not None:
+                    pairs.append(pair)
+        doc = {
+            "study": cfg.to_dict(),
+            "data": {**data_protocol(ds), "info": ds.info},
+            "environment": environment(),
+            "command": command,
+            "runs": results,
+            "pairs": pairs,
+            "summary": summarize(cfg, results),
+            "comparison": compare(cfg, results),
+            "wall_time_s": time.perf_counter() - t0,
+        }
+        atomic_write_json(out / "results.json", doc)
+    return doc

@@ -1,0 +1,205 @@
+"""One training loop for every regime.
+
+The data set lives in memory as tensors; each epoch draws a permutation from an explicit
+``torch.Generator`` and slices batches by index (no DataLoader). The last incomplete batch of an epoch
+is dropped, so every step of a regime sees exactly ``batch_size`` examples. Augmentation, when asked,
+runs vectorized on each batch with the same generator.
+
+Learning rate: ``lr * (batch_size / base_batch_size) ** k`` with k = 0 (``none``), 1/2 (``sqrt``,
+Krizhevsky 2014, Hoffer 2017) or 1 (``linear``, Goyal 2017), optionally ramped linearly from
+``lr / steps`` up to that value over the first ``warmup_epochs`` epochs.
+
+Reproducible on its own: all randomness (batch order, augmentation, dropout) flows from the run's seed,
+through a generator for the data and a forked global RNG for dropout, and both are saved in the
+checkpoint so a resumed run continues bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+from .data.base import TensorData
+from .landscape.evaluate import evaluate
+from .util import atomic_save_torch, atomic_write_text, progress_bar
+
+
+def scaled_lr(cfg: TrainConfig, batch_size: int) -> float:
+    """The peak learning rate after the batch-size scaling rule."""
+    power = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[cfg.lr_rule]
+    return cfg.lr * (batch_size / cfg.base_batch_size) ** power
+
+
+def lr_at(step: int, peak: float, warmup_steps: int) -> float:
+    """Linear warmup from peak/warmup_steps to peak over the first ``warmup_steps`` steps, then peak."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return peak
+    return peak * (step + 1) / warmup_steps
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        # Keras defaults as the paper's official code: betas (0.9, 0.999), eps 1e-8 (PyTorch's too).
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class TrainResult:
+    history: list = field(default_factory=list)  # one dict per evaluated epoch
+    epochs_done: int = 0
+    steps: int = 0
+    steps_per_epoch: int = 0
+    lr: float = 0.0
+    batch_size: int = 0
+    diverged_epoch: int | None = None
+    wall_time_s: float = 0.0
+    resumed_from_epoch: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def train(
+    model: nn.Module,
+    train_data: TensorData,
+    test_data: TensorData | None,
+    cfg: TrainConfig,
+    batch_size: int,
+    seed: int = 0,
+    augment: Augment | None = None,
+    run_dir: str | Path | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    progress: bool | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place for ``cfg.epochs`` epochs at ``batch_size``.
+
+    With ``run_dir``, writes ``history.jsonl`` (one line per evaluated epoch), ``state.pt`` (a resumable
+    checkpoint every ``cfg.checkpoint_every`` epochs) and ``model.pt`` (the final state dict), each
+    atomically; a ``state.pt`` left by a killed run is picked up and training continues from it.
+    Stops early, marking ``diverged_epoch``, when the training loss becomes NaN or infinite.
+    """
+    n = len(train_data)
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}")
+    steps_per_epoch = n // batch_size
+    peak = scaled_lr(cfg, batch_size)
+    warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
+    optimizer = make_optimizer(model, cfg, peak)
+    gen = torch.Generator().manual_seed(seed)
+    result = TrainResult(steps_per_epoch=steps_per_epoch, lr=peak, batch_size=batch_size)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    start_epoch = 0
+    rng_state = _seeded_rng_state(seed)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state = _load_state(run_dir / "state.pt")
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            rng_state = state["rng"]
+            result = TrainResult(**state["result"])
+            start_epoch = result.epochs_done
+            result.resumed_from_epoch = start_epoch
+    t0 = time.perf_counter() - result.wall_time_s
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(rng_state)
+        bar = progress_bar(range(start_epoch, cfg.epochs), desc=desc, enabled=progress, initial=start_epoch, total=cfg.epochs)
+        for epoch in bar:
+            if result.diverged_epoch is not None:
+                break
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            total, count = 0.0, 0
+            for b in range(steps_per_epoch):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(result.steps, peak, warmup_steps)
+                idx = perm[b * batch_size : (b + 1) * batch_size]
+                x, y = train_data.x[idx], train_data.y[idx]
+                if augment is not None:
+                    x = augment(x, gen)
+                loss = loss_fn(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                result.steps += 1
+                total += float(loss.detach()) * len(y)
+                count += len(y)
+            result.epochs_done = epoch + 1
+            train_loss = total / count
+            if not math.isfinite(train_loss):
+                result.diverged_epoch = epoch + 1
+            row = {"epoch": epoch + 1, "steps": result.steps, "lr": optimizer.param_groups[0]["lr"],
+                   "batch_loss": train_loss}
+            last = epoch + 1 == cfg.epochs or result.diverged_epoch is not None
+            if (epoch + 1) % cfg.eval_every == 0 or last:
+                row.update(_epoch_metrics(model, train_data, test_data, cfg.eval_batch_size))
+            row["time_s"] = time.perf_counter() - t0
+            result.history.append(row)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_accuracy", "test_accuracy") if k in row})
+            result.wall_time_s = time.perf_counter() - t0
+            if run_dir is not None:
+                # the whole history, rewritten atomically: never a duplicate or missing epoch after a resume
+                atomic_write_text(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in result.history))
+                every = cfg.checkpoint_every
+                if (every and (epoch + 1) % every == 0) or last:
+                    _save_state(run_dir / "state.pt", model, optimizer, gen, result)
+    result.wall_time_s = time.perf_counter() - t0
+    if run_dir is not None:
+        atomic_save_torch(model.state_dict(), run_dir / "model.pt")
+    return result
+
+
+def _epoch_metrics(model: nn.Module, train_data: TensorData, test_data: TensorData | None, batch_size: int) -> dict:
+    out = {}
+    for split, data in (("train", train_data), ("test", test_data)):
+        if data is None:
+            continue
+        m = evaluate(model, data, batch_size=batch_size)
+        out[f"{split}_loss"], out[f"{split}_accuracy"] = m.loss, m.accuracy
+    return out
+
+
+def _seeded_rng_state(seed: int) -> torch.Tensor:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.get_rng_state()
+
+
+def _save_state(path: Path, model, optimizer, gen, result: TrainResult) -> None:
+    atomic_save_torch(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
+         "rng": torch.get_rng_state(), "result": result.as_dict()},
+        path,
+    )
+
+
+def _load_state(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # a checkpoint that cannot be read is not taken for progress: start over
+        return None
+
+
+def read_history(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "history.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
