@@ -1,0 +1,185 @@
+"""1-D loss curves and 2-D loss surfaces around a trained model along given directions.
+
+    curve:    L(theta* + alpha d)                 for alpha in alphas          -> shape (len(alphas),)
+    surface:  L(theta* + alpha d1 + beta d2)      for alpha, beta in the grid  -> shape (len(alphas), len(betas))
+
+Every point is built fresh from the centre theta* (no accumulated drift), over all trainable
+parameters; a symmetric grid must contain 0 (:func:`protocol.as_grid`), and alpha = beta = 0 is
+theta* exactly. Loss and accuracy are full-data, batch-weighted (as :func:`evaluate.evaluate`).
+
+BatchNorm (``bn``), recorded in the result:
+
+* ``"eval"`` (default): the centre's running statistics at every point (or batch statistics for
+  ``track_running_stats=False`` models);
+* ``"batch"``: each evaluation batch's statistics;
+* ``"recompute"``: running statistics recomputed at every point on ``bn_data`` (default ``data``).
+
+Two evaluation methods, equal to float rounding (tested):
+
+* ``"vmap"`` (``fast=True``, used for "eval" and "batch"): each data batch is read once and the
+  loss at a chunk of points is computed by ``torch.func.vmap`` of ``functional_call`` over stacked
+  parameter vectors;
+* ``"loop"`` (``fast=False``, and always for "recompute", whose statistics differ per point): one
+  :func:`evaluate.evaluate` per point, the straightforward reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .evaluate import BN_MODES, describe_bn, evaluate
+from .functional import FullDataLoss, session
+from .params import flat, named_parameters, preserved, set_flat
+from .protocol import as_grid, data_size_name, frozen_array, jsonable
+
+
+@dataclass(frozen=True)
+class CurveResult:
+    alphas: np.ndarray
+    loss: np.ndarray  # (len(alphas),)
+    accuracy: np.ndarray
+    n: int
+    direction: str
+    direction_norm: float
+    center_norm: float
+    bn: str
+    bn_description: str
+    bn_data: str
+    batch_size: int
+    method: str
+    loss_fn: str
+
+    def as_dict(self) -> dict:
+        return jsonable(self)
+
+
+@dataclass(frozen=True)
+class SurfaceResult:
+    alphas: np.ndarray
+    betas: np.ndarray
+    loss: np.ndarray  # (len(alphas), len(betas))
+    accuracy: np.ndarray
+    n: int
+    directions: tuple[str, str]
+    direction_norms: tuple[float, float]
+    center_norm: float
+    bn: str
+    bn_description: str
+    bn_data: str
+    batch_size: int
+    method: str
+    loss_fn: str
+
+    def as_dict(self) -> dict:
+        return jsonable(self)
+
+
+def flat_direction(model: nn.Module, direction) -> torch.Tensor:
+    """A direction as one flat vector over ``named_parameters(model, "all")``.
+
+    Accepts a dict ``{name: tensor}`` (missing names are 0), a list/tuple aligned with those
+    parameters, or a flat tensor of the right length.
+    """
+    named = named_parameters(model, "all")
+    if torch.is_tensor(direction):
+        total = sum(p.numel() for _, p in named)
+        if direction.numel() != total:
+            raise ValueError(f"direction has {direction.numel()} entries, parameters have {total}")
+        return direction.detach().reshape(-1).to(dtype=named[0][1].dtype, device=named[0][1].device)
+    if isinstance(direction, dict):
+        unknown = set(direction) - {n for n, _ in named}
+        if unknown:
+            raise ValueError(f"direction names not among the model's trainable parameters: {sorted(unknown)[:3]}")
+        parts = [direction.get(n, torch.zeros_like(p)) for n, p in named]
+    else:
+        parts = list(direction)
+        if len(parts) != len(named):
+            raise ValueError(f"direction has {len(parts)} tensors, the model {len(named)} trainable parameters")
+    for (n, p), t in zip(named, parts):
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"direction for {n} has shape {tuple(t.shape)}, parameter {tuple(p.shape)}")
+    return torch.cat([t.detach().to(dtype=p.dtype, device=p.device).reshape(-1) for (_, p), t in zip(named, parts)])
+
+
+def _grid_values(model, directions, coeffs, data, loss_fn, batch_size, bn, bn_data, fast, chunk):
+    """Loss and accuracy at theta* + coeffs[i] @ D for every row of ``coeffs`` (P, k)."""
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {BN_MODES}, not {bn!r}")
+    params = [p for _, p in named_parameters(model, "all")]
+    x0 = flat(params)
+    D = torch.stack(directions)
+    C = torch.as_tensor(coeffs, dtype=x0.dtype, device=x0.device)
+
+    def point(rows: torch.Tensor) -> torch.Tensor:
+        return x0 + rows @ D
+
+    if fast and bn != "recompute":
+        with session(model, bn):
+            F = FullDataLoss(model, data, loss_fn, batch_size, "all")
+            loss, acc, _ = F.values_at_rows(point, C, chunk)
+            n = F.n
+        return loss.numpy(), acc.numpy(), n, "vmap"
+    losses, accs = [], []
+    with preserved(model):
+        for row in C:
+            set_flat(params, point(row[None])[0])
+            m = evaluate(model, data, loss_fn, batch_size, bn=bn, bn_data=bn_data)
+            losses.append(m.loss)
+            accs.append(m.accuracy)
+    return np.array(losses), np.array(accs), m.n, "loop"
+
+
+def _common(model, data, loss_fn, batch_size, bn, bn_data, method):
+    return dict(
+        bn=bn,
+        bn_description=describe_bn(model, bn, batch_size),
+        bn_data=("not used" if bn != "recompute"
+                 else "the evaluated data" if bn_data is None else f"caller's bn_data ({data_size_name(bn_data)})"),
+        batch_size=batch_size,
+        method={"vmap": "vmap over points, each data batch read once",
+                "loop": "one evaluate() per point"}[method],
+        loss_fn="mean cross-entropy" if loss_fn is None else getattr(loss_fn, "__name__", repr(loss_fn)),
+    )
+
+
+def loss_curve(model: nn.Module, direction, data, alphas=None, loss_fn=None, batch_size: int = 1000,
+               bn: str = "eval", bn_data=None, fast: bool = True, chunk: int = 16) -> CurveResult:
+    """L(theta* + alpha d) and accuracy for each alpha (default 21 points in [-1, 1]); model restored."""
+    alphas = as_grid(np.linspace(-1.0, 1.0, 21) if alphas is None else alphas, "alphas")
+    d = flat_direction(model, direction)
+    loss, acc, n, method = _grid_values(model, [d], alphas[:, None], data, loss_fn, batch_size, bn, bn_data,
+                                        fast, chunk)
+    return CurveResult(
+        alphas=frozen_array(alphas), loss=frozen_array(loss), accuracy=frozen_array(acc), n=n,
+        direction=getattr(direction, "protocol", "caller's direction"),
+        direction_norm=float(d.double().norm()),
+        center_norm=float(flat([p for _, p in named_parameters(model, "all")]).double().norm()),
+        **_common(model, data, loss_fn, batch_size, bn, bn_data, method),
+    )
+
+
+def loss_surface(model: nn.Module, d1, d2, data, alphas=None, betas=None, loss_fn=None, batch_size: int = 1000,
+                 bn: str = "eval", bn_data=None, fast: bool = True, chunk: int = 16) -> SurfaceResult:
+    """L(theta* + alpha d1 + beta d2) on the grid alphas x betas (default 11 x 11 in [-1, 1]^2).
+
+    ``loss[i, j]`` is at ``(alphas[i], betas[j])``; the grids may differ in length.
+    """
+    alphas = as_grid(np.linspace(-1.0, 1.0, 11) if alphas is None else alphas, "alphas")
+    betas = as_grid(np.linspace(-1.0, 1.0, 11) if betas is None else betas, "betas")
+    f1, f2 = flat_direction(model, d1), flat_direction(model, d2)
+    A, B = np.meshgrid(alphas, betas, indexing="ij")
+    coeffs = np.stack([A.reshape(-1), B.reshape(-1)], axis=1)
+    loss, acc, n, method = _grid_values(model, [f1, f2], coeffs, data, loss_fn, batch_size, bn, bn_data,
+                                        fast, chunk)
+    shape = (len(alphas), len(betas))
+    return SurfaceResult(
+        alphas=frozen_array(alphas), betas=frozen_array(betas),
+        loss=frozen_array(loss.reshape(shape)), accuracy=frozen_array(acc.reshape(shape)), n=n,
+        directions=(getattr(d1, "protocol", "caller's direction"), getattr(d2, "protocol", "caller's direction")),
+        direction_norms=(float(f1.double().norm()), float(f2.double().norm())),
+        center_norm=float(flat([p for _, p in named_parameters(model, "all")]).double().norm()),
+        **_common(model, data, loss_fn, batch_size, bn, bn_data, method),
+    )

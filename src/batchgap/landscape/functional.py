@@ -1,0 +1,167 @@
+"""The full-data loss as a function of a flat parameter vector: values, gradients, HVPs, many points.
+
+Everything here evaluates
+
+    L(theta) = (1/n) sum_b |b| * loss_fn(model(x_b; theta), y_b)
+
+exactly over all of ``data`` (batch-size weighted, never a mean of batch means), with
+``torch.func.functional_call`` so the model's own tensors are never written during the computation.
+``theta`` is the flat vector of the selected parameters (:func:`params.named_parameters`, ``"all"``
+or ``"no-bn"``); the others and all buffers are read from the model.
+
+:func:`session` fixes the BatchNorm protocol for a whole measurement and restores the model after:
+
+* ``"eval"``: model.eval(). Running statistics where tracked; batch statistics where the model was
+  built with ``track_running_stats=False``.
+* ``"batch"``: batch statistics of every evaluation batch. BN layers are put in train mode with
+  ``track_running_stats`` switched off for the session, so no buffer is ever updated (which also
+  keeps the loss a pure function of theta for torch.func).
+* ``"recompute"``: running statistics recomputed ONCE, at the model's current parameters, on
+  ``bn_data`` (default ``data``), then held fixed in eval mode. (Curves recompute per point instead;
+  see :mod:`curves`.)
+
+Dropout is off in every mode.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from .evaluate import BN_MODES, batches, mean_cross_entropy, recompute_bn_statistics
+from .params import flat, is_batchnorm, named_parameters, preserved, unflatten
+
+
+@contextmanager
+def session(model: nn.Module, bn: str, data=None, bn_data=None, batch_size: int = 1000) -> Iterator[None]:
+    """Fix the BN protocol (see module docstring) for the body; the model is restored after, even on error."""
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {BN_MODES}, not {bn!r}")
+    with preserved(model):
+        if bn == "recompute":
+            recompute_bn_statistics(model, data if bn_data is None else bn_data, batch_size)
+        model.eval()
+        if bn == "batch":
+            for m in model.modules():
+                if is_batchnorm(m):
+                    m.train()
+                    m.track_running_stats = False
+        yield
+
+
+def is_classification(out: torch.Tensor, y: torch.Tensor) -> bool:
+    return out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
+
+
+class FullDataLoss:
+    """L(theta) over all of ``data`` for the parameters ``which`` of ``model``. Use inside :func:`session`."""
+
+    def __init__(self, model: nn.Module, data, loss_fn: Callable | None = None, batch_size: int = 1000,
+                 which: str = "all"):
+        self.model, self.data, self.batch_size, self.which = model, data, batch_size, which
+        self.loss_fn = loss_fn or mean_cross_entropy
+        named = named_parameters(model, which)
+        if not named:
+            raise ValueError(f"the model has no trainable parameters for params={which!r}")
+        self.names = [n for n, _ in named]
+        self.shapes = [p for _, p in named]
+        self.x0 = flat(self.shapes)  # the centre, a detached copy
+        self.num_params = self.x0.numel()
+        self.n: int | None = None  # examples seen in the last pass
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def as_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, unflatten(vector, self.shapes)))
+
+    def forward(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, self.as_dict(vector), (x,))
+
+    def _batches(self):
+        count = 0
+        for x, y in batches(self.data, self.batch_size):
+            count += len(y)
+            yield x, y
+        if count == 0:
+            raise ValueError("no data to evaluate")
+        if self.n is not None and count != self.n:
+            raise ValueError(f"data changed between passes ({self.n} then {count} examples): pass a "
+                             "tensor pair, a TensorData or a re-iterable sequence of batches")
+        self.n = count
+
+    # -- quantities -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def value(self, vector: torch.Tensor) -> float:
+        total = torch.zeros((), dtype=torch.float64)
+        for x, y in self._batches():
+            total += self.loss_fn(self.forward(vector, x), y).double() * len(y)
+        return float(total / self.n)
+
+    def value_and_grad(self, vector: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """L(theta) and its exact gradient (float64), one forward and backward pass per batch."""
+        leaf = vector.detach().clone().requires_grad_(True)
+        total = torch.zeros((), dtype=torch.float64)
+        gsum = torch.zeros(leaf.shape, dtype=torch.float64, device=leaf.device)
+        for x, y in self._batches():
+            loss = self.loss_fn(self.forward(leaf, x), y)
+            (g,) = torch.autograd.grad(loss, leaf)
+            gsum += g.double() * len(y)
+            total += loss.detach().double() * len(y)
+        return float(total / self.n), gsum / self.n
+
+    def hvp(self, vectors: torch.Tensor, at: torch.Tensor | None = None, chunk: int = 8) -> torch.Tensor:
+        """Hessian-vector products H v (float64) for ``vectors`` of shape ``(N,)`` or ``(k, N)``.
+
+        Forward-over-reverse: ``jvp(grad(L_b), (theta,), (v,))`` per batch, weighted by |b|/n, with
+        ``vmap`` over up to ``chunk`` vectors at a time.
+        """
+        at = self.x0 if at is None else at
+        single = vectors.dim() == 1
+        V = (vectors[None] if single else vectors).to(dtype=at.dtype, device=at.device)
+        out = torch.zeros(V.shape, dtype=torch.float64, device=at.device)
+        for x, y in self._batches():
+            def batch_loss(vec, x=x, y=y):
+                return self.loss_fn(self.forward(vec, x), y)
+
+            grad_fn = grad(batch_loss)
+
+            def one(v):
+                return jvp(grad_fn, (at,), (v,))[1]
+
+            for s in range(0, len(V), chunk):
+                block = V[s : s + chunk]
+                hv = one(block[0])[None] if len(block) == 1 else vmap(one)(block)
+                out[s : s + chunk] += hv.double() * len(y)
+        out /= self.n
+        return out[0] if single else out
+
+    @torch.no_grad()
+    def values_at_rows(self, point_fn: Callable, rows: torch.Tensor, chunk: int = 16
+                       ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Loss and accuracy at the points ``point_fn(rows[s:s+chunk])`` (each ``(c, N)``), all rows.
+
+        Each data batch is read once; per batch, ``vmap`` of ``functional_call`` over a chunk of
+        stacked parameter vectors (points are rebuilt per chunk, so memory is ``chunk x N``, not
+        ``P x N``). Only valid when the loss is a pure per-point function of theta: BN "eval" or
+        "batch" inside a :func:`session`. Returns ``(loss (P,), accuracy (P,), classify)``, float64.
+        """
+        P = len(rows)
+        loss = torch.zeros(P, dtype=torch.float64)
+        correct = torch.zeros(P, dtype=torch.float64)
+        kinds: list[bool] = []  # is_classification, seen per traced call (shapes are per point in vmap)
+        for x, y in self._batches():
+            def one(vec, x=x, y=y):
+                out = self.forward(vec, x)
+                kinds.append(is_classification(out, y))
+                hit = (out.argmax(-1) == y).sum() if kinds[-1] else out.new_zeros((), dtype=torch.long)
+                return self.loss_fn(out, y), hit
+
+            for s in range(0, P, chunk):
+                l, c = vmap(one)(point_fn(rows[s : s + chunk]))
+                loss[s : s + chunk] += l.double().cpu() * len(y)
+                correct[s : s + chunk] += c.double().cpu()
+        classify = all(kinds)
+        accuracy = correct / self.n if classify else torch.full((P,), float("nan"), dtype=torch.float64)
+        return loss / self.n, accuracy, classify
