@@ -19,6 +19,7 @@ import gzip
 import io
 import os
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -100,6 +101,36 @@ def write_fake_mnist(data_dir: str | os.PathLike, n_train: int = 60, n_test: int
 # --- CIFAR: tar.gz of pickled batches ----------------------------------------------------------------
 
 
+class _Py2Pickler(pickle._Pickler):
+    """Protocol 2 as Python 2 wrote it, like the official CIFAR files: strings and bytes as byte strings
+    (SHORT_BINSTRING / BINSTRING), numpy's globals under their old ``numpy.core`` module names."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_string(self, obj: str | bytes) -> None:
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = save_py2_string
+    dispatch[bytes] = save_py2_string
+
+    def save_global(self, obj, name=None) -> None:
+        module = obj.__module__.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode("ascii"))
+        self.memoize(obj)
+
+
+def py2_pickle(obj) -> bytes:
+    """``obj`` pickled the way Python 2 pickled the official CIFAR batches (load with encoding="bytes")."""
+    buffer = io.BytesIO()
+    _Py2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
 def cifar_batch(images: np.ndarray, labels: np.ndarray, layout: CifarLayout, batch_label: str) -> bytes:
     """One pickled batch dict as in the official archives (bytes keys, uint8 (N, 3072) data, list labels)."""
     batch = {
@@ -110,7 +141,7 @@ def cifar_batch(images: np.ndarray, labels: np.ndarray, layout: CifarLayout, bat
     }
     if layout is CIFAR100:
         batch[b"coarse_labels"] = [int(v) // 5 for v in labels]
-    return pickle.dumps(batch, protocol=2)
+    return py2_pickle(batch)
 
 
 def write_tar_gz(path: Path, members: dict[str, bytes]) -> Path:
@@ -140,7 +171,7 @@ def cifar_members(layout: CifarLayout, a: FakeArrays) -> dict[str, bytes]:
     top = layout.train_members[0].split("/")[0]
     names = [f"class_{c}".encode() for c in range(layout.num_classes)]
     meta_name, meta_key = ("batches.meta", b"label_names") if layout is CIFAR10 else ("meta", b"fine_label_names")
-    members[f"{top}/{meta_name}"] = pickle.dumps({meta_key: names}, protocol=2)
+    members[f"{top}/{meta_name}"] = py2_pickle({meta_key: names})
     return members
 
 

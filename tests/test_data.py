@@ -26,6 +26,7 @@ from data_fixtures import (
     fake_mnist_arrays,
     idx_bytes,
     install_fake_data,
+    py2_pickle,
     trust_files,
     write_fake_cifar10,
     write_fake_cifar100,
@@ -216,6 +217,15 @@ def test_cifar_pixels_are_channel_major():
     images, labels = cifar.parse_batch(raw, b"labels", 10)
     assert images.shape == (1, 3, 32, 32) and images[0, 1, 5, 7] == 200 and images.sum() == 200
     assert labels.tolist() == [3] and labels.dtype == np.int64
+
+
+def test_cifar_batches_pickled_by_python3_also_load():
+    """Protocol 2 from Python 3 rebuilds bytes with _codecs.encode; the allowlist accepts that too."""
+    images = np.arange(2 * 3072, dtype=np.uint64).reshape(2, 3072).astype(np.uint8)
+    for raw in (pickle.dumps({b"data": images, b"labels": [0, 9]}, protocol=2), py2_pickle({b"data": images, b"labels": [0, 9]})):
+        x, y = cifar.parse_batch(raw, b"labels", 10)
+        assert np.array_equal(x.reshape(2, -1), images) and y.tolist() == [0, 9]
+    assert b"_codecs" in pickle.dumps({b"data": images}, protocol=2) and b"_codecs" not in py2_pickle({b"data": images})
 
 
 def test_cifar_unpickler_refuses_code(tmp_path, monkeypatch):
