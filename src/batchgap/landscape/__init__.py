@@ -1,9 +1,11 @@
 """Geometry of a trained model, each quantity on an explicit evaluation protocol."""
+from .adaptive import AdaptiveSharpnessResult, adaptive_sharpness
 from .curves import CurveResult, SurfaceResult, loss_curve, loss_surface
 from .directions import Direction, filter_normalized_direction
 from .evaluate import BN_MODES, Metrics, batches, evaluate, recompute_bn_statistics
 from .interpolation import InterpolationResult, PathCurve, interpolate
 from .params import distance, preserved, restore, snapshot
+from .sharpness import SharpnessResult, eps_sharpness
 
 __all__ = [
     "BN_MODES", "Metrics", "batches", "evaluate", "recompute_bn_statistics",
@@ -11,4 +13,5 @@ __all__ = [
     "InterpolationResult", "PathCurve", "interpolate",
     "CurveResult", "SurfaceResult", "loss_curve", "loss_surface",
     "Direction", "filter_normalized_direction",
+    "SharpnessResult", "eps_sharpness", "AdaptiveSharpnessResult", "adaptive_sharpness",
 ]
