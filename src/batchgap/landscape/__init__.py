@@ -3,6 +3,7 @@ from .adaptive import AdaptiveSharpnessResult, adaptive_sharpness
 from .curves import CurveResult, SurfaceResult, loss_curve, loss_surface
 from .directions import Direction, filter_normalized_direction
 from .evaluate import BN_MODES, Metrics, batches, evaluate, recompute_bn_statistics
+from .hessian import EigenResult, TraceResult, hessian_eigenvalues, hessian_trace
 from .interpolation import InterpolationResult, PathCurve, interpolate
 from .params import distance, preserved, restore, snapshot
 from .sharpness import SharpnessResult, eps_sharpness
@@ -13,5 +14,6 @@ __all__ = [
     "InterpolationResult", "PathCurve", "interpolate",
     "CurveResult", "SurfaceResult", "loss_curve", "loss_surface",
     "Direction", "filter_normalized_direction",
+    "EigenResult", "TraceResult", "hessian_eigenvalues", "hessian_trace",
     "SharpnessResult", "eps_sharpness", "AdaptiveSharpnessResult", "adaptive_sharpness",
 ]

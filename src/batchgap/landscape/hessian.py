@@ -1,0 +1,215 @@
+"""Curvature of the full-data loss from Hessian-vector products: top eigenvalues and the trace.
+
+H is the Hessian of L(theta) = (1/n) sum_b |b| loss_fn(model(x_b; theta), y_b) over all of ``data``
+with respect to the measured parameters (``params``: ``"all"`` or ``"no-bn"``), at the model's
+parameters. Products H v are forward-over-reverse, ``torch.func.jvp(torch.func.grad(L_b), ...)``,
+summed over batches with weights |b| / n (:meth:`functional.FullDataLoss.hvp`), in float64
+accumulation. BN protocol as in :mod:`sharpness` (``"eval"`` default; ``"recompute"`` once at the
+centre). Dropout is off. The model is restored bit for bit.
+
+* :func:`hessian_eigenvalues`: the k largest (algebraic) eigenvalues by Lanczos with full
+  reorthogonalization from a seeded start vector; stops when every wanted Ritz pair's residual
+  estimate ``beta_j |s_{j,i}|`` is at most ``tol * |theta_i|``, or after ``max_hvp`` steps. The
+  returned residuals ``||H v - lambda v||`` are then computed with k extra HVPs, not estimated.
+* :func:`hessian_trace`: Hutchinson with Rademacher probes, tr = mean(z^T H z), with the standard
+  error over probes and a Student-t interval; or Hutch++ (Meyer et al. 2021), see its docstring.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from .functional import FullDataLoss, session
+from .protocol import frozen_array, jsonable
+from .sharpness import bn_protocol, loss_fn_name
+
+HVP_METHOD = "forward-over-reverse HVP: torch.func.jvp of torch.func.grad of functional_call, batch-weighted"
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    eigenvalues: np.ndarray  # (k,), descending
+    residuals: np.ndarray  # ||H v_i - lambda_i v_i||, computed with extra HVPs
+    converged: bool
+    k: int
+    tol: float
+    lanczos_steps: int
+    hvps: int  # all HVPs used, the residual checks included
+    seed: int
+    n: int
+    bn: str
+    bn_description: str
+    params: str
+    num_params: int
+    batch_size: int
+    loss_fn: str
+    method: str
+    eigenvectors: np.ndarray | None = field(default=None, repr=False)  # (k, num_params); not in as_dict
+
+    def as_dict(self) -> dict:
+        d = jsonable(self)
+        d.pop("eigenvectors")
+        return d
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    value: float
+    stderr: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    n_probes: int
+    hvps: int
+    method: str
+    interval: str
+    seed: int
+    n: int
+    bn: str
+    bn_description: str
+    params: str
+    num_params: int
+    batch_size: int
+    loss_fn: str
+
+    def as_dict(self) -> dict:
+        return jsonable(self)
+
+
+def _protocol(model, F: FullDataLoss, bn, bn_data, batch_size, params, loss_fn) -> dict:
+    return dict(n=F.n, bn=bn, bn_description=bn_protocol(model, bn, batch_size, bn_data), params=params,
+                num_params=F.num_params, batch_size=batch_size, loss_fn=loss_fn_name(loss_fn))
+
+
+def lanczos_top(matvec, v0: torch.Tensor, k: int, max_steps: int, tol: float):
+    """Top-k Ritz pairs of a symmetric operator by Lanczos with full reorthogonalization.
+
+    Returns ``(values (k,), vectors (k, N), steps, converged)``; all float64.
+    """
+    N = v0.numel()
+    max_steps = min(max_steps, N)
+    Q = torch.zeros(max_steps + 1, N, dtype=torch.float64, device=v0.device)
+    alpha, beta = [], []
+    Q[0] = v0 / v0.norm()
+    converged = False
+    for j in range(max_steps):
+        w = matvec(Q[j])
+        alpha.append(float(Q[j] @ w))
+        for _ in range(2):  # full reorthogonalization, twice is enough
+            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
+        beta.append(float(w.norm()))
+        T = np.diag(alpha) + np.diag(beta[:-1], 1) + np.diag(beta[:-1], -1)
+        theta, S = np.linalg.eigh(T)
+        top = np.argsort(theta)[::-1][:k]
+        if j + 1 >= k:
+            est = np.abs(beta[-1] * S[-1, top])
+            scale = np.maximum(np.abs(theta[top]), np.finfo(float).tiny)
+            if np.all(est <= tol * scale) or beta[-1] <= 1e-12 * max(np.abs(theta).max(), 1e-300):
+                converged = True
+                break
+        if beta[-1] == 0 or j + 1 == max_steps:
+            break
+        Q[j + 1] = w / beta[-1]
+    steps = len(alpha)
+    vectors = torch.as_tensor(S[:, top].T, dtype=torch.float64, device=v0.device) @ Q[:steps]
+    return theta[top], vectors, steps, converged
+
+
+def hessian_eigenvalues(
+    model: nn.Module, data, k: int = 1, loss_fn=None, batch_size: int = 1000, bn: str = "eval",
+    params: str = "all", seed: int = 0, tol: float = 1e-3, max_hvp: int = 100,
+    return_eigenvectors: bool = False, bn_data=None,
+) -> EigenResult:
+    """The k largest Hessian eigenvalues (see module docstring) with residuals and the HVP count.
+
+    ``max_hvp`` caps the Lanczos steps (k more HVPs check the residuals). ``tol`` is relative:
+    residual estimate <= tol * |lambda|. The start vector is N(0, 1) from ``torch.Generator`` seeded
+    ``seed``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    with session(model, bn, data, bn_data, batch_size):
+        F = FullDataLoss(model, data, loss_fn, batch_size, params)
+        if k > F.num_params:
+            raise ValueError(f"k={k} exceeds the number of parameters {F.num_params}")
+        count = [0]
+
+        def matvec(v):
+            count[0] += 1
+            return F.hvp(v)
+
+        v0 = torch.randn(F.num_params, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        values, vectors, steps, converged = lanczos_top(matvec, v0.to(F.x0.device), k, max(max_hvp, k), tol)
+        Hv = F.hvp(vectors)
+        count[0] += len(vectors)
+        residuals = (Hv - torch.as_tensor(values.copy(), device=Hv.device)[:, None] * vectors).norm(dim=1)
+        proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+    return EigenResult(
+        eigenvalues=frozen_array(values), residuals=frozen_array(residuals.cpu().numpy()),
+        converged=converged, k=k, tol=tol, lanczos_steps=steps, hvps=count[0], seed=seed,
+        method=f"Lanczos, full reorthogonalization, seeded N(0,1) start; {HVP_METHOD}",
+        eigenvectors=frozen_array(vectors.cpu().numpy()) if return_eigenvectors else None, **proto,
+    )
+
+
+def _rademacher(m: int, N: int, gen: torch.Generator, device) -> torch.Tensor:
+    return (torch.randint(0, 2, (m, N), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1).to(device)
+
+
+def hessian_trace(
+    model: nn.Module, data, n_probes: int = 30, method: str = "hutchinson", seed: int = 0, loss_fn=None,
+    batch_size: int = 1000, bn: str = "eval", params: str = "all", confidence: float = 0.95,
+    chunk: int = 8, bn_data=None,
+) -> TraceResult:
+    """tr(H) with a confidence interval; ``n_probes`` HVPs in all, probes from a seeded generator.
+
+    * ``"hutchinson"``: z_i Rademacher, tr ~ mean_i z_i^T H z_i; stderr = sample std (ddof 1) / sqrt(m);
+      interval mean +- t_{(1+confidence)/2, m-1} stderr.
+    * ``"hutch++"``: m = n_probes split in three (s = m // 3 sketch probes S, s more HVPs for H Q,
+      m - 2s residual probes G): Q = orth(H S); tr = tr(Q^T H Q) + mean_i g_i'^T H g_i' with
+      g' = (I - Q Q^T) g. The interval is the Student-t interval of the residual Hutchinson term,
+      conditional on the sketch (tr(Q^T H Q) is exact given Q).
+
+    HVPs are batched ``chunk`` probes at a time with ``torch.func.vmap``.
+    """
+    if method not in ("hutchinson", "hutch++"):
+        raise ValueError(f"method must be 'hutchinson' or 'hutch++', not {method!r}")
+    min_probes = 2 if method == "hutchinson" else 5
+    if n_probes < min_probes:
+        raise ValueError(f"n_probes must be >= {min_probes} for {method}, got {n_probes}")
+    gen = torch.Generator().manual_seed(seed)
+    with session(model, bn, data, bn_data, batch_size):
+        F = FullDataLoss(model, data, loss_fn, batch_size, params)
+        dev, N = F.x0.device, F.num_params
+        if method == "hutchinson":
+            Z = _rademacher(n_probes, N, gen, dev)
+            samples = (Z * F.hvp(Z, chunk=chunk)).sum(dim=1)
+            exact, hvps = 0.0, n_probes
+            interval = "Student-t over the m Rademacher probe values z^T H z"
+        else:
+            s = n_probes // 3
+            S = _rademacher(s, N, gen, dev)
+            Q, _ = torch.linalg.qr(F.hvp(S, chunk=chunk).T)  # (N, s)
+            exact = float(torch.trace(Q.T @ F.hvp(Q.T, chunk=chunk).T))
+            G = _rademacher(n_probes - 2 * s, N, gen, dev)
+            G = G - (G @ Q) @ Q.T
+            samples = (G * F.hvp(G, chunk=chunk)).sum(dim=1)
+            hvps = n_probes
+            interval = ("Student-t over the residual probes g'^T H g', g' = (I - QQ^T) g, "
+                        "conditional on the sketch Q; tr(Q^T H Q) counted as exact")
+        samples = samples.cpu().numpy()
+        m = len(samples)
+        mean = float(samples.mean())
+        stderr = float(samples.std(ddof=1) / np.sqrt(m))
+        half = float(stats.t.ppf((1 + confidence) / 2, m - 1)) * stderr
+        proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+    value = exact + mean
+    return TraceResult(
+        value=value, stderr=stderr, ci_low=value - half, ci_high=value + half, confidence=confidence,
+        n_probes=n_probes, hvps=hvps,
+        method=f"{method}, Rademacher probes; {HVP_METHOD}", interval=interval, seed=seed, **proto,
+    )
