@@ -65,7 +65,6 @@ def _cmd_run(args) -> int:
     out = args.out or Path("runs") / (cfg.name + ("-quick" if args.quick else ""))
     command = "batchgap " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    log(f"study {cfg.name}: {len(cfg.seeds)} seeds x {len(cfg.regimes)} regimes -> {out}")
     doc = run_study(cfg, out, data_dir=args.data_dir, download=args.download, progress=args.progress,
                     log=log, command=command)
     comp = doc.get("comparison") or {}

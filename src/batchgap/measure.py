@@ -58,7 +58,8 @@ def parametric_plot(
     statistics of any network, and extrapolated variances can turn negative); otherwise eval mode.
     """
     lo, hi = mcfg.interpolation_range
-    alphas = np.linspace(lo, hi, mcfg.interpolation_points)
+    # the grid always holds alpha = 0 and 1 (the two solutions themselves) when they are in range
+    alphas = np.union1d(np.linspace(lo, hi, mcfg.interpolation_points), [a for a in (0.0, 1.0) if lo <= a <= hi])
     r = interpolate(
         model_sb, model_lb, {"train": dataset.train, "test": dataset.test}, alphas,
         path=mcfg.interpolation_path, bn=None if mcfg.interpolation_bn == "auto" else mcfg.interpolation_bn,

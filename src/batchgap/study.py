@@ -313,6 +313,8 @@ def run_study(
     with OutputLock(out):
         ds = prepare_data(cfg, data_dir, download)
         runs = plan(cfg, len(ds.train))
+        log(f"study {cfg.name}: {len(cfg.seeds)} seeds x {len(cfg.regimes)} regimes, "
+            f"{len(ds.train)} train / {len(ds.test)} test examples -> {out}")
         atomic_write_json(out / "study.json", cfg.to_dict())
         results = []
         for i, run in enumerate(runs, 1):

@@ -1,0 +1,180 @@
+"""Studies end to end: results.json, report, resume, locks, every built-in study with --quick."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from batchgap import study as study_mod
+from batchgap.cli import main
+from batchgap.studies import builtin_names
+from data_fixtures import install_fake_data
+
+SMALL = ["--set", "train.epochs=2", "--set", "data.train_subset=400", "--set", "data.test_subset=200",
+         "--set", "seeds=[0, 1]", "--set", "measure.interpolation_points=5"]
+
+
+def run_cli(*args):
+    return main(["run", *args])
+
+
+@pytest.fixture(scope="module")
+def default_out(tmp_path_factory, mnist1d_dir):
+    out = tmp_path_factory.mktemp("study") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BATCHGAP_DATA", str(mnist1d_dir))
+        assert run_cli("default", "--out", str(out), *SMALL) == 0
+    return out
+
+
+@pytest.fixture
+def default_run(default_out, tmp_path, mnist1d_dir, monkeypatch):
+    """A private copy of one finished small default study (tests may change it)."""
+    monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
+    shutil.copytree(default_out, tmp_path / "out")
+    return tmp_path / "out"
+
+
+def test_results_json_has_every_run_and_a_correct_summary(default_run):
+    doc = json.loads((default_run / "results.json").read_text())
+    assert doc["study"]["name"] == "default"
+    runs = doc["runs"]
+    assert sorted((r["regime"], r["seed"]) for r in runs) == [("LB", 0), ("LB", 1), ("SB", 0), ("SB", 1)]
+    for r in runs:
+        for key in ("id", "regime", "batch_size", "seed", "lr", "epochs", "train", "test", "distance_from_init", "wall_time_s"):
+            assert key in r
+        assert 0 <= r["train"]["accuracy"] <= 1 and 0 <= r["test"]["accuracy"] <= 1
+        assert r["distance_from_init"]["value"] > 0
+        assert r["batch_size"] == (32 if r["regime"] == "SB" else 40)  # LB = 10% of 400
+    sb = [r["test"]["accuracy"] for r in runs if r["regime"] == "SB"]
+    lb = [r["test"]["accuracy"] for r in runs if r["regime"] == "LB"]
+    assert doc["summary"]["SB"]["test_accuracy"]["mean"] == pytest.approx(np.mean(sb))
+    assert doc["summary"]["LB"]["test_accuracy"]["std"] == pytest.approx(np.std(lb, ddof=1))
+    comp = doc["comparison"]
+    assert comp["test_accuracy_gap"] == pytest.approx(np.mean(sb) - np.mean(lb))
+    assert comp["p_value"] == pytest.approx(stats.ttest_ind(sb, lb, equal_var=False).pvalue)
+    # the per-run test accuracy is the model's, re-evaluated from its checkpoint
+    from batchgap.config import from_dict
+    from batchgap.landscape import evaluate
+    cfg = from_dict(doc["study"])  # results.json's study round-trips to the same config
+    assert cfg.to_dict() == doc["study"]
+    ds = study_mod.prepare_data(cfg)
+    model = study_mod.build(cfg, ds, torch.load(default_run / runs[0]["checkpoint"], weights_only=True))
+    assert evaluate(model, ds.test).accuracy == pytest.approx(runs[0]["test"]["accuracy"])
+
+
+def test_regimes_of_one_seed_share_x0(default_run):
+    doc = json.loads((default_run / "results.json").read_text())
+    by_seed = {}
+    for r in doc["runs"]:
+        by_seed.setdefault(r["seed"], set()).add(r["x0"])
+    assert all(len(v) == 1 for v in by_seed.values()) and len(by_seed) == 2
+    x0 = [torch.load(default_run / next(iter(v)), weights_only=True) for v in by_seed.values()]
+    assert not torch.equal(next(iter(x0[0].values())), next(iter(x0[1].values())))
+
+
+def test_parametric_plot_endpoints_match_the_runs(default_run):
+    doc = json.loads((default_run / "results.json").read_text())
+    pair = doc["pairs"][0]
+    alphas = pair["parametric"]["alphas"]
+    assert len(alphas) == 7 and alphas[0] == -1.0 and alphas[-1] == 2.0  # 5 points plus alpha = 0 and 1
+    runs = {r["id"]: r for r in doc["runs"]}
+    # alpha = 0 is SB and alpha = 1 is LB: with BN statistics recomputed on the train set the numbers
+    # differ slightly from the runs' own (running statistics), but accuracy must be close
+    i0, i1 = alphas.index(0.0), alphas.index(1.0)
+    assert abs(pair["parametric"]["test"]["accuracy"][i0] - runs[pair["sb"]]["test"]["accuracy"]) < 0.05
+    assert abs(pair["parametric"]["test"]["accuracy"][i1] - runs[pair["lb"]]["test"]["accuracy"]) < 0.05
+    assert "recomputed" in pair["parametric"]["protocol"]["bn"]
+
+
+def test_report_has_the_tables_and_figures(default_run):
+    text = (default_run / "report.md").read_text()
+    for needle in ("Table 2", "Welch t =", "Figure 2", "Figure 3", "Distance from the start point",
+                   "PyTorch", "Wall time", "figures/accuracy_curves.png", "figures/parametric_plot.png"):
+        assert needle in text
+    for fig in ("accuracy_curves.png", "parametric_plot.png"):
+        data = (default_run / "figures" / fig).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_rerun_skips_finished_runs_and_reproduces_results(default_run, monkeypatch):
+    before = json.loads((default_run / "results.json").read_text())
+    def boom(*a, **k):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(study_mod, "train", boom)
+    assert run_cli("default", "--out", str(default_run), *SMALL) == 0
+    after = json.loads((default_run / "results.json").read_text())
+    assert after["runs"] == before["runs"] and after["pairs"] == before["pairs"]
+
+
+def test_a_changed_setting_makes_new_runs(default_run):
+    assert run_cli("default", "--out", str(default_run), *SMALL, "--set", "regimes.LB.lr_rule=sqrt") == 0
+    doc = json.loads((default_run / "results.json").read_text())
+    assert len(doc["runs"]) == 4
+    lb = [r for r in doc["runs"] if r["regime"] == "LB"]
+    assert all(r["lr"] == pytest.approx(1e-3 * (40 / 256) ** 0.5) for r in lb)
+    assert len(list((default_run / "runs").iterdir())) == 6  # SB reused, LB new
+
+
+def test_same_study_twice_gives_identical_numbers(tmp_path, mnist1d_dir, monkeypatch):
+    monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
+    docs = []
+    for name in ("a", "b"):
+        torch.manual_seed(len(name) * 17)  # unrelated global state must not matter
+        assert run_cli("default", "--out", str(tmp_path / name), *SMALL, "--set", "seeds=[3]") == 0
+        docs.append(json.loads((tmp_path / name / "results.json").read_text()))
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rs]
+    assert strip(docs[0]["runs"]) == strip(docs[1]["runs"])
+
+
+def test_a_second_run_into_a_locked_directory_refuses(tmp_path, mnist1d_dir, monkeypatch, capsys):
+    monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(str(holder.pid))
+        assert run_cli("default", "--out", str(out), *SMALL) == 2
+        err = capsys.readouterr().err
+        assert "another batchgap run" in err and err.count("\n") == 1
+        assert not (out / "results.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale and the next run takes it over
+    assert run_cli("default", "--out", str(out), *SMALL, "--no-report") == 0
+    assert not (out / ".lock").exists()
+
+
+def test_divergent_runs_are_marked_and_reported(tmp_path, mnist1d_dir, monkeypatch):
+    monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
+    out = tmp_path / "out"
+    assert run_cli("default", "--out", str(out), *SMALL, "--set", "model.bn=none", "--set", "train.optimizer=sgd",
+                   "--set", "regimes.LB.lr=1e9", "--set", "train.momentum=0.0") == 0
+    doc = json.loads((out / "results.json").read_text())
+    lb = [r for r in doc["runs"] if r["regime"] == "LB"]
+    assert all(r["diverged_epoch"] for r in lb)
+    assert doc["summary"]["LB"]["diverged"] == 2
+    assert "diverged at epoch" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("name", [n for n in builtin_names() if n != "default"])
+def test_every_paper_study_runs_quick_on_format_exact_fake_files(name, tmp_path, monkeypatch):
+    data_dir = install_fake_data(monkeypatch, tmp_path / "data", n_train=300, n_test=150)
+    out = tmp_path / "out"
+    assert run_cli(name, "--quick", "--out", str(out), "--data-dir", str(data_dir)) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert len(doc["runs"]) >= 2 and all(r.get("complete") for r in doc["runs"])
+    assert (out / "report.md").exists() and (out / "figures" / "parametric_plot.png").exists()
+
+
+@pytest.mark.parametrize("name", [n for n in builtin_names() if n != "default"])
+def test_paper_studies_without_their_data_stop_with_one_line(name, tmp_path, capsys):
+    assert run_cli(name, "--quick", "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "empty")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "batchgap data download" in err
+    assert not (tmp_path / "out" / "results.json").exists()
