@@ -81,12 +81,13 @@ def test_curve_centre_is_evaluate_and_fast_equals_loop(trained, bn):
     model, data = trained
     d = filter_normalized_direction(model, seed=1)
     alphas = np.linspace(-1, 1, 7)
-    fast = loss_curve(model, d, data, alphas, batch_size=16, bn=bn)
     slow = loss_curve(model, d, data, alphas, batch_size=16, bn=bn, fast=False)
     assert slow.method.startswith("one evaluate")
-    assert fast.method.startswith("vmap" if bn != "recompute" else "one evaluate")
-    np.testing.assert_allclose(fast.loss, slow.loss, rtol=1e-12, atol=0)
-    np.testing.assert_array_equal(fast.accuracy, slow.accuracy)
+    for chunk, words in ((None, "one point at a time"), (3, "vmap over 3 points")):
+        fast = loss_curve(model, d, data, alphas, batch_size=16, bn=bn, chunk=chunk)
+        assert words in fast.method if bn != "recompute" else fast.method == slow.method
+        np.testing.assert_allclose(fast.loss, slow.loss, rtol=1e-12, atol=0)
+        np.testing.assert_array_equal(fast.accuracy, slow.accuracy)
     centre = evaluate(model, data, batch_size=16, bn=bn)
     assert slow.loss[3] == centre.loss and slow.accuracy[3] == centre.accuracy
     assert fast.loss[3] == pytest.approx(centre.loss, rel=1e-13)

@@ -138,14 +138,16 @@ class FullDataLoss:
         return out[0] if single else out
 
     @torch.no_grad()
-    def values_at_rows(self, point_fn: Callable, rows: torch.Tensor, chunk: int = 16
+    def values_at_rows(self, point_fn: Callable, rows: torch.Tensor, chunk: int = 1
                        ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Loss and accuracy at the points ``point_fn(rows[s:s+chunk])`` (each ``(c, N)``), all rows.
+        """Loss and accuracy at the points ``point_fn(rows[s:s+c])`` (each ``(c, N)``), for all rows.
 
-        Each data batch is read once; per batch, ``vmap`` of ``functional_call`` over a chunk of
-        stacked parameter vectors (points are rebuilt per chunk, so memory is ``chunk x N``, not
-        ``P x N``). Only valid when the loss is a pure per-point function of theta: BN "eval" or
-        "batch" inside a :func:`session`. Returns ``(loss (P,), accuracy (P,), classify)``, float64.
+        Each data batch is read once and every point is evaluated on it before the next batch.
+        ``chunk == 1``: one ``functional_call`` per point; ``chunk > 1``: ``vmap`` of
+        ``functional_call`` over chunks of stacked parameter vectors (memory ``chunk x N`` for the
+        points plus ``chunk`` copies of the activations). Only valid when the loss is a pure
+        per-point function of theta (no buffer updates): BN "eval" or "batch" inside a
+        :func:`session`. Returns ``(loss (P,), accuracy (P,), classify)``, float64 on the CPU.
         """
         P = len(rows)
         loss = torch.zeros(P, dtype=torch.float64)
@@ -159,7 +161,11 @@ class FullDataLoss:
                 return self.loss_fn(out, y), hit
 
             for s in range(0, P, chunk):
-                l, c = vmap(one)(point_fn(rows[s : s + chunk]))
+                points = point_fn(rows[s : s + chunk])
+                if chunk == 1:
+                    l, c = one(points[0])
+                else:
+                    l, c = vmap(one)(points)
                 loss[s : s + chunk] += l.double().cpu() * len(y)
                 correct[s : s + chunk] += c.double().cpu()
         classify = all(kinds)
