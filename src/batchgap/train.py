@@ -70,6 +70,23 @@ class TrainResult:
 
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+    """The plain step: one forward, one backward, one optimizer step. Returns the batch's mean loss.
+
+    Remedies that change the step (SAM, conservative training, adversarial examples) are functions of
+    this same signature passed to :func:`train` as ``step``.
+    """
+    loss = loss_fn(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+Step = Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor, LossFn], torch.Tensor]
 
 
 def train(
@@ -81,7 +98,8 @@ def train(
     seed: int = 0,
     augment: Augment | None = None,
     run_dir: str | Path | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    loss_fn: LossFn = F.cross_entropy,
+    step: Step = sgd_step,
     progress: bool | None = None,
     desc: str = "train",
 ) -> TrainResult:
@@ -132,10 +150,7 @@ def train(
                 x, y = train_data.x[idx], train_data.y[idx]
                 if augment is not None:
                     x = augment(x, gen)
-                loss = loss_fn(model(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss = step(model, optimizer, x, y, loss_fn)
                 result.steps += 1
                 total += float(loss.detach()) * len(y)
                 count += len(y)
