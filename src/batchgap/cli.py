@@ -109,7 +109,10 @@ def _cmd_list(args) -> int:
 def _cmd_data(args) -> int:
     from .data import download
 
-    for path in download(args.name, data_dir=args.data_dir):
+    paths = download(args.name, data_dir=args.data_dir)
+    if not paths:
+        print(f"{args.name}: generated offline on first use, nothing to download", file=sys.stderr)
+    for path in paths:
         print(path)
     return 0
 

@@ -56,6 +56,8 @@ def plan(cfg: StudyConfig, n_train: int) -> list[Run]:
     for seed in cfg.seeds:
         for regime in cfg.regimes:
             bs = resolve_batch_size(regime.batch_size, n_train, f"regimes.{regime.name}.batch_size")
+            if bs < 2 and cfg.model.bn != "none":
+                raise UserError(f"regimes.{regime.name}.batch_size: BatchNorm needs at least 2 examples per batch, got {bs}")
             run_cfg = {
                 "data": dataclasses.asdict(cfg.data),
                 "model": dataclasses.asdict(cfg.model),
@@ -308,11 +310,13 @@ def run_study(
 ) -> dict:
     """Run every run of ``cfg`` that has not finished in ``out``, measure, write ``out/results.json``."""
     out = Path(out)
-    check_output_dir(out)
     t0 = time.perf_counter()
+    # everything that can be wrong with the input is found before the output directory is touched
+    ds = prepare_data(cfg, data_dir, download)
+    runs = plan(cfg, len(ds.train))
+    build(cfg, ds)  # model name, options and input shape
+    check_output_dir(out)
     with OutputLock(out):
-        ds = prepare_data(cfg, data_dir, download)
-        runs = plan(cfg, len(ds.train))
         log(f"study {cfg.name}: {len(cfg.seeds)} seeds x {len(cfg.regimes)} regimes, "
             f"{len(ds.train)} train / {len(ds.test)} test examples -> {out}")
         atomic_write_json(out / "study.json", cfg.to_dict())
