@@ -151,3 +151,14 @@ def test_model_restored_also_on_error_and_rng_untouched(trained, fast):
         loss_curve(model, d, data, [-1, 0, 1], loss_fn=RaiseOnCall(3), batch_size=16, fast=fast)
     assert_same_state(model, before)
     assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_fast_path_reads_a_one_shot_stream_of_batches_once(trained):
+    model, data = trained
+    d = filter_normalized_direction(model, seed=1)
+    x, y = data
+    stream = ((x[s : s + 16], y[s : s + 16]) for s in range(0, len(y), 16))  # a generator: one pass only
+    from_stream = loss_curve(model, d, stream, [-0.5, 0.0, 0.5])
+    np.testing.assert_allclose(from_stream.loss, loss_curve(model, d, data, [-0.5, 0.0, 0.5], batch_size=16).loss,
+                               rtol=1e-13)
+    assert from_stream.n == len(y)

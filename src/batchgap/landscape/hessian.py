@@ -92,11 +92,14 @@ def lanczos_top(matvec, v0: torch.Tensor, k: int, max_steps: int, tol: float):
     """
     N = v0.numel()
     max_steps = min(max_steps, N)
-    Q = torch.zeros(max_steps + 1, N, dtype=torch.float64, device=v0.device)
+    # the basis grows by doubling, so memory follows the steps taken, not max_steps
+    Q = torch.zeros(min(max_steps, 16) + 1, N, dtype=torch.float64, device=v0.device)
     alpha, beta = [], []
     Q[0] = v0 / v0.norm()
     converged = False
     for j in range(max_steps):
+        if j + 1 >= len(Q):
+            Q = torch.cat([Q, torch.zeros(min(len(Q), max_steps + 1 - len(Q)), N, dtype=Q.dtype, device=Q.device)])
         w = matvec(Q[j])
         alpha.append(float(Q[j] @ w))
         for _ in range(2):  # full reorthogonalization, twice is enough
