@@ -19,10 +19,13 @@ Two evaluation methods, equal to float rounding (tested):
 * batch-outer (``fast=True``, used for "eval" and "batch"): each data batch is read once and every
   point is evaluated on it with ``torch.func.functional_call`` (no parameter is written), one point
   at a time (``chunk=1``) or ``torch.func.vmap`` over ``chunk`` stacked parameter vectors.
-  ``chunk=None`` picks 1 on the CPU and 16 on an accelerator: measured on 2 CPU cores with the
-  study's MLP (40 -> 3 x 256 BN -> 10, 4000 examples), vmap's batched matmuls and decomposed
-  BatchNorm were up to 2x SLOWER than per-point calls, which were ~15% faster than the loop below;
-  the batched form pays off where one point does not fill the device.
+  ``chunk=None`` picks 1 on the CPU and 16 on an accelerator. Measured on 2 shared CPU cores with
+  the study's MLP (40 -> 3 x 256 BN -> 10, 4000 examples): vmap's batched matmuls and decomposed
+  BatchNorm were up to 2x SLOWER than per-point calls, and per-point calls cost about the same as
+  the point-outer loop below (the forward pass is matmul-bound, so no ordering saves arithmetic).
+  What batch-outer saves is reading the data: one pass over ``data`` for all points, which matters
+  for a stream of batches that is costly to produce (and lets a one-shot generator work); vmap
+  pays off where one point does not fill the device.
 * point-outer (``fast=False``, and always for "recompute", whose statistics differ per point): one
   :func:`evaluate.evaluate` per point, the straightforward reference.
 """
