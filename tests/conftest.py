@@ -1,4 +1,9 @@
 import pytest
+import torch
+
+# Small tensors: one intra-op thread is as fast as two, and it does not collapse when other processes
+# share the cores (OpenMP workers spin-wait; two threads on a busy 2-core machine ran 50x slower).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

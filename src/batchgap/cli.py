@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", type=Path, help="where data files live (default: $BATCHGAP_DATA or ~/.cache/batchgap/data)")
     run.add_argument("--download", action="store_true", help="download missing data files first")
     run.add_argument("--no-report", action="store_true", help="write results.json only")
+    run.add_argument("--threads", type=int, metavar="N",
+                     help="torch intra-op threads (default: $BATCHGAP_THREADS, else torch's default)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bars (default: when stderr is a terminal)")
 
@@ -60,6 +62,7 @@ def _cmd_run(args) -> int:
     from .studies import find_study
     from .study import run_study
 
+    _set_threads(args.threads)
     path = find_study(args.study)
     cfg = load_study(path, args.sets, quick=args.quick)
     out = args.out or Path("runs") / (cfg.name + ("-quick" if args.quick else ""))
@@ -76,6 +79,23 @@ def _cmd_run(args) -> int:
     else:
         print(out / "results.json")
     return 0
+
+
+def _set_threads(n: int | None) -> None:
+    import os
+
+    import torch
+
+    if n is None:
+        env = os.environ.get("BATCHGAP_THREADS", "").strip()
+        if not env:
+            return
+        if not env.isdigit():
+            raise UserError(f"BATCHGAP_THREADS: expected a positive integer, got {env!r}")
+        n = int(env)
+    if n < 1:
+        raise UserError(f"--threads: must be at least 1, got {n}")
+    torch.set_num_threads(n)
 
 
 def _cmd_show(args) -> int:

@@ -1,0 +1,32 @@
+"""The README's commands and example stay true."""
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_first_lines_are_the_two_commands_and_ci_runs_the_second():
+    block = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
+    assert len(block) == 2
+    assert "batchgap run default" in block[0] and "pytest" in block[1]
+    assert block[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_python_example_runs(mnist1d_dir):
+    code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4200, 12, generator=g)
+    y = (x[:, :3].sum(1) > 0).long()
+
+    class MyNet(nn.Sequential):
+        def __init__(self):
+            super().__init__(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+
+    ns = {"MyNet": MyNet, "x_train": x[:4100], "y_train": y[:4100], "x_test": x[4100:], "y_test": y[4100:]}
+    exec(compile(code.replace("epochs=20", "epochs=2"), "README.md", "exec"), ns)
+    acc = ns["curve"].curves["test"].accuracy
+    assert len(acc) == 25 and 0 <= acc.min() <= acc.max() <= 1
