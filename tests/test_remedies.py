@@ -372,6 +372,17 @@ def test_frozen_bn_stats_does_not_touch_buffers_a_pending_graph_needs():
     pending.backward()  # would fail had the buffers been written and put back
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_frozen_bn_stats_does_not_change_what_the_model_computes(mode):
+    model = bn_net()
+    model(batch(seed=7)[0])  # running statistics away from their initial values
+    model.train(mode == "train")
+    x = batch()[0]
+    with frozen_bn_stats(model):
+        frozen = model(x)
+    assert torch.equal(frozen, copy.deepcopy(model)(x))
+
+
 class StubbornBN(nn.BatchNorm1d):
     """A BatchNorm that updates its running statistics whatever track_running_stats says."""
 
@@ -641,7 +652,8 @@ def test_each_step_trains_a_bn_model(name, options, ghost):
     model = init_model("mlp", (6,), 3, 0, width=16, depth=2)
     if ghost:
         ghost_bn(model, 8)
-    result = train(model, data, None, TrainConfig(epochs=4, lr=1e-2), batch_size=16, step=make_step(name, **options))
+    step = make_step(name, **options)
+    result = train(model, data, None, TrainConfig(epochs=4, lr=1e-2), batch_size=16, step=step)
     losses = [row["train_loss"] for row in result.history]
     assert result.diverged_epoch is None and result.steps == 4 * 6
     assert losses[-1] < 0.8 * losses[0]

@@ -73,11 +73,13 @@ class ProximalStep:
 
     def protocol(self) -> dict:
         return {"remedy": "proximal", "lambda": self.lam, "inner_steps": self.inner_steps,
-                "anchor": "weights at the start of the step", "bn": "first inner pass only updates running statistics",
+                "anchor": "weights at the start of the step",
+                "bn": "first inner pass only updates running statistics",
                 "loss": "mini-batch loss at the anchor, without the proximal term"}
 
 
 def proximal_step(lam: float = 1e-3, inner_steps: int = 3) -> ProximalStep:
     """Conservative training (Keskar et al. 2017, appendix E.2): ``inner_steps`` optimizer iterations on
     ``f_B(x) + (lam/2) ||x - x_k||^2`` per batch. Returns a step function for :func:`~batchgap.train.train`."""
-    return ProximalStep(lam=check_number("proximal", "lam", lam), inner_steps=check_int("proximal", "inner_steps", inner_steps))
+    return ProximalStep(lam=check_number("proximal", "lam", lam),
+                        inner_steps=check_int("proximal", "inner_steps", inner_steps))
