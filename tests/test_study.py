@@ -15,7 +15,9 @@ from batchgap.studies import builtin_names
 from data_fixtures import install_fake_data
 
 SMALL = ["--set", "train.epochs=2", "--set", "data.train_subset=400", "--set", "data.test_subset=200",
-         "--set", "seeds=[0, 1]", "--set", "measure.interpolation_points=5"]
+         "--set", "seeds=[0, 1]", "--set", "measure.interpolation_points=5", "--set", "measure.sharpness_max_iter=3",
+         "--set", "measure.sharpness_subspace_dim=10", "--set", "measure.hessian_trace_probes=3",
+         "--set", "measure.curve_directions=2", "--set", "measure.curve_points=7", "--set", "measure.surface_points=5"]
 
 
 def run_cli(*args):
@@ -94,9 +96,11 @@ def test_parametric_plot_endpoints_match_the_runs(default_run):
 def test_report_has_the_tables_and_figures(default_run):
     text = (default_run / "report.md").read_text()
     for needle in ("Table 2", "Welch t =", "Figure 2", "Figure 3", "Distance from the start point",
-                   "PyTorch", "Wall time", "figures/accuracy_curves.png", "figures/parametric_plot.png"):
+                   "PyTorch", "Wall time", "figures/accuracy_curves.png", "figures/parametric_plot.png",
+                   "Tables 3 and 4", "ε-sharpness, full ε = 0.001", "top Hessian eigenvalue", "adaptive sharpness",
+                   "Reading the numbers", "as sharp", "205.14 ± 69.52"):
         assert needle in text
-    for fig in ("accuracy_curves.png", "parametric_plot.png"):
+    for fig in ("accuracy_curves.png", "parametric_plot.png", "sharpness_comparison.png", "loss_surface.png"):
         data = (default_run / "figures" / fig).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
@@ -127,7 +131,7 @@ def test_same_study_twice_gives_identical_numbers(tmp_path, mnist1d_dir, monkeyp
         torch.manual_seed(len(name) * 17)  # unrelated global state must not matter
         assert run_cli("default", "--out", str(tmp_path / name), *SMALL, "--set", "seeds=[3]") == 0
         docs.append(json.loads((tmp_path / name / "results.json").read_text()))
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rs]
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("wall_time_s", "measure_time_s")} for r in rs]
     assert strip(docs[0]["runs"]) == strip(docs[1]["runs"])
 
 
@@ -178,3 +182,43 @@ def test_paper_studies_without_their_data_stop_with_one_line(name, tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "batchgap data download" in err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_geometry_is_measured_per_run_and_summarized(default_run):
+    doc = json.loads((default_run / "results.json").read_text())
+    for r in doc["runs"]:
+        g = r["geometry"]
+        keys = sorted((e["subspace_dim"] or 0, e["eps"]) for e in g["sharpness"])
+        assert keys == [(0, 0.0005), (0, 0.001), (10, 0.0005), (10, 0.001)]
+        assert all(e["value"] >= 0 and e["nfev"] <= e["max_fun"] and e["n"] == 400 for e in g["sharpness"])
+        assert g["hessian_eigenvalues"]["eigenvalues"][0] > 0 and g["hessian_trace"]["n_probes"] == 3
+        assert len(g["curves"]["loss"]) == 2 and len(g["curves"]["alphas"]) == 7
+        # the curves pass through the model's own training loss at alpha = 0
+        i0 = g["curves"]["alphas"].index(0.0)
+        assert all(row[i0] == pytest.approx(r["train"]["loss"], rel=1e-5) for row in g["curves"]["loss"])
+        assert ("surface" in g) == (r["seed"] == 0)
+    sb = [next(e["value"] for e in r["geometry"]["sharpness"] if e["eps"] == 0.001 and e["subspace_dim"] is None)
+          for r in doc["runs"] if r["regime"] == "SB"]
+    lb = [next(e["value"] for e in r["geometry"]["sharpness"] if e["eps"] == 0.001 and e["subspace_dim"] is None)
+          for r in doc["runs"] if r["regime"] == "LB"]
+    assert doc["summary"]["SB"]["sharpness"]["full eps=0.001"]["mean"] == pytest.approx(np.mean(sb))
+    assert doc["comparison"]["large_over_small"]["sharpness full eps=0.001"] == pytest.approx(np.mean(lb) / np.mean(sb))
+
+
+def test_changed_measure_settings_remeasure_without_retraining(default_run, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(study_mod, "train", boom)
+    assert run_cli("default", "--out", str(default_run), *SMALL, "--set", "measure.hessian_trace_probes=4") == 0
+    doc = json.loads((default_run / "results.json").read_text())
+    assert all(r["geometry"]["hessian_trace"]["n_probes"] == 4 for r in doc["runs"])
+
+
+def test_parallel_jobs_give_the_numbers_of_a_sequential_run(default_out, tmp_path, mnist1d_dir, monkeypatch):
+    monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
+    out = tmp_path / "par"
+    assert run_cli("default", "--out", str(out), *SMALL, "--jobs", "2", "--threads", "1") == 0
+    seq = json.loads((default_out / "results.json").read_text())
+    par = json.loads((out / "results.json").read_text())
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("wall_time_s", "measure_time_s")} for r in rs]
+    assert strip(par["runs"]) == strip(seq["runs"])

@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", type=Path, help="where data files live (default: $BATCHGAP_DATA or ~/.cache/batchgap/data)")
     run.add_argument("--download", action="store_true", help="download missing data files first")
     run.add_argument("--no-report", action="store_true", help="write results.json only")
+    run.add_argument("--jobs", type=int, default=1, metavar="K",
+                     help="run K runs at once in worker processes (default 1)")
     run.add_argument("--threads", type=int, metavar="N",
                      help="torch intra-op threads (default: $BATCHGAP_THREADS, else torch's default)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -68,8 +70,10 @@ def _cmd_run(args) -> int:
     out = args.out or Path("runs") / (cfg.name + ("-quick" if args.quick else ""))
     command = "batchgap " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.jobs < 1:
+        raise UserError(f"--jobs: must be at least 1, got {args.jobs}")
     doc = run_study(cfg, out, data_dir=args.data_dir, download=args.download, progress=args.progress,
-                    log=log, command=command)
+                    log=log, command=command, jobs=args.jobs, threads=args.threads)
     comp = doc.get("comparison") or {}
     if "test_accuracy_gap" in comp:
         p = f", p = {comp['p_value']:.3g}" if "p_value" in comp else ""

@@ -124,6 +124,18 @@ class MeasureConfig:
             "doc": "auto = recompute statistics on the training set for running-statistics models",
         },
     )
+    # geometry of each solution, on the training set (or a seeded subset of it)
+    geometry_examples: int = field(default=0, metadata={"min": 0, "doc": "0 = the whole training set"})
+    sharpness_eps: list = field(default_factory=lambda: [1e-3, 5e-4])  # [] = no eps-sharpness
+    sharpness_subspace_dim: int = field(default=100, metadata={"min": 0, "doc": "0 = full space only"})
+    sharpness_max_iter: int = field(default=10, metadata={"min": 1})
+    adaptive_rho: float = field(default=0.01, metadata={"min": 0.0, "doc": "0 = no adaptive sharpness"})
+    hessian_top_k: int = field(default=1, metadata={"min": 0})
+    hessian_trace_probes: int = field(default=10, metadata={"min": 0})
+    curve_directions: int = field(default=5, metadata={"min": 0})
+    curve_points: int = field(default=21, metadata={"min": 3})
+    curve_range: float = field(default=1.0, metadata={"gt": 0.0})
+    surface_points: int = field(default=15, metadata={"min": 0, "doc": "0 = no 2-D surface; drawn for the first seed"})
 
 
 @dataclass
@@ -290,6 +302,10 @@ def from_dict(raw: dict, source: str = "study") -> StudyConfig:
     train = _build(TrainConfig, raw.get("train", {}), "train", base=TrainConfig())
     measure = _build(MeasureConfig, raw.get("measure", {}), "measure", base=MeasureConfig())
     _check_range(measure.interpolation_range)
+    eps = measure.sharpness_eps
+    if not all(isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e < 1 for e in eps):
+        raise UserError(f"measure.sharpness_eps: expected a list of numbers in (0, 1), got {eps!r}")
+    measure.sharpness_eps = [float(e) for e in eps]
     raw_regimes = raw.get("regimes")
     if not isinstance(raw_regimes, list) or not raw_regimes:
         raise UserError("regimes: expected at least one [[regimes]] table with name and batch_size")
@@ -387,7 +403,12 @@ def _set_path(d: dict, parts: list[str], value: Any, key: str) -> None:
     d[parts[-1]] = value
 
 
-GENERIC_QUICK = {"train.epochs": 2, "data.train_subset": 512, "data.test_subset": 256}
+GENERIC_QUICK = {
+    "train.epochs": 2, "data.train_subset": 512, "data.test_subset": 256,
+    "measure.sharpness_eps": [1e-3], "measure.sharpness_max_iter": 3, "measure.sharpness_subspace_dim": 10,
+    "measure.hessian_trace_probes": 3, "measure.curve_directions": 2, "measure.curve_points": 7,
+    "measure.surface_points": 5,
+}
 
 
 def quick_overrides(raw: dict) -> dict:

@@ -1,6 +1,7 @@
 """What a study measures on trained models, each number with its protocol.
 
-Per run: full-set train and test metrics and the distance from the start point x0.
+Per run: full-set train and test metrics, the distance from the start point x0, and the geometry of
+the solution (sharpness, Hessian, filter-normalized curves, a 2-D surface).
 Per pair of runs of one seed (small batch, large batch): the parametric plot (paper Figure 3).
 Knows nothing of studies or files: it takes models and data, returns plain dicts for results.json.
 """
@@ -12,7 +13,10 @@ from torch import nn
 
 from .config import MeasureConfig
 from .data.base import Dataset
-from .landscape import evaluate, interpolate
+from .landscape import (
+    adaptive_sharpness, eps_sharpness, evaluate, filter_normalized_direction, hessian_eigenvalues,
+    hessian_trace, interpolate, loss_curve, loss_surface,
+)
 from .landscape.evaluate import describe_bn
 from .landscape.params import distance
 
@@ -79,4 +83,62 @@ def parametric_plot(
         "data": "full train and test sets",
         "parameters": "all trainable parameters interpolated",
     }
+    return out
+
+
+def geometry_data(dataset: Dataset, mcfg: MeasureConfig, seed: int):
+    """The training set, or the seeded subset of ``mcfg.geometry_examples`` examples, and its description."""
+    train = dataset.train
+    k = mcfg.geometry_examples
+    if not k or k >= len(train):
+        return train, f"full training set ({len(train)} examples)"
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    idx = torch.randperm(len(train), generator=gen)[:k].sort().values
+    return train.subset(idx), f"training subset of {k} examples (seed {10_000 + seed})"
+
+
+def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int, surface: bool = False) -> dict:
+    """Sharpness (Keskar eps, full space and random subspace; adaptive), Hessian top eigenvalues and
+    trace, filter-normalized loss curves and, with ``surface``, a 2-D loss surface; each with its protocol.
+
+    All on the training loss (the paper's f), BN as ``mcfg.bn``; randomness from ``seed``.
+    """
+    data, data_desc = geometry_data(dataset, mcfg, seed)
+    common = {"batch_size": mcfg.eval_batch_size, "bn": mcfg.bn}
+    out: dict = {"data": data_desc}
+    sharp = []
+    for eps in mcfg.sharpness_eps:
+        for dim in (None, mcfg.sharpness_subspace_dim or None) if mcfg.sharpness_subspace_dim else (None,):
+            r = eps_sharpness(model, data, eps=eps, subspace_dim=dim, max_iter=mcfg.sharpness_max_iter, seed=seed, **common)
+            sharp.append(r.as_dict())
+    out["sharpness"] = sharp
+    if mcfg.adaptive_rho:
+        out["adaptive_sharpness"] = adaptive_sharpness(
+            model, data, rho=mcfg.adaptive_rho, max_iter=mcfg.sharpness_max_iter, **common).as_dict()
+    if mcfg.hessian_top_k:
+        out["hessian_eigenvalues"] = hessian_eigenvalues(model, data, k=mcfg.hessian_top_k, seed=seed, **common).as_dict()
+    if mcfg.hessian_trace_probes:
+        out["hessian_trace"] = hessian_trace(model, data, n_probes=mcfg.hessian_trace_probes, seed=seed, **common).as_dict()
+    if mcfg.curve_directions:
+        alphas = np.linspace(-mcfg.curve_range, mcfg.curve_range, mcfg.curve_points | 1)  # odd: holds alpha = 0
+        curves = []
+        for k in range(mcfg.curve_directions):
+            d = filter_normalized_direction(model, seed=seed * 1000 + k)
+            curves.append(loss_curve(model, d, data, alphas, **common))
+        out["curves"] = {
+            "alphas": alphas.tolist(),
+            "loss": [c.loss.tolist() for c in curves],
+            "accuracy": [c.accuracy.tolist() for c in curves],
+            "protocol": {"direction": curves[0].direction, "directions": len(curves),
+                         "direction_seeds": [seed * 1000 + k for k in range(len(curves))],
+                         "bn": curves[0].bn_description, "data": data_desc},
+        }
+    if surface and mcfg.surface_points:
+        grid = np.linspace(-mcfg.curve_range, mcfg.curve_range, mcfg.surface_points | 1)
+        d1 = filter_normalized_direction(model, seed=seed * 1000 + 500)
+        d2 = filter_normalized_direction(model, seed=seed * 1000 + 501)
+        s = loss_surface(model, d1, d2, data, grid, grid, **common)
+        out["surface"] = {"alphas": grid.tolist(), "betas": grid.tolist(), "loss": s.loss.tolist(),
+                          "protocol": {"direction": s.directions[0], "bn": s.bn_description, "data": data_desc,
+                                       "direction_seeds": [seed * 1000 + 500, seed * 1000 + 501]}}
     return out

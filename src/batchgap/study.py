@@ -33,7 +33,7 @@ from .config import Regime, StudyConfig, config_hash, resolve_batch_size
 from .data import load_dataset, make_augment, check_augment
 from .data.base import Dataset
 from .errors import UserError
-from .measure import data_protocol, distance_from_init, endpoint_metrics, parametric_plot
+from .measure import data_protocol, distance_from_init, endpoint_metrics, geometry, parametric_plot
 from .models import init_model
 from .train import train
 from .util import atomic_save_torch, atomic_write_json
@@ -136,43 +136,109 @@ def _read_json(path: Path) -> dict | None:
 
 
 def execute_run(out: Path, cfg: StudyConfig, ds: Dataset, run: Run, progress: bool | None = None) -> dict:
-    """Train and measure one run, or return its result if it already finished."""
+    """Train and measure one run; a finished run is returned as it is, or only re-measured when the
+    measure settings changed since (training is never repeated)."""
     run_dir = out / "runs" / run.id
+    measure_key = config_hash(dataclasses.asdict(cfg.measure))
     done = _read_json(run_dir / "result.json")
     if done is not None and done.get("id") == run.id and done.get("complete"):
-        return done
-    atomic_write_json(run_dir / "config.json", run.config)
-    x0 = start_point(out, cfg, ds, run.seed)
-    model = build(cfg, ds, x0)
-    augment = make_augment(cfg.data.augment)
-    res = train(
-        model, ds.train, ds.test, run.regime.train, run.batch_size, seed=run.seed, augment=augment,
-        run_dir=run_dir, progress=progress, desc=f"{run.regime.name} seed {run.seed}",
-    )
-    result = {
-        "id": run.id,
-        "regime": run.regime.name,
-        "batch_size": run.batch_size,
-        "seed": run.seed,
-        "lr": res.lr,
-        "lr_rule": run.regime.train.lr_rule,
-        "optimizer": run.regime.train.optimizer,
-        "epochs": res.epochs_done,
-        "steps": res.steps,
-        "steps_per_epoch": res.steps_per_epoch,
-        "diverged_epoch": res.diverged_epoch,
-        "wall_time_s": res.wall_time_s,
-        "x0": str(_init_path(out, cfg, run.seed).relative_to(out)),
-        "checkpoint": str((run_dir / "model.pt").relative_to(out)),
-        "history": str((run_dir / "history.jsonl").relative_to(out)),
-    }
-    if res.diverged_epoch is None:
+        if done.get("measure_hash") == measure_key or done.get("diverged_epoch"):
+            return done
+        model = build(cfg, ds, torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+        x0 = start_point(out, cfg, ds, run.seed)
+        result = {k: v for k, v in done.items() if k in TRAINING_KEYS}
+    else:
+        atomic_write_json(run_dir / "config.json", run.config)
+        x0 = start_point(out, cfg, ds, run.seed)
+        model = build(cfg, ds, x0)
+        res = train(
+            model, ds.train, ds.test, run.regime.train, run.batch_size, seed=run.seed,
+            augment=make_augment(cfg.data.augment), run_dir=run_dir, progress=progress,
+            desc=f"{run.regime.name} seed {run.seed}",
+        )
+        result = {
+            "id": run.id,
+            "regime": run.regime.name,
+            "batch_size": run.batch_size,
+            "seed": run.seed,
+            "lr": res.lr,
+            "lr_rule": run.regime.train.lr_rule,
+            "optimizer": run.regime.train.optimizer,
+            "epochs": res.epochs_done,
+            "steps": res.steps,
+            "steps_per_epoch": res.steps_per_epoch,
+            "diverged_epoch": res.diverged_epoch,
+            "wall_time_s": res.wall_time_s,
+            "x0": str(_init_path(out, cfg, run.seed).relative_to(out)),
+            "checkpoint": str((run_dir / "model.pt").relative_to(out)),
+            "history": str((run_dir / "history.jsonl").relative_to(out)),
+        }
+    if result["diverged_epoch"] is None:
+        t0 = time.perf_counter()
         metrics = endpoint_metrics(model, ds, cfg.measure)
         result.update(train=metrics["train"], test=metrics["test"], eval_protocol=metrics["protocol"])
         result["distance_from_init"] = distance_from_init(model, x0)
+        surface = run.seed == cfg.seeds[0] and run.regime.name in cfg.compare
+        result["geometry"] = geometry(model, ds, cfg.measure, run.seed, surface=surface)
+        result["measure_time_s"] = time.perf_counter() - t0
+    result["measure_hash"] = measure_key
     result["complete"] = True
     atomic_write_json(run_dir / "result.json", result)
     return result
+
+
+def _log_result(log: Log, r: dict) -> None:
+    if r.get("diverged_epoch"):
+        log(f"    {r['id']}: diverged at epoch {r['diverged_epoch']}")
+    else:
+        log(f"    {r['id']}: train {r['train']['accuracy']:.4f}  test {r['test']['accuracy']:.4f}  "
+            f"({r['wall_time_s']:.1f} s training, {r.get('measure_time_s', 0):.1f} s measures)")
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(cfg: StudyConfig, data_dir, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["cfg"], _WORKER["ds"] = cfg, prepare_data(cfg, data_dir)
+
+
+def _worker_run(out: str, run: Run) -> dict:
+    return execute_run(Path(out), _WORKER["cfg"], _WORKER["ds"], run, progress=False)
+
+
+def execute_runs(out: Path, cfg: StudyConfig, ds: Dataset, runs: list[Run], jobs: int = 1, threads: int | None = None,
+                 data_dir=None, progress: bool | None = None, log: Log = lambda s: None) -> list[dict]:
+    """Every run, in plan order; with ``jobs`` > 1 in a pool of worker processes (spawned, not forked:
+    forking a process that already runs OpenMP threads can hang)."""
+    if jobs <= 1:
+        results = []
+        for i, run in enumerate(runs, 1):
+            log(f"[{i}/{len(runs)}] {run.id}: batch {run.batch_size}, {run.regime.train.epochs} epochs")
+            results.append(execute_run(out, cfg, ds, run, progress=progress))
+            _log_result(log, results[-1])
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = threads or max(1, torch.get_num_threads() // jobs)
+    log(f"{len(runs)} runs on {jobs} worker processes, {threads} thread(s) each")
+    by_id = {}
+    with ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(cfg, data_dir, threads)) as pool:
+        futures = [pool.submit(_worker_run, str(out), run) for run in runs]
+        for i, fut in enumerate(as_completed(futures), 1):
+            r = fut.result()
+            by_id[r["id"]] = r
+            log(f"[{i}/{len(runs)}] done")
+            _log_result(log, r)
+    return [by_id[run.id] for run in runs]
+
+
+TRAINING_KEYS = (
+    "id", "regime", "batch_size", "seed", "lr", "lr_rule", "optimizer", "epochs", "steps", "steps_per_epoch",
+    "diverged_epoch", "wall_time_s", "x0", "checkpoint", "history",
+)
 
 
 def execute_pair(out: Path, cfg: StudyConfig, ds: Dataset, sb: dict, lb: dict) -> dict | None:
@@ -215,12 +281,41 @@ def summarize(cfg: StudyConfig, runs: list[dict]) -> dict:
             "test_loss": mean_std([r["test"]["loss"] for r in ok]),
             "distance_from_init": mean_std([r["distance_from_init"]["value"] for r in ok]),
             "wall_time_s": mean_std([r["wall_time_s"] for r in rs]),
+            **geometry_summary(ok),
         }
     return summary
 
 
-def compare(cfg: StudyConfig, runs: list[dict]) -> dict | None:
-    """The SB - LB test-accuracy gap with Welch's t-test, and the SB/LB distance ratio."""
+def sharpness_key(entry: dict) -> str:
+    """'full eps=0.001' or 'subspace-100 eps=0.001': one key per (space, eps) measured."""
+    space = "full" if entry.get("subspace_dim") is None else f"subspace-{entry['subspace_dim']}"
+    return f"{space} eps={entry['eps']:g}"
+
+
+def geometry_summary(runs: list[dict]) -> dict:
+    """Mean and std over seeds of each geometric quantity the runs carry."""
+    geo = [r["geometry"] for r in runs if r.get("geometry")]
+    if not geo:
+        return {}
+    out: dict = {}
+    keys = [sharpness_key(e) for e in geo[0].get("sharpness", [])]
+    out["sharpness"] = {k: mean_std([next(e["value"] for e in g["sharpness"] if sharpness_key(e) == k) for g in geo]) for k in keys}
+    if "adaptive_sharpness" in geo[0]:
+        out["adaptive_sharpness"] = mean_std([g["adaptive_sharpness"]["value"] for g in geo])
+    if "hessian_eigenvalues" in geo[0]:
+        out["hessian_top_eigenvalue"] = mean_std([g["hessian_eigenvalues"]["eigenvalues"][0] for g in geo])
+    if "hessian_trace" in geo[0]:
+        out["hessian_trace"] = mean_std([g["hessian_trace"]["value"] for g in geo])
+    return out
+
+
+def _ratio(a: dict, b: dict) -> float | None:
+    return a["mean"] / b["mean"] if a.get("mean") is not None and b.get("mean") else None
+
+
+def compare(cfg: StudyConfig, runs: list[dict], summary: dict) -> dict | None:
+    """The SB - LB test-accuracy gap with Welch's t-test, LB/SB ratios of the geometric measures, and
+    the SB/LB distance ratio."""
     if not cfg.compare:
         return None
     sb_name, lb_name = cfg.compare
@@ -235,6 +330,16 @@ def compare(cfg: StudyConfig, runs: list[dict]) -> dict | None:
             t = stats.ttest_ind(sb, lb, equal_var=False)
             out["welch_t"], out["p_value"] = float(t.statistic), float(t.pvalue)
             out["test"] = "Welch's two-sided t-test, unequal variances, one value per seed"
+    ratios = {}
+    for key in ("sharpness", "adaptive_sharpness", "hessian_top_eigenvalue", "hessian_trace"):
+        sb_stat, lb_stat = summary[sb_name].get(key), summary[lb_name].get(key)
+        if key == "sharpness" and sb_stat and lb_stat:
+            for k in sb_stat:
+                ratios[f"sharpness {k}"] = _ratio(lb_stat[k], sb_stat[k])
+        elif sb_stat and lb_stat:
+            ratios[key] = _ratio(lb_stat, sb_stat)
+    if ratios:
+        out["large_over_small"] = ratios
     d_sb = values(sb_name, lambda r: r["distance_from_init"]["value"])
     d_lb = values(lb_name, lambda r: r["distance_from_init"]["value"])
     if d_sb and d_lb:
@@ -307,8 +412,15 @@ def run_study(
     progress: bool | None = None,
     log: Log = lambda s: None,
     command: str | None = None,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> dict:
-    """Run every run of ``cfg`` that has not finished in ``out``, measure, write ``out/results.json``."""
+    """Run every run of ``cfg`` that has not finished in ``out``, measure, write ``out/results.json``.
+
+    ``jobs`` > 1 runs that many runs at once in worker processes, each with ``threads`` torch threads
+    (default: this process's threads divided among the jobs). A run's numbers do not depend on which
+    process ran it, only on its settings and the thread count.
+    """
     out = Path(out)
     t0 = time.perf_counter()
     # everything that can be wrong with the input is found before the output directory is touched
@@ -320,15 +432,8 @@ def run_study(
         log(f"study {cfg.name}: {len(cfg.seeds)} seeds x {len(cfg.regimes)} regimes, "
             f"{len(ds.train)} train / {len(ds.test)} test examples -> {out}")
         atomic_write_json(out / "study.json", cfg.to_dict())
-        results = []
-        for i, run in enumerate(runs, 1):
-            log(f"[{i}/{len(runs)}] {run.id}: batch {run.batch_size}, {run.regime.train.epochs} epochs")
-            results.append(execute_run(out, cfg, ds, run, progress=progress))
-            r = results[-1]
-            if r.get("diverged_epoch"):
-                log(f"    diverged at epoch {r['diverged_epoch']}")
-            else:
-                log(f"    train {r['train']['accuracy']:.4f}  test {r['test']['accuracy']:.4f}  ({r['wall_time_s']:.1f} s)")
+        results = execute_runs(out, cfg, ds, runs, jobs=jobs, threads=threads, data_dir=data_dir,
+                               progress=progress, log=log)
         pairs = []
         if cfg.compare:
             by = {(r["regime"], r["seed"]): r for r in results}
@@ -336,6 +441,7 @@ def run_study(
                 pair = execute_pair(out, cfg, ds, by[(cfg.compare[0], seed)], by[(cfg.compare[1], seed)])
                 if pair is not None:
                     pairs.append(pair)
+        summary = summarize(cfg, results)
         doc = {
             "study": cfg.to_dict(),
             "data": {**data_protocol(ds), "info": ds.info},
@@ -343,8 +449,8 @@ def run_study(
             "command": command,
             "runs": results,
             "pairs": pairs,
-            "summary": summarize(cfg, results),
-            "comparison": compare(cfg, results),
+            "summary": summary,
+            "comparison": compare(cfg, results, summary),
             "wall_time_s": time.perf_counter() - t0,
         }
         atomic_write_json(out / "results.json", doc)

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..util import atomic_write_text
 from . import figures
+from .geometry import hessian_table, reading, sharpness_table
 
 
 def _pm(stat: dict | None, scale: float = 100.0, digits: int = 2) -> str:
@@ -143,6 +144,24 @@ def write_report(out: str | Path) -> Path:
                "two regimes' solutions of that seed, mean ± std over seeds.", "",
                f"![parametric plot](figures/{fig3.name})", "",
                f"Protocol: {proto['data']}; BatchNorm: {proto['bn']}; {proto['parameters']}.", ""]
+    sharp = sharpness_table(doc)
+    if sharp:
+        md += ["## Sharpness (the paper's Tables 3 and 4)", "", "Mean ± std over seeds.", "", *sharp, ""]
+    hess = hessian_table(doc)
+    if hess:
+        md += ["## Curvature and scale-aware sharpness", "", *hess, ""]
+    fig_curves = figures.sharpness_curves(doc, fig_dir / "sharpness_comparison.png")
+    if fig_curves:
+        md += ["## Loss along filter-normalized random directions", "",
+               "The seed demonstration's `sharpness_comparison.png`, done right: directions normalized per filter "
+               "and per neuron (Li et al. 2018), several per model, on the full training set.", "",
+               f"![filter-normalized curves](figures/{fig_curves.name})", ""]
+    fig_surf = figures.loss_surfaces(doc, fig_dir / "loss_surface.png")
+    if fig_surf:
+        md += ["## Loss surface", "", f"![2-D loss contours](figures/{fig_surf.name})", ""]
+    read = reading(doc)
+    if read:
+        md += ["## Reading the numbers", "", *read, ""]
     md += ["## Distance from the start point", "", *_distance(doc), ""]
     md += ["## Runs", "", *_runs(doc), ""]
     path = out / "report.md"

@@ -119,3 +119,78 @@ def parametric_plot(doc: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def sharpness_curves(doc: dict, path: Path) -> Path | None:
+    """The seed demonstration's figure, done right: loss along filter-normalized random directions.
+
+    One line per regime (the mean over every seed and direction), a band from the lowest to the
+    highest curve, on the data the geometry protocol names.
+    """
+    colors = regime_colors(doc)
+    fig, ax = plt.subplots(figsize=(7.2, 5.0))
+    drawn, proto = False, None
+    for regime, color in colors.items():
+        curves = [r["geometry"]["curves"] for r in doc["runs"]
+                  if r["regime"] == regime and r.get("geometry", {}).get("curves")]
+        if not curves:
+            continue
+        alphas = np.asarray(curves[0]["alphas"])
+        rows = np.asarray([row for c in curves for row in c["loss"]], dtype=float)
+        ax.plot(alphas, rows.mean(0), color=color, lw=2, label=f"{regime} (batch {doc['summary'][regime]['batch_size']}), mean of {len(rows)} curves")
+        ax.fill_between(alphas, rows.min(0), rows.max(0), color=color, alpha=0.18, lw=0)
+        drawn, proto = True, curves[0]["protocol"]
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_yscale("log")
+    ax.set_xlabel("alpha (step along a filter-normalized random direction d)")
+    ax.set_ylabel("training cross-entropy L(θ* + α d) (log scale)")
+    ax.set_title(f"{doc['study']['name']}: loss along random directions around each solution", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper center")
+    fig.subplots_adjust(bottom=0.2)
+    _protocol_note(fig, f"Directions: {proto['direction']}; {proto['directions']} per run, every seed pooled; "
+                        f"band = lowest to highest curve. Data: {proto['data']}; BN: {proto['bn']}.")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def loss_surfaces(doc: dict, path: Path) -> Path | None:
+    """2-D contours of the training loss around the compared regimes' solutions (first seed), shared levels."""
+    comp = doc.get("comparison") or {}
+    names = [n for n in (comp.get("small"), comp.get("large")) if n]
+    surfaces = []
+    for name in names:
+        s = next((r["geometry"]["surface"] for r in doc["runs"] if r["regime"] == name and r.get("geometry", {}).get("surface")), None)
+        if s is not None:
+            surfaces.append((name, s))
+    if not surfaces:
+        return None
+    values = np.concatenate([np.asarray(s["loss"], dtype=float).ravel() for _, s in surfaces])
+    values = values[np.isfinite(values) & (values > 0)]
+    levels = np.geomspace(values.min(), values.max(), 16)
+    fig, axes = plt.subplots(1, len(surfaces), figsize=(5.0 * len(surfaces) + 1.4, 5.2), squeeze=False)
+    for ax, (name, s) in zip(axes[0], surfaces):
+        a, b = np.meshgrid(s["alphas"], s["betas"], indexing="ij")
+        cs = ax.contourf(a, b, np.asarray(s["loss"], dtype=float), levels=levels, norm=matplotlib.colors.LogNorm(), cmap="viridis")
+        ax.contour(a, b, np.asarray(s["loss"], dtype=float), levels=levels, colors="white", linewidths=0.4)
+        ax.plot([0], [0], "r*", ms=10)
+        ax.set_title(f"{name} (batch {doc['summary'][name]['batch_size']})")
+        ax.set_xlabel("alpha (direction 1)")
+        ax.set_ylabel("beta (direction 2)")
+        ax.set_aspect("equal")
+    fig.subplots_adjust(left=0.07, right=0.86, bottom=0.2, top=0.86, wspace=0.3)
+    cax = fig.add_axes([0.89, 0.2, 0.018, 0.66])
+    cbar = fig.colorbar(cs, cax=cax, ticks=levels[::3])
+    cbar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    cbar.ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
+    cbar.set_label("training cross-entropy (log color scale)")
+    proto = surfaces[0][1]["protocol"]
+    fig.suptitle(f"{doc['study']['name']}: training loss around each solution (seed {doc['study']['seeds'][0]})", fontsize=11)
+    _protocol_note(fig, f"Two filter-normalized random directions per solution; same color levels in both panels. "
+                        f"Data: {proto['data']}; BN: {proto['bn']}.")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
