@@ -30,3 +30,11 @@ def test_python_example_runs(mnist1d_dir):
     exec(compile(code.replace("epochs=20", "epochs=2"), "README.md", "exec"), ns)
     acc = ns["curve"].curves["test"].accuracy
     assert len(acc) == 25 and 0 <= acc.min() <= acc.max() <= 1
+
+
+def test_public_api_is_importable_from_the_package_root():
+    import batchgap
+
+    for name in batchgap.__all__:
+        assert getattr(batchgap, name) is not None, name
+    from batchgap import eps_sharpness, hessian_eigenvalues, hessian_trace, interpolate, loss_curve  # noqa: F401

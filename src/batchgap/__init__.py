@@ -1,2 +1,44 @@
-"""batchgap: the large-batch generalization gap, measured."""
+"""batchgap: the large-batch generalization gap, measured.
+
+The names a notebook user imports::
+
+    from batchgap import train, TrainConfig, evaluate, eps_sharpness, hessian_eigenvalues, ...
+
+Every measurement takes a plain ``nn.Module`` and data given as a pair of tensors ``(inputs, targets)``,
+a :class:`TensorData`, or an iterable of ``(inputs, targets)`` batches; each restores the model bit for
+bit and returns its numbers together with their protocol.
+"""
 __version__ = "0.1.0"
+
+from .config import StudyConfig, TrainConfig, load_study
+from .data import Dataset, TensorData, load_dataset
+from .errors import UserError
+from .landscape import (
+    adaptive_sharpness,
+    eps_sharpness,
+    evaluate,
+    filter_normalized_direction,
+    hessian_eigenvalues,
+    hessian_trace,
+    interpolate,
+    loss_curve,
+    loss_surface,
+)
+from .models import build_model, init_model
+from .study import run_study
+from .train import train
+
+
+def write_report(out):
+    """Write ``out/report.md`` and its figures from ``out/results.json`` (imports matplotlib on first use)."""
+    from .report import write_report as _write
+
+    return _write(out)
+
+
+__all__ = [
+    "Dataset", "StudyConfig", "TensorData", "TrainConfig", "UserError", "__version__",
+    "adaptive_sharpness", "build_model", "eps_sharpness", "evaluate", "filter_normalized_direction",
+    "hessian_eigenvalues", "hessian_trace", "init_model", "interpolate", "load_dataset", "load_study",
+    "loss_curve", "loss_surface", "run_study", "train", "write_report",
+]
