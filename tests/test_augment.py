@@ -16,8 +16,12 @@ from batchgap.data.augment import (
     flip,
     make_augment,
     paper_augment,
+    max_shift_1d,
     sample_crop_flip_params,
     sample_paper_params,
+    sample_shift_1d_params,
+    shift_1d,
+    shift_1d_augment,
 )
 from batchgap.errors import UserError
 
@@ -41,10 +45,11 @@ def centroid(img: torch.Tensor) -> tuple[float, float]:
 
 
 def test_names():
-    assert set(AUGMENTATIONS) == {"none", "paper", "crop-flip"}
+    assert set(AUGMENTATIONS) == {"none", "paper", "crop-flip", "shift-1d"}
     assert make_augment("none") is None
     assert make_augment("paper") is paper_augment and make_augment("crop-flip") is crop_flip_augment
-    with pytest.raises(UserError, match=r"augment: unknown value 'crop_flip' \(did you mean \"crop-flip\"\?\); allowed: crop-flip, none, paper"):
+    assert make_augment("shift-1d") is shift_1d_augment
+    with pytest.raises(UserError, match=r"augment: unknown value 'crop_flip' \(did you mean \"crop-flip\"\?\); allowed: crop-flip, none, paper, shift-1d"):
         make_augment("crop_flip")
 
 
@@ -59,6 +64,25 @@ def test_check_augment_refuses_image_augmentations_on_vectors():
         check_augment("flips", (3, 32, 32))
 
 
+def test_check_augment_takes_shift_1d_for_signals_only():
+    check_augment("shift-1d", (40,))
+    check_augment("shift-1d", (1, 40))
+    for name in ("paper", "crop-flip"):  # image augmentations on signals: refused, shift-1d suggested
+        with pytest.raises(UserError, match=rf'"{name}" transforms images .* shape \(1, 40\); use augment = "none" or "shift-1d"$'):
+            check_augment(name, (1, 40))
+    for shape in [(3, 32, 32), (1, 28, 28)]:
+        with pytest.raises(UserError) as info:
+            check_augment("shift-1d", shape)
+        message = str(info.value)
+        assert "\n" not in message
+        assert message.startswith('augment: "shift-1d" transforms 1-D signals') and str(shape) in message
+
+
+def test_shift_1d_refuses_images():
+    with pytest.raises(ValueError, match=r"expected a batch of 1-D signals \(N, L\) or \(N, C, L\)"):
+        shift_1d_augment(images(), gen(0))
+
+
 @pytest.mark.parametrize("fn", [paper_augment, crop_flip_augment, lambda x, g: crop(x, *torch.zeros(2, len(x), dtype=torch.long))])
 def test_image_functions_refuse_vectors(fn):
     with pytest.raises(ValueError, match=r"expected a float batch of images \(N, C, H, W\)"):
@@ -68,9 +92,10 @@ def test_image_functions_refuse_vectors(fn):
 # --- determinism ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["paper", "crop-flip"])
+@pytest.mark.parametrize("name", ["paper", "crop-flip", "shift-1d"])
 def test_output_depends_only_on_the_generator(name):
-    fn, x = make_augment(name), images()
+    fn = make_augment(name)
+    x = torch.rand(16, 40, generator=gen(0)) if name == "shift-1d" else images()
     torch.manual_seed(1)
     a = fn(x, gen(5))
     torch.manual_seed(2)  # the global RNG must play no part
@@ -211,3 +236,64 @@ def test_crop_flip_parameters_cover_all_offsets():
     p = sample_crop_flip_params(5000, gen(1))
     assert set(p.dx.tolist()) == set(range(9)) and set(p.dy.tolist()) == set(range(9))
     assert abs(float(p.flip.float().mean()) - 0.5) < 0.03
+
+
+# --- shift-1d ------------------------------------------------------------------------------------
+
+
+def test_shift_1d_moves_a_spike_by_exactly_the_sampled_shift():
+    n, length = 200, 40
+    x = torch.zeros(n, length)
+    pos = torch.randint(0, length, (n,), generator=gen(1))
+    x[torch.arange(n), pos] = 1.0 + torch.arange(n, dtype=torch.float32)  # a distinct height per signal
+    out = shift_1d_augment(x, gen(2))
+    s = sample_shift_1d_params(n, gen(2), length)
+    for i in range(n):
+        expected = torch.zeros(length)
+        if 0 <= pos[i] + s[i] < length:
+            expected[pos[i] + s[i]] = x[i, pos[i]]  # positive shift = towards higher index
+        assert torch.equal(out[i], expected), (i, int(pos[i]), int(s[i]))
+    assert int((s != 0).sum()) > n // 2
+
+
+def test_shift_1d_against_a_loop_oracle_with_channels():
+    x = torch.rand(9, 2, 13, generator=gen(3)) + 1.0  # no zeros in the input: every zero is fill
+    shifts = torch.tensor([-13, -12, -5, -1, 0, 1, 4, 12, 20])
+    out = shift_1d(x, shifts)
+    for i, s in enumerate(shifts.tolist()):
+        for j in range(13):
+            expected = x[i, :, j - s] if 0 <= j - s < 13 else torch.zeros(2)
+            assert torch.equal(out[i, :, j], expected)
+
+
+def test_shift_zero_is_the_identity():
+    for x in (torch.randn(5, 40, generator=gen(0)), torch.randn(5, 1, 40, generator=gen(1))):
+        assert torch.equal(shift_1d(x, torch.zeros(5, dtype=torch.long)), x)
+
+
+def test_shift_1d_fills_with_zeros():
+    x = torch.ones(3, 1, 40, dtype=torch.float64)
+    out = shift_1d(x, torch.tensor([8, -8, 3]))
+    assert out.dtype == torch.float64 and out.shape == x.shape
+    assert torch.all(out[0, 0, :8] == 0) and torch.all(out[0, 0, 8:] == 1)
+    assert torch.all(out[1, 0, 32:] == 0) and torch.all(out[1, 0, :32] == 1)
+    assert torch.all(out[2, 0, :3] == 0) and torch.all(out[2, 0, 3:] == 1)
+    inf = torch.full((1, 10), float("inf"))  # filled with 0, not 0 * value (which would be nan)
+    assert torch.equal(shift_1d(inf, torch.tensor([2]))[0, :2], torch.zeros(2))
+
+
+@pytest.mark.parametrize("length, bound", [(40, 8), (10, 2), (4, 0), (100, 20), (7, 1)])
+def test_shift_bound_holds_and_every_shift_in_it_is_drawn(length, bound):
+    assert max_shift_1d(length) == bound  # floor(0.2 L)
+    s = sample_shift_1d_params(20000, gen(0), length)
+    assert s.dtype == torch.long
+    assert set(s.tolist()) == set(range(-bound, bound + 1))  # uniform on the integers in the bound
+    counts = torch.bincount(s + bound).double()
+    assert float((counts / counts.mean() - 1).abs().max()) < 0.15
+    ramp = torch.arange(1, length + 1, dtype=torch.float32).repeat(2000, 1)  # ramp[i, j] = j + 1
+    out = shift_1d_augment(ramp, gen(1))
+    # read each shift back from the output: s >= 0 puts the 1 at index s, s < 0 starts the ramp at 1 - s
+    first_nonzero = (out > 0).long().argmax(1)
+    read = torch.where(out[:, 0] > 0, 1 - out[:, 0].long(), first_nonzero)
+    assert torch.equal(read, sample_shift_1d_params(2000, gen(1), length))
+    assert int(read.abs().max()) == bound
