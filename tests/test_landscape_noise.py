@@ -109,7 +109,7 @@ def test_exact_refuses_batch_statistics_and_non_mean_losses():
     with pytest.raises(ValueError, match="track_running_stats=False"):
         exact_gradient_noise_scale(untracked, data)
     with pytest.raises(ValueError, match="loss_fn must return the batch mean of per-example losses"):
-        exact_gradient_noise_scale(model, data, loss_fn=lambda out, y: nn.functional.cross_entropy(out, y, reduction="sum"))
+        exact_gradient_noise_scale(model, data, loss_fn=lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"))
     exact_gradient_noise_scale(mlp(d=3, hidden=(4,), bn=False), data, bn="batch")  # nothing to couple
 
 

@@ -25,9 +25,9 @@ which makes B = n the exact full gradient (c(n) = 0) and B = 1 the per-example s
     |G|^2_est     = (c(B_small) m_b - c(B_big) m_s) / (c(B_small) - c(B_big)),
     B_simple      = tr(Sigma)_est / |G|^2_est.
 
-Both are unbiased (linear in m_s, m_b); their ratio is not (as in McCandlish et al.). With c(B) = 1/B
-these are the paper's formulas; the correction multiplies its tr(Sigma) by (n - 1)/n and adds
-tr(Sigma)/n to its |G|^2.
+Both are unbiased (linear in m_s, m_b); their ratio is not, unless B_big = n (``big=None``): then
+|G|^2 is exact and B_simple is linear in m_s, hence unbiased. With c(B) = 1/B these are the paper's
+formulas; the correction multiplies its tr(Sigma) by (n - 1)/n and adds tr(Sigma)/n to its |G|^2.
 
 Two functions, one result type (:class:`NoiseScaleResult`):
 
@@ -77,7 +77,7 @@ class NoiseScaleResult:
     b_simple_stderr: float  # delta method from the two means' standard errors; 0 when exact
     ci_low: float  # percentile bootstrap interval for b_simple; = b_simple when exact
     ci_high: float
-    confidence: float
+    confidence: float  # of [ci_low, ci_high]; 1.0 for the exact method (no sampling error)
     grad_norm_sq: float  # |G|^2 estimate
     trace_sigma: float  # tr(Sigma) estimate, population covariance
     small: int  # B_small (1 for the exact method)
