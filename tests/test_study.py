@@ -166,9 +166,21 @@ def test_divergent_runs_are_marked_and_reported(tmp_path, mnist1d_dir, monkeypat
     assert "diverged at epoch" in (out / "report.md").read_text()
 
 
+def _needs_files(name):
+    from batchgap.config import load_study
+    from batchgap.data import DATASETS
+    from batchgap.studies import find_study
+
+    return DATASETS[load_study(find_study(name)).data.name].needs_files
+
+
 @pytest.mark.parametrize("name", [n for n in builtin_names() if n != "default"])
-def test_every_paper_study_runs_quick_on_format_exact_fake_files(name, tmp_path, monkeypatch):
-    data_dir = install_fake_data(monkeypatch, tmp_path / "data", n_train=300, n_test=150)
+def test_every_builtin_study_runs_quick(name, tmp_path, monkeypatch, mnist1d_dir):
+    """Paper-scale studies on format-exact fake files; the MNIST-1D experiments on the real data."""
+    if _needs_files(name):
+        data_dir = install_fake_data(monkeypatch, tmp_path / "data", n_train=300, n_test=150)
+    else:
+        data_dir = mnist1d_dir
     out = tmp_path / "out"
     assert run_cli(name, "--quick", "--out", str(out), "--data-dir", str(data_dir)) == 0
     doc = json.loads((out / "results.json").read_text())
@@ -176,7 +188,7 @@ def test_every_paper_study_runs_quick_on_format_exact_fake_files(name, tmp_path,
     assert (out / "report.md").exists() and (out / "figures" / "parametric_plot.png").exists()
 
 
-@pytest.mark.parametrize("name", [n for n in builtin_names() if n != "default"])
+@pytest.mark.parametrize("name", [n for n in builtin_names() if _needs_files(n)])
 def test_paper_studies_without_their_data_stop_with_one_line(name, tmp_path, capsys):
     assert run_cli(name, "--quick", "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "empty")) == 2
     err = capsys.readouterr().err

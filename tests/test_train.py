@@ -131,3 +131,26 @@ def test_training_learns_the_toy_problem():
     res = train(m, data, data, TrainConfig(epochs=15, lr=3e-3), batch_size=16)
     assert res.history[-1]["train_accuracy"] > 0.9
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+
+
+def test_batch_schedule_changes_the_batch_size_per_epoch(tmp_path):
+    from batchgap.remedies import switch_schedule
+
+    data = toy_data(n=96)
+    res = train(model(), data, None, TrainConfig(epochs=3), batch_size=switch_schedule(8, 32, 2), run_dir=tmp_path)
+    assert [h["batch_size"] for h in res.history] == [8, 8, 32]
+    assert res.steps == 12 + 12 + 3 and res.batch_size == 32
+
+
+def test_kept_iterates_are_the_weights_after_those_epochs(tmp_path):
+    data = toy_data()
+    x0 = model()
+    start = {k: v.clone() for k, v in x0.state_dict().items()}
+    train(x0, data, None, TrainConfig(epochs=3), batch_size=16, seed=2, run_dir=tmp_path / "a", keep_epochs=(0, 2))
+    assert sorted(p.name for p in (tmp_path / "a" / "iterates").iterdir()) == ["epoch-0.pt", "epoch-2.pt"]
+    e0 = torch.load(tmp_path / "a" / "iterates" / "epoch-0.pt", weights_only=True)
+    assert all(torch.equal(e0[k], start[k]) for k in start)
+    two = model()
+    train(two, data, None, TrainConfig(epochs=2), batch_size=16, seed=2)
+    e2 = torch.load(tmp_path / "a" / "iterates" / "epoch-2.pt", weights_only=True)
+    assert all(torch.equal(e2[k], v) for k, v in two.state_dict().items())

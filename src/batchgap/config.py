@@ -57,7 +57,9 @@ LR_RULES = ("none", "sqrt", "linear")
 BN_CHOICES = ("running", "batch", "none")
 EVAL_BN = ("eval", "batch", "recompute")
 PATHS = ("linear", "curvilinear")
-AUGMENT_CHOICES = ("none", "paper", "crop-flip")
+AUGMENT_CHOICES = ("none", "paper", "crop-flip", "shift-1d")
+REMEDIES = ("plain", "sam", "asam", "proximal", "fgsm")
+FIGURES = ("batch-sweep", "warm-start", "trajectory", "remedies", "noise-scale")
 
 
 def _choice(*values: str) -> dict:
@@ -97,6 +99,13 @@ class TrainConfig:
     eval_batch_size: int = field(default=1000, metadata=_positive())
     eval_every: int = field(default=1, metadata=_positive())
     checkpoint_every: int = field(default=1, metadata={"min": 0, "doc": "0 = only at the end"})
+    # remedies (batchgap.remedies): the step, ghost batch normalization, augmentation, batch schedules
+    remedy: str = field(default="plain", metadata=_choice(*REMEDIES))
+    remedy_options: dict = field(default_factory=dict)
+    ghost_batch: int = field(default=0, metadata={"min": 0, "doc": "0 = off; else BN statistics per chunk of this size"})
+    augment: str = field(default="", metadata={**_choice("", *AUGMENT_CHOICES), "doc": "'' = the study's data.augment"})
+    batch_schedule: dict = field(default_factory=dict)  # {kind = "switch"|"geometric", small = ..., ...}
+    init_from: dict = field(default_factory=dict)  # {regime = "SB", epoch = k}: start from that run's iterate
 
 
 @dataclass
@@ -136,6 +145,8 @@ class MeasureConfig:
     curve_points: int = field(default=21, metadata={"min": 3})
     curve_range: float = field(default=1.0, metadata={"gt": 0.0})
     surface_points: int = field(default=15, metadata={"min": 0, "doc": "0 = no 2-D surface; drawn for the first seed"})
+    trajectory_epochs: list = field(default_factory=list)  # epochs at which to measure sharpness along training
+    noise_scale_batches: int = field(default=200, metadata={"min": 0, "doc": "batches of 32 for B_simple; 0 = off"})
 
 
 @dataclass
@@ -149,6 +160,7 @@ class StudyConfig:
     regimes: list = field(default_factory=list)  # list[Regime]
     compare: list = field(default_factory=list)  # [small-batch regime, large-batch regime]
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    figures: list = field(default_factory=list)  # extra report sections: batch-sweep, warm-start, trajectory, remedies
     quick: dict = field(default_factory=dict)  # dotted key -> value, applied by --quick
     paper: dict = field(default_factory=dict)  # the paper's numbers for context in the report
 
@@ -271,7 +283,40 @@ def _regime(raw: Any, i: int, base: TrainConfig) -> Regime:
         if key not in train_fields:
             allowed = ["name", "batch_size", *train_fields]
             raise UserError(f"{where}.{key}: unknown key{closest(key, allowed)}; allowed: {', '.join(allowed)}")
-    return Regime(name=name, batch_size=batch_size, train=_build(TrainConfig, raw, where, base=base))
+    regime = Regime(name=name, batch_size=batch_size, train=_build(TrainConfig, raw, where, base=base))
+    _check_remedy(regime.train, where)
+    return regime
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_remedy(t: TrainConfig, where: str) -> None:
+    """Validate the remedy options, the batch schedule and init_from of one regime (or of [train])."""
+    from .remedies import make_step
+
+    try:
+        make_step(t.remedy, **t.remedy_options)
+    except UserError as e:
+        raise UserError(f"{where}.remedy_options: {e}") from None
+    if t.ghost_batch == 1:
+        raise UserError(f"{where}.ghost_batch: must be 0 (off) or at least 2, got 1")
+    sched = t.batch_schedule
+    if sched:
+        kinds = {"switch": {"kind", "small", "switch_epoch"}, "geometric": {"kind", "small", "epochs"}}
+        kind = sched.get("kind")
+        if kind not in kinds:
+            raise UserError(f"{where}.batch_schedule.kind: expected one of switch, geometric, got {kind!r}")
+        if set(sched) != kinds[kind]:
+            raise UserError(f"{where}.batch_schedule: a {kind} schedule takes exactly {', '.join(sorted(kinds[kind]))}, got {', '.join(sorted(sched))}")
+        for key in kinds[kind] - {"kind"}:
+            if not _int(sched[key]) or sched[key] < (2 if key == "small" else 0):
+                raise UserError(f"{where}.batch_schedule.{key}: expected a non-negative integer (small >= 2), got {sched[key]!r}")
+    init = t.init_from
+    if init:
+        if set(init) != {"regime", "epoch"} or not isinstance(init.get("regime"), str) or not _int(init.get("epoch")) or init["epoch"] < 0:
+            raise UserError(f"{where}.init_from: expected {{regime = NAME, epoch = K >= 0}}, got {init!r}")
 
 
 def from_dict(raw: dict, source: str = "study") -> StudyConfig:
@@ -300,6 +345,7 @@ def from_dict(raw: dict, source: str = "study") -> StudyConfig:
     model = _build(ModelConfig, raw.get("model", {}), "model", base=ModelConfig())
     _check_registered(data, model)
     train = _build(TrainConfig, raw.get("train", {}), "train", base=TrainConfig())
+    _check_remedy(train, "train")
     measure = _build(MeasureConfig, raw.get("measure", {}), "measure", base=MeasureConfig())
     _check_range(measure.interpolation_range)
     eps = measure.sharpness_eps
@@ -313,6 +359,7 @@ def from_dict(raw: dict, source: str = "study") -> StudyConfig:
     names = [r.name for r in regimes]
     if len(set(names)) != len(names):
         raise UserError(f"regimes: repeated regime name in {names!r}")
+    _check_dependencies(regimes)
     compare = raw.get("compare", names[:2] if len(names) >= 2 else [])
     if not isinstance(compare, list) or (compare and len(compare) != 2):
         raise UserError(f"compare: expected [small-batch regime, large-batch regime], got {compare!r}")
@@ -322,13 +369,36 @@ def from_dict(raw: dict, source: str = "study") -> StudyConfig:
     quick = raw.get("quick", {})
     if not isinstance(quick, dict):
         raise UserError(f"quick: expected a table of dotted keys, got {quick!r}")
+    figures = raw.get("figures", [])
+    if not isinstance(figures, list) or any(f not in FIGURES for f in figures):
+        raise UserError(f"figures: expected a list from {', '.join(FIGURES)}, got {figures!r}")
+    traj = measure.trajectory_epochs
+    if not all(_int(e) and 0 <= e <= max(r.train.epochs for r in regimes) for e in traj):
+        raise UserError(f"measure.trajectory_epochs: expected epochs between 0 and the regimes' epochs, got {traj!r}")
     paper = raw.get("paper", {})
     if not isinstance(paper, dict):
         raise UserError(f"paper: expected a table, got {paper!r}")
     return StudyConfig(
         name=name, description=description, seeds=seeds, data=data, model=model, train=train,
-        regimes=regimes, compare=compare, measure=measure, quick=quick, paper=paper,
+        regimes=regimes, compare=compare, measure=measure, quick=quick, paper=paper, figures=figures,
     )
+
+
+def _check_dependencies(regimes: list[Regime]) -> None:
+    """init_from must name another regime that trains at least that many epochs and starts from x0."""
+    by_name = {r.name: r for r in regimes}
+    for r in regimes:
+        init = r.train.init_from
+        if not init:
+            continue
+        where = f"regimes.{r.name}.init_from"
+        src = by_name.get(init["regime"])
+        if src is None or src is r:
+            raise UserError(f"{where}.regime: expected another regime of the study{closest(init['regime'], by_name)}; regimes: {', '.join(by_name)}")
+        if src.train.init_from:
+            raise UserError(f"{where}.regime: {src.name} itself starts from another regime; chains are not supported")
+        if init["epoch"] > src.train.epochs:
+            raise UserError(f"{where}.epoch: {init['epoch']} is beyond the {src.train.epochs} epochs of {src.name}")
 
 
 def _check_registered(data: DataConfig, model: ModelConfig) -> None:
@@ -407,7 +477,7 @@ GENERIC_QUICK = {
     "train.epochs": 2, "data.train_subset": 512, "data.test_subset": 256,
     "measure.sharpness_eps": [1e-3], "measure.sharpness_max_iter": 3, "measure.sharpness_subspace_dim": 10,
     "measure.hessian_trace_probes": 3, "measure.curve_directions": 2, "measure.curve_points": 7,
-    "measure.surface_points": 5,
+    "measure.surface_points": 5, "measure.noise_scale_batches": 20,
 }
 
 

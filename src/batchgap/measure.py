@@ -14,7 +14,7 @@ from torch import nn
 from .config import MeasureConfig
 from .data.base import Dataset
 from .landscape import (
-    adaptive_sharpness, eps_sharpness, evaluate, filter_normalized_direction, hessian_eigenvalues,
+    adaptive_sharpness, eps_sharpness, evaluate, filter_normalized_direction, gradient_noise_scale, hessian_eigenvalues,
     hessian_trace, interpolate, loss_curve, loss_surface,
 )
 from .landscape.evaluate import describe_bn
@@ -119,6 +119,8 @@ def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int,
         out["hessian_eigenvalues"] = hessian_eigenvalues(model, data, k=mcfg.hessian_top_k, seed=seed, **common).as_dict()
     if mcfg.hessian_trace_probes:
         out["hessian_trace"] = hessian_trace(model, data, n_probes=mcfg.hessian_trace_probes, seed=seed, **common).as_dict()
+    if mcfg.noise_scale_batches:
+        out["noise_scale"] = noise_scale(model, data, mcfg, seed)
     if mcfg.curve_directions:
         alphas = np.linspace(-mcfg.curve_range, mcfg.curve_range, mcfg.curve_points | 1)  # odd: holds alpha = 0
         curves = []
@@ -142,3 +144,34 @@ def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int,
                           "protocol": {"direction": s.directions[0], "bn": s.bn_description, "data": data_desc,
                                        "direction_seeds": [seed * 1000 + 500, seed * 1000 + 501]}}
     return out
+
+
+NOISE_SMALL_BATCH = 32
+
+
+def noise_scale(model: nn.Module, data, mcfg: MeasureConfig, seed: int) -> dict:
+    """The gradient noise scale B_simple (McCandlish et al. 2018) from batches of 32 and the full gradient."""
+    return gradient_noise_scale(model, data, small=min(NOISE_SMALL_BATCH, len(data) - 1), big=None,
+                                n_batches=mcfg.noise_scale_batches, seed=seed, batch_size=mcfg.eval_batch_size,
+                                bn=mcfg.bn).as_dict()
+
+
+def trajectory(build, iterates: dict, dataset: Dataset, mcfg: MeasureConfig, seed: int) -> list[dict]:
+    """Training loss and full-space eps-sharpness of the iterates kept along training (paper Figure 6).
+
+    ``build(state_dict)`` gives the model at an iterate; ``iterates`` maps epoch -> state dict.
+    """
+    data, data_desc = geometry_data(dataset, mcfg, seed)
+    rows = []
+    for epoch, state in sorted(iterates.items()):
+        model = build(state)
+        m = evaluate(model, data, batch_size=mcfg.eval_batch_size, bn=mcfg.bn)
+        sharp = {f"{eps:g}": eps_sharpness(model, data, eps=eps, max_iter=mcfg.sharpness_max_iter, seed=seed,
+                                           batch_size=mcfg.eval_batch_size, bn=mcfg.bn).value
+                 for eps in mcfg.sharpness_eps}
+        row = {"epoch": epoch, "train_loss": m.loss, "train_accuracy": m.accuracy, "sharpness": sharp,
+               "data": data_desc, "space": "full"}
+        if mcfg.noise_scale_batches:
+            row["noise_scale"] = noise_scale(model, data, mcfg, seed)["b_simple"]
+        rows.append(row)
+    return rows

@@ -29,11 +29,12 @@ import torch
 from scipy import stats
 
 from . import __version__
-from .config import Regime, StudyConfig, config_hash, resolve_batch_size
+from .config import Regime, StudyConfig, TrainConfig, config_hash, resolve_batch_size
 from .data import load_dataset, make_augment, check_augment
 from .data.base import Dataset
 from .errors import UserError
-from .measure import data_protocol, distance_from_init, endpoint_metrics, geometry, parametric_plot
+from .measure import data_protocol, distance_from_init, endpoint_metrics, geometry, parametric_plot, trajectory
+from .remedies import geometric_schedule, ghost_bn, make_step, switch_schedule
 from .models import init_model
 from .train import train
 from .util import atomic_save_torch, atomic_write_json
@@ -48,13 +49,24 @@ class Run:
     seed: int
     batch_size: int
     config: dict  # everything that determines the run (hashed into the id)
+    keep_epochs: tuple = ()  # iterates kept for warm starts and trajectory measures
+    depends_on: str | None = None  # the id of the run whose iterate this one starts from
+
+
+def kept_epochs(cfg: StudyConfig, regime: Regime) -> tuple[int, ...]:
+    """Epochs after which a regime's runs keep their iterate: for the trajectory measures and for the
+    regimes that warm-start from it."""
+    keep = set(cfg.measure.trajectory_epochs)
+    keep |= {r.train.init_from["epoch"] for r in cfg.regimes if r.train.init_from.get("regime") == regime.name}
+    return tuple(sorted(e for e in keep if e <= regime.train.epochs))
 
 
 def plan(cfg: StudyConfig, n_train: int) -> list[Run]:
-    """Every (regime, seed) run of the study, in a stable order: seeds outer, regimes inner."""
-    runs = []
+    """Every (regime, seed) run of the study in a stable order: the runs that start from x0 (seeds outer,
+    regimes inner), then the runs that warm-start from another run's iterate."""
+    runs, ids = [], {}
     for seed in cfg.seeds:
-        for regime in cfg.regimes:
+        for regime in sorted(cfg.regimes, key=lambda r: bool(r.train.init_from)):
             bs = resolve_batch_size(regime.batch_size, n_train, f"regimes.{regime.name}.batch_size")
             if bs < 2 and cfg.model.bn != "none":
                 raise UserError(f"regimes.{regime.name}.batch_size: BatchNorm needs at least 2 examples per batch, got {bs}")
@@ -65,9 +77,16 @@ def plan(cfg: StudyConfig, n_train: int) -> list[Run]:
                 "regime": regime.name,
                 "batch_size": bs,
                 "seed": seed,
+                "keep_epochs": list(kept_epochs(cfg, regime)),
             }
-            runs.append(Run(f"{regime.name}-s{seed}-{config_hash(run_cfg)}", regime, seed, bs, run_cfg))
-    return runs
+            init = regime.train.init_from
+            depends = ids[(init["regime"], seed)] if init else None
+            if depends:
+                run_cfg["init_from_run"] = depends  # a changed source run makes a new warm-started run
+            run_id = f"{regime.name}-s{seed}-{config_hash(run_cfg)}"
+            ids[(regime.name, seed)] = run_id
+            runs.append(Run(run_id, regime, seed, bs, run_cfg, tuple(run_cfg["keep_epochs"]), depends))
+    return sorted(runs, key=lambda r: r.depends_on is not None)
 
 
 def prepare_data(cfg: StudyConfig, data_dir: str | Path | None = None, download: bool = False) -> Dataset:
@@ -150,12 +169,22 @@ def execute_run(out: Path, cfg: StudyConfig, ds: Dataset, run: Run, progress: bo
     else:
         atomic_write_json(run_dir / "config.json", run.config)
         x0 = start_point(out, cfg, ds, run.seed)
-        model = build(cfg, ds, x0)
+        t = run.regime.train
+        start = x0
+        if run.depends_on:
+            start = torch.load(out / "runs" / run.depends_on / "iterates" / f"epoch-{t.init_from['epoch']}.pt",
+                               map_location="cpu", weights_only=True)
+        model = build(cfg, ds, start)
+        if t.ghost_batch:
+            ghost_bn(model, t.ghost_batch)
+        step = make_step(t.remedy, **t.remedy_options)
+        schedule = batch_schedule(t, run.batch_size)
         res = train(
-            model, ds.train, ds.test, run.regime.train, run.batch_size, seed=run.seed,
-            augment=make_augment(cfg.data.augment), run_dir=run_dir, progress=progress,
-            desc=f"{run.regime.name} seed {run.seed}",
+            model, ds.train, ds.test, t, schedule or run.batch_size, seed=run.seed,
+            augment=make_augment(t.augment or cfg.data.augment), run_dir=run_dir, step=step, progress=progress,
+            desc=f"{run.regime.name} seed {run.seed}", keep_epochs=run.keep_epochs,
         )
+        model = build(cfg, ds, model.state_dict())  # measured as the plain architecture (ghost BN: same keys)
         result = {
             "id": run.id,
             "regime": run.regime.name,
@@ -172,6 +201,11 @@ def execute_run(out: Path, cfg: StudyConfig, ds: Dataset, run: Run, progress: bo
             "x0": str(_init_path(out, cfg, run.seed).relative_to(out)),
             "checkpoint": str((run_dir / "model.pt").relative_to(out)),
             "history": str((run_dir / "history.jsonl").relative_to(out)),
+            "remedy": getattr(step, "protocol", lambda: {"name": "plain"})(),
+            "ghost_batch": t.ghost_batch or None,
+            "augment": t.augment or cfg.data.augment,
+            "batch_schedule": schedule.protocol() if schedule else None,
+            "init_from": {**t.init_from, "run": run.depends_on} if run.depends_on else None,
         }
     if result["diverged_epoch"] is None:
         t0 = time.perf_counter()
@@ -180,6 +214,10 @@ def execute_run(out: Path, cfg: StudyConfig, ds: Dataset, run: Run, progress: bo
         result["distance_from_init"] = distance_from_init(model, x0)
         surface = run.seed == cfg.seeds[0] and run.regime.name in cfg.compare
         result["geometry"] = geometry(model, ds, cfg.measure, run.seed, surface=surface)
+        if cfg.measure.trajectory_epochs:
+            iterates = {e: torch.load(run_dir / "iterates" / f"epoch-{e}.pt", map_location="cpu", weights_only=True)
+                        for e in cfg.measure.trajectory_epochs if e <= result["epochs"]}
+            result["trajectory"] = trajectory(lambda st: build(cfg, ds, st), iterates, ds, cfg.measure, run.seed)
         result["measure_time_s"] = time.perf_counter() - t0
     result["measure_hash"] = measure_key
     result["complete"] = True
@@ -211,6 +249,9 @@ def execute_runs(out: Path, cfg: StudyConfig, ds: Dataset, runs: list[Run], jobs
                  data_dir=None, progress: bool | None = None, log: Log = lambda s: None) -> list[dict]:
     """Every run, in plan order; with ``jobs`` > 1 in a pool of worker processes (spawned, not forked:
     forking a process that already runs OpenMP threads can hang)."""
+    waves = [[r for r in runs if not r.depends_on], [r for r in runs if r.depends_on]]
+    if waves[0] and waves[1] and jobs > 1:  # warm-started runs wait for the runs they start from
+        return [r for wave in waves for r in execute_runs(out, cfg, ds, wave, jobs, threads, data_dir, progress, log)]
     if jobs <= 1:
         results = []
         for i, run in enumerate(runs, 1):
@@ -237,8 +278,19 @@ def execute_runs(out: Path, cfg: StudyConfig, ds: Dataset, runs: list[Run], jobs
 
 TRAINING_KEYS = (
     "id", "regime", "batch_size", "seed", "lr", "lr_rule", "optimizer", "epochs", "steps", "steps_per_epoch",
-    "diverged_epoch", "wall_time_s", "x0", "checkpoint", "history",
+    "diverged_epoch", "wall_time_s", "x0", "checkpoint", "history", "remedy", "ghost_batch", "augment",
+    "batch_schedule", "init_from",
 )
+
+
+def batch_schedule(t: TrainConfig, large: int):
+    """The regime's batch-size schedule ending at ``large`` (its batch size), or None for a fixed size."""
+    s = t.batch_schedule
+    if not s:
+        return None
+    if s["kind"] == "switch":
+        return switch_schedule(s["small"], large, s["switch_epoch"])
+    return geometric_schedule(s["small"], large, s["epochs"])
 
 
 def execute_pair(out: Path, cfg: StudyConfig, ds: Dataset, sb: dict, lb: dict) -> dict | None:
@@ -306,6 +358,8 @@ def geometry_summary(runs: list[dict]) -> dict:
         out["hessian_top_eigenvalue"] = mean_std([g["hessian_eigenvalues"]["eigenvalues"][0] for g in geo])
     if "hessian_trace" in geo[0]:
         out["hessian_trace"] = mean_std([g["hessian_trace"]["value"] for g in geo])
+    if "noise_scale" in geo[0]:
+        out["noise_scale"] = mean_std([g["noise_scale"]["b_simple"] for g in geo])
     return out
 
 
@@ -331,7 +385,7 @@ def compare(cfg: StudyConfig, runs: list[dict], summary: dict) -> dict | None:
             out["welch_t"], out["p_value"] = float(t.statistic), float(t.pvalue)
             out["test"] = "Welch's two-sided t-test, unequal variances, one value per seed"
     ratios = {}
-    for key in ("sharpness", "adaptive_sharpness", "hessian_top_eigenvalue", "hessian_trace"):
+    for key in ("sharpness", "adaptive_sharpness", "hessian_top_eigenvalue", "hessian_trace", "noise_scale"):
         sb_stat, lb_stat = summary[sb_name].get(key), summary[lb_name].get(key)
         if key == "sharpness" and sb_stat and lb_stat:
             for k in sb_stat:
@@ -427,6 +481,9 @@ def run_study(
     ds = prepare_data(cfg, data_dir, download)
     runs = plan(cfg, len(ds.train))
     build(cfg, ds)  # model name, options and input shape
+    for regime in cfg.regimes:
+        check_augment(regime.train.augment or cfg.data.augment, ds.input_shape)
+        batch_schedule(regime.train, 2)  # schedule arguments
     check_output_dir(out)
     with OutputLock(out):
         log(f"study {cfg.name}: {len(cfg.seeds)} seeds x {len(cfg.regimes)} regimes, "

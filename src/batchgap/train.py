@@ -94,7 +94,7 @@ def train(
     train_data: TensorData,
     test_data: TensorData | None,
     cfg: TrainConfig,
-    batch_size: int,
+    batch_size: int | Callable[[int], int],
     seed: int = 0,
     augment: Augment | None = None,
     run_dir: str | Path | None = None,
@@ -102,6 +102,7 @@ def train(
     step: Step = sgd_step,
     progress: bool | None = None,
     desc: str = "train",
+    keep_epochs: tuple[int, ...] = (),
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.epochs`` epochs at ``batch_size``.
 
@@ -109,11 +110,19 @@ def train(
     checkpoint every ``cfg.checkpoint_every`` epochs) and ``model.pt`` (the final state dict), each
     atomically; a ``state.pt`` left by a killed run is picked up and training continues from it.
     Stops early, marking ``diverged_epoch``, when the training loss becomes NaN or infinite.
+
+    ``batch_size`` may be a schedule, a function from the epoch (counted from 0) to the batch size
+    (dynamic sampling; ``batchgap.remedies.switch_schedule`` / ``geometric_schedule``); the learning-rate
+    rule then uses the final epoch's size. ``keep_epochs`` keeps the model after those epochs (0 = the
+    start point) as ``iterates/epoch-K.pt`` for warm starts and measurements along training.
     """
     n = len(train_data)
-    if not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}")
-    steps_per_epoch = n // batch_size
+    schedule = batch_size if callable(batch_size) else (lambda epoch, b=batch_size: b)
+    sizes = [schedule(e) for e in range(cfg.epochs)]
+    if not all(1 <= b <= n for b in sizes):
+        raise ValueError(f"batch_size must be in [1, {n}], got {sorted(set(sizes))}")
+    batch_size = sizes[-1]
+    steps_per_epoch = n // sizes[0]
     peak = scaled_lr(cfg, batch_size)
     warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
     optimizer = make_optimizer(model, cfg, peak)
@@ -133,6 +142,9 @@ def train(
             result = TrainResult(**state["result"])
             start_epoch = result.epochs_done
             result.resumed_from_epoch = start_epoch
+    keep = set(keep_epochs)
+    if run_dir is not None and 0 in keep and start_epoch == 0:
+        atomic_save_torch(model.state_dict(), run_dir / "iterates" / "epoch-0.pt")
     t0 = time.perf_counter() - result.wall_time_s
     with torch.random.fork_rng(devices=[]):
         torch.set_rng_state(rng_state)
@@ -143,10 +155,11 @@ def train(
             model.train()
             perm = torch.randperm(n, generator=gen)
             total, count = 0.0, 0
-            for b in range(steps_per_epoch):
+            bs = sizes[epoch]
+            for b in range(n // bs):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(result.steps, peak, warmup_steps)
-                idx = perm[b * batch_size : (b + 1) * batch_size]
+                idx = perm[b * bs : (b + 1) * bs]
                 x, y = train_data.x[idx], train_data.y[idx]
                 if augment is not None:
                     x = augment(x, gen)
@@ -158,7 +171,7 @@ def train(
             train_loss = total / count
             if not math.isfinite(train_loss):
                 result.diverged_epoch = epoch + 1
-            row = {"epoch": epoch + 1, "steps": result.steps, "lr": optimizer.param_groups[0]["lr"],
+            row = {"epoch": epoch + 1, "steps": result.steps, "batch_size": bs, "lr": optimizer.param_groups[0]["lr"],
                    "batch_loss": train_loss}
             last = epoch + 1 == cfg.epochs or result.diverged_epoch is not None
             if (epoch + 1) % cfg.eval_every == 0 or last:
@@ -169,6 +182,8 @@ def train(
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_accuracy", "test_accuracy") if k in row})
             result.wall_time_s = time.perf_counter() - t0
             if run_dir is not None:
+                if epoch + 1 in keep:
+                    atomic_save_torch(model.state_dict(), run_dir / "iterates" / f"epoch-{epoch + 1}.pt")
                 # the whole history, rewritten atomically: never a duplicate or missing epoch after a resume
                 atomic_write_text(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in result.history))
                 every = cfg.checkpoint_every

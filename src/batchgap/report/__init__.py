@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..util import atomic_write_text
-from . import figures
+from . import experiments, figures
 from .geometry import hessian_table, reading, sharpness_table
 
 
@@ -144,6 +144,17 @@ def write_report(out: str | Path) -> Path:
                "two regimes' solutions of that seed, mean ± std over seeds.", "",
                f"![parametric plot](figures/{fig3.name})", "",
                f"Protocol: {proto['data']}; BatchNorm: {proto['bn']}; {proto['parameters']}.", ""]
+    extra = s.get("figures", [])
+    if "remedies" in extra:
+        md += ["## Remedies", "", *experiments.remedies_table(doc), ""]
+    if "batch-sweep" in extra and (f := experiments.batch_sweep(doc, fig_dir / "batch_sweep.png")):
+        md += ["## Batch-size sweep (the paper's Figure 4)", "", f"![batch sweep](figures/{f.name})", ""]
+    if "warm-start" in extra and (f := experiments.warm_start(doc, out, fig_dir / "warm_start.png")):
+        md += ["## Warm start from the small batch (the paper's Figure 5)", "", f"![warm start](figures/{f.name})", ""]
+    if "trajectory" in extra and (f := experiments.trajectory(doc, fig_dir / "sharpness_trajectory.png")):
+        md += ["## Sharpness along training (the paper's Figure 6)", "", f"![sharpness along training](figures/{f.name})", ""]
+    if "noise-scale" in extra and (f := experiments.noise_scale(doc, fig_dir / "noise_scale.png")):
+        md += ["## Gradient noise scale along training", "", f"![noise scale](figures/{f.name})", ""]
     sharp = sharpness_table(doc)
     if sharp:
         md += ["## Sharpness (the paper's Tables 3 and 4)", "", "Mean ± std over seeds.", "", *sharp, ""]

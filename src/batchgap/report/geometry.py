@@ -51,7 +51,8 @@ def hessian_table(doc: dict) -> list[str]:
         return []
     rows = [("top Hessian eigenvalue", "hessian_top_eigenvalue", "hessian_eigenvalues"),
             ("Hessian trace", "hessian_trace", "hessian_trace"),
-            ("adaptive sharpness", "adaptive_sharpness", "adaptive_sharpness")]
+            ("adaptive sharpness", "adaptive_sharpness", "adaptive_sharpness"),
+            ("gradient noise scale B_simple", "noise_scale", "noise_scale")]
     rows = [r for r in rows if r[2] in geo]
     if not rows:
         return []
@@ -72,6 +73,10 @@ def hessian_table(doc: dict) -> list[str]:
         a = geo["adaptive_sharpness"]
         notes.append(f"adaptive sharpness: max L(w + δ) − L(w) over {a['perturbation_set']} (Andriushchenko et al. 2023), "
                      "invariant to rescaling a ReLU layer by c and the next by 1/c")
+    if "noise_scale" in geo:
+        n = geo["noise_scale"]
+        notes.append(f"noise scale: B_simple = tr(Σ)/|G|² (McCandlish et al. 2018) from {n['n_batches_small']} batches of "
+                     f"{n['small']} and the full gradient, {n['sampling']}")
     lines += ["", "; ".join(notes) + f". Data: {geo['data']}."]
     return lines
 
@@ -116,6 +121,13 @@ def reading(doc: dict) -> list[str]:
                    + ("Raw sharpness is not invariant to reparameterization (Dinh et al. 2017), so the scale-aware number "
                       "is the one to weigh against the raw ones." if r <= 1 else
                       "Both the raw and the scale-aware measures point the same way."))
+    noise = {n: doc["summary"][n].get("noise_scale") for n in (sb, lb)}
+    if all(v and v.get("mean") for v in noise.values()):
+        b = noise[sb]["mean"]
+        lb_size = doc["summary"][lb]["batch_size"]
+        out.append(f"The gradient noise scale at the {sb} solutions is B_simple ≈ {b:.0f} (at {lb}: {noise[lb]['mean']:.0f}): "
+                   f"McCandlish et al. predict that batches much larger than that stop paying in steps saved; "
+                   f"{lb}'s batch of {lb_size} is {lb_size / b:.2g}× it.")
     dist = comp.get("distance_ratio")
     if dist:
         out.append(f"{sb} travels {dist:.2f}× as far from x0 as {lb} (the paper: 3 to 10).")

@@ -1,0 +1,253 @@
+"""Report sections of the paper's other experiments: batch sweep (Fig. 4), warm start (Fig. 5),
+sharpness along training (Fig. 6), and the remedies table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..train import read_history
+from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+from .figures import _protocol_note, plt, regime_colors
+
+
+def _plain_log(ax, axis: str = "y") -> None:
+    """Log scale with tick labels written as plain numbers (1, 2, 5, 10, ...)."""
+    a = ax.yaxis if axis == "y" else ax.xaxis
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    a.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    a.set_major_formatter(FormatStrFormatter("%g"))
+    a.set_minor_formatter(FormatStrFormatter(""))
+
+EPS_STYLES = ["-", "--", ":", "-."]
+
+
+def _seeds(doc: dict) -> str:
+    n = len(doc["study"]["seeds"])
+    return f"{n} seed" + ("s" if n != 1 else "")
+
+
+def _runs(doc: dict, regime: str) -> list[dict]:
+    return [r for r in doc["runs"] if r["regime"] == regime and not r.get("diverged_epoch")]
+
+
+def _sharp(run: dict, eps: float, full: bool = True) -> float | None:
+    for e in run.get("geometry", {}).get("sharpness", []):
+        if e["eps"] == eps and (e["subspace_dim"] is None) == full:
+            return e["value"]
+    return None
+
+
+def _eps_list(doc: dict) -> list[float]:
+    return [float(e) for e in doc["study"]["measure"]["sharpness_eps"]]
+
+
+def _errorbar(ax, x, rows, **kw):
+    arr = np.asarray(rows, dtype=float)
+    mean = np.nanmean(arr, axis=1)
+    std = np.nanstd(arr, axis=1, ddof=1) if arr.shape[1] > 1 else np.zeros_like(mean)
+    ax.errorbar(x, mean, yerr=std, capsize=3, marker="o", ms=4, **kw)
+
+
+def batch_sweep(doc: dict, path: Path) -> Path | None:
+    """Figure 4 analog: test accuracy and eps-sharpness against the batch size, mean ± std over seeds."""
+    regimes = [r["name"] for r in doc["study"]["regimes"] if _runs(doc, r["name"])]
+    if len(regimes) < 3:
+        return None
+    regimes.sort(key=lambda n: doc["summary"][n]["batch_size"])
+    sizes = [doc["summary"][n]["batch_size"] for n in regimes]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.5, 4.6))
+    for key, style, label in (("test", "-", "test"), ("train", "--", "train")):
+        _errorbar(ax1, sizes, [[100 * r[key]["accuracy"] for r in _runs(doc, n)] for n in regimes],
+                  color="tab:blue", ls=style, label=f"{label} accuracy")
+    for eps, style in zip(_eps_list(doc), EPS_STYLES):
+        rows = [[_sharp(r, eps) for r in _runs(doc, n)] for n in regimes]
+        if all(v is not None for row in rows for v in row):
+            _errorbar(ax2, sizes, rows, color="tab:red", ls=style, label=f"ε = {eps:g}")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(s) for s in sizes], fontsize=8)
+        ax.set_xlabel("batch size (log scale)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax1.set_ylabel("accuracy (%)")
+    _plain_log(ax2)
+    ax2.set_ylabel("ε-sharpness, full space (log scale)")
+    fig.suptitle(f"{doc['study']['name']}: accuracy and sharpness against batch size ({_seeds(doc)})", fontsize=11)
+    fig.subplots_adjust(bottom=0.22, wspace=0.28)
+    _protocol_note(fig, f"Each batch size trained {doc['study']['train']['epochs']} epochs from the same x0 per seed; "
+                        "error bars: ±1 std over seeds; sharpness on the training set, as Tables 3-4.")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def warm_start(doc: dict, out: Path, path: Path) -> Path | None:
+    """Figure 5 analog: LB solutions started from the SB iterate after k epochs, against k."""
+    starts = [(r["name"], r["init_from"]) for r in doc["study"]["regimes"] if r.get("init_from")]
+    starts = [(n, i) for n, i in starts if _runs(doc, n)]
+    if not starts:
+        return None
+    starts.sort(key=lambda s: s[1]["epoch"])
+    ks = [i["epoch"] for _, i in starts]
+    src = starts[0][1]["regime"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.5, 4.6))
+    _errorbar(ax1, ks, [[100 * r["test"]["accuracy"] for r in _runs(doc, n)] for n, _ in starts],
+              color="tab:red", label="LB solution started at the SB iterate")
+    hists = [{h["epoch"]: h for h in read_history(out / Path(r["history"]).parent)} for r in _runs(doc, src)]
+    sb_k = [k for k in ks if hists and all("test_accuracy" in h.get(k, {}) for h in hists)]  # k = 0 has no row
+    if sb_k:
+        _errorbar(ax1, sb_k, [[100 * h[k]["test_accuracy"] for h in hists] for k in sb_k],
+                  color="tab:blue", ls="--", label=f"the {src} iterate itself")
+    for eps, style in zip(_eps_list(doc), EPS_STYLES):
+        rows = [[_sharp(r, eps) for r in _runs(doc, n)] for n, _ in starts]
+        if all(v is not None for row in rows for v in row):
+            _errorbar(ax2, ks, rows, color="tab:red", ls=style, label=f"LB solution, ε = {eps:g}")
+    ax1.set_ylabel("test accuracy (%)")
+    ax2.set_ylabel("ε-sharpness, full space (log scale)")
+    _plain_log(ax2)
+    for ax in (ax1, ax2):
+        ax.set_xlabel(f"epochs of {src} training before switching to the large batch (k)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{doc['study']['name']}: warm-starting the large batch from the small-batch iterate", fontsize=11)
+    fig.subplots_adjust(bottom=0.22, wspace=0.28)
+    _protocol_note(fig, "Each LB run trains its full epoch budget from the SB iterate after k epochs (fresh optimizer); "
+                        "error bars ±1 std over seeds; sharpness on the training set.")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def trajectory(doc: dict, path: Path) -> Path | None:
+    """Figure 6 analog: eps-sharpness against training cross-entropy along training (log-log)."""
+    colors = regime_colors(doc)
+    fig, ax = plt.subplots(figsize=(7.2, 5.0))
+    drawn = False
+    for regime, color in colors.items():
+        trajs = [r["trajectory"] for r in _runs(doc, regime) if r.get("trajectory")]
+        if not trajs:
+            continue
+        n = min(len(t) for t in trajs)
+        loss = np.exp(np.mean([[np.log(p["train_loss"]) for p in t[:n]] for t in trajs], axis=0))
+        for eps, style in zip(trajs[0][0]["sharpness"], EPS_STYLES):
+            sharp = np.exp(np.mean([[np.log(max(p["sharpness"][eps], 1e-12)) for p in t[:n]] for t in trajs], axis=0))
+            ax.plot(loss, sharp, style, color=color, marker="o", ms=3.5, label=f"{regime}, ε = {eps}")
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    _plain_log(ax, "x")
+    _plain_log(ax, "y")
+    ax.invert_xaxis()  # training goes left to right: the loss falls
+    ax.set_xlabel("training cross-entropy (log scale, decreasing: training proceeds to the right)")
+    ax.set_ylabel("ε-sharpness, full space (log scale)")
+    ax.set_title(f"{doc['study']['name']}: sharpness along training ({_seeds(doc)}, geometric means)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    epochs = [p["epoch"] for p in next(r["trajectory"] for r in doc["runs"] if r.get("trajectory"))]
+    fig.subplots_adjust(bottom=0.2)
+    _protocol_note(fig, f"Measured at epochs {', '.join(map(str, epochs))}; each point the geometric mean over seeds "
+                        "of the training loss and of the sharpness at that epoch.")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def _stat(st: dict | None) -> str:
+    return "n/a" if not st or st.get("mean") is None else f"{st['mean']:.3g} ± {st['std']:.2g}"
+
+
+def describe(regime: dict, batch_size: int | None = None) -> str:
+    """A regime's remedy in a few words, from its settings."""
+    parts = []
+    if regime.get("remedy", "plain") != "plain":
+        opts = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in regime.get("remedy_options", {}).items())
+        parts.append(f"{regime['remedy'].upper()} ({opts})" if opts else regime["remedy"].upper())
+    if regime.get("augment"):
+        parts.append(f"augmentation {regime['augment']}")
+    if regime.get("ghost_batch"):
+        parts.append(f"ghost BN, ghost batch {regime['ghost_batch']}")
+    if regime.get("lr_rule"):
+        parts.append(f"lr rule {regime['lr_rule']}")
+    if regime.get("warmup_epochs"):
+        parts.append(f"{regime['warmup_epochs']:g} warmup epochs")
+    if "epochs" in regime:
+        parts.append(f"{regime['epochs']} epochs")
+    if regime.get("batch_schedule"):
+        s = regime["batch_schedule"]
+        parts.append(f"batch {s['small']} → {batch_size or regime['batch_size']}, "
+                     + (f"switch at epoch {s['switch_epoch']}" if s["kind"] == "switch" else f"geometric over {s['epochs']} epochs"))
+    if regime.get("init_from"):
+        parts.append(f"from {regime['init_from']['regime']} after {regime['init_from']['epoch']} epochs")
+    return "; ".join(parts) or "baseline"
+
+
+def remedies_table(doc: dict) -> list[str]:
+    comp = doc.get("comparison") or {}
+    sb, lb = comp.get("small"), comp.get("large")
+    if not sb or not lb:
+        return []
+    s = doc["summary"]
+    acc_sb, acc_lb = s[sb]["test_accuracy"]["mean"], s[lb]["test_accuracy"]["mean"]
+    paper = doc["study"].get("paper", {}).get("remedies", {})
+    eps = _eps_list(doc)[0] if _eps_list(doc) else None
+    key = f"full eps={eps:g}" if eps else None
+    lines = ["| method | regime | test accuracy (%) | gap closed | ε-sharpness" + (f" (ε = {eps:g})" if eps else "")
+             + " | top Hessian eigenvalue | training time (s) |" + (" paper (appendix E) |" if paper else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if paper else "")]
+    for r in doc["study"]["regimes"]:
+        row = s[r["name"]]
+        acc = row["test_accuracy"]
+        if acc["mean"] is None:
+            closed = "diverged"
+        elif acc_sb is not None and acc_lb is not None and acc_sb > acc_lb:
+            share = round(100 * (acc["mean"] - acc_lb) / (acc_sb - acc_lb))
+            closed = f"{share:+d}%" if share else "0%"
+        else:
+            closed = f"n/a ({sb} not ahead of {lb})"
+        sharp = row.get("sharpness", {}).get(key) if key else None
+        eig = row.get("hessian_top_eigenvalue")
+        acc_text = "n/a" if acc["mean"] is None else f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}"
+        line = (f"| {describe(r, row['batch_size'])} | {r['name']} (batch {row['batch_size']}) | {acc_text} | {closed} | "
+                f"{_stat(sharp)} | {_stat(eig)} | {row['wall_time_s']['mean']:.1f} |")
+        if paper:
+            line += f" {paper.get(r['name'], '')} |"
+        lines.append(line)
+    lines += ["", f"Gap closed = (accuracy − {lb}) / ({sb} − {lb}): 0% is no better than {lb}, 100% reaches {sb}. "
+              "Mean ± std over seeds; training time is per run."]
+    return lines
+
+
+def noise_scale(doc: dict, path: Path) -> Path | None:
+    """The gradient noise scale B_simple along training, with each regime's batch size for reference."""
+    colors = regime_colors(doc)
+    fig, ax = plt.subplots(figsize=(7.2, 5.0))
+    drawn = False
+    for regime, color in colors.items():
+        trajs = [r["trajectory"] for r in _runs(doc, regime) if r.get("trajectory") and "noise_scale" in r["trajectory"][0]]
+        if not trajs:
+            continue
+        n = min(len(t) for t in trajs)
+        epochs = [p["epoch"] for p in trajs[0][:n]]
+        rows = np.asarray([[p["noise_scale"] for p in t[:n]] for t in trajs], dtype=float).T
+        _errorbar(ax, epochs, rows, color=color, label=f"{regime}: B_simple at its iterates")
+        ax.axhline(doc["summary"][regime]["batch_size"], color=color, ls=":", lw=1.2,
+                   label=f"{regime}: its batch size ({doc['summary'][regime]['batch_size']})")
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    _plain_log(ax)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("gradient noise scale B_simple = tr(Σ)/|G|² (log scale)")
+    ax.set_title(f"{doc['study']['name']}: the batch size beyond which large batches stop paying ({_seeds(doc)})", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(bottom=0.2)
+    _protocol_note(fig, "McCandlish et al. 2018: from batches of 32 and the full training gradient, finite-population "
+                        "corrected; error bars ±1 std over seeds.")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
