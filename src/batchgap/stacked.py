@@ -10,8 +10,9 @@ What each seed sees is exactly what :func:`train.train` gives it:
 
 * its own ``torch.Generator`` seeded with its seed, drawing each epoch's permutation and the
   augmentation in the same order as ``train`` does;
-* its own optimizer state: the optimizer (built by :func:`train.make_optimizer`) runs on the stacked
-  tensors, and Adam and SGD are elementwise, so slice k of the stacked state is seed k's state;
+* its own optimizer state: the optimizer (built by :func:`train.make_optimizer`) holds each seed's
+  parameters as separate tensors (views into the stacked ones), one param group per seed, so its
+  kernels see the very tensors, and round the very way, they do for ``train``;
 * BatchNorm in train mode on its own batch: the running statistics are stacked buffers (in_dims 0 of
   the vmap), updated in place per slice, so they end equal to each sequential run's;
 * the same learning-rate schedule, divergence check (a seed whose epoch loss is not finite stops
@@ -63,26 +64,23 @@ def stackable(model: nn.Module, max_params: int = STACK_MAX_PARAMS) -> str | Non
     return None
 
 
-def _slice_optimizer_state(sd: dict, shapes: list[torch.Size], k: int) -> dict:
-    """Seed k's optimizer state dict, as ``train``'s own optimizer would hold it."""
-    state = {}
-    for i, entry in sd["state"].items():
-        state[i] = {key: (v[k].clone() if torch.is_tensor(v) and v.shape == shapes[i] else copy.deepcopy(v))
-                    for key, v in entry.items()}
-    return {"state": state, "param_groups": copy.deepcopy(sd["param_groups"])}
+def _seed_optimizer_state(sd: dict, k: int, P: int) -> dict:
+    """Seed k's optimizer state dict (group k, its P parameters renumbered 0..P-1), as ``train``'s
+    own optimizer holds it."""
+    group = copy.deepcopy(sd["param_groups"][k])
+    group["params"] = list(range(P))
+    state = {i: copy.deepcopy(sd["state"][k * P + i]) for i in range(P) if k * P + i in sd["state"]}
+    return {"state": state, "param_groups": [group]}
 
 
-def _stack_optimizer_states(sds: list[dict], shapes: list[torch.Size]) -> dict:
-    """The stacked optimizer's state dict from each seed's (the inverse of :func:`_slice_optimizer_state`)."""
-    state = {}
-    for i, entry in sds[0]["state"].items():
-        state[i] = {}
-        for key, v in entry.items():
-            if torch.is_tensor(v) and v.shape == shapes[i][1:] and v.dim() > 0:
-                state[i][key] = torch.stack([sd["state"][i][key] for sd in sds])
-            else:
-                state[i][key] = v
-    return {"state": state, "param_groups": sds[0]["param_groups"]}
+def _group_optimizer_state(sds: list[dict], P: int) -> dict:
+    """The inverse of :func:`_seed_optimizer_state`: K seeds' state dicts as one, group k for seed k."""
+    groups, state = [], {}
+    for k, sd in enumerate(sds):
+        (group,) = sd["param_groups"]
+        groups.append({**group, "params": [k * P + i for i in range(P)]})
+        state.update({k * P + i: v for i, v in sd["state"].items()})
+    return {"state": state, "param_groups": groups}
 
 
 # modules that act on each example alone and hold no tensors: run on the K*B examples at once
@@ -104,53 +102,60 @@ class StackedForward:
     """
 
     def __init__(self, base: nn.Module, params: dict, buffers: dict):
-        self.base, self.params, self.buffers = base, params, buffers
         self.K = len(next(iter(params.values())))
+        self.layers: list = []  # one closure per layer, built once: the step does no name lookups
+        self._plan(base, "", params, buffers)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(self.base, "", x)
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
-    def _tensors(self, module: nn.Module, prefix: str):
-        p = {n: self.params[prefix + n] for n, _ in module.named_parameters()}
-        b = {n: self.buffers[prefix + n] for n, _ in module.named_buffers()}
-        return p, b
-
-    def _run(self, module: nn.Module, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    def _plan(self, module: nn.Module, prefix: str, params: dict, buffers: dict) -> None:
         if type(module) is nn.Sequential:
             for name, child in module.named_children():
-                x = self._run(child, f"{prefix}{name}.", x)
-            return x
+                self._plan(child, f"{prefix}{name}.", params, buffers)
+            return
+        p = {n: params[prefix + n] for n, _ in module.named_parameters()}
+        b = {n: buffers[prefix + n] for n, _ in module.named_buffers()}
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            return self._batch_norm(module, prefix, x)
-        if isinstance(module, _PER_EXAMPLE) and not any(True for _ in module.parameters()):
+            self.layers.append(self._batch_norm(module, p, b))
+        elif isinstance(module, _PER_EXAMPLE) and not p and not b:
             if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
                 raise ValueError("dropout is not stackable")
-            out = module(x.reshape(-1, *x.shape[2:]))
-            return out.reshape(x.shape[0], x.shape[1], *out.shape[1:])
-        if _is_reshape(module):
-            return x.reshape(x.shape[0], x.shape[1], *module.shape)
-        p, b = self._tensors(module, prefix)
-        if type(module) is nn.Linear:
-            return _StackedLinear.apply(x, p["weight"], p.get("bias"))
-        return vmap(lambda p, b, x: functional_call(module, (p, b), (x,)), in_dims=(0, 0, 0))(p, b, x)
 
-    def _batch_norm(self, m: nn.modules.batchnorm._BatchNorm, prefix: str, x: torch.Tensor) -> torch.Tensor:
-        K, B, C = x.shape[0], x.shape[1], x.shape[2]
-        rest = x.shape[3:]
-        xm = x.movedim(0, 1).reshape(B, K * C, *rest)  # (B, K*C, ...): model k's channels at k*C..k*C+C-1
-        p, b = self._tensors(m, prefix)
-        w = p["weight"].reshape(K * C) if "weight" in p else None
-        bias = p["bias"].reshape(K * C) if "bias" in p else None
+            def per_example(x, module=module):
+                out = module(x.reshape(-1, *x.shape[2:]))
+                return out.reshape(x.shape[0], x.shape[1], *out.shape[1:])
+            self.layers.append(per_example)
+        elif _is_reshape(module):
+            self.layers.append(lambda x, shape=module.shape: x.reshape(x.shape[0], x.shape[1], *shape))
+        elif type(module) is nn.Linear:
+            weight, bias = p["weight"], p.get("bias")
+            self.layers.append(lambda x: _StackedLinear.apply(x, weight, bias))
+        else:
+            call = vmap(lambda p, b, x: functional_call(module, (p, b), (x,)), in_dims=(0, 0, 0))
+            self.layers.append(lambda x: call(p, b, x))
+
+    def _batch_norm(self, m: nn.modules.batchnorm._BatchNorm, p: dict, b: dict):
+        K, C = self.K, m.num_features
+        w = p["weight"].view(K * C) if "weight" in p else None
+        bias = p["bias"].view(K * C) if "bias" in p else None
         rm = b["running_mean"].view(K * C) if "running_mean" in b else None
         rv = b["running_var"].view(K * C) if "running_var" in b else None
-        momentum = 0.0 if m.momentum is None else m.momentum
-        if m.track_running_stats:
-            nbt = b["num_batches_tracked"]
-            nbt.add_(1)
-            if m.momentum is None:  # cumulative moving average, as _BatchNorm.forward
-                momentum = 1.0 / float(nbt[0])
-        out = F.batch_norm(xm, rm, rv, w, bias, True, momentum, m.eps)
-        return out.reshape(B, K, C, *rest).movedim(1, 0).contiguous()  # slices laid out as one model's
+        nbt = b.get("num_batches_tracked")
+
+        def batch_norm(x):
+            B, rest = x.shape[1], x.shape[3:]
+            xm = x.movedim(0, 1).reshape(B, K * C, *rest)  # (B, K*C, ...): model k's channels at k*C..k*C+C-1
+            momentum = 0.0 if m.momentum is None else m.momentum
+            if m.track_running_stats:
+                nbt.add_(1)
+                if m.momentum is None:  # cumulative moving average, as _BatchNorm.forward
+                    momentum = 1.0 / float(nbt[0])
+            out = F.batch_norm(xm, rm, rv, w, bias, True, momentum, m.eps)
+            return out.reshape(B, K, C, *rest).movedim(1, 0).contiguous()  # slices laid out as one model's
+        return batch_norm
 
 
 class _StackedLinear(torch.autograd.Function):
@@ -158,15 +163,11 @@ class _StackedLinear(torch.autograd.Function):
     bitwise what ``F.linear`` and its autograd compute for one model (``vmap``'s linear backward is not)."""
 
     @staticmethod
-    def forward(x, weight, bias):
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
         if bias is None:
             return torch.bmm(x, weight.transpose(1, 2))
         return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, _ = inputs
-        ctx.save_for_backward(x, weight)
 
     @staticmethod
     def backward(ctx, grad):
@@ -255,13 +256,25 @@ def train_stacked(
     trainable = {name for name, p in models[0].named_parameters() if p.requires_grad}
     for name, p in params.items():
         p.requires_grad_(name in trainable)
-    opt_params = [p for name, p in params.items() if name in trainable]
-    shapes = [p.shape for p in opt_params]
-    optimizer = make_optimizer(types.SimpleNamespace(parameters=lambda: iter(opt_params)), cfg, peak)
+    stacked = [p for name, p in params.items() if name in trainable]
+    P = len(stacked)
+    # The optimizer sees K x P leaf tensors, each one seed's parameter (sharing memory with the
+    # stacked tensor), in one param group per seed; their gradients are views of the stacked
+    # gradients, which backward accumulates into in place. So the optimizer's kernels (fused Adam
+    # vectorizes over each tensor, a scalar tail left over) run on exactly the tensors train() gives them.
+    for p in stacked:
+        p.grad = torch.zeros_like(p)
+    seed_params = [[p.detach()[k].requires_grad_(True) for p in stacked] for k in range(K)]
+    for k in range(K):
+        for sp, p in zip(seed_params[k], stacked):
+            sp.grad = p.grad[k]
+    optimizer = make_optimizer(types.SimpleNamespace(parameters=lambda: iter(seed_params[0])), cfg, peak)
+    for k in range(1, K):
+        optimizer.add_param_group({"params": seed_params[k]})
     if states[0] is not None:
-        optimizer.load_state_dict(_stack_optimizer_states([s["optimizer"] for s in states], shapes))
+        optimizer.load_state_dict(_group_optimizer_state([s["optimizer"] for s in states], P))
+    grads = [p.grad for p in stacked]
     forward = StackedForward(base, params, buffers)
-    batched_loss = vmap(loss_fn, in_dims=(0, 0))
     active = [r.diverged_epoch is None and r.epochs_done < cfg.epochs for r in results]
     start_epoch = results[0].epochs_done
     step = max(r.steps for r in results)  # the steps taken by the seeds still training
@@ -279,27 +292,24 @@ def train_stacked(
         if not any(active):
             break
         perms = [torch.randperm(n, generator=g) if a else None for g, a in zip(gens, active)]
+        perms = [p if p is not None else perms[active.index(True)] for p in perms]  # a stopped seed idles
         totals, count = [0.0] * K, 0
         for b in range(steps_per_epoch):
             lr = lr_at(step, peak, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            xs, ys = [], []
-            for k in range(K):
-                perm = perms[k] if perms[k] is not None else perms[active.index(True)]  # a stopped seed idles
-                idx = perm[b * batch_size : (b + 1) * batch_size]
-                x = train_data.x[idx]
-                if augment is not None and active[k]:
-                    x = augment(x, gens[k])
-                xs.append(x)
-                ys.append(train_data.y[idx])
-            x, y = torch.stack(xs), torch.stack(ys)
-            losses = batched_loss(forward(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
+            idx = torch.stack([p[b * batch_size : (b + 1) * batch_size] for p in perms])
+            x, y = train_data.x[idx], train_data.y[idx]  # (K, B, ...)
+            if augment is not None:
+                x = torch.stack([augment(x[k], gens[k]) if active[k] else x[k] for k in range(K)])
+            out = forward(x)
+            # one loss call per model: the same kernel, and so the same rounding, as train()'s
+            losses = [loss_fn(out[k], y[k]) for k in range(K)]
+            torch._foreach_zero_(grads)
+            torch.stack(losses).sum().backward()
             optimizer.step()
             step += 1
-            values = losses.detach().tolist()
+            values = torch.stack(losses).detach().tolist()
             for k in range(K):
                 if active[k]:
                     results[k].steps += 1
@@ -328,7 +338,7 @@ def train_stacked(
                 if (every and (epoch + 1) % every == 0) or last:
                     atomic_save_torch(
                         {"model": models[k].state_dict(),
-                         "optimizer": _slice_optimizer_state(optimizer.state_dict(), shapes, k),
+                         "optimizer": _seed_optimizer_state(optimizer.state_dict(), k, P),
                          "generator": gens[k].get_state(), "rng": rng_states[k], "result": r.as_dict()},
                         dirs[k] / "state.pt",
                     )

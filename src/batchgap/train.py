@@ -45,12 +45,21 @@ def lr_at(step: int, peak: float, warmup_steps: int) -> float:
     return peak * (step + 1) / warmup_steps
 
 
+# One kernel per parameter tensor for the whole update (torch's ``fused`` Adam/SGD) instead of PyTorch's
+# CPU default of ~8 elementwise passes over each tensor: on a CPU a small model's optimizer step is
+# memory-bound, and this made a batch-32 step of the default MLP about 1.4x faster (docs/performance.md).
+# Same algorithm, different rounding from the unfused loop; deterministic, so a run is still bitwise
+# reproducible from its seed. False restores the unfused update.
+FUSED_OPTIMIZER = True
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = FUSED_OPTIMIZER and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None
     if cfg.optimizer == "adam":
         # Keras defaults as the paper's official code: betas (0.9, 0.999), eps 1e-8 (PyTorch's too).
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
 
 
 @dataclass
