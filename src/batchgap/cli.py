@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="run K runs at once in worker processes (default 1)")
     run.add_argument("--threads", type=int, metavar="N",
                      help="torch intra-op threads (default: $BATCHGAP_THREADS, else torch's default)")
+    run.add_argument("--stack-seeds", action=argparse.BooleanOptionalAction, default=True,
+                     help="train the seeds of a small model's regime at once as one stacked model; "
+                          "the same results, less time (default: on)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bars (default: when stderr is a terminal)")
 
@@ -73,7 +76,8 @@ def _cmd_run(args) -> int:
     if args.jobs < 1:
         raise UserError(f"--jobs: must be at least 1, got {args.jobs}")
     doc = run_study(cfg, out, data_dir=args.data_dir, download=args.download, progress=args.progress,
-                    log=log, command=command, jobs=args.jobs, threads=args.threads)
+                    log=log, command=command, jobs=args.jobs, threads=args.threads,
+                    stack_seeds=args.stack_seeds)
     comp = doc.get("comparison") or {}
     if "test_accuracy_gap" in comp:
         p = f", p = {comp['p_value']:.3g}" if "p_value" in comp else ""

@@ -210,6 +210,7 @@ def train_stacked(
     loss_fn: LossFn = F.cross_entropy,
     progress: bool | None = None,
     desc: str = "train stacked",
+    keep_epochs: tuple[int, ...] = (),
 ) -> list[TrainResult]:
     """Train each ``models[k]`` in place as ``train(models[k], ..., seed=seeds[k], run_dir=run_dirs[k])``
     would, all K at once (see the module docstring). Returns one :class:`train.TrainResult` per seed."""
@@ -275,6 +276,10 @@ def train_stacked(
         optimizer.load_state_dict(_group_optimizer_state([s["optimizer"] for s in states], P))
     grads = [p.grad for p in stacked]
     forward = StackedForward(base, params, buffers)
+    keep = set(keep_epochs)
+    if dirs is not None and 0 in keep and results[0].epochs_done == 0:
+        for k in range(K):
+            atomic_save_torch(models[k].state_dict(), dirs[k] / "iterates" / "epoch-0.pt")
     active = [r.diverged_epoch is None and r.epochs_done < cfg.epochs for r in results]
     start_epoch = results[0].epochs_done
     step = max(r.steps for r in results)  # the steps taken by the seeds still training
@@ -324,7 +329,8 @@ def train_stacked(
             train_loss = totals[k] / count
             if not math.isfinite(train_loss):
                 r.diverged_epoch = epoch + 1
-            row = {"epoch": epoch + 1, "steps": r.steps, "lr": optimizer.param_groups[0]["lr"], "batch_loss": train_loss}
+            row = {"epoch": epoch + 1, "steps": r.steps, "batch_size": batch_size, "lr": optimizer.param_groups[0]["lr"],
+                   "batch_loss": train_loss}
             last = last_epoch or r.diverged_epoch is not None
             write_back(k)
             if (epoch + 1) % cfg.eval_every == 0 or last:
@@ -333,6 +339,8 @@ def train_stacked(
             r.history.append(row)
             r.wall_time_s = time.perf_counter() - t0
             if dirs is not None:
+                if epoch + 1 in keep:
+                    atomic_save_torch(models[k].state_dict(), dirs[k] / "iterates" / f"epoch-{epoch + 1}.pt")
                 atomic_write_text(dirs[k] / "history.jsonl", "".join(json.dumps(h) + "\n" for h in r.history))
                 every = cfg.checkpoint_every
                 if (every and (epoch + 1) % every == 0) or last:

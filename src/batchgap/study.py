@@ -36,7 +36,8 @@ from .errors import UserError
 from .measure import data_protocol, distance_from_init, endpoint_metrics, geometry, parametric_plot, trajectory
 from .remedies import geometric_schedule, ghost_bn, make_step, switch_schedule
 from .models import init_model
-from .train import train
+from .stacked import exact_layers, stackable, train_stacked
+from .train import _load_state, train
 from .util import atomic_save_torch, atomic_write_json
 
 Log = Callable[[str], None]
@@ -207,6 +208,9 @@ def execute_run(out: Path, cfg: StudyConfig, ds: Dataset, run: Run, progress: bo
             "batch_schedule": schedule.protocol() if schedule else None,
             "init_from": {**t.init_from, "run": run.depends_on} if run.depends_on else None,
         }
+    stacked = _read_json(run_dir / "stacked.json")
+    if stacked is not None:
+        result["stacked"] = stacked
     if result["diverged_epoch"] is None:
         t0 = time.perf_counter()
         metrics = endpoint_metrics(model, ds, cfg.measure)
@@ -233,6 +237,53 @@ def _log_result(log: Log, r: dict) -> None:
             f"({r['wall_time_s']:.1f} s training, {r.get('measure_time_s', 0):.1f} s measures)")
 
 
+def stack_groups(out: Path, cfg: StudyConfig, ds: Dataset, runs: list[Run]) -> list[list[Run]]:
+    """Runs to train stacked (:mod:`stacked`): per regime, the unfinished seeds whose checkpoints are at
+    the same epoch, two or more of them, when the model is small and every layer of it runs stacked
+    bitwise as in a single model (so results do not depend on the grouping)."""
+    model = build(cfg, ds)
+    if stackable(model) is not None or not exact_layers(model):
+        return []
+    pending: dict = {}
+    for run in runs:
+        run_dir = out / "runs" / run.id
+        done = _read_json(run_dir / "result.json")
+        if done is not None and done.get("id") == run.id and done.get("complete"):
+            continue
+        state = _load_state(run_dir / "state.pt")
+        epochs = 0 if state is None else state["result"]["epochs_done"]
+        if state is not None and (state["result"]["diverged_epoch"] is not None or epochs >= run.regime.train.epochs):
+            continue  # trained: only measuring is left
+        pending.setdefault((run.regime.name, epochs), []).append(run)
+    return [group for group in pending.values() if len(group) > 1 and _plain(group[0])]
+
+
+def _plain(run: Run) -> bool:
+    """A run trained by the plain step on a fixed batch size from x0: what :mod:`stacked` reproduces."""
+    t = run.regime.train
+    return t.remedy == "plain" and not t.ghost_batch and not t.batch_schedule and not run.depends_on
+
+
+def train_group(out: Path, cfg: StudyConfig, ds: Dataset, runs: list[Run], progress: bool | None = None) -> list[str]:
+    """Train the runs of one stack group at once, writing each run directory as :func:`train.train`
+    would; :func:`execute_run` then finds them trained and measures them."""
+    dirs = [out / "runs" / run.id for run in runs]
+    for run, d in zip(runs, dirs):
+        atomic_write_json(d / "config.json", run.config)
+    models = [build(cfg, ds, start_point(out, cfg, ds, run.seed)) for run in runs]
+    regime = runs[0].regime
+    train_stacked(models, ds.train, ds.test, regime.train, runs[0].batch_size, [run.seed for run in runs],
+                  augment=make_augment(regime.train.augment or cfg.data.augment), run_dirs=dirs,
+                  keep_epochs=runs[0].keep_epochs, progress=progress,
+                  desc=f"{regime.name} seeds {','.join(str(run.seed) for run in runs)} stacked")
+    info = {"k": len(runs), "runs": [run.id for run in runs],
+            "note": ("trained at once as one stacked model (batchgap.stacked), bitwise as one at a time; "
+                     "wall_time_s is the group's")}
+    for d in dirs:
+        atomic_write_json(d / "stacked.json", info)
+    return [run.id for run in runs]
+
+
 _WORKER: dict = {}
 
 
@@ -245,14 +296,29 @@ def _worker_run(out: str, run: Run) -> dict:
     return execute_run(Path(out), _WORKER["cfg"], _WORKER["ds"], run, progress=False)
 
 
+def _worker_group(out: str, runs: list[Run]) -> list[str]:
+    return train_group(Path(out), _WORKER["cfg"], _WORKER["ds"], runs, progress=False)
+
+
 def execute_runs(out: Path, cfg: StudyConfig, ds: Dataset, runs: list[Run], jobs: int = 1, threads: int | None = None,
-                 data_dir=None, progress: bool | None = None, log: Log = lambda s: None) -> list[dict]:
+                 data_dir=None, progress: bool | None = None, log: Log = lambda s: None,
+                 stack_seeds: bool = True) -> list[dict]:
     """Every run, in plan order; with ``jobs`` > 1 in a pool of worker processes (spawned, not forked:
-    forking a process that already runs OpenMP threads can hang)."""
+    forking a process that already runs OpenMP threads can hang).
+
+    With ``stack_seeds``, the seeds of a regime that :func:`stack_groups` picks are first trained
+    together as one stacked model (one group per worker task), then each run is measured on its own.
+    """
     waves = [[r for r in runs if not r.depends_on], [r for r in runs if r.depends_on]]
     if waves[0] and waves[1] and jobs > 1:  # warm-started runs wait for the runs they start from
-        return [r for wave in waves for r in execute_runs(out, cfg, ds, wave, jobs, threads, data_dir, progress, log)]
+        return [r for wave in waves for r in execute_runs(out, cfg, ds, wave, jobs, threads, data_dir, progress, log,
+                                                          stack_seeds)]
+    groups = stack_groups(out, cfg, ds, runs) if stack_seeds else []
+    for group in groups:
+        log(f"stacking {len(group)} seeds of {group[0].regime.name} ({', '.join(r.id for r in group)})")
     if jobs <= 1:
+        for group in groups:
+            train_group(out, cfg, ds, group, progress=progress)
         results = []
         for i, run in enumerate(runs, 1):
             log(f"[{i}/{len(runs)}] {run.id}: batch {run.batch_size}, {run.regime.train.epochs} epochs")
@@ -260,19 +326,27 @@ def execute_runs(out: Path, cfg: StudyConfig, ds: Dataset, runs: list[Run], jobs
             _log_result(log, results[-1])
         return results
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = threads or max(1, torch.get_num_threads() // jobs)
     log(f"{len(runs)} runs on {jobs} worker processes, {threads} thread(s) each")
-    by_id = {}
+    by_id, grouped = {}, {run.id for group in groups for run in group}
     with ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_init, initargs=(cfg, data_dir, threads)) as pool:
-        futures = [pool.submit(_worker_run, str(out), run) for run in runs]
-        for i, fut in enumerate(as_completed(futures), 1):
-            r = fut.result()
-            by_id[r["id"]] = r
-            log(f"[{i}/{len(runs)}] done")
-            _log_result(log, r)
+        pending = {pool.submit(_worker_group, str(out), group): group for group in groups}
+        pending.update({pool.submit(_worker_run, str(out), run): run for run in runs if run.id not in grouped})
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                task = pending.pop(fut)
+                if isinstance(task, list):  # a trained group: measure its runs
+                    log(f"trained {len(task)} {task[0].regime.name} seeds stacked")
+                    pending.update({pool.submit(_worker_run, str(out), run): run for run in task})
+                    continue
+                r = fut.result()
+                by_id[r["id"]] = r
+                log(f"[{len(by_id)}/{len(runs)}] done")
+                _log_result(log, r)
     return [by_id[run.id] for run in runs]
 
 
@@ -468,12 +542,14 @@ def run_study(
     command: str | None = None,
     jobs: int = 1,
     threads: int | None = None,
+    stack_seeds: bool = True,
 ) -> dict:
     """Run every run of ``cfg`` that has not finished in ``out``, measure, write ``out/results.json``.
 
     ``jobs`` > 1 runs that many runs at once in worker processes, each with ``threads`` torch threads
     (default: this process's threads divided among the jobs). A run's numbers do not depend on which
-    process ran it, only on its settings and the thread count.
+    process ran it, only on its settings and the thread count. ``stack_seeds`` trains the seeds of a
+    small model's regime at once (:func:`stack_groups`); the results are the same either way.
     """
     out = Path(out)
     t0 = time.perf_counter()
@@ -490,7 +566,7 @@ def run_study(
             f"{len(ds.train)} train / {len(ds.test)} test examples -> {out}")
         atomic_write_json(out / "study.json", cfg.to_dict())
         results = execute_runs(out, cfg, ds, runs, jobs=jobs, threads=threads, data_dir=data_dir,
-                               progress=progress, log=log)
+                               progress=progress, log=log, stack_seeds=stack_seeds)
         pairs = []
         if cfg.compare:
             by = {(r["regime"], r["seed"]): r for r in results}
