@@ -191,3 +191,18 @@ def test_adaptive_is_invariant_to_relu_rescaling_and_raw_eps_sharpness_is_not():
     raw_a = eps_sharpness(model, data, eps=0.05).value
     raw_b = eps_sharpness(scaled, data, eps=0.05).value
     assert abs(raw_a - raw_b) > 0.05 * raw_a
+
+
+def test_pseudo_inverse_by_normal_equations_equals_least_squares_and_falls_back_when_ill_conditioned():
+    from batchgap.landscape.sharpness import _pseudo_inverse_times
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5000, 20, generator=g)
+    x = torch.randn(5000, generator=g)
+    ref = torch.linalg.lstsq(A.double(), x.double()[:, None]).solution[:, 0]
+    torch.testing.assert_close(_pseudo_inverse_times(A, x, block=777), ref, rtol=1e-10, atol=1e-12)
+    # two nearly parallel columns: cond(A^T A) ~ 1e12, the normal equations would lose ~half the digits
+    B = A.double().clone()
+    B[:, 1] = B[:, 0] + 1e-6 * B[:, 1]
+    ref = torch.linalg.lstsq(B, x.double()[:, None], driver="gelsy").solution[:, 0]
+    torch.testing.assert_close(_pseudo_inverse_times(B, x.double()), ref, rtol=1e-8, atol=1e-8)
