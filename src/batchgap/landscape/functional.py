@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, vmap
 
 from .evaluate import BN_MODES, batches, mean_cross_entropy, recompute_bn_statistics
 from .params import flat, is_batchnorm, named_parameters, preserved, unflatten
@@ -114,26 +114,24 @@ class FullDataLoss:
     def hvp(self, vectors: torch.Tensor, at: torch.Tensor | None = None, chunk: int = 8) -> torch.Tensor:
         """Hessian-vector products H v (float64) for ``vectors`` of shape ``(N,)`` or ``(k, N)``.
 
-        Forward-over-reverse: ``jvp(grad(L_b), (theta,), (v,))`` per batch, weighted by |b|/n, with
-        ``vmap`` over up to ``chunk`` vectors at a time.
+        Reverse-over-reverse: per batch, one forward pass and the gradient with its graph kept
+        (``create_graph``), then one backward pass of ``grad . v`` per vector through that graph,
+        weighted by |b|/n. On the CPU this measured faster than forward-over-reverse
+        (``torch.func.jvp`` of ``torch.func.grad``, vmapped over vectors), 1.2x for one vector and
+        1.4x for four, at equal values (docs/performance.md); the graph is built once per batch for
+        all the vectors. ``chunk`` is kept for the callers' signature and does not change the result.
         """
         at = self.x0 if at is None else at
         single = vectors.dim() == 1
         V = (vectors[None] if single else vectors).to(dtype=at.dtype, device=at.device)
         out = torch.zeros(V.shape, dtype=torch.float64, device=at.device)
         for x, y in self._batches():
-            def batch_loss(vec, x=x, y=y):
-                return self.loss_fn(self.forward(vec, x), y)
-
-            grad_fn = grad(batch_loss)
-
-            def one(v):
-                return jvp(grad_fn, (at,), (v,))[1]
-
-            for s in range(0, len(V), chunk):
-                block = V[s : s + chunk]
-                hv = one(block[0])[None] if len(block) == 1 else vmap(one)(block)
-                out[s : s + chunk] += hv.double() * len(y)
+            leaf = at.detach().requires_grad_(True)
+            loss = self.loss_fn(self.forward(leaf, x), y)
+            (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+            for i in range(len(V)):
+                (hv,) = torch.autograd.grad(g @ V[i], leaf, retain_graph=i + 1 < len(V))
+                out[i] += hv.double() * len(y)
         out /= self.n
         return out[0] if single else out
 
