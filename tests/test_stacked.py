@@ -105,7 +105,11 @@ def test_a_stacked_group_resumes_stacked(tmp_path):
     ref = [mlp(s) for s in SEEDS]
     train_stacked(ref, data, None, TrainConfig(epochs=3), 16, SEEDS)
     part = [mlp(s) for s in SEEDS]
-    train_stacked(part, data, None, TrainConfig(epochs=1), 16, SEEDS, run_dirs=dirs)
+    train_stacked(part, data, None, TrainConfig(epochs=1), 16, SEEDS, run_dirs=dirs, keep_epochs=(0, 1))
+    for s, d in zip(SEEDS, dirs):
+        kept = torch.load(d / "iterates" / "epoch-0.pt", weights_only=True)
+        assert all(torch.equal(kept[k], v) for k, v in mlp(s).state_dict().items())
+        assert (d / "iterates" / "epoch-1.pt").exists()
     resumed = [mlp(s) for s in SEEDS]
     res = train_stacked(resumed, data, None, TrainConfig(epochs=3), 16, SEEDS, run_dirs=dirs)
     assert [r.resumed_from_epoch for r in res] == [1, 1, 1]
