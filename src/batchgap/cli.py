@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true", help="write results.json only")
     run.add_argument("--jobs", type=int, default=1, metavar="K",
                      help="run K runs at once in worker processes (default 1)")
+    run.add_argument("--nproc", type=int, metavar="N",
+                     help="train each run data-parallel on N processes (relaunches itself under torchrun)")
+    run.add_argument("--shard", metavar="I/N",
+                     help="run only shard I of N (0-based) of the study's runs; merge with `batchgap report OUT`")
     run.add_argument("--threads", type=int, metavar="N",
                      help="torch intra-op threads (default: $BATCHGAP_THREADS, else torch's default)")
     run.add_argument("--stack-seeds", action=argparse.BooleanOptionalAction, default=True,
@@ -42,8 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bars (default: when stderr is a terminal)")
 
-    rep = sub.add_parser("report", help="(re)write OUT/report.md and figures from OUT/results.json")
+    rep = sub.add_parser("report", help="merge the finished runs in OUT into OUT/results.json; (re)write the report")
     rep.add_argument("out", type=Path)
+    rep.add_argument("--data-dir", type=Path, help="where data files live (for the pairwise measures of a merge)")
+    rep.add_argument("--download", action="store_true", help="download missing data files first")
 
     show = sub.add_parser("show", help="print a study's resolved settings as JSON")
     show.add_argument("study", nargs="?", default="default")
@@ -62,8 +69,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
+    from . import distributed
     from .config import load_study
     from .report import write_report
+    from .sharding import parse_shard
     from .studies import find_study
     from .study import run_study
 
@@ -75,9 +84,30 @@ def _cmd_run(args) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if args.jobs < 1:
         raise UserError(f"--jobs: must be at least 1, got {args.jobs}")
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc: must be at least 1, got {args.nproc}")
+    if (args.nproc or 1) > 1 and args.jobs > 1:
+        raise UserError("--jobs and --nproc: whole runs side by side (--jobs) and processes sharing each run "
+                        "(--nproc) do not mix; use one of them")
+    if distributed.launched():  # a worker torchrun started: record how
+        distributed.init_from_env()
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size()))
+        nodes = distributed.world_size() // max(1, per_node)
+        command = (f"torchrun --nproc_per_node={per_node}" + (f" --nnodes={nodes}" if nodes > 1 else "")
+                   + " -m " + command) if command else None
+    elif (args.nproc or 1) > 1:
+        return _launch(args, cfg, out, shard)
     doc = run_study(cfg, out, data_dir=args.data_dir, download=args.download, progress=args.progress,
-                    log=log, command=command, jobs=args.jobs, threads=args.threads,
+                    log=log, command=command, jobs=args.jobs, threads=args.threads, shard=shard,
                     stack_seeds=args.stack_seeds)
+    if doc is None:  # a data-parallel worker other than rank 0, which writes and reports
+        return 0
+    if shard is not None:
+        log(f"shard {doc['shard']}: {len(doc['runs'])} run(s) finished; `batchgap report {out}` merges every "
+            "finished run into results.json and the report")
+        print(out)
+        return 0
     comp = doc.get("comparison") or {}
     if "test_accuracy_gap" in comp:
         p = f", p = {comp['p_value']:.3g}" if "p_value" in comp else ""
@@ -87,6 +117,36 @@ def _cmd_run(args) -> int:
     else:
         print(out / "results.json")
     return 0
+
+
+def _launch(args, cfg, out: Path, shard) -> int:
+    """``batchgap run ... --nproc N``: check the input here (one line, not N tracebacks), then run the
+    same command, less ``--nproc``, under torchrun: each worker it starts goes on as a data-parallel worker."""
+    import subprocess
+
+    from .study import check_free, check_study
+
+    _, runs = check_study(cfg, args.data_dir, args.download, world_size=args.nproc)
+    check_free(out, runs, shard)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "batchgap", *_without_nproc(args.argv)]
+    return subprocess.run(cmd, env=env).returncode
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line less ``--nproc N`` (torchrun's own parser would take it for --nproc-per-node)."""
+    out, skip = [], False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif len(name) >= 4 and "--nproc".startswith(name):  # --nproc, or a prefix argparse accepted
+            skip = "=" not in arg
+        else:
+            out.append(arg)
+    return out
 
 
 def _set_threads(n: int | None) -> None:
@@ -147,11 +207,13 @@ def _cmd_data(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     handler = {"run": _cmd_run, "report": _report, "show": _cmd_show, "list": _cmd_list, "data": _cmd_data}[args.command]
     try:
         return handler(args)
     except UserError as e:
-        print(f"batchgap: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # data-parallel workers all stop; rank 0 says why
+            print(f"batchgap: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         print("batchgap: interrupted; run the same command again to resume", file=sys.stderr)
@@ -160,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(args) -> int:
     from .report import write_report
+    from .study import merge_results
 
+    command = "batchgap " + " ".join(shlex.quote(a) for a in args.argv)
+    merge_results(args.out, data_dir=args.data_dir, download=args.download, command=command)
     print(write_report(args.out))
     return 0
 

@@ -106,6 +106,7 @@ class TrainConfig:
     augment: str = field(default="", metadata={**_choice("", *AUGMENT_CHOICES), "doc": "'' = the study's data.augment"})
     batch_schedule: dict = field(default_factory=dict)  # {kind = "switch"|"geometric", small = ..., ...}
     init_from: dict = field(default_factory=dict)  # {regime = "SB", epoch = k}: start from that run's iterate
+    bn_sync: bool = field(default=False, metadata={"doc": "data-parallel: BN statistics of the global batch, not per worker"})
 
 
 @dataclass

@@ -4,6 +4,7 @@ Layout of an output directory::
 
     OUT/results.json              everything the report is drawn from (written atomically, last)
     OUT/report.md, OUT/figures/   the report (batchgap.report)
+    OUT/study.json, OUT/plan.json the settings and the planned run ids of the last `batchgap run`
     OUT/init/<model>-s<seed>.pt   x0: the start point shared by every regime of one seed
     OUT/runs/<run id>/            config.json, history.jsonl, state.pt (resumable), model.pt,
                                   result.json (written last: a run with it is finished)
@@ -11,9 +12,15 @@ Layout of an output directory::
 
 A run id is ``<regime>-s<seed>-<hash>``, the hash over everything that determines the run, so changing
 a setting makes new runs and re-running the same study skips the finished ones.
+
+Data-parallel (torchrun, ``--nproc``): every worker trains each unfinished run together
+(:mod:`batchgap.distributed`), then the others leave and rank 0 alone measures and writes, as a
+single process would. Shards (``--shard I/N``): :mod:`batchgap.sharding`; :func:`merge_results`
+gathers what they finished.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,8 +35,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from . import __version__
-from .config import Regime, StudyConfig, TrainConfig, config_hash, resolve_batch_size
+from . import __version__, distributed, sharding
+from .config import Regime, StudyConfig, TrainConfig, config_hash, from_dict, resolve_batch_size
 from .data import load_dataset, make_augment, check_augment
 from .data.base import Dataset
 from .errors import UserError
@@ -62,24 +69,35 @@ def kept_epochs(cfg: StudyConfig, regime: Regime) -> tuple[int, ...]:
     return tuple(sorted(e for e in keep if e <= regime.train.epochs))
 
 
-def plan(cfg: StudyConfig, n_train: int) -> list[Run]:
+def plan(cfg: StudyConfig, n_train: int, world_size: int = 1) -> list[Run]:
     """Every (regime, seed) run of the study in a stable order: the runs that start from x0 (seeds outer,
-    regimes inner), then the runs that warm-start from another run's iterate."""
+    regimes inner), then the runs that warm-start from another run's iterate.
+
+    With ``world_size`` > 1 workers sharing each run (data-parallel), each batch size must divide among
+    them, and the world size is part of the run (per-worker BatchNorm statistics depend on it).
+    """
     runs, ids = [], {}
     for seed in cfg.seeds:
         for regime in sorted(cfg.regimes, key=lambda r: bool(r.train.init_from)):
-            bs = resolve_batch_size(regime.batch_size, n_train, f"regimes.{regime.name}.batch_size")
+            where = f"regimes.{regime.name}.batch_size"
+            bs = resolve_batch_size(regime.batch_size, n_train, where)
             if bs < 2 and cfg.model.bn != "none":
-                raise UserError(f"regimes.{regime.name}.batch_size: BatchNorm needs at least 2 examples per batch, got {bs}")
+                raise UserError(f"{where}: BatchNorm needs at least 2 examples per batch, got {bs}")
+            train = dataclasses.asdict(regime.train)
+            if not train["bn_sync"]:  # the default stays out of the hash: earlier runs keep their ids
+                del train["bn_sync"]
             run_cfg = {
                 "data": dataclasses.asdict(cfg.data),
                 "model": dataclasses.asdict(cfg.model),
-                "train": dataclasses.asdict(regime.train),
+                "train": train,
                 "regime": regime.name,
                 "batch_size": bs,
                 "seed": seed,
                 "keep_epochs": list(kept_epochs(cfg, regime)),
             }
+            if world_size > 1:
+                _check_data_parallel(cfg, regime, bs, world_size)
+                run_cfg["world_size"] = world_size
             init = regime.train.init_from
             depends = ids[(init["regime"], seed)] if init else None
             if depends:
@@ -88,6 +106,23 @@ def plan(cfg: StudyConfig, n_train: int) -> list[Run]:
             ids[(regime.name, seed)] = run_id
             runs.append(Run(run_id, regime, seed, bs, run_cfg, tuple(run_cfg["keep_epochs"]), depends))
     return sorted(runs, key=lambda r: r.depends_on is not None)
+
+
+def _check_data_parallel(cfg: StudyConfig, regime: Regime, bs: int, world_size: int) -> None:
+    """Every batch of the regime (its schedule's too) divides among the workers, and per-worker
+    BatchNorm gets at least 2 examples."""
+    where, t = f"regimes.{regime.name}.batch_size", regime.train
+    schedule = batch_schedule(t, bs)
+    for size in sorted({schedule(e) for e in range(t.epochs)} if schedule else {bs}):
+        if size % world_size:
+            raise UserError(f"{where}: the global batch {size} does not divide among {world_size} workers; "
+                            f"use a multiple of {world_size}")
+        if size // world_size < 2 and cfg.model.bn != "none" and not t.bn_sync:
+            raise UserError(f"{where}: {size // world_size} example(s) per worker; per-worker BatchNorm needs "
+                            "at least 2 (or set train.bn_sync = true)")
+    if t.bn_sync and t.ghost_batch:
+        raise UserError(f"regimes.{regime.name}: train.bn_sync and train.ghost_batch exclude each other "
+                        "(global-batch statistics or ghost batches)")
 
 
 def prepare_data(cfg: StudyConfig, data_dir: str | Path | None = None, download: bool = False) -> Dataset:
@@ -128,16 +163,18 @@ def _init_path(out: Path, cfg: StudyConfig, seed: int) -> Path:
 
 
 def start_point(out: Path, cfg: StudyConfig, ds: Dataset, seed: int) -> dict:
-    """x0 for a seed: built once from the seed, saved, and shared by every regime of that seed."""
+    """x0 for a seed: built once from the seed, saved, and shared by every regime of that seed.
+    Data-parallel workers other than rank 0 build it in memory (DDP starts every worker from rank 0's)."""
     path = _init_path(out, cfg, seed)
-    if path.exists():
+    if distributed.is_main() and path.exists():
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception:
             pass  # a damaged file is rebuilt: x0 is a pure function of the seed
     model = init_model(cfg.model.name, ds.input_shape, ds.num_classes, seed, bn=cfg.model.bn, **cfg.model.options)
     state = model.state_dict()
-    atomic_save_torch(state, path)
+    if distributed.is_main():
+        atomic_save_torch(state, path)
     return state
 
 
@@ -150,9 +187,53 @@ def build(cfg: StudyConfig, ds: Dataset, state: dict | None = None) -> torch.nn.
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _finished(done: dict | None, run_id: str, measure_key: str | None = None) -> bool:
+    """A run's result.json marks it trained (and, given ``measure_key``, measured with those settings).
+    A half-written or foreign file marks nothing."""
+    if done is None or done.get("id") != run_id or not done.get("complete"):
+        return False
+    return measure_key is None or done.get("measure_hash") == measure_key or bool(done.get("diverged_epoch"))
+
+
+def _remove_temp_files(directory: Path, names: tuple[str, ...] = ("*",)) -> None:
+    """Temporary files an atomic write left when its process was killed (only where we are the writer)."""
+    for name in names:
+        for tmp in directory.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def _train_run(out: Path, cfg: StudyConfig, ds: Dataset, run: Run, progress: bool | None):
+    """Train one run, or pick up its finished or interrupted training: (model, x0, TrainResult, step,
+    schedule). Data-parallel workers but rank 0 read no file: DDP starts them from rank 0's weights."""
+    run_dir = out / "runs" / run.id
+    main = distributed.is_main()
+    if main:
+        if run_dir.is_dir():
+            _remove_temp_files(run_dir)
+        atomic_write_json(run_dir / "config.json", run.config)
+    x0 = start_point(out, cfg, ds, run.seed)
+    t = run.regime.train
+    start = x0
+    if run.depends_on and main:
+        start = torch.load(out / "runs" / run.depends_on / "iterates" / f"epoch-{t.init_from['epoch']}.pt",
+                           map_location="cpu", weights_only=True)
+    model = build(cfg, ds, start)
+    if t.ghost_batch:
+        ghost_bn(model, t.ghost_batch)
+    step = make_step(t.remedy, **t.remedy_options)
+    schedule = batch_schedule(t, run.batch_size)
+    res = train(
+        model, ds.train, ds.test, t, schedule or run.batch_size, seed=run.seed,
+        augment=make_augment(t.augment or cfg.data.augment), run_dir=run_dir, step=step, progress=progress,
+        desc=f"{run.regime.name} seed {run.seed}", keep_epochs=run.keep_epochs,
+    )
+    return model, x0, res, step, schedule
 
 
 def execute_run(out: Path, cfg: StudyConfig, ds: Dataset, run: Run, progress: bool | None = None) -> dict:
@@ -161,30 +242,15 @@ def execute_run(out: Path, cfg: StudyConfig, ds: Dataset, run: Run, progress: bo
     run_dir = out / "runs" / run.id
     measure_key = config_hash(dataclasses.asdict(cfg.measure))
     done = _read_json(run_dir / "result.json")
-    if done is not None and done.get("id") == run.id and done.get("complete"):
-        if done.get("measure_hash") == measure_key or done.get("diverged_epoch"):
+    if _finished(done, run.id):
+        if _finished(done, run.id, measure_key):
             return done
         model = build(cfg, ds, torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
         x0 = start_point(out, cfg, ds, run.seed)
         result = {k: v for k, v in done.items() if k in TRAINING_KEYS}
     else:
-        atomic_write_json(run_dir / "config.json", run.config)
-        x0 = start_point(out, cfg, ds, run.seed)
+        model, x0, res, step, schedule = _train_run(out, cfg, ds, run, progress)
         t = run.regime.train
-        start = x0
-        if run.depends_on:
-            start = torch.load(out / "runs" / run.depends_on / "iterates" / f"epoch-{t.init_from['epoch']}.pt",
-                               map_location="cpu", weights_only=True)
-        model = build(cfg, ds, start)
-        if t.ghost_batch:
-            ghost_bn(model, t.ghost_batch)
-        step = make_step(t.remedy, **t.remedy_options)
-        schedule = batch_schedule(t, run.batch_size)
-        res = train(
-            model, ds.train, ds.test, t, schedule or run.batch_size, seed=run.seed,
-            augment=make_augment(t.augment or cfg.data.augment), run_dir=run_dir, step=step, progress=progress,
-            desc=f"{run.regime.name} seed {run.seed}", keep_epochs=run.keep_epochs,
-        )
         model = build(cfg, ds, model.state_dict())  # measured as the plain architecture (ghost BN: same keys)
         result = {
             "id": run.id,
@@ -208,6 +274,8 @@ def execute_run(out: Path, cfg: StudyConfig, ds: Dataset, run: Run, progress: bo
             "batch_schedule": schedule.protocol() if schedule else None,
             "init_from": {**t.init_from, "run": run.depends_on} if run.depends_on else None,
         }
+        if res.distributed is not None:
+            result["distributed"] = res.distributed
     stacked = _read_json(run_dir / "stacked.json")
     if stacked is not None:
         result["stacked"] = stacked
@@ -353,7 +421,7 @@ def execute_runs(out: Path, cfg: StudyConfig, ds: Dataset, runs: list[Run], jobs
 TRAINING_KEYS = (
     "id", "regime", "batch_size", "seed", "lr", "lr_rule", "optimizer", "epochs", "steps", "steps_per_epoch",
     "diverged_epoch", "wall_time_s", "x0", "checkpoint", "history", "remedy", "ghost_batch", "augment",
-    "batch_schedule", "init_from",
+    "batch_schedule", "init_from", "distributed",
 )
 
 
@@ -476,44 +544,38 @@ def compare(cfg: StudyConfig, runs: list[dict], summary: dict) -> dict | None:
 
 
 class OutputLock:
-    """``OUT/.lock`` holds the pid of the one ``batchgap run`` writing there; a second one refuses."""
+    """``OUT/.lock`` holds the pid of the one ``batchgap run`` writing there; a second one refuses.
 
-    def __init__(self, out: Path):
-        self.path = out / ".lock"
+    ``name`` and ``what`` make the other locks of :mod:`batchgap.sharding` (a shard's, a report's).
+    The file appears with its content at once (hard-linked from a written temporary file), so a
+    reader never sees a lock without its pid.
+    """
+
+    def __init__(self, out: Path, name: str = ".lock", what: str = "run"):
+        self.path = out / name
+        self.what = what
 
     def __enter__(self) -> "OutputLock":
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                pid = self._holder()
-                if pid is not None and _alive(pid):
-                    raise UserError(f"{self.path.parent}: another batchgap run (pid {pid}) is writing there; wait for it or use another --out") from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return self
-        raise UserError(f"{self.path}: cannot take the output lock")
-
-    def _holder(self) -> int | None:
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(f"{os.getpid()} {self.what}")
         try:
-            return int(self.path.read_text().strip())
-        except (OSError, ValueError):
-            return None
+            for _ in range(2):
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    held = sharding.read_lock(self.path)
+                    if held is not None and sharding.alive(held[0]):
+                        raise UserError(f"{self.path.parent}: another batchgap {sharding.describe(held[1])} (pid {held[0]}) "
+                                        "is writing there; wait for it or use another --out") from None
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                return self
+        finally:
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"{self.path}: cannot take the output lock")
 
     def __exit__(self, *exc) -> None:
         self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_output_dir(out: Path) -> None:
@@ -532,6 +594,85 @@ def check_output_dir(out: Path) -> None:
             raise UserError(f"{existing}: not a batchgap results file (unreadable or edited); move it away or use another --out")
 
 
+def check_study(cfg: StudyConfig, data_dir: str | Path | None = None, download: bool = False,
+                world_size: int = 1) -> tuple[Dataset, list[Run]]:
+    """Everything that can be wrong with the input, found before the output directory is touched:
+    the data set and its runs."""
+    ds = prepare_data(cfg, data_dir, download)
+    runs = plan(cfg, len(ds.train), world_size)
+    build(cfg, ds)  # model name, options and input shape
+    for regime in cfg.regimes:
+        check_augment(regime.train.augment or cfg.data.augment, ds.input_shape)
+        batch_schedule(regime.train, 2)  # schedule arguments
+    return ds, runs
+
+
+def _plan_doc(cfg: StudyConfig, runs: list[Run], world_size: int) -> dict:
+    return {"study": cfg.to_dict(), "world_size": world_size,
+            "runs": [{"id": r.id, "regime": r.regime.name, "seed": r.seed} for r in runs]}
+
+
+def check_free(out: Path, runs: list[Run], shard: tuple[int, int] | None) -> None:
+    """What taking the output would refuse, checked without taking it (before launching workers)."""
+    check_output_dir(out)
+    held = sharding.read_lock(out / sharding.lock_name(shard))
+    if held is not None and sharding.alive(held[0]):
+        raise UserError(f"{out}: another batchgap {sharding.describe(held[1])} (pid {held[0]}) is writing there; "
+                        "wait for it or use another --out")
+    sharding.check_conflicts(out, shard, config_hash([r.id for r in runs]))
+
+
+def _take_output(held: contextlib.ExitStack, out: Path, runs: list[Run], shard: tuple[int, int] | None) -> None:
+    check_output_dir(out)
+    what = "run" if shard is None else f"shard {shard[0]}/{shard[1]} {config_hash([r.id for r in runs])}"
+    held.enter_context(OutputLock(out, sharding.lock_name(shard), what))
+    sharding.check_conflicts(out, shard, config_hash([r.id for r in runs]))
+    if shard is None:
+        _remove_temp_files(out, ("results.json", "report.md"))  # ours alone: left by a killed run
+
+
+def _train_data_parallel(out: Path, cfg: StudyConfig, ds: Dataset, runs: list[Run], progress, log: Log) -> None:
+    """Every worker trains every run not trained yet, together; then the process group is closed."""
+    todo = distributed.broadcast(
+        [r.id for r in runs if not _finished(_read_json(out / "runs" / r.id / "result.json"), r.id)]
+        if distributed.is_main() else None
+    )
+    world = distributed.world_size()
+    for i, run in enumerate([r for r in runs if r.id in todo], 1):
+        log(f"[{i}/{len(todo)}] {run.id}: global batch {run.batch_size} on {world} workers "
+            f"({run.batch_size // world} each), {run.regime.train.epochs} epochs")
+        _train_run(out, cfg, ds, run, progress)
+    distributed.finish()
+
+
+def _pairs(out: Path, cfg: StudyConfig, ds: Dataset, results: list[dict]) -> list[dict]:
+    """The pairwise measures of every seed whose two compared runs are among ``results``."""
+    pairs = []
+    if cfg.compare:
+        by = {(r["regime"], r["seed"]): r for r in results}
+        for seed in cfg.seeds:
+            sb, lb = by.get((cfg.compare[0], seed)), by.get((cfg.compare[1], seed))
+            pair = execute_pair(out, cfg, ds, sb, lb) if sb and lb else None
+            if pair is not None:
+                pairs.append(pair)
+    return pairs
+
+
+def _results_doc(cfg: StudyConfig, ds: Dataset, results: list[dict], pairs: list[dict], command, t0: float) -> dict:
+    summary = summarize(cfg, results)
+    return {
+        "study": cfg.to_dict(),
+        "data": {**data_protocol(ds), "info": ds.info},
+        "environment": environment(),
+        "command": command,
+        "runs": results,
+        "pairs": pairs,
+        "summary": summary,
+        "comparison": compare(cfg, results, summary),
+        "wall_time_s": time.perf_counter() - t0,
+    }
+
+
 def run_study(
     cfg: StudyConfig,
     out: str | Path,
@@ -543,48 +684,84 @@ def run_study(
     jobs: int = 1,
     threads: int | None = None,
     stack_seeds: bool = True,
-) -> dict:
+    shard: tuple[int, int] | None = None,
+) -> dict | None:
     """Run every run of ``cfg`` that has not finished in ``out``, measure, write ``out/results.json``.
 
     ``jobs`` > 1 runs that many runs at once in worker processes, each with ``threads`` torch threads
     (default: this process's threads divided among the jobs). A run's numbers do not depend on which
     process ran it, only on its settings and the thread count. ``stack_seeds`` trains the seeds of a
     small model's regime at once (:func:`stack_groups`); the results are the same either way.
+
+    ``shard=(I, N)`` runs only shard I of N (:mod:`batchgap.sharding`) and returns ``{"shard", "runs"}``
+    without writing results.json (:func:`merge_results` does). In a data-parallel process group every
+    worker calls this; rank 0 returns the results, the others None.
     """
     out = Path(out)
     t0 = time.perf_counter()
+    world = distributed.world_size()
+    if world > 1 and jobs > 1:
+        raise UserError("--jobs: whole runs side by side (--jobs) and workers sharing each run (--nproc, torchrun) "
+                        "do not mix; use one of them")
+    main = distributed.is_main()  # kept: the process group is closed before rank 0 measures
+    if not main:
+        log, progress = (lambda s: None), False
     # everything that can be wrong with the input is found before the output directory is touched
-    ds = prepare_data(cfg, data_dir, download)
-    runs = plan(cfg, len(ds.train))
-    build(cfg, ds)  # model name, options and input shape
-    for regime in cfg.regimes:
-        check_augment(regime.train.augment or cfg.data.augment, ds.input_shape)
-        batch_schedule(regime.train, 2)  # schedule arguments
-    check_output_dir(out)
-    with OutputLock(out):
-        log(f"study {cfg.name}: {len(cfg.seeds)} seeds x {len(cfg.regimes)} regimes, "
+    ds, runs = check_study(cfg, data_dir, download, world)
+    mine = sharding.select(runs, shard, depends_on=lambda r: r.depends_on, id_of=lambda r: r.id)
+    with contextlib.ExitStack() as held:
+        distributed.agree(lambda: _take_output(held, out, runs, shard))
+        part = "" if shard is None else f" (shard {shard[0]}/{shard[1]}: {len(mine)} of {len(runs)} runs)"
+        log(f"study {cfg.name}: {len(cfg.seeds)} seeds x {len(cfg.regimes)} regimes{part}, "
             f"{len(ds.train)} train / {len(ds.test)} test examples -> {out}")
-        atomic_write_json(out / "study.json", cfg.to_dict())
-        results = execute_runs(out, cfg, ds, runs, jobs=jobs, threads=threads, data_dir=data_dir,
+        if main:
+            atomic_write_json(out / "study.json", cfg.to_dict())
+            atomic_write_json(out / "plan.json", _plan_doc(cfg, runs, world))
+        if world > 1:
+            _train_data_parallel(out, cfg, ds, mine, progress, log)
+            if not main:
+                return None
+            log("trained on every worker; rank 0 measures")
+        results = execute_runs(out, cfg, ds, mine, jobs=jobs, threads=threads, data_dir=data_dir,
                                progress=progress, log=log, stack_seeds=stack_seeds)
-        pairs = []
-        if cfg.compare:
-            by = {(r["regime"], r["seed"]): r for r in results}
-            for seed in cfg.seeds:
-                pair = execute_pair(out, cfg, ds, by[(cfg.compare[0], seed)], by[(cfg.compare[1], seed)])
-                if pair is not None:
-                    pairs.append(pair)
-        summary = summarize(cfg, results)
-        doc = {
-            "study": cfg.to_dict(),
-            "data": {**data_protocol(ds), "info": ds.info},
-            "environment": environment(),
-            "command": command,
-            "runs": results,
-            "pairs": pairs,
-            "summary": summary,
-            "comparison": compare(cfg, results, summary),
-            "wall_time_s": time.perf_counter() - t0,
-        }
+        if shard is not None:
+            return {"shard": f"{shard[0]}/{shard[1]}", "runs": results}
+        doc = _results_doc(cfg, ds, results, _pairs(out, cfg, ds, results), command, t0)
+        atomic_write_json(out / "results.json", doc)
+    return doc
+
+
+def merge_results(out: str | Path, data_dir: str | Path | None = None, download: bool = False,
+                  command: str | None = None) -> dict | None:
+    """Gather every finished run of the study last started in ``out`` (``OUT/plan.json``) into
+    ``OUT/results.json``, with the pairwise measures of each seed whose two runs have finished
+    (computed here once, then cached in ``OUT/pairs/``); runs not finished yet are listed under
+    ``"unfinished"``. Returns the document, or None when there is nothing to merge: no plan.json
+    (an output directory of an older version), or results.json already holds exactly the finished runs.
+    """
+    out = Path(out)
+    t0 = time.perf_counter()
+    plan_doc = _read_json(out / "plan.json")
+    if plan_doc is None:
+        return None
+    if not isinstance(plan_doc.get("study"), dict) or not isinstance(plan_doc.get("runs"), list):
+        raise UserError(f"{out / 'plan.json'}: not a batchgap plan (edited?); run the study again to rewrite it")
+    cfg = from_dict(plan_doc["study"], str(out / "plan.json"))
+    measure_key = config_hash(dataclasses.asdict(cfg.measure))
+    finished, unfinished = [], []
+    for entry in plan_doc["runs"]:
+        done = _read_json(out / "runs" / entry["id"] / "result.json")
+        (finished if _finished(done, entry["id"], measure_key) else unfinished).append(done or entry)
+    check_output_dir(out)
+    current = _read_json(out / "results.json")
+    if current is not None and [r.get("id") for r in current["runs"]] == [r["id"] for r in finished] \
+            and current.get("unfinished", []) == [r["id"] for r in unfinished]:
+        return None
+    ds = prepare_data(cfg, data_dir, download)
+    with OutputLock(out, what="report"):
+        _remove_temp_files(out, ("results.json", "report.md"))
+        doc = _results_doc(cfg, ds, finished, _pairs(out, cfg, ds, finished), command, t0)
+        if unfinished:
+            doc["unfinished"] = [r["id"] for r in unfinished]
         atomic_write_json(out / "results.json", doc)
     return doc

@@ -12,9 +12,13 @@ Krizhevsky 2014, Hoffer 2017) or 1 (``linear``, Goyal 2017), optionally ramped l
 Reproducible on its own: all randomness (batch order, augmentation, dropout) flows from the run's seed,
 through a generator for the data and a forked global RNG for dropout, and both are saved in the
 checkpoint so a resumed run continues bit for bit.
+
+Data-parallel: inside a process group of two or more workers (torchrun), the same loop trains with
+DistributedDataParallel, each worker on its slice of every global batch; see :mod:`batchgap.distributed`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -26,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .config import TrainConfig
 from .data.base import TensorData
+from .errors import UserError
 from .landscape.evaluate import evaluate
 from .util import atomic_save_torch, atomic_write_text, progress_bar
 
@@ -73,6 +79,7 @@ class TrainResult:
     diverged_epoch: int | None = None
     wall_time_s: float = 0.0
     resumed_from_epoch: int = 0
+    distributed: dict | None = None  # data-parallel protocol (world size, BN statistics), None in one process
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -124,12 +131,17 @@ def train(
     (dynamic sampling; ``batchgap.remedies.switch_schedule`` / ``geometric_schedule``); the learning-rate
     rule then uses the final epoch's size. ``keep_epochs`` keeps the model after those epochs (0 = the
     start point) as ``iterates/epoch-K.pt`` for warm starts and measurements along training.
+
+    In a process group of W > 1 workers every worker calls this with the same arguments; ``batch_size``
+    is the global batch (W must divide it), rank 0 alone touches ``run_dir`` and evaluates.
     """
     n = len(train_data)
     schedule = batch_size if callable(batch_size) else (lambda epoch, b=batch_size: b)
     sizes = [schedule(e) for e in range(cfg.epochs)]
     if not all(1 <= b <= n for b in sizes):
         raise ValueError(f"batch_size must be in [1, {n}], got {sorted(set(sizes))}")
+    world, rank = distributed.world_size(), distributed.rank()
+    shares = [distributed.local_batch_size(b) for b in sizes]  # each worker's share of each epoch's batches
     batch_size = sizes[-1]
     steps_per_epoch = n // sizes[0]
     peak = scaled_lr(cfg, batch_size)
@@ -137,71 +149,103 @@ def train(
     optimizer = make_optimizer(model, cfg, peak)
     gen = torch.Generator().manual_seed(seed)
     result = TrainResult(steps_per_epoch=steps_per_epoch, lr=peak, batch_size=batch_size)
+    if world > 1:
+        result.distributed = distributed.protocol(model, batch_size, cfg.bn_sync)
     run_dir = Path(run_dir) if run_dir is not None else None
+    writes = run_dir is not None and rank == 0
     start_epoch = 0
-    rng_state = _seeded_rng_state(seed)
+    rng_state = _seeded_rng_state(distributed.worker_seed(seed))
     if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        state = _load_state(run_dir / "state.pt")
+        state = None
+        if writes:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            state = _load_state(run_dir / "state.pt")
+        state = distributed.broadcast(state)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             gen.set_state(state["generator"])
-            rng_state = state["rng"]
             result = TrainResult(**state["result"])
+            rng_state = _resumed_rng(state, result, cfg, run_dir)
             start_epoch = result.epochs_done
             result.resumed_from_epoch = start_epoch
     keep = set(keep_epochs)
-    if run_dir is not None and 0 in keep and start_epoch == 0:
+    if writes and 0 in keep and start_epoch == 0:
         atomic_save_torch(model.state_dict(), run_dir / "iterates" / "epoch-0.pt")
     t0 = time.perf_counter() - result.wall_time_s
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _parallel(model, world, cfg.bn_sync) as net:
         torch.set_rng_state(rng_state)
-        bar = progress_bar(range(start_epoch, cfg.epochs), desc=desc, enabled=progress, initial=start_epoch, total=cfg.epochs)
+        bar = progress_bar(range(start_epoch, cfg.epochs), desc=desc, enabled=progress if rank == 0 else False,
+                           initial=start_epoch, total=cfg.epochs)
         for epoch in bar:
             if result.diverged_epoch is not None:
                 break
             model.train()
             perm = torch.randperm(n, generator=gen)
             total, count = 0.0, 0
-            bs = sizes[epoch]
+            bs, local = sizes[epoch], shares[epoch]
             for b in range(n // bs):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(result.steps, peak, warmup_steps)
                 idx = perm[b * bs : (b + 1) * bs]
+                mine = slice(rank * local, (rank + 1) * local)  # this worker's share (all of it in one process)
+                if augment is None:
+                    idx = idx[mine]
                 x, y = train_data.x[idx], train_data.y[idx]
                 if augment is not None:
-                    x = augment(x, gen)
-                loss = step(model, optimizer, x, y, loss_fn)
+                    x, y = augment(x, gen)[mine], y[mine]  # drawn for the global batch: generators stay in step
+                loss = step(net, optimizer, x, y, loss_fn)
                 result.steps += 1
                 total += float(loss.detach()) * len(y)
                 count += len(y)
             result.epochs_done = epoch + 1
+            if world > 1:
+                sums = torch.tensor([total, count], dtype=torch.float64, device=loss.device)
+                total, count = distributed.all_reduce_sum(sums).tolist()
             train_loss = total / count
             if not math.isfinite(train_loss):
                 result.diverged_epoch = epoch + 1
             row = {"epoch": epoch + 1, "steps": result.steps, "batch_size": bs, "lr": optimizer.param_groups[0]["lr"],
                    "batch_loss": train_loss}
             last = epoch + 1 == cfg.epochs or result.diverged_epoch is not None
-            if (epoch + 1) % cfg.eval_every == 0 or last:
-                row.update(_epoch_metrics(model, train_data, test_data, cfg.eval_batch_size))
+            if ((epoch + 1) % cfg.eval_every == 0 or last) and rank == 0:
+                with distributed.local_bn(model):
+                    row.update(_epoch_metrics(model, train_data, test_data, cfg.eval_batch_size))
             row["time_s"] = time.perf_counter() - t0
             result.history.append(row)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_accuracy", "test_accuracy") if k in row})
             result.wall_time_s = time.perf_counter() - t0
-            if run_dir is not None:
+            if writes:
                 if epoch + 1 in keep:
                     atomic_save_torch(model.state_dict(), run_dir / "iterates" / f"epoch-{epoch + 1}.pt")
                 # the whole history, rewritten atomically: never a duplicate or missing epoch after a resume
                 atomic_write_text(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in result.history))
-                every = cfg.checkpoint_every
-                if (every and (epoch + 1) % every == 0) or last:
-                    _save_state(run_dir / "state.pt", model, optimizer, gen, result)
+            every = cfg.checkpoint_every
+            if run_dir is not None and ((every and (epoch + 1) % every == 0) or last):
+                rngs = distributed.all_gather(torch.get_rng_state())  # every worker's dropout stream
+                if writes:
+                    _save_state(run_dir / "state.pt", model, optimizer, gen, result, rngs)
     result.wall_time_s = time.perf_counter() - t0
-    if run_dir is not None:
+    if writes:
         atomic_save_torch(model.state_dict(), run_dir / "model.pt")
     return result
+
+
+def _parallel(model: nn.Module, world: int, bn_sync: bool):
+    """The module the steps call: a DDP wrapper in a group of workers, the model itself otherwise."""
+    return distributed.data_parallel(model, bn_sync) if world > 1 else contextlib.nullcontext(model)
+
+
+def _resumed_rng(state: dict, result: TrainResult, cfg: TrainConfig, run_dir: Path) -> torch.Tensor:
+    """This worker's dropout stream from a checkpoint; the remaining epochs need the world that began it."""
+    saved = (result.distributed or {}).get("world_size", 1)
+    world = distributed.world_size()
+    finished = result.epochs_done >= cfg.epochs or result.diverged_epoch is not None
+    if saved != world and not finished:
+        raise UserError(f"{run_dir / 'state.pt'}: begun with {saved} worker(s), resumed with {world}; "
+                        f"resume it with {saved}, or train into another directory")
+    return state.get("rngs", [state["rng"]])[distributed.rank()] if saved == world else state["rng"]
 
 
 def _epoch_metrics(model: nn.Module, train_data: TensorData, test_data: TensorData | None, batch_size: int) -> dict:
@@ -220,10 +264,10 @@ def _seeded_rng_state(seed: int) -> torch.Tensor:
         return torch.get_rng_state()
 
 
-def _save_state(path: Path, model, optimizer, gen, result: TrainResult) -> None:
+def _save_state(path: Path, model, optimizer, gen, result: TrainResult, rngs: list) -> None:
     atomic_save_torch(
         {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
-         "rng": torch.get_rng_state(), "result": result.as_dict()},
+         "rng": rngs[0], "rngs": rngs, "result": result.as_dict()},
         path,
     )
 

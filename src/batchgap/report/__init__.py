@@ -54,6 +54,10 @@ def _settings(doc: dict) -> list[str]:
     for r in s["regimes"]:
         extra = {k: v for k, v in r.items() if k not in ("name", "batch_size")}
         lines.append(f"| regime {r['name']} | batch {r['batch_size']}" + (f", {json.dumps(extra)}" if extra else "") + " |")
+    for proto in {json.dumps(r["distributed"], sort_keys=True) for r in doc["runs"] if r.get("distributed")}:
+        d = json.loads(proto)
+        lines.append(f"| data-parallel | {d['world_size']} workers ({d['backend']}), global batch {d['global_batch']}, "
+                     f"{d['per_worker_batch']} per worker; {d['bn']} |")
     sub = doc["data"].get("subset")
     if isinstance(sub, dict):
         lines.append(f"| data subset | {json.dumps(sub)} |")
@@ -175,6 +179,10 @@ def write_report(out: str | Path) -> Path:
         md += ["## Reading the numbers", "", *read, ""]
     md += ["## Distance from the start point", "", *_distance(doc), ""]
     md += ["## Runs", "", *_runs(doc), ""]
+    if doc.get("unfinished"):
+        md += ["## Runs not finished yet", "",
+               f"{len(doc['unfinished'])} of the study's {len(doc['unfinished']) + len(doc['runs'])} runs are not in "
+               f"these numbers: {', '.join(doc['unfinished'])}. `batchgap report {out}` merges them once they finish.", ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(md))
     return path

@@ -1,0 +1,124 @@
+"""Fan a study out over a scheduler: ``batchgap run STUDY --shard I/N``, then ``batchgap report OUT``.
+
+The rule: shard I of N (0-based, 0 <= I < N, as ``$SLURM_ARRAY_TASK_ID`` with ``--array=0-(N-1)``)
+runs the runs whose index in the study's plan order (as :func:`batchgap.study.plan` lists them) is
+I modulo N; a run that warm-starts from another run's iterate goes with the run it starts from. The N
+shards cover every run exactly once, whatever ran before, and may run at once into the same ``--out``
+on a shared file system.
+
+A sharded run trains and measures its runs into ``OUT/runs/<id>/`` (a run with ``result.json`` is
+finished) and writes no ``results.json``: the pairwise measures (the parametric plot of a seed needs
+both of its runs) and the merged ``results.json`` and report come from ``batchgap report OUT``, which
+gathers whatever has finished by then and lists the runs that have not.
+
+Locks, each a file holding the pid of its process and what it does::
+
+    OUT/.lock                  an unsharded ``batchgap run``, or ``batchgap report`` merging
+    OUT/.lock-shard-I-of-N     shard I of N (with a hash of the runs it plans)
+
+A lock whose process is gone is stale and taken over. Refused, with one line: a second process for
+the same lock; a shard while an unsharded run writes there (it would train the same runs); an
+unsharded run while shards are running; shards splitting the study a different number of ways or
+planning other runs (another study, other ``--set`` or ``--nproc``).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable, Hashable, Sequence, TypeVar
+
+from .errors import UserError
+
+T = TypeVar("T")
+
+_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"1/4"`` -> ``(1, 4)``; a UserError unless 0 <= I < N."""
+    m = _SHARD.match(text)
+    if m:
+        i, n = int(m.group(1)), int(m.group(2))
+        if 0 <= i < n:
+            return i, n
+    raise UserError(f"--shard: expected I/N with 0 <= I < N (0-based: 0/4 to 3/4 for 4 shards), got {text!r}")
+
+
+def select(runs: Sequence[T], shard: tuple[int, int] | None,
+           depends_on: Callable[[T], Hashable | None] = lambda run: None,
+           id_of: Callable[[T], Hashable] = lambda run: run) -> list[T]:
+    """The share of ``runs`` (in plan order) that shard ``(I, N)`` runs; all of them for ``None``.
+
+    A run that starts from another run's iterate (``depends_on`` gives that run's id) goes with the
+    run its chain starts from, so no shard waits for another.
+    """
+    if shard is None:
+        return list(runs)
+    i, n = shard
+    index = {id_of(run): k for k, run in enumerate(runs)}
+    by_id = {id_of(run): run for run in runs}
+
+    def root(run: T) -> int:
+        while depends_on(run) in by_id:
+            run = by_id[depends_on(run)]
+        return index[id_of(run)]
+
+    return [run for run in runs if root(run) % n == i]
+
+
+def lock_name(shard: tuple[int, int] | None) -> str:
+    return ".lock" if shard is None else f".lock-shard-{shard[0]}-of-{shard[1]}"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_lock(path: Path) -> tuple[int, list[str]] | None:
+    """(pid, what it does) from a lock file; None when unreadable. A bare pid means "run"."""
+    try:
+        words = path.read_text().split()
+        return int(words[0]), words[1:] or ["run"]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def describe(what: list[str]) -> str:
+    """"run", "report" or "run --shard I/N", for messages."""
+    return f"run --shard {what[1]}" if what[0] == "shard" and len(what) > 1 else what[0]
+
+
+def check_conflicts(out: Path, shard: tuple[int, int] | None, key: str) -> None:
+    """Refuse to run (shard or not) into ``out`` beside a live process it would collide with.
+
+    ``key`` identifies the runs a shard plans; shards of one study must all have the same.
+    Our own lock, if taken already, is no conflict.
+    """
+    own = out / lock_name(shard)
+    for path in sorted(out.glob(".lock*")):
+        held = read_lock(path)
+        if path == own or path.suffix == ".tmp" or held is None or held[0] == os.getpid() or not alive(held[0]):
+            continue
+        pid, what = held
+        if shard is None:
+            if what[0] == "shard":
+                raise UserError(f"{out}: batchgap {describe(what)} (pid {pid}) is running there; run the other shards "
+                                "with --shard, or wait for it and run again")
+            continue
+        if what[0] == "run":
+            raise UserError(f"{out}: another batchgap run (pid {pid}) is writing there; wait for it or use another --out")
+        if what[0] == "shard":
+            other = parse_shard(what[1]) if len(what) > 1 else None
+            if other is not None and other[1] != shard[1]:
+                raise UserError(f"{out}: batchgap {describe(what)} (pid {pid}) splits the study {other[1]} ways; "
+                                f"use --shard I/{other[1]} there, or another --out")
+            if len(what) > 2 and what[2] != key:
+                raise UserError(f"{out}: batchgap {describe(what)} (pid {pid}) runs other settings there; every shard "
+                                "of one --out needs the same study, --set and --nproc")
