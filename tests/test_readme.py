@@ -38,3 +38,6 @@ def test_public_api_is_importable_from_the_package_root():
     for name in batchgap.__all__:
         assert getattr(batchgap, name) is not None, name
     from batchgap import eps_sharpness, hessian_eigenvalues, hessian_trace, interpolate, loss_curve  # noqa: F401
+    import batchgap.train as train_module  # the module, not hidden by a root export of the same name
+
+    assert hasattr(train_module, "sgd_step")

@@ -2,7 +2,8 @@
 
 The names a notebook user imports::
 
-    from batchgap import train, TrainConfig, evaluate, eps_sharpness, hessian_eigenvalues, ...
+    from batchgap import TrainConfig, evaluate, eps_sharpness, hessian_eigenvalues, ...
+    from batchgap.train import train
 
 Every measurement takes a plain ``nn.Module`` and data given as a pair of tensors ``(inputs, targets)``,
 a :class:`TensorData`, or an iterable of ``(inputs, targets)`` batches; each restores the model bit for
@@ -26,7 +27,9 @@ from .landscape import (
 )
 from .models import build_model, init_model
 from .study import run_study
-from .train import train
+
+# ``train`` (the function) is imported from ``batchgap.train``: exporting it here would hide the module
+# of the same name (``import batchgap.train as m`` would give the function).
 
 
 def write_report(out):
@@ -40,5 +43,5 @@ __all__ = [
     "Dataset", "StudyConfig", "TensorData", "TrainConfig", "UserError", "__version__",
     "adaptive_sharpness", "build_model", "eps_sharpness", "evaluate", "filter_normalized_direction",
     "hessian_eigenvalues", "hessian_trace", "init_model", "interpolate", "load_dataset", "load_study",
-    "loss_curve", "loss_surface", "run_study", "train", "write_report",
+    "loss_curve", "loss_surface", "run_study", "write_report",
 ]
