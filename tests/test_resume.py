@@ -49,11 +49,13 @@ def nth(key, n):
 
 if point == "mid-epoch":  # the 30th step: inside epoch 3 of SB-s0, whose state.pt holds epoch 2
     real_train, real_step = study.train, train_mod.sgd_step
-    def step(*a):
-        if nth("step", 30):
-            stop()
-        return real_step(*a)
-    study.train = lambda *a, **k: real_train(*a, step=step, **k)
+    def wrap(inner):  # the run's own step (the regime's remedy), stopped at the 30th call
+        def step(*a):
+            if nth("step", 30):
+                stop()
+            return inner(*a)
+        return step
+    study.train = lambda *a, **k: real_train(*a, **{**k, "step": wrap(k.get("step", real_step))})
 if point in ("history-ahead-of-state", "mid-write-state", "mid-write-results"):
     real_replace = os.replace
     target = {"history-ahead-of-state": "history.jsonl", "mid-write-state": "state.pt",
