@@ -25,11 +25,12 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 WORLD, BATCH = 2, 16
-CASES = {  # name -> (TrainConfig arguments, augment?)
-    "ghost": ({"epochs": 3, "lr": 1e-2}, False),
-    "sync": ({"epochs": 3, "lr": 1e-2, "bn_sync": True}, False),
-    "augment": ({"epochs": 2, "lr": 1e-2}, True),
-    "sgd-sync": ({"epochs": 2, "lr": 0.1, "optimizer": "sgd", "bn_sync": True}, False),
+CASES = {  # name -> (TrainConfig arguments, augment?, ghost BN of this size installed before training)
+    "ghost": ({"epochs": 3, "lr": 1e-2}, False, None),
+    "sync": ({"epochs": 3, "lr": 1e-2, "bn_sync": True}, False, None),
+    "augment": ({"epochs": 2, "lr": 1e-2}, True, None),
+    "sgd-sync": ({"epochs": 2, "lr": 0.1, "optimizer": "sgd", "bn_sync": True}, False, None),
+    "ghost-4": ({"epochs": 2, "lr": 1e-2}, False, 4),
 }
 STUDY = ["train.epochs=1", "data.train_subset=400", "data.test_subset=200", "seeds=[0]", "measure.interpolation_points=3",
          "measure.sharpness_eps=[]", "measure.adaptive_rho=0.0", "measure.hessian_top_k=0", "measure.hessian_trace_probes=0",
@@ -52,7 +53,7 @@ def noise(x, gen):
 
 
 def fit(model, name, run_dir=None, epochs=None):
-    kwargs, augment = CASES[name]
+    kwargs, augment, _ = CASES[name]
     cfg = TrainConfig(**{**kwargs, **({"epochs": epochs} if epochs else {})})
     return train(model, toy(), toy(32), cfg, batch_size=BATCH, seed=3, augment=noise if augment else None,
                  run_dir=run_dir)
@@ -63,10 +64,11 @@ def _worker(rank, tmp, data_dir):
     tmp = Path(tmp)
     dist.init_process_group("gloo", init_method=f"file://{tmp / 'store'}", rank=rank, world_size=WORLD)
     out = {}
-    for name in CASES:
-        model = net()
+    for name, (_, _, ghost) in CASES.items():
+        model = ghost_bn(net(), ghost) if ghost else net()
         res = fit(model, name)
-        out[name] = {"state": model.state_dict(), "history": res.history, "distributed": res.distributed}
+        out[name] = {"state": model.state_dict(), "history": res.history, "distributed": res.distributed,
+                     "bn_layer": type(model.fc1.bn).__name__}
     # a run stopped after epoch 1 and resumed by a fresh model; each rank names its own directory,
     # so the one of rank 1 proves that rank 1 never writes (nor needs to read) a file
     fit(net(), "ghost", run_dir=tmp / f"resume-rank{rank}", epochs=1)
@@ -120,11 +122,23 @@ def test_per_worker_bn_equals_one_process_with_ghost_bn_of_the_per_worker_batch(
 def test_synchronized_bn_equals_one_process_with_ordinary_bn(spawned, name):
     _, ranks = spawned
     single = net()
-    kwargs, _ = CASES[name]
+    kwargs, _, _ = CASES[name]
     train(single, toy(), toy(32), TrainConfig(**{**kwargs, "bn_sync": False}), batch_size=BATCH, seed=3)
     for r in ranks:
         assert_close(r[name]["state"], single.state_dict())
     assert "global batch 16" in ranks[0][name]["distributed"]["bn"]
+
+
+def test_ghost_bn_layers_keep_their_ghost_size_within_each_worker(spawned):
+    _, ranks = spawned
+    single = ghost_bn(net(), 4)  # ghost batches of 4 in the global batch of 16: two per worker
+    fit(single, "ghost-4")
+    for r in ranks:
+        assert_close(r["ghost-4"]["state"], single.state_dict())
+    assert "per ghost batch of 4 within each worker" in ranks[0]["ghost-4"]["distributed"]["bn"]
+    # after training, the workers' models have their own layers back
+    assert [r["ghost-4"]["bn_layer"] for r in ranks] == ["GhostBatchNorm"] * 2
+    assert [r["sync"]["bn_layer"] for r in ranks] == ["BatchNorm1d"] * 2
 
 
 def test_augmentation_is_drawn_for_the_global_batch(spawned):

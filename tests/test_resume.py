@@ -34,7 +34,8 @@ SETTINGS = [*(a for s in ("train.epochs=4", "train.checkpoint_every=2", "data.tr
 STOPPER = r'''
 import os, sys, threading
 from pathlib import Path
-import batchgap.study as study, batchgap.train as train_mod, batchgap.util as util
+import batchgap.study as study, batchgap.util as util
+from batchgap.train import sgd_step
 
 point = os.environ.get("STOP_AT", "")
 calls = {}
@@ -48,14 +49,15 @@ def nth(key, n):
     return calls[key] == n
 
 if point == "mid-epoch":  # the 30th step: inside epoch 3 of SB-s0, whose state.pt holds epoch 2
-    real_train, real_step = study.train, train_mod.sgd_step
-    def wrap(inner):  # the run's own step (the regime's remedy), stopped at the 30th call
-        def step(*a):
+    real_train = study.train
+    def patched(*a, **k):
+        inner = k.get("step", sgd_step)
+        def step(*b):
             if nth("step", 30):
                 stop()
-            return inner(*a)
-        return step
-    study.train = lambda *a, **k: real_train(*a, **{**k, "step": wrap(k.get("step", real_step))})
+            return inner(*b)
+        return real_train(*a, **{**k, "step": step})
+    study.train = patched
 if point in ("history-ahead-of-state", "mid-write-state", "mid-write-results"):
     real_replace = os.replace
     target = {"history-ahead-of-state": "history.jsonl", "mid-write-state": "state.pt",

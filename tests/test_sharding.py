@@ -37,6 +37,14 @@ def test_shards_cover_every_run_once_in_plan_order():
     assert sorted(sum(shares, [])) == runs and select(runs, None) == runs
 
 
+def test_a_warm_started_run_goes_with_the_run_it_starts_from():
+    # plan order: the runs from x0 (seeds outer), then the warm starts; "W-s1" starts from "SB-s1"
+    runs = [("SB-s0", None), ("LB-s0", None), ("SB-s1", None), ("LB-s1", None), ("W-s0", "SB-s0"), ("W-s1", "SB-s1"),
+            ("W2-s1", "W-s1")]
+    shares = [[r[0] for r in select(runs, (i, 2), depends_on=lambda r: r[1], id_of=lambda r: r[0])] for i in range(2)]
+    assert shares == [["SB-s0", "SB-s1", "W-s0", "W-s1", "W2-s1"], ["LB-s0", "LB-s1"]]
+
+
 @pytest.mark.parametrize("text", ["4/4", "-1/4", "1/0", "a/b", "1", "", "1/2/3", "0.5/2"])
 def test_a_bad_shard_is_refused(text):
     with pytest.raises(UserError, match=r"--shard: expected I/N with 0 <= I < N"):

@@ -71,7 +71,6 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_run(args) -> int:
     from . import distributed
     from .config import load_study
-    from .report import write_report
     from .sharding import parse_shard
     from .studies import find_study
     from .study import run_study
@@ -113,6 +112,8 @@ def _cmd_run(args) -> int:
         p = f", p = {comp['p_value']:.3g}" if "p_value" in comp else ""
         log(f"test accuracy gap {comp['small']} - {comp['large']}: {100 * comp['test_accuracy_gap']:+.2f} points{p}")
     if not args.no_report:
+        from .report import write_report  # matplotlib: only when drawing
+
         print(write_report(out))
     else:
         print(out / "results.json")
