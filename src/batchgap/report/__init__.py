@@ -126,7 +126,8 @@ def write_report(out: str | Path) -> Path:
         f"Software: batchgap {env.get('batchgap')}, Python {env.get('python')}, PyTorch {env.get('torch')}, "
         f"NumPy {env.get('numpy')}, SciPy {env.get('scipy')}; {env.get('platform')}, {env.get('torch_threads')} threads. "
         f"Wall time of this invocation: {doc.get('wall_time_s', 0):.1f} s "
-        f"(training, summed over runs: {sum(r['wall_time_s'] for r in doc['runs']):.1f} s).",
+        f"(training time summed over runs: {sum(r['wall_time_s'] for r in doc['runs']):.1f} s; seeds trained "
+        "together as one stacked model each record the whole group's time).",
         "",
     ]
     if doc.get("command"):
