@@ -501,52 +501,57 @@ def _tree_rss(root: int) -> tuple[float, dict]:
     return total, hwm
 
 
-def default_study(settings: list[tuple[int, int]]) -> list[dict]:
-    """The whole `batchgap run default` (data cached, report included) in a fresh process, per (jobs, threads),
-    with the resident memory of the whole process tree sampled every 0.1 s."""
+STUDY_LIMITS_S = {"default": 180}  # issue 6; every other built-in study: 20 minutes (issue 4)
+EXPERIMENT_STUDIES = ["batch-sweep", "warm-start", "sharpness-trajectory", "remedies", "noise-scale"]
+
+
+def study_run(name: str, jobs: int = 2, threads: int = 1, keep: Path | None = None) -> dict:
+    """The whole `batchgap run NAME` (data cached, report included) in a fresh process tree, with the
+    resident memory of all its processes together sampled every 0.1 s. Its output is kept under ``keep``."""
     import threading
 
-    rows = []
+    limit = STUDY_LIMITS_S.get(name, 1200)
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = Path(tmp) / "data"
+        data_dir = Path(os.environ.get("BATCHGAP_DATA") or Path(tmp) / "data")
         # generate MNIST-1D once so the timing is the study's, as on every run after the first
         subprocess.run([sys.executable, "-c", f"from batchgap.data import load_dataset; load_dataset('mnist1d', data_dir={str(data_dir)!r})"], check=True)
-        for jobs, t in settings:
-            out = Path(tmp) / f"out-{jobs}-{t}"
-            env = {**os.environ, "BATCHGAP_DATA": str(data_dir)}
-            start = time.perf_counter()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "batchgap", "run", "default", "--out", str(out), "--jobs", str(jobs), "--threads", str(t)],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )
-            peak, hwm = [0.0], {}
+        out = (keep or Path(tmp)) / name
+        if out.exists():
+            raise RuntimeError(f"{out} exists: a timing must start from an empty output directory")
+        env = {**os.environ, "BATCHGAP_DATA": str(data_dir)}
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "batchgap", "run", name, "--out", str(out), "--jobs", str(jobs), "--threads", str(threads)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        peak, hwm = [0.0], {}
 
-            def sample():
-                while proc.poll() is None:
-                    total, h = _tree_rss(proc.pid)
-                    peak[0] = max(peak[0], total)
-                    for pid, v in h.items():
-                        hwm[pid] = max(hwm.get(pid, 0.0), v)
-                    time.sleep(0.1)
+        def sample():
+            while proc.poll() is None:
+                total, h = _tree_rss(proc.pid)
+                peak[0] = max(peak[0], total)
+                for pid, v in h.items():
+                    hwm[pid] = max(hwm.get(pid, 0.0), v)
+                time.sleep(0.1)
 
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            _, err = proc.communicate()
-            wall = time.perf_counter() - start
-            sampler.join()
-            if proc.returncode != 0:
-                raise RuntimeError(err)
-            doc = json.loads((out / "results.json").read_text())
-            comp = doc["comparison"]
-            total_peaks = sum(hwm.values())
-            rows.append(row(
-                f"default study, --jobs {jobs} --threads {t}",
-                f"{wall:.1f} s; peak RSS {peak[0]:.0f} MiB all processes together",
-                "", "", "<= 180 s, <= 2048 MiB", wall <= 180 and peak[0] <= 2048,
-                f"{len(hwm)} processes, sum of their own peaks {total_peaks:.0f} MiB (largest {max(hwm.values()):.0f}); "
-                f"gap {100 * comp['test_accuracy_gap']:+.2f} points, p = {comp['p_value']:.2g}; {load()}",
-            ))
-    return rows
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, err = proc.communicate()
+        wall = time.perf_counter() - start
+        sampler.join()
+        if proc.returncode != 0:
+            raise RuntimeError(err)
+        doc = json.loads((out / "results.json").read_text())
+        comp = doc.get("comparison") or {}
+        finding = (f"gap {100 * comp['test_accuracy_gap']:+.2f} points ({' vs '.join(comp.get('regimes', []))}), "
+                   f"p = {comp['p_value']:.2g}; " if "test_accuracy_gap" in comp else "")
+        return row(
+            f"study `{name}`, --jobs {jobs} --threads {threads} ({len(doc['runs'])} runs)",
+            f"{wall:.1f} s; peak RSS {peak[0]:.0f} MiB all processes together",
+            "", "", f"<= {limit} s, <= 2048 MiB", wall <= limit and peak[0] <= 2048,
+            f"{len(hwm)} processes, sum of their own peaks {sum(hwm.values()):.0f} MiB (largest {max(hwm.values()):.0f}); "
+            f"{finding}{load()}",
+        )
 
 
 BENCHMARKS = {
@@ -557,16 +562,26 @@ BENCHMARKS = {
     "hvp": hvp,
     "sharpness": sharpness,
     "curves": curves,
-    "default-study": lambda: default_study([(2, 1)]),
+    "default-study": lambda: [study_run("default")],
 }
+# Not part of "all" (they take 3-10 minutes each): `python benchmarks/run.py --studies [--keep DIR]`
+STUDIES = {f"study-{n}": n for n in EXPERIMENT_STUDIES}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], metavar="NAME",
-                   help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
+    p.add_argument("names", nargs="*", choices=[*BENCHMARKS, *STUDIES, []], metavar="NAME",
+                   help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)}); "
+                        f"also {', '.join(STUDIES)}: the experiment studies end to end, each at its default size")
+    p.add_argument("--studies", action="store_true", help="time every experiment study (about 40 minutes)")
+    p.add_argument("--keep", type=Path, help="keep the studies' output directories here (to read their reports)")
     args = p.parse_args()
-    names = args.names or list(BENCHMARKS)
+    names = args.names or ([] if args.studies else list(BENCHMARKS))
+    if args.studies:
+        names += [n for n in STUDIES if n not in names]
+    benchmarks = {**BENCHMARKS, **{k: (lambda n=n: [study_run(n, keep=args.keep)]) for k, n in STUDIES.items()}}
+    if args.keep:
+        benchmarks["default-study"] = lambda: [study_run("default", keep=args.keep)]
     import torch
 
     print(f"# {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}, "
@@ -576,7 +591,7 @@ def main() -> int:
     ok = True
     start = time.perf_counter()
     for name in names:
-        for r in BENCHMARKS[name]():
+        for r in benchmarks[name]():
             ok &= bool(r["met"])
             print(f"| {r['benchmark']} | {r['value']} | {r['baseline']} | {r['ratio']} | {r['target']} | "
                   f"{'yes' if r['met'] else 'NO'} | {r['note']} |", flush=True)
