@@ -45,9 +45,8 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from .config import TrainConfig
 from .data.base import TensorData
-from .train import (
-    Augment, LossFn, TrainResult, _epoch_metrics, _load_state, _seeded_rng_state, lr_at, make_optimizer, scaled_lr,
-)
+from .step import Augment, LossFn
+from .train import TrainResult, _epoch_metrics, _load_state, _seeded_rng_state, lr_at, make_optimizer, scaled_lr
 from .util import atomic_save_torch, atomic_write_text, progress_bar
 
 STACK_MAX_PARAMS = 1_000_000  # above this a step is compute-bound on a CPU: stacking does not pay

@@ -35,6 +35,7 @@ from .config import TrainConfig
 from .data.base import TensorData
 from .errors import UserError
 from .landscape.evaluate import evaluate
+from .step import Augment, LossFn, Step, sgd_step  # noqa: F401  (re-exported: batchgap.train.sgd_step)
 from .util import atomic_save_torch, atomic_write_text, progress_bar
 
 
@@ -83,26 +84,6 @@ class TrainResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
-    """The plain step: one forward, one backward, one optimizer step. Returns the batch's mean loss.
-
-    Remedies that change the step (SAM, conservative training, adversarial examples) are functions of
-    this same signature passed to :func:`train` as ``step``.
-    """
-    loss = loss_fn(model(x), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-Step = Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor, LossFn], torch.Tensor]
 
 
 def train(

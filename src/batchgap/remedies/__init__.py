@@ -8,7 +8,7 @@ Step functions, each with :func:`batchgap.train.train`'s ``step`` signature
 ==============  =====================================================  ==========================
 name            what                                                   from
 ==============  =====================================================  ==========================
-``plain``       one forward, backward, optimizer step                  :func:`~batchgap.train.sgd_step`
+``plain``       one forward, backward, optimizer step                  :func:`~batchgap.step.sgd_step`
 ``sam``         step with the gradient at w + rho g/||g||              Foret et al. 2021
 ``asam``        ... at w + rho T^2 g/||T g||, T = |w| + eta            Kwon et al. 2021
 ``proximal``    conservative training: inner iterations on             Keskar et al. 2017, E.2
@@ -31,7 +31,7 @@ import inspect
 from typing import Callable
 
 from ..errors import UserError, closest, one_of
-from ..train import Step, sgd_step
+from ..step import Step, sgd_step
 from ._bn import frozen_bn_stats
 from .adversarial import FGSMStep, fgsm_examples, fgsm_step
 from .conservative import ProximalStep, proximal_step
@@ -64,7 +64,7 @@ __all__ = [
 
 
 def plain_step() -> Step:
-    """The plain step, :func:`batchgap.train.sgd_step` itself (no options)."""
+    """The plain step, :func:`batchgap.step.sgd_step` itself (no options)."""
     return sgd_step
 
 

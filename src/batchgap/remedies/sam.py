@@ -23,7 +23,7 @@ norm per layer), and f_B is the same mini-batch at both points. Every choice, st
   (:func:`~batchgap.remedies.frozen_bn_stats`): after a step they are exactly those of one plain
   forward on the batch, and ``num_batches_tracked`` advanced by one.
 - Dropout draws fresh masks in the second pass (from the global RNG, as any forward pass).
-- Returned: the mini-batch loss at w (first pass), detached, as :func:`~batchgap.train.sgd_step`.
+- Returned: the mini-batch loss at w (first pass), detached, as :func:`~batchgap.step.sgd_step`.
 
 Cost: two forward and two backward passes per step.
 """
