@@ -238,22 +238,22 @@ def test_parallel_jobs_give_the_numbers_of_a_sequential_run(default_out, tmp_pat
 
 def test_stacked_seeds_give_the_numbers_of_one_at_a_time(default_out, tmp_path, mnist1d_dir, monkeypatch):
     monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
-    out = tmp_path / "one-at-a-time"
-    assert run_cli("default", "--out", str(out), *SMALL, "--no-stack-seeds") == 0
-    stacked = json.loads((default_out / "results.json").read_text())["runs"]
-    single = json.loads((out / "results.json").read_text())["runs"]
+    out = tmp_path / "stacked"
+    assert run_cli("default", "--out", str(out), *SMALL, "--stack-seeds") == 0
+    stacked = json.loads((out / "results.json").read_text())["runs"]
+    single = json.loads((default_out / "results.json").read_text())["runs"]
     assert all(r["stacked"]["k"] == 2 for r in stacked) and not any("stacked" in r for r in single)
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("wall_time_s", "measure_time_s", "stacked")} for r in rs]
     assert strip(stacked) == strip(single)
     for r in stacked:
-        assert (default_out / r["history"]).read_text().count("\n") == r["epochs"]
+        assert (out / r["history"]).read_text().count("\n") == r["epochs"]
 
 
 def test_a_stacked_group_killed_mid_training_resumes(default_out, tmp_path, mnist1d_dir, monkeypatch):
     """Checkpoints of a group at different epochs (a kill between two runs' writes) resume one at a time."""
     monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
     out = tmp_path / "killed"
-    assert run_cli("default", "--out", str(out), *SMALL, "--set", "train.epochs=1", "--no-report") == 0
+    assert run_cli("default", "--out", str(out), *SMALL, "--set", "train.epochs=1", "--no-report", "--stack-seeds") == 0
     ids = {r["id"] for r in json.loads((out / "results.json").read_text())["runs"]}
     full = {r["id"]: r for r in json.loads((default_out / "results.json").read_text())["runs"]}
     # turn the one-epoch runs into the two-epoch runs' directories stopped after epoch 1
@@ -264,7 +264,7 @@ def test_a_stacked_group_killed_mid_training_resumes(default_out, tmp_path, mnis
         (out / "runs" / run_id).rename(out / "runs" / target)
     sb0 = next(i for i in full if i.startswith("SB-s0"))
     (out / "runs" / sb0 / "state.pt").unlink()  # one run of the SB group has no checkpoint at all
-    assert run_cli("default", "--out", str(out), *SMALL, "--no-report") == 0
+    assert run_cli("default", "--out", str(out), *SMALL, "--no-report", "--stack-seeds") == 0
     resumed = {r["id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
     for run_id, r in full.items():
         assert resumed[run_id]["test"] == r["test"] and resumed[run_id]["train"] == r["train"]

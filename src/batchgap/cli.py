@@ -26,10 +26,13 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a study (train, measure, report)")
     run.add_argument("study", nargs="?", default="default", help="a built-in study name or a .toml file (default: default)")
-    run.add_argument("--out", type=Path, help="output directory (default: runs/STUDY, runs/STUDY-quick with --quick)")
+    run.add_argument("--out", type=Path, help="output directory (default: runs/STUDY, runs/STUDY-quick with --quick, "
+                                                "runs/STUDY-paper with --paper-scale)")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, e.g. train.epochs=5 or regimes.LB.batch_size=\"5%%\" (repeatable)")
     run.add_argument("--quick", action="store_true", help="shrink the study (few epochs, a slice of the data) for a smoke test")
+    run.add_argument("--paper-scale", action="store_true",
+                     help="the study at the paper's scale (its [paper_scale] table: CIFAR-10, network C1, 100 epochs; a GPU's work)")
     run.add_argument("--data-dir", type=Path, help="where data files live (default: $BATCHGAP_DATA or ~/.cache/batchgap/data)")
     run.add_argument("--download", action="store_true", help="download missing data files first")
     run.add_argument("--no-report", action="store_true", help="write results.json only")
@@ -41,9 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="run only shard I of N (0-based) of the study's runs; merge with `batchgap report OUT`")
     run.add_argument("--threads", type=int, metavar="N",
                      help="torch intra-op threads (default: $BATCHGAP_THREADS, else torch's default)")
-    run.add_argument("--stack-seeds", action=argparse.BooleanOptionalAction, default=True,
-                     help="train the seeds of a small model's regime at once as one stacked model; "
-                          "the same results, less time (default: on)")
+    run.add_argument("--stack-seeds", action=argparse.BooleanOptionalAction, default=False,
+                     help="train the seeds of a small model's regime at once as one stacked model; the same "
+                          "results; off by default: in a whole study it did not save time here (docs/performance.md)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bars (default: when stderr is a terminal)")
 
@@ -56,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("study", nargs="?", default="default")
     show.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     show.add_argument("--quick", action="store_true")
+    show.add_argument("--paper-scale", action="store_true")
 
     sub.add_parser("list", help="list models, data sets and built-in studies")
 
@@ -77,8 +81,8 @@ def _cmd_run(args) -> int:
 
     _set_threads(args.threads)
     path = find_study(args.study)
-    cfg = load_study(path, args.sets, quick=args.quick)
-    out = args.out or Path("runs") / (cfg.name + ("-quick" if args.quick else ""))
+    cfg = load_study(path, args.sets, quick=args.quick, paper_scale=args.paper_scale)
+    out = args.out or Path("runs") / (cfg.name + ("-quick" if args.quick else "-paper" if args.paper_scale else ""))
     command = "batchgap " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if args.jobs < 1:
@@ -173,7 +177,7 @@ def _cmd_show(args) -> int:
     from .config import load_study
     from .studies import find_study
 
-    cfg = load_study(find_study(args.study), args.sets, quick=args.quick)
+    cfg = load_study(find_study(args.study), args.sets, quick=args.quick, paper_scale=args.paper_scale)
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
 

@@ -370,7 +370,7 @@ def _worker_group(out: str, runs: list[Run]) -> list[str]:
 
 def execute_runs(out: Path, cfg: StudyConfig, ds: Dataset, runs: list[Run], jobs: int = 1, threads: int | None = None,
                  data_dir=None, progress: bool | None = None, log: Log = lambda s: None,
-                 stack_seeds: bool = True) -> list[dict]:
+                 stack_seeds: bool = False) -> list[dict]:
     """Every run, in plan order; with ``jobs`` > 1 in a pool of worker processes (spawned, not forked:
     forking a process that already runs OpenMP threads can hang).
 
@@ -683,7 +683,7 @@ def run_study(
     command: str | None = None,
     jobs: int = 1,
     threads: int | None = None,
-    stack_seeds: bool = True,
+    stack_seeds: bool = False,
     shard: tuple[int, int] | None = None,
 ) -> dict | None:
     """Run every run of ``cfg`` that has not finished in ``out``, measure, write ``out/results.json``.
