@@ -505,7 +505,7 @@ STUDY_LIMITS_S = {"default": 180}  # issue 6; every other built-in study: 20 min
 EXPERIMENT_STUDIES = ["batch-sweep", "warm-start", "sharpness-trajectory", "remedies", "noise-scale"]
 
 
-def study_run(name: str, jobs: int = 2, threads: int = 1, keep: Path | None = None) -> dict:
+def study_run(name: str, jobs: int = 2, threads: int = 1, keep: Path | None = None, extra: tuple[str, ...] = ()) -> dict:
     """The whole `batchgap run NAME` (data cached, report included) in a fresh process tree, with the
     resident memory of all its processes together sampled every 0.1 s. Its output is kept under ``keep``."""
     import threading
@@ -515,13 +515,13 @@ def study_run(name: str, jobs: int = 2, threads: int = 1, keep: Path | None = No
         data_dir = Path(os.environ.get("BATCHGAP_DATA") or Path(tmp) / "data")
         # generate MNIST-1D once so the timing is the study's, as on every run after the first
         subprocess.run([sys.executable, "-c", f"from batchgap.data import load_dataset; load_dataset('mnist1d', data_dir={str(data_dir)!r})"], check=True)
-        out = (keep or Path(tmp)) / name
+        out = (keep or Path(tmp)) / (name + "".join(extra))
         if out.exists():
             raise RuntimeError(f"{out} exists: a timing must start from an empty output directory")
         env = {**os.environ, "BATCHGAP_DATA": str(data_dir)}
         start = time.perf_counter()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "batchgap", "run", name, "--out", str(out), "--jobs", str(jobs), "--threads", str(threads)],
+            [sys.executable, "-m", "batchgap", "run", name, "--out", str(out), "--jobs", str(jobs), "--threads", str(threads), *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         peak, hwm = [0.0], {}
@@ -543,10 +543,10 @@ def study_run(name: str, jobs: int = 2, threads: int = 1, keep: Path | None = No
             raise RuntimeError(err)
         doc = json.loads((out / "results.json").read_text())
         comp = doc.get("comparison") or {}
-        finding = (f"gap {100 * comp['test_accuracy_gap']:+.2f} points ({' vs '.join(comp.get('regimes', []))}), "
+        finding = (f"gap {100 * comp['test_accuracy_gap']:+.2f} points ({comp['small']} - {comp['large']}), "
                    f"p = {comp['p_value']:.2g}; " if "test_accuracy_gap" in comp else "")
         return row(
-            f"study `{name}`, --jobs {jobs} --threads {threads} ({len(doc['runs'])} runs)",
+            f"study `{name}`, --jobs {jobs} --threads {threads}{''.join(' ' + e for e in extra)} ({len(doc['runs'])} runs)",
             f"{wall:.1f} s; peak RSS {peak[0]:.0f} MiB all processes together",
             "", "", f"<= {limit} s, <= 2048 MiB", wall <= limit and peak[0] <= 2048,
             f"{len(hwm)} processes, sum of their own peaks {sum(hwm.values()):.0f} MiB (largest {max(hwm.values()):.0f}); "
@@ -562,7 +562,7 @@ BENCHMARKS = {
     "hvp": hvp,
     "sharpness": sharpness,
     "curves": curves,
-    "default-study": lambda: [study_run("default")],
+    "default-study": lambda: [study_run("default"), study_run("default", extra=("--stack-seeds",))],
 }
 # Not part of "all" (they take 3-10 minutes each): `python benchmarks/run.py --studies [--keep DIR]`
 STUDIES = {f"study-{n}": n for n in EXPERIMENT_STUDIES}
@@ -581,7 +581,8 @@ def main() -> int:
         names += [n for n in STUDIES if n not in names]
     benchmarks = {**BENCHMARKS, **{k: (lambda n=n: [study_run(n, keep=args.keep)]) for k, n in STUDIES.items()}}
     if args.keep:
-        benchmarks["default-study"] = lambda: [study_run("default", keep=args.keep)]
+        benchmarks["default-study"] = lambda: [study_run("default", keep=args.keep),
+                                               study_run("default", keep=args.keep, extra=("--stack-seeds",))]
     import torch
 
     print(f"# {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}, "
