@@ -30,6 +30,9 @@ A study file looks like this (every table but ``[[regimes]]`` is optional; defau
     [quick]                   # what --quick sets, as dotted keys (merged over generic defaults)
     "train.epochs" = 2
 
+    [paper_scale]             # what --paper-scale sets: the paper's data, model and budget (a GPU's work)
+    "data.name" = "cifar10"
+
 Every mistake is a :class:`~batchgap.errors.UserError` that names the field, e.g.
 ``train.epoch: unknown key (did you mean "epochs"?)``.
 """
@@ -163,6 +166,7 @@ class StudyConfig:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     figures: list = field(default_factory=list)  # extra report sections: batch-sweep, warm-start, trajectory, remedies
     quick: dict = field(default_factory=dict)  # dotted key -> value, applied by --quick
+    paper_scale: dict = field(default_factory=dict)  # dotted key -> value, applied by --paper-scale
     paper: dict = field(default_factory=dict)  # the paper's numbers for context in the report
 
     def regime(self, name: str) -> Regime:
@@ -367,9 +371,10 @@ def from_dict(raw: dict, source: str = "study") -> StudyConfig:
     for c in compare:
         if c not in names:
             raise UserError(f"compare: unknown regime {c!r}{closest(str(c), names)}; regimes: {', '.join(names)}")
-    quick = raw.get("quick", {})
-    if not isinstance(quick, dict):
-        raise UserError(f"quick: expected a table of dotted keys, got {quick!r}")
+    quick, paper_scale = raw.get("quick", {}), raw.get("paper_scale", {})
+    for key, table in (("quick", quick), ("paper_scale", paper_scale)):
+        if not isinstance(table, dict):
+            raise UserError(f"{key}: expected a table of dotted keys, got {table!r}")
     figures = raw.get("figures", [])
     if not isinstance(figures, list) or any(f not in FIGURES for f in figures):
         raise UserError(f"figures: expected a list from {', '.join(FIGURES)}, got {figures!r}")
@@ -381,7 +386,8 @@ def from_dict(raw: dict, source: str = "study") -> StudyConfig:
         raise UserError(f"paper: expected a table, got {paper!r}")
     return StudyConfig(
         name=name, description=description, seeds=seeds, data=data, model=model, train=train,
-        regimes=regimes, compare=compare, measure=measure, quick=quick, paper=paper, figures=figures,
+        regimes=regimes, compare=compare, measure=measure, quick=quick, paper_scale=paper_scale, paper=paper,
+        figures=figures,
     )
 
 
@@ -495,18 +501,35 @@ def quick_overrides(raw: dict) -> dict:
 
 
 def load_study(
-    source: dict | str | Path, sets: list[str] | tuple[str, ...] = (), quick: bool = False
+    source: dict | str | Path, sets: list[str] | tuple[str, ...] = (), quick: bool = False,
+    paper_scale: bool = False,
 ) -> StudyConfig:
-    """Read a study (a dict, or a TOML path), apply ``--quick`` then ``--set`` overrides, validate."""
+    """Read a study (a dict, or a TOML path), apply ``--quick`` or ``--paper-scale``, then ``--set``, validate.
+
+    ``--paper-scale`` applies the study's ``[paper_scale]`` table: the paper's data set, network and budget
+    (hours of GPU time). A key ``regimes`` there replaces the whole list of regimes. The two profiles
+    shrink and grow the same study, so they do not combine; shrink a paper-scale study with ``--set``.
+    """
     if isinstance(source, dict):
         raw = copy.deepcopy(source)
         where = "study"
     else:
         raw = read_toml(Path(source))
         where = str(source)
+    if quick and paper_scale:
+        raise UserError("--quick and --paper-scale: choose one (shrink a paper-scale study with --set)")
     if quick:
         for key, value in quick_overrides(raw).items():
             apply_set(raw, key, value)
+    if paper_scale:
+        table = raw.get("paper_scale")
+        if not isinstance(table, dict) or not table:
+            raise UserError(f"--paper-scale: {where} has no [paper_scale] table")
+        for key, value in table.items():
+            try:
+                apply_set(raw, key, value)
+            except UserError as e:
+                raise UserError(f"{where}: [paper_scale] {str(e).removeprefix('--set ')}") from None
     for assignment in sets:
         apply_set(raw, *parse_set(assignment))
     return from_dict(raw, where)
