@@ -209,3 +209,47 @@ def test_pseudo_inverse_by_normal_equations_equals_least_squares_and_falls_back_
     # z itself is ill-determined (its first two entries cancel); its projection B z is not
     torch.testing.assert_close(B @ z, B @ ref, rtol=1e-7, atol=1e-7)
     assert float((B.T @ (B @ z - x.double())).norm()) < 1e-6 * float((B.T @ x.double()).norm())
+
+
+def test_the_direct_l_bfgs_b_driver_is_the_one_in_use_and_reproduces_minimize(bn_model, monkeypatch):
+    """The fast driver (scipy's loop over its compiled setulb, bounds built as arrays) gives exactly what
+    scipy.optimize.minimize gives, on the full space, a subspace, and under the hard evaluation cap."""
+    from batchgap.landscape import boxmax
+
+    assert boxmax.direct_driver_ok()  # on the SciPy CI installs, so the fast path is what runs
+    model, data = bn_model
+    calls = []
+    direct = boxmax._lbfgsb_direct
+    monkeypatch.setattr(boxmax, "_lbfgsb_direct", lambda *a, **k: calls.append(1) or direct(*a, **k))
+    kinds = [dict(max_iter=6), dict(max_iter=10, max_fun=4), dict(max_iter=5, subspace_dim=3)]
+    fast = [eps_sharpness(model, data, eps=1e-2, seed=1, **k) for k in kinds]
+    assert len(calls) == 3
+    monkeypatch.setattr(boxmax, "_solve", lambda objective, h, it, fun, cb: boxmax._scipy(objective, h, it, fun, cb))
+    slow = [eps_sharpness(model, data, eps=1e-2, seed=1, **k) for k in kinds]
+    assert len(calls) == 3
+    for a, b in zip(fast, slow):
+        assert (a.value, a.value_final, a.nit, a.nfev, a.f_best, a.f_final, a.stop) == \
+               (b.value, b.value_final, b.nit, b.nfev, b.f_best, b.f_final, b.stop)
+    assert fast[1].nfev == 4 and "hard cap" in fast[1].stop and fast[0].nit == 6
+
+
+@pytest.mark.parametrize("differs", ["raises", "other iterates"])
+def test_the_direct_driver_steps_aside_when_scipy_differs(monkeypatch, differs):
+    from batchgap.landscape import boxmax
+
+    direct = boxmax._lbfgsb_direct
+
+    def other_scipy(objective, h, max_iter, max_fun, callback):
+        if differs == "raises":  # a private interface with another signature
+            raise TypeError("setulb() takes 16 positional arguments")
+        return direct(objective, h, max_iter, max_fun, callback, maxcor=5)  # same stop, other points
+
+    boxmax.direct_driver_ok.cache_clear()
+    monkeypatch.setattr(boxmax, "_lbfgsb_direct", other_scipy)
+    try:
+        assert not boxmax.direct_driver_ok()
+        objective, h = boxmax._check_problem()
+        msg = boxmax._solve(objective, h, 3, 10, lambda intermediate_result: None)  # minimize runs instead
+        assert "ITERATIONS REACHED LIMIT" in msg
+    finally:
+        boxmax.direct_driver_ok.cache_clear()
