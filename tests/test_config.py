@@ -168,3 +168,53 @@ def test_parse_batch_size_rejects_bool():
 def test_unknown_model_or_dataset_is_caught_at_load(raw, needle):
     with pytest.raises(UserError, match=needle):
         from_dict(raw)
+
+
+EXPERIMENTS = ["batch-sweep", "warm-start", "sharpness-trajectory", "remedies", "noise-scale"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_each_experiment_has_the_papers_setting_under_paper_scale(name):
+    small, paper = load_study(find_study(name)), load_study(find_study(name), paper_scale=True)
+    assert (small.data.name, small.model.name) == ("mnist1d", "mlp")
+    assert (paper.data.name, paper.model.name, paper.model.bn, paper.model.options) == ("cifar10", "C1", "batch", {})
+    assert paper.train.epochs == 100 and paper.train.optimizer == "adam" and "CIFAR-10" in paper.description
+    sizes = [r.batch_size for r in paper.regimes]
+    assert paper.regime(paper.compare[0]).batch_size == 256 and 32 not in sizes
+    assert all(e <= 100 for e in paper.measure.trajectory_epochs)
+
+
+def test_paper_scale_batch_sweep_is_log_spaced_to_the_full_training_set():
+    cfg = load_study(find_study("batch-sweep"), paper_scale=True)
+    sizes = [r.batch_size for r in cfg.regimes]
+    assert len(sizes) >= 7 and sizes[0] == 256 and sizes[-1] == "100%" and cfg.compare == ["B256", "B50000"]
+    ints = sizes[:-1]
+    assert all(b == 2 * a for a, b in zip(ints, ints[1:]))
+
+
+def test_paper_scale_remedies_keep_updates_equal_and_scale_the_schedules():
+    cfg = load_study(find_study("remedies"), paper_scale=True)
+    sb_steps = 100 * (50000 // 256)
+    lb = cfg.regime("LB-longer").train
+    assert abs(lb.epochs * (50000 // 5000) - sb_steps) < 50000 // 5000
+    assert cfg.regime("LB-dynamic-gradual").train.batch_schedule["small"] == 256
+    assert cfg.regime("LB-adversarial").train.remedy_options["clamp"] == [0.0, 1.0]
+    assert {r.name for r in cfg.regimes} == {r.name for r in load_study(find_study("remedies")).regimes}
+
+
+def test_paper_scale_refusals():
+    with pytest.raises(UserError, match="has no \\[paper_scale\\] table"):
+        load_study(find_study("default"), paper_scale=True)
+    with pytest.raises(UserError, match="choose one"):
+        load_study(find_study("batch-sweep"), quick=True, paper_scale=True)
+    raw = {**MINIMAL, "paper_scale": {"regimes.XL.batch_size": 5}}
+    with pytest.raises(UserError, match=r"\[paper_scale\] regimes.XL.batch_size: no regime named 'XL'"):
+        load_study(raw, paper_scale=True)
+    with pytest.raises(UserError, match="paper_scale: expected a table"):
+        load_study({**MINIMAL, "paper_scale": 3})
+    # --set still applies on top, to shrink a paper-scale study
+    cfg = load_study(find_study("warm-start"), ["train.epochs=3", "regimes.LB-k50.init_from={regime=\"SB\", epoch=2}",
+                                                "regimes.LB-k25.init_from={regime=\"SB\", epoch=2}",
+                                                "regimes.LB-k10.init_from={regime=\"SB\", epoch=2}",
+                                                "regimes.LB-k5.init_from={regime=\"SB\", epoch=2}"], paper_scale=True)
+    assert cfg.train.epochs == 3 and cfg.model.name == "C1"
