@@ -268,3 +268,20 @@ def test_a_stacked_group_killed_mid_training_resumes(default_out, tmp_path, mnis
     resumed = {r["id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
     for run_id, r in full.items():
         assert resumed[run_id]["test"] == r["test"] and resumed[run_id]["train"] == r["train"]
+
+
+def test_a_paper_scale_study_runs_shrunk_with_set(tmp_path, monkeypatch):
+    """--paper-scale's C1/CIFAR-10 setting (batch-statistics BN, measurements along training) runs end to
+    end on format-exact fake CIFAR-10 files, shrunk with --set as the README says."""
+    data_dir = install_fake_data(monkeypatch, tmp_path / "data", names=("cifar10",), n_train=200, n_test=100)
+    out = tmp_path / "out"
+    shrink = ["seeds=[0]", "train.epochs=2", "regimes.SB.batch_size=20", "measure.trajectory_epochs=[1, 2]",
+              "measure.sharpness_max_iter=2", "measure.hessian_top_k=0", "train.eval_batch_size=100",
+              "measure.eval_batch_size=100", "measure.interpolation_points=3"]
+    assert run_cli("sharpness-trajectory", "--paper-scale", "--out", str(out), "--data-dir", str(data_dir),
+                   *[a for s in shrink for a in ("--set", s)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["study"]["model"]["name"] == "C1" and doc["study"]["data"]["name"] == "cifar10"
+    assert {(r["regime"], r["batch_size"]) for r in doc["runs"]} == {("SB", 20), ("LB", 20)}
+    assert all([p["epoch"] for p in r["trajectory"]] == [1, 2] for r in doc["runs"])
+    assert (out / "figures" / "sharpness_trajectory.png").exists()
