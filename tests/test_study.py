@@ -285,3 +285,9 @@ def test_a_paper_scale_study_runs_shrunk_with_set(tmp_path, monkeypatch):
     assert {(r["regime"], r["batch_size"]) for r in doc["runs"]} == {("SB", 20), ("LB", 20)}
     assert all([p["epoch"] for p in r["trajectory"]] == [1, 2] for r in doc["runs"])
     assert (out / "figures" / "sharpness_trajectory.png").exists()
+
+
+def test_each_run_records_the_device_it_trained_on(default_out):
+    doc = json.loads((default_out / "results.json").read_text())
+    device = "cpu" if not torch.cuda.is_available() else doc["environment"]["device"]
+    assert doc["environment"]["device"] == device and all(r["device"] == device for r in doc["runs"])

@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="run only shard I of N (0-based) of the study's runs; merge with `batchgap report OUT`")
     run.add_argument("--threads", type=int, metavar="N",
                      help="torch intra-op threads (default: $BATCHGAP_THREADS, else torch's default)")
+    run.add_argument("--device", metavar="DEVICE",
+                     help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N "
+                          "(default: $BATCHGAP_DEVICE, else auto); under torchrun, cuda means each worker's GPU LOCAL_RANK")
     run.add_argument("--stack-seeds", action=argparse.BooleanOptionalAction, default=False,
                      help="train the seeds of a small model's regime at once as one stacked model; the same "
                           "results; off by default: in a whole study it did not save time here (docs/performance.md)")
@@ -73,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
-    from . import distributed
+    import torch
+
+    from . import devices, distributed
     from .config import load_study
     from .sharding import parse_shard
     from .studies import find_study
@@ -93,8 +98,13 @@ def _cmd_run(args) -> int:
     if (args.nproc or 1) > 1 and args.jobs > 1:
         raise UserError("--jobs and --nproc: whole runs side by side (--jobs) and processes sharing each run "
                         "(--nproc) do not mix; use one of them")
+    device = devices.resolve(args.device)
     if distributed.launched():  # a worker torchrun started: record how
-        distributed.init_from_env()
+        if device.type == "cuda":  # NCCL, each worker on its own GPU
+            distributed.init_from_env("nccl")
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            distributed.init_from_env()
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size()))
         nodes = distributed.world_size() // max(1, per_node)
         command = (f"torchrun --nproc_per_node={per_node}" + (f" --nnodes={nodes}" if nodes > 1 else "")
@@ -103,7 +113,7 @@ def _cmd_run(args) -> int:
         return _launch(args, cfg, out, shard)
     doc = run_study(cfg, out, data_dir=args.data_dir, download=args.download, progress=args.progress,
                     log=log, command=command, jobs=args.jobs, threads=args.threads, shard=shard,
-                    stack_seeds=args.stack_seeds)
+                    stack_seeds=args.stack_seeds, device=device)
     if doc is None:  # a data-parallel worker other than rank 0, which writes and reports
         return 0
     if shard is not None:

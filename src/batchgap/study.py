@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from . import __version__, distributed, sharding
+from . import __version__, devices, distributed, sharding
 from .config import Regime, StudyConfig, TrainConfig, config_hash, from_dict, resolve_batch_size
 from .data import load_dataset, make_augment, check_augment
 from .data.base import Dataset
@@ -142,7 +142,7 @@ def prepare_data(cfg: StudyConfig, data_dir: str | Path | None = None, download:
     return ds
 
 
-def environment() -> dict:
+def environment(device: torch.device | None = None) -> dict:
     import scipy
 
     return {
@@ -155,6 +155,7 @@ def environment() -> dict:
         "processor": platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "device": devices.describe(device or torch.device("cpu")),
     }
 
 
@@ -179,7 +180,9 @@ def start_point(out: Path, cfg: StudyConfig, ds: Dataset, seed: int) -> dict:
 
 
 def build(cfg: StudyConfig, ds: Dataset, state: dict | None = None) -> torch.nn.Module:
+    """The study's model on the device of its data, holding ``state`` when given."""
     model = init_model(cfg.model.name, ds.input_shape, ds.num_classes, 0, bn=cfg.model.bn, **cfg.model.options)
+    model = model.to(devices.of(ds))
     if state is not None:
         model.load_state_dict(state)
     return model
@@ -273,6 +276,7 @@ def execute_run(out: Path, cfg: StudyConfig, ds: Dataset, run: Run, progress: bo
             "augment": t.augment or cfg.data.augment,
             "batch_schedule": schedule.protocol() if schedule else None,
             "init_from": {**t.init_from, "run": run.depends_on} if run.depends_on else None,
+            "device": devices.describe(devices.of(ds)),
         }
         if res.distributed is not None:
             result["distributed"] = res.distributed
@@ -310,8 +314,8 @@ def stack_groups(out: Path, cfg: StudyConfig, ds: Dataset, runs: list[Run]) -> l
     the same epoch, two or more of them, when the model is small and every layer of it runs stacked
     bitwise as in a single model (so results do not depend on the grouping)."""
     model = build(cfg, ds)
-    if stackable(model) is not None or not exact_layers(model):
-        return []
+    if devices.of(ds).type != "cpu" or stackable(model) is not None or not exact_layers(model):
+        return []  # stacking pays for a small model's per-operation overhead on a CPU
     pending: dict = {}
     for run in runs:
         run_dir = out / "runs" / run.id
@@ -355,9 +359,9 @@ def train_group(out: Path, cfg: StudyConfig, ds: Dataset, runs: list[Run], progr
 _WORKER: dict = {}
 
 
-def _worker_init(cfg: StudyConfig, data_dir, threads: int) -> None:
+def _worker_init(cfg: StudyConfig, data_dir, threads: int, device: torch.device) -> None:
     torch.set_num_threads(threads)
-    _WORKER["cfg"], _WORKER["ds"] = cfg, prepare_data(cfg, data_dir)
+    _WORKER["cfg"], _WORKER["ds"] = cfg, devices.place(prepare_data(cfg, data_dir), device)
 
 
 def _worker_run(out: str, run: Run) -> dict:
@@ -400,7 +404,7 @@ def execute_runs(out: Path, cfg: StudyConfig, ds: Dataset, runs: list[Run], jobs
     log(f"{len(runs)} runs on {jobs} worker processes, {threads} thread(s) each")
     by_id, grouped = {}, {run.id for group in groups for run in group}
     with ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init, initargs=(cfg, data_dir, threads)) as pool:
+                             initializer=_worker_init, initargs=(cfg, data_dir, threads, devices.of(ds))) as pool:
         pending = {pool.submit(_worker_group, str(out), group): group for group in groups}
         pending.update({pool.submit(_worker_run, str(out), run): run for run in runs if run.id not in grouped})
         while pending:
@@ -421,7 +425,7 @@ def execute_runs(out: Path, cfg: StudyConfig, ds: Dataset, runs: list[Run], jobs
 TRAINING_KEYS = (
     "id", "regime", "batch_size", "seed", "lr", "lr_rule", "optimizer", "epochs", "steps", "steps_per_epoch",
     "diverged_epoch", "wall_time_s", "x0", "checkpoint", "history", "remedy", "ghost_batch", "augment",
-    "batch_schedule", "init_from", "distributed",
+    "batch_schedule", "init_from", "distributed", "device",
 )
 
 
@@ -663,7 +667,7 @@ def _results_doc(cfg: StudyConfig, ds: Dataset, results: list[dict], pairs: list
     return {
         "study": cfg.to_dict(),
         "data": {**data_protocol(ds), "info": ds.info},
-        "environment": environment(),
+        "environment": environment(devices.of(ds)),
         "command": command,
         "runs": results,
         "pairs": pairs,
@@ -685,6 +689,7 @@ def run_study(
     threads: int | None = None,
     stack_seeds: bool = False,
     shard: tuple[int, int] | None = None,
+    device: str | torch.device | None = None,
 ) -> dict | None:
     """Run every run of ``cfg`` that has not finished in ``out``, measure, write ``out/results.json``.
 
@@ -692,6 +697,9 @@ def run_study(
     (default: this process's threads divided among the jobs). A run's numbers do not depend on which
     process ran it, only on its settings and the thread count. ``stack_seeds`` trains the seeds of a
     small model's regime at once (:func:`stack_groups`); the results are the same either way.
+
+    ``device`` (:func:`devices.resolve`: default ``$BATCHGAP_DEVICE``, else a GPU when torch sees one, else
+    the CPU) holds the data, and every model and measurement follows it.
 
     ``shard=(I, N)`` runs only shard I of N (:mod:`batchgap.sharding`) and returns ``{"shard", "runs"}``
     without writing results.json (:func:`merge_results` does). In a data-parallel process group every
@@ -707,7 +715,9 @@ def run_study(
     if not main:
         log, progress = (lambda s: None), False
     # everything that can be wrong with the input is found before the output directory is touched
+    device = devices.resolve(device)
     ds, runs = check_study(cfg, data_dir, download, world)
+    ds = devices.place(ds, device)
     mine = sharding.select(runs, shard, depends_on=lambda r: r.depends_on, id_of=lambda r: r.id)
     with contextlib.ExitStack() as held:
         distributed.agree(lambda: _take_output(held, out, runs, shard))
@@ -732,7 +742,7 @@ def run_study(
 
 
 def merge_results(out: str | Path, data_dir: str | Path | None = None, download: bool = False,
-                  command: str | None = None) -> dict | None:
+                  command: str | None = None, device: str | torch.device | None = None) -> dict | None:
     """Gather every finished run of the study last started in ``out`` (``OUT/plan.json``) into
     ``OUT/results.json``, with the pairwise measures of each seed whose two runs have finished
     (computed here once, then cached in ``OUT/pairs/``); runs not finished yet are listed under
@@ -757,7 +767,7 @@ def merge_results(out: str | Path, data_dir: str | Path | None = None, download:
     if current is not None and [r.get("id") for r in current["runs"]] == [r["id"] for r in finished] \
             and current.get("unfinished", []) == [r["id"] for r in unfinished]:
         return None
-    ds = prepare_data(cfg, data_dir, download)
+    ds = devices.place(prepare_data(cfg, data_dir, download), devices.resolve(device))
     with OutputLock(out, what="report"):
         _remove_temp_files(out, ("results.json", "report.md"))
         doc = _results_doc(cfg, ds, finished, _pairs(out, cfg, ds, finished), command, t0)

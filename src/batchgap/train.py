@@ -154,8 +154,11 @@ def train(
     if writes and 0 in keep and start_epoch == 0:
         atomic_save_torch(model.state_dict(), run_dir / "iterates" / "epoch-0.pt")
     t0 = time.perf_counter() - result.wall_time_s
-    with torch.random.fork_rng(devices=[]), _parallel(model, world, cfg.bn_sync) as net:
+    gpu = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
+    with torch.random.fork_rng(devices=gpu), _parallel(model, world, cfg.bn_sync) as net:
         torch.set_rng_state(rng_state)
+        if gpu:  # dropout on a GPU draws from its own generator: seeded per run too (not checkpointed)
+            torch.cuda.manual_seed(distributed.worker_seed(seed) + result.epochs_done)
         bar = progress_bar(range(start_epoch, cfg.epochs), desc=desc, enabled=progress if rank == 0 else False,
                            initial=start_epoch, total=cfg.epochs)
         for epoch in bar:

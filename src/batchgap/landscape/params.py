@@ -106,7 +106,7 @@ def distance(model_a: nn.Module, model_b: nn.Module | dict, which: str = "all") 
     """Euclidean distance between two models' parameters (``model_b`` may be a state dict)."""
     pa = dict(named_parameters(model_a, which))
     pb = dict(model_b.named_parameters()) if isinstance(model_b, nn.Module) else model_b
-    total = torch.zeros((), dtype=torch.float64)
+    total = 0.0  # float64 sums of squares, added in parameter order (wherever the tensors live)
     for name, p in pa.items():
-        total += (p.detach().double() - pb[name].detach().double()).pow(2).sum()
-    return float(total.sqrt())
+        total += float((p.detach().double() - pb[name].detach().to(p.device).double()).pow(2).sum())
+    return float(torch.tensor(total, dtype=torch.float64).sqrt())

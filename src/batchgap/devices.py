@@ -1,0 +1,60 @@
+"""Where a study computes: ``auto`` (the GPU when torch sees one, else the CPU), ``cpu``, ``cuda``, ``cuda:N``.
+
+A study's data sets are moved to the device once; every model follows its data (:func:`batchgap.study.build`),
+and every measurement follows the model (:mod:`batchgap.landscape`). Numbers differ between devices at float
+rounding (and, through training, more), so each run records the device it trained on. On a GPU the dropout
+stream is seeded per run like the CPU's, but a resumed run is not bitwise an uninterrupted one (the GPU's
+generator state is not checkpointed) and cuDNN may pick nondeterministic kernels.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .data.base import Dataset
+from .errors import UserError
+
+CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve(spec: str | torch.device | None = None) -> torch.device:
+    """The device ``spec`` names (default: ``$BATCHGAP_DEVICE``, else ``auto``), checked to exist here."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or os.environ.get("BATCHGAP_DEVICE") or "auto").strip()
+    if spec == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"--device: unknown device {spec!r}; expected {CHOICES}") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise UserError(f"--device: {spec!r} is not supported; expected {CHOICES}")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {spec}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    return torch.device("cuda", index)
+
+
+def describe(device: torch.device) -> str:
+    """``cpu``, or ``cuda:0 (NVIDIA H100 80GB HBM3)``: what a run's protocol records."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def place(ds: Dataset, device: torch.device) -> Dataset:
+    """``ds`` with its train and test tensors on ``device`` (itself when they are there already)."""
+    if ds.train.x.device == device and ds.test.x.device == device:
+        return ds
+    return Dataset(ds.name, ds.train.to(device), ds.test.to(device), ds.num_classes, ds.input_shape, ds.info)
+
+
+def of(ds: Dataset) -> torch.device:
+    """The device a data set's tensors live on."""
+    return ds.train.x.device
