@@ -28,12 +28,12 @@ from torch import nn
 
 from .boxmax import SOLVER, maximize_in_box
 from .functional import FullDataLoss, session
-from .protocol import jsonable
+from .protocol import Measured
 from .sharpness import bn_protocol, loss_fn_name
 
 
 @dataclass(frozen=True)
-class AdaptiveSharpnessResult:
+class AdaptiveSharpnessResult(Measured):
     value: float  # max L(w + delta) - L(w) over the evaluations (best)
     value_final: float  # the same at the final iterate
     relative: float  # value / (1 + L(w)) * 100, Keskar's normalization, for comparison
@@ -46,18 +46,8 @@ class AdaptiveSharpnessResult:
     f_x: float
     f_best: float
     f_final: float
-    n: int
-    bn: str
-    bn_description: str
-    params: str
-    num_params: int
-    batch_size: int
-    loss_fn: str
     solver: str
     stop: str
-
-    def as_dict(self) -> dict:
-        return jsonable(self)
 
 
 def adaptive_sharpness(

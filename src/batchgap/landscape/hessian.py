@@ -24,14 +24,14 @@ from scipy import stats
 from torch import nn
 
 from .functional import FullDataLoss, session
-from .protocol import frozen_array, jsonable
+from .protocol import Measured, frozen_array, jsonable
 from .sharpness import bn_protocol, loss_fn_name
 
 HVP_METHOD = "reverse-over-reverse HVP: backward of grad . v through the kept gradient graph of functional_call, batch-weighted"
 
 
 @dataclass(frozen=True)
-class EigenResult:
+class EigenResult(Measured):
     eigenvalues: np.ndarray  # (k,), descending
     residuals: np.ndarray  # ||H v_i - lambda_i v_i||, computed with extra HVPs
     converged: bool
@@ -40,13 +40,6 @@ class EigenResult:
     lanczos_steps: int
     hvps: int  # all HVPs used, the residual checks included
     seed: int
-    n: int
-    bn: str
-    bn_description: str
-    params: str
-    num_params: int
-    batch_size: int
-    loss_fn: str
     method: str
     eigenvectors: np.ndarray | None = field(default=None, repr=False)  # (k, num_params); not in as_dict
 
@@ -57,7 +50,7 @@ class EigenResult:
 
 
 @dataclass(frozen=True)
-class TraceResult:
+class TraceResult(Measured):
     value: float
     stderr: float
     ci_low: float
@@ -68,16 +61,6 @@ class TraceResult:
     method: str
     interval: str
     seed: int
-    n: int
-    bn: str
-    bn_description: str
-    params: str
-    num_params: int
-    batch_size: int
-    loss_fn: str
-
-    def as_dict(self) -> dict:
-        return jsonable(self)
 
 
 def _protocol(model, F: FullDataLoss, bn, bn_data, batch_size, params, loss_fn) -> dict:

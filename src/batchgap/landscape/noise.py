@@ -63,7 +63,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from .evaluate import batches, model_bn_semantics
 from .functional import FullDataLoss, session
 from .params import is_batchnorm
-from .protocol import jsonable
+from .protocol import Measured
 from .sharpness import bn_protocol, loss_fn_name
 
 SAMPLING = ("batches: uniform random subsets of B distinct examples, independent across batches; "
@@ -72,7 +72,7 @@ SAMPLING = ("batches: uniform random subsets of B distinct examples, independent
 
 
 @dataclass(frozen=True)
-class NoiseScaleResult:
+class NoiseScaleResult(Measured):
     b_simple: float  # tr(Sigma)_est / |G|^2_est
     b_simple_stderr: float  # delta method from the two means' standard errors; 0 when exact
     ci_low: float  # percentile bootstrap interval for b_simple; = b_simple when exact
@@ -91,17 +91,7 @@ class NoiseScaleResult:
     sampling: str
     interval: str
     seed: int | None  # None for the exact method (no randomness)
-    n: int
-    bn: str
-    bn_description: str
-    params: str
-    num_params: int
-    batch_size: int
-    loss_fn: str
     method: str
-
-    def as_dict(self) -> dict:
-        return jsonable(self)
 
 
 # -- the estimator's algebra, on numbers or tensors ---------------------------------------------------

@@ -1,4 +1,5 @@
-"""Small shared pieces for result objects: read-only arrays, JSON conversion, data and grid checks."""
+"""Small shared pieces for result objects: the protocol fields, read-only arrays, JSON conversion, data and
+grid checks."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +7,23 @@ import math
 from typing import Any, Mapping
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """What every full-data measure states beside its numbers: how many examples, the BatchNorm mode and its
+    meaning, which parameters, the evaluation batch size and the loss. Results extend it; ``as_dict`` is JSON."""
+
+    n: int
+    bn: str
+    bn_description: str
+    params: str
+    num_params: int
+    batch_size: int
+    loss_fn: str
+
+    def as_dict(self) -> dict:
+        return jsonable(self)
 
 
 def frozen_array(values, dtype=np.float64) -> np.ndarray:

@@ -40,11 +40,11 @@ from torch import nn
 from .boxmax import SOLVER, maximize_in_box
 from .evaluate import describe_bn
 from .functional import FullDataLoss, session
-from .protocol import jsonable
+from .protocol import Measured
 
 
 @dataclass(frozen=True)
-class SharpnessResult:
+class SharpnessResult(Measured):
     value: float  # phi in percent, from the best f over all evaluations
     value_final: float  # phi from the final iterate
     eps: float
@@ -58,18 +58,8 @@ class SharpnessResult:
     f_x: float
     f_best: float
     f_final: float
-    n: int
-    bn: str
-    bn_description: str
-    params: str
-    num_params: int
-    batch_size: int
-    loss_fn: str
     solver: str
     stop: str
-
-    def as_dict(self) -> dict:
-        return jsonable(self)
 
 
 def bn_protocol(model: nn.Module, bn: str, batch_size: int, bn_data) -> str:
