@@ -186,6 +186,17 @@ def test_every_builtin_study_runs_quick(name, tmp_path, monkeypatch, mnist1d_dir
     doc = json.loads((out / "results.json").read_text())
     assert len(doc["runs"]) >= 2 and all(r.get("complete") for r in doc["runs"])
     assert (out / "report.md").exists() and (out / "figures" / "parametric_plot.png").exists()
+    report = (out / "report.md").read_text()
+    for figure in doc["study"]["figures"]:  # each experiment's own figure is drawn and shown in the report
+        png = EXPERIMENT_FIGURES[figure]
+        assert f"](figures/{png})" in report and (out / "figures" / png).read_bytes()[:4] == b"\x89PNG"
+    if "remedies" in doc["study"]["figures"]:
+        table = [line for line in report.splitlines() if line.startswith("| ") and "(batch " in line]
+        assert len(table) == len(doc["study"]["regimes"])
+
+
+EXPERIMENT_FIGURES = {"batch-sweep": "batch_sweep.png", "warm-start": "warm_start.png", "remedies": "remedies.png",
+                      "trajectory": "sharpness_trajectory.png", "noise-scale": "noise_scale.png"}
 
 
 @pytest.mark.parametrize("name", [n for n in builtin_names() if _needs_files(n)])
@@ -291,3 +302,19 @@ def test_each_run_records_the_device_it_trained_on(default_out):
     doc = json.loads((default_out / "results.json").read_text())
     device = "cpu" if not torch.cuda.is_available() else doc["environment"]["device"]
     assert doc["environment"]["device"] == device and all(r["device"] == device for r in doc["runs"])
+
+
+def test_the_report_flags_regimes_that_did_not_fit_the_training_set(default_run):
+    from batchgap.report import write_report
+
+    doc = json.loads((default_run / "results.json").read_text())
+    for fitted in (False, True):
+        for row in doc["summary"].values():
+            row["train_accuracy"]["mean"] = 1.0 if fitted else 0.9
+        doc["summary"]["SB"]["train_accuracy"]["mean"] = 0.995
+        (default_run / "results.json").write_text(json.dumps(doc))
+        line = [x for x in write_report(default_run).read_text().splitlines() if x.startswith("**Not fitted:**")]
+        if fitted:
+            assert not line
+        else:
+            assert len(line) == 1 and "LB (90.0% after" in line[0] and "SB (" not in line[0]
