@@ -220,6 +220,47 @@ def remedies_table(doc: dict) -> list[str]:
     return lines
 
 
+def remedies(doc: dict, path: Path) -> Path | None:
+    """Each method's test accuracy against its eps-sharpness (mean ± std over seeds): does a remedy that
+    closes the gap also find a flatter minimum? The SB and LB baselines' accuracies as lines."""
+    comp = doc.get("comparison") or {}
+    sb, lb = comp.get("small"), comp.get("large")
+    eps = _eps_list(doc)[0] if _eps_list(doc) else None
+    if not sb or not lb or eps is None:
+        return None
+    points = []
+    for r in doc["study"]["regimes"]:
+        rows = [(_sharp(run, eps), run["test"]["accuracy"]) for run in _runs(doc, r["name"])]
+        rows = [(x, y) for x, y in rows if x is not None]
+        if rows:
+            points.append((r["name"], np.asarray(rows, dtype=float)))
+    if len(points) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(8.4, 5.6))
+    cmap = plt.get_cmap("tab20")
+    for i, (name, rows) in enumerate(points):
+        x, y = rows[:, 0], 100 * rows[:, 1]
+        sd = (lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+        color = "black" if name in (sb, lb) else cmap(i % 20)
+        ax.errorbar(x.mean(), y.mean(), xerr=sd(x), yerr=sd(y), fmt="s" if name in (sb, lb) else "o",
+                    color=color, ms=6, capsize=3, label=name)
+        ax.annotate(name, (x.mean(), y.mean()), textcoords="offset points", xytext=(5, 4), fontsize=7, color=color)
+    for name, style in ((sb, "-"), (lb, "--")):
+        ax.axhline(100 * doc["summary"][name]["test_accuracy"]["mean"], color="grey", ls=style, lw=1,
+                   label=f"{name} test accuracy")
+    _plain_log(ax, "x")
+    ax.set_xlabel(f"ε-sharpness, ε = {eps:g}, full space (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{doc['study']['name']}: does closing the gap find a flatter minimum? (mean ± std, {_seeds(doc)})",
+                 fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def noise_scale(doc: dict, path: Path) -> Path | None:
     """The gradient noise scale B_simple along training, with each regime's batch size for reference."""
     colors = regime_colors(doc)
