@@ -206,7 +206,7 @@ def train_throughput() -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ MFU
-def mfu() -> list[dict]:
+def mfu(with_compile: bool = False) -> list[dict]:
     import torch
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
@@ -241,7 +241,7 @@ def mfu() -> list[dict]:
     with FlopCounterMode(display=False) as counter:
         step(m, opt, False)
     flops = counter.get_total_flops()
-    for threads in (1, 2):
+    for threads in ((1,) if with_compile else (1, 2)):
         _threads(threads)
         peak = matmul_peak(threads)
         variants = {}
@@ -256,20 +256,21 @@ def mfu() -> list[dict]:
                         f"{flops / t[best] / 1e9:.1f} GFLOP/s = {100 * util:.0f}% of matmul",
                         f"matmul {peak / 1e9:.1f} GFLOP/s", f"{util:.2f}", ">= 0.50", util >= 0.5,
                         "; ".join(f"{k}: {flops / v / 1e9:.1f} GFLOP/s" for k, v in t.items()) + f"; {load()}"))
-    _threads(1)
-    try:
-        m, opt = make(True)
-        compiled = torch.compile(m)
-        t0 = time.perf_counter()
-        step(m, opt, True, compiled)
-        compile_s = time.perf_counter() - t0
-        t = interleaved({"eager": lambda: step(m, opt, True), "compiled": lambda: step(m, opt, True, compiled)})
-        note = (f"torch.compile (inductor, 1 thread): {flops / t['compiled'] / 1e9:.1f} GFLOP/s against eager "
-                f"{flops / t['eager'] / 1e9:.1f}, {t['eager'] / t['compiled']:.2f}x, after {compile_s:.0f} s of compiling")
-    except Exception as e:  # no compiler, or inductor fails on this platform
-        note = f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-    rows.append(row(f"MFU: {name}, torch.compile", note.split(":")[1].split(",")[0].strip() if "failed" not in note else "-",
-                    "", "", "reported", True, note + f"; {load()}"))
+    if with_compile:
+        _threads(1)
+        try:
+            m, opt = make(True)
+            compiled = torch.compile(m)
+            t0 = time.perf_counter()
+            step(m, opt, True, compiled)
+            compile_s = time.perf_counter() - t0
+            t = interleaved({"eager": lambda: step(m, opt, True), "compiled": lambda: step(m, opt, True, compiled)})
+            note = (f"torch.compile (inductor, 1 thread): {flops / t['compiled'] / 1e9:.1f} GFLOP/s against eager "
+                    f"{flops / t['eager'] / 1e9:.1f}, {t['eager'] / t['compiled']:.2f}x, after {compile_s:.0f} s of compiling")
+        except Exception as e:  # no compiler, or inductor fails on this platform
+            note = f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        rows.append(row(f"MFU: {name}, torch.compile", note.split(":")[1].split(",")[0].strip() if "failed" not in note else "-",
+                        "", "", "reported", True, note + f"; {load()}"))
     return rows
 
 
@@ -423,6 +424,25 @@ def sharpness() -> list[dict]:
                         f"{r.nfev} loss+grad passes, {t[key]:.2f} s", f"one SB training epoch {t['epoch']:.2f} s",
                         f"{t[key] / t['epoch']:.2f} epochs", "<= 15 passes", r.nfev <= 15,
                         f"{r.nit} iterations; {load()}"))
+    # the L-BFGS-B driver: batchgap's loop over scipy's compiled setulb against scipy.optimize.minimize
+    from batchgap.landscape import boxmax
+
+    direct_solve = boxmax._solve
+    with_minimize = lambda objective, h, it, fun, cb: boxmax._scipy(objective, h, it, fun, cb)  # noqa: E731
+
+    def using(solve, key):
+        boxmax._solve = solve
+        try:
+            res[key] = eps_sharpness(model, ds.train, eps=1e-3, max_iter=10)
+        finally:
+            boxmax._solve = direct_solve
+    t = interleaved({"direct": lambda: using(direct_solve, "direct"), "minimize": lambda: using(with_minimize, "minimize")},
+                    repeats=3)
+    same = all(getattr(res["direct"], k) == getattr(res["minimize"], k) for k in ("value", "nit", "nfev", "stop"))
+    rows.append(row("eps-sharpness (full space) call: L-BFGS-B loop over scipy's setulb, array bounds",
+                    f"{t['direct']:.2f} s", f"{t['minimize']:.2f} s (scipy.optimize.minimize, Bounds)",
+                    f"{t['minimize'] / t['direct']:.2f}x", "faster, same result", same and t["direct"] < t["minimize"],
+                    f"same value, iterations, evaluations and stop: {same}; used: {boxmax.direct_driver_ok()}; {load()}"))
     return rows
 
 
@@ -566,20 +586,22 @@ BENCHMARKS = {
 }
 # Not part of "all" (they take 3-10 minutes each): `python benchmarks/run.py --studies [--keep DIR]`
 STUDIES = {f"study-{n}": n for n in EXPERIMENT_STUDIES}
+# Also not part of "all": torch.compile of C1 (about 200 s of compiling on this CPU, 0.84x of eager when measured)
+EXTRA = {"mfu-compile": lambda: mfu(with_compile=True)}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("names", nargs="*", choices=[*BENCHMARKS, *STUDIES, []], metavar="NAME",
-                   help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)}); "
-                        f"also {', '.join(STUDIES)}: the experiment studies end to end, each at its default size")
+    p.add_argument("names", nargs="*", choices=[*BENCHMARKS, *EXTRA, *STUDIES, []], metavar="NAME",
+                   help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)}); also {', '.join(EXTRA)} "
+                        f"(torch.compile), and {', '.join(STUDIES)}: the experiment studies end to end, each at its default size")
     p.add_argument("--studies", action="store_true", help="time every experiment study (about 40 minutes)")
     p.add_argument("--keep", type=Path, help="keep the studies' output directories here (to read their reports)")
     args = p.parse_args()
     names = args.names or ([] if args.studies else list(BENCHMARKS))
     if args.studies:
         names += [n for n in STUDIES if n not in names]
-    benchmarks = {**BENCHMARKS, **{k: (lambda n=n: [study_run(n, keep=args.keep)]) for k, n in STUDIES.items()}}
+    benchmarks = {**BENCHMARKS, **EXTRA, **{k: (lambda n=n: [study_run(n, keep=args.keep)]) for k, n in STUDIES.items()}}
     if args.keep:
         benchmarks["default-study"] = lambda: [study_run("default", keep=args.keep),
                                                study_run("default", keep=args.keep, extra=("--stack-seeds",))]
