@@ -158,7 +158,7 @@ def train(
     with torch.random.fork_rng(devices=gpu), _parallel(model, world, cfg.bn_sync) as net:
         torch.set_rng_state(rng_state)
         if gpu:  # dropout on a GPU draws from its own generator: seeded per run too (not checkpointed)
-            torch.cuda.manual_seed(distributed.worker_seed(seed) + result.epochs_done)
+            torch.cuda.default_generators[gpu[0].index].manual_seed(distributed.worker_seed(seed) + result.epochs_done)
         bar = progress_bar(range(start_epoch, cfg.epochs), desc=desc, enabled=progress if rank == 0 else False,
                            initial=start_epoch, total=cfg.epochs)
         for epoch in bar:
