@@ -89,3 +89,14 @@ def test_bad_remedy_settings_name_the_field(regime, needle):
 
     with pytest.raises(UserError, match=needle):
         study([{"name": "SB", "batch_size": 8}, regime])
+
+
+def test_each_remedy_row_names_its_method_and_settings():
+    from batchgap.report.experiments import describe
+    assert describe({"batch_size": 400}) == "baseline"
+    assert describe({"remedy": "proximal", "remedy_options": {"lam": 1e-3, "inner_steps": 3}}) \
+        == "conservative training (proximal) (lam 0.001, inner_steps 3)"
+    assert describe({"remedy": "sam", "remedy_options": {"rho": 0.05}}) == "SAM (rho 0.05)"
+    assert describe({"batch_size": 400, "batch_schedule": {"kind": "switch", "small": 32, "switch_epoch": 10}}) \
+        == "batch 32 → 400, switch at epoch 10"
+    assert describe({"lr_rule": "linear", "warmup_epochs": 5.0}) == "lr rule linear; 5 warmup epochs"

@@ -159,12 +159,17 @@ def _stat(st: dict | None) -> str:
     return "n/a" if not st or st.get("mean") is None else f"{st['mean']:.3g} ± {st['std']:.2g}"
 
 
+_REMEDY_NAMES = {"proximal": "conservative training (proximal)", "fgsm": "adversarial training (FGSM)",
+                 "sam": "SAM", "asam": "ASAM"}
+
+
 def describe(regime: dict, batch_size: int | None = None) -> str:
     """A regime's remedy in a few words, from its settings."""
     parts = []
     if regime.get("remedy", "plain") != "plain":
         opts = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in regime.get("remedy_options", {}).items())
-        parts.append(f"{regime['remedy'].upper()} ({opts})" if opts else regime["remedy"].upper())
+        name = _REMEDY_NAMES.get(regime["remedy"], regime["remedy"])
+        parts.append(f"{name} ({opts})" if opts else name)
     if regime.get("augment"):
         parts.append(f"augmentation {regime['augment']}")
     if regime.get("ghost_batch"):
