@@ -76,8 +76,12 @@ def batch_sweep(doc: dict, path: Path) -> Path | None:
     ax2.set_ylabel("ε-sharpness, full space (log scale)")
     fig.suptitle(f"{doc['study']['name']}: accuracy and sharpness against batch size ({_seeds(doc)})", fontsize=11)
     fig.subplots_adjust(bottom=0.22, wspace=0.28)
-    _protocol_note(fig, f"Each batch size trained {doc['study']['train']['epochs']} epochs from the same x0 per seed; "
-                        "error bars: ±1 std over seeds; sharpness on the training set, as Tables 3-4.")
+    base = doc["study"]["train"]["epochs"]
+    longer = [f"{n}: {r['epochs']} epochs, {r['steps']} updates" for n in regimes
+              for r in _runs(doc, n)[:1] if r["epochs"] != base]
+    _protocol_note(fig, f"Each batch size trained {base} epochs" + (f" ({'; '.join(longer)})" if longer else "")
+                        + " from the same x0 per seed; error bars: ±1 std over seeds; sharpness on the training set, "
+                        "as Tables 3-4.")
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
