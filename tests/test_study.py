@@ -318,3 +318,32 @@ def test_the_report_flags_regimes_that_did_not_fit_the_training_set(default_run)
             assert not line
         else:
             assert len(line) == 1 and "LB (90.0% after" in line[0] and "SB (" not in line[0]
+
+
+def test_a_gap_without_variance_is_reported_without_a_t_test():
+    """Two seeds per regime that agree exactly (a tiny quick run can): Welch's t is 0/0 there, so the
+    comparison says so instead of carrying scipy's nan p-value (and its warning) into the report."""
+    import warnings
+    from batchgap.config import from_dict
+    from batchgap.report import _table2
+    cfg = from_dict({"name": "t", "regimes": [{"name": "SB", "batch_size": 32}, {"name": "LB", "batch_size": 512}],
+                     "compare": ["SB", "LB"], "seeds": [0, 1]})
+
+    def run(regime, seed, acc):
+        return {"regime": regime, "seed": seed, "batch_size": 32 if regime == "SB" else 512, "lr": 1e-3, "steps": 10,
+                "train": {"accuracy": 1.0, "loss": 0.01}, "test": {"accuracy": acc, "loss": 1.0},
+                "distance_from_init": {"value": 1.0}, "wall_time_s": 1.0}
+    for lb_accs, tested in (([0.5, 0.5], False), ([0.5, 0.6], True)):
+        runs = [run("SB", 0, 0.75), run("SB", 1, 0.75), run("LB", 0, lb_accs[0]), run("LB", 1, lb_accs[1])]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = study_mod.summarize(cfg, runs)
+            comp = study_mod.compare(cfg, runs, summary)
+        assert comp["test_accuracy_gap"] == pytest.approx(0.75 - np.mean(lb_accs))
+        assert ("p_value" in comp) is tested and comp["test"].startswith("none") is not tested
+        if tested:  # one constant regime still has a Welch test (its variance is the other's alone)
+            assert comp["p_value"] == pytest.approx(stats.ttest_ind([0.75, 0.75], lb_accs, equal_var=False).pvalue)
+        else:
+            assert not [str(w.message) for w in caught]
+        line = "\n".join(_table2({"summary": summary, "comparison": comp, "runs": runs, "study": cfg.to_dict()}))
+        assert ("no t-test" in line) is not tested and ("Welch t" in line) is tested and "nan" not in line

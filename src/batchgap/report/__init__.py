@@ -76,6 +76,8 @@ def _table2(doc: dict) -> list[str]:
         if "p_value" in comp:
             verdict = "significant at 0.05" if comp["p_value"] < 0.05 else "not significant at 0.05"
             sentence += f" (Welch t = {comp['welch_t']:.2f}, two-sided p = {comp['p_value']:.3g}, {verdict})."
+        elif comp.get("test", "").startswith("none"):
+            sentence += f" (no t-test: {comp['test'][len('none: '):]})."
         else:
             sentence += " (one seed per regime: no test)."
         lines.append(sentence)
