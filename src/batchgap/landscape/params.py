@@ -94,12 +94,17 @@ def set_flat(tensors: Sequence[torch.Tensor], vector: torch.Tensor) -> None:
 
 
 def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Split ``vector`` into views shaped like ``like``."""
-    out, offset = [], 0
-    for t in like:
-        out.append(vector[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return out
+    """Split ``vector`` into views shaped like ``like``.
+
+    One ``torch.split``, not a slice per tensor: the gradient of a slice is a zero tensor the size of
+    the whole vector with the slice filled in, so with a slice per tensor the backward pass wrote and
+    added one full-size vector per parameter tensor (on VGG-16, 30 x 15M entries: 5x the cost of the
+    network's own backward pass); the gradient of a split is one concatenation.
+    """
+    sizes = [t.numel() for t in like]
+    rest = vector.shape[-1] - sum(sizes)
+    parts = torch.split(vector, sizes + [rest] if rest else sizes, dim=-1)
+    return [p.view(*vector.shape[:-1], *t.shape) for p, t in zip(parts, like)]
 
 
 def distance(model_a: nn.Module, model_b: nn.Module | dict, which: str = "all") -> float:
