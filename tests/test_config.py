@@ -44,6 +44,8 @@ def test_minimal_study_fills_defaults_and_inherits_train_per_regime():
     ({**MINIMAL, "regimes": [{"name": "A", "batch_size": 8}, {"name": "A", "batch_size": 9}]}, "repeated regime name"),
     ({**MINIMAL, "compare": ["SB", "XL"]}, "compare: unknown regime 'XL'"),
     ({**MINIMAL, "measure": {"interpolation_range": [2, 1]}}, "measure.interpolation_range"),
+    ({**MINIMAL, "measure": {"hessian_trace_probes": 1}}, "measure.hessian_trace_probes: expected 0 (off) or at least 2"),
+    ({**MINIMAL, "measure": {"hessian_max_hvp": 0}}, "measure.hessian_max_hvp: must be at least 1"),
     ({**MINIMAL, "sedes": [1]}, 'sedes: unknown key (did you mean "seeds"?)'),
     ({**MINIMAL, "name": "has space"}, "name: expected a study name"),
     ({**MINIMAL, "data": {"train_subset": -3}}, "data.train_subset: must be at least 0"),

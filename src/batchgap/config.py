@@ -144,6 +144,7 @@ class MeasureConfig:
     sharpness_max_iter: int = field(default=10, metadata={"min": 1})
     adaptive_rho: float = field(default=0.01, metadata={"min": 0.0, "doc": "0 = no adaptive sharpness"})
     hessian_top_k: int = field(default=1, metadata={"min": 0})
+    hessian_max_hvp: int = field(default=100, metadata={"min": 1, "doc": "cap on Lanczos steps (HVPs) for the top eigenvalues"})
     hessian_trace_probes: int = field(default=10, metadata={"min": 0})
     curve_directions: int = field(default=5, metadata={"min": 0})
     curve_points: int = field(default=21, metadata={"min": 3})
@@ -357,6 +358,8 @@ def from_dict(raw: dict, source: str = "study") -> StudyConfig:
     if not all(isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e < 1 for e in eps):
         raise UserError(f"measure.sharpness_eps: expected a list of numbers in (0, 1), got {eps!r}")
     measure.sharpness_eps = [float(e) for e in eps]
+    if measure.hessian_trace_probes == 1:  # Hutchinson's interval needs a sample variance
+        raise UserError("measure.hessian_trace_probes: expected 0 (off) or at least 2, got 1")
     raw_regimes = raw.get("regimes")
     if not isinstance(raw_regimes, list) or not raw_regimes:
         raise UserError("regimes: expected at least one [[regimes]] table with name and batch_size")
@@ -484,7 +487,7 @@ GENERIC_QUICK = {
     "train.epochs": 2, "data.train_subset": 512, "data.test_subset": 256,
     "measure.sharpness_eps": [1e-3], "measure.sharpness_max_iter": 3, "measure.sharpness_subspace_dim": 10,
     "measure.hessian_trace_probes": 3, "measure.curve_directions": 2, "measure.curve_points": 7,
-    "measure.surface_points": 5, "measure.noise_scale_batches": 20,
+    "measure.surface_points": 5, "measure.noise_scale_batches": 20, "measure.hessian_max_hvp": 10,
 }
 
 

@@ -116,7 +116,8 @@ def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int,
         out["adaptive_sharpness"] = adaptive_sharpness(
             model, data, rho=mcfg.adaptive_rho, max_iter=mcfg.sharpness_max_iter, **common).as_dict()
     if mcfg.hessian_top_k:
-        out["hessian_eigenvalues"] = hessian_eigenvalues(model, data, k=mcfg.hessian_top_k, seed=seed, **common).as_dict()
+        out["hessian_eigenvalues"] = hessian_eigenvalues(
+            model, data, k=mcfg.hessian_top_k, max_hvp=mcfg.hessian_max_hvp, seed=seed, **common).as_dict()
     if mcfg.hessian_trace_probes:
         out["hessian_trace"] = hessian_trace(model, data, n_probes=mcfg.hessian_trace_probes, seed=seed, **common).as_dict()
     if mcfg.noise_scale_batches:
