@@ -49,3 +49,45 @@ def test_place_moves_both_sets_and_keeps_a_dataset_already_there():
     assert moved.train.x.device.type == moved.test.y.device.type == "meta"
     assert (moved.name, moved.num_classes, moved.input_shape, moved.info) == ("t", 2, (2,), {"a": 1})
     assert devices.of(moved) == torch.device("meta") and devices.of(ds) == torch.device("cpu")
+
+
+def _conv_net(seed=0):
+    from batchgap.models import init_model
+    return init_model("simplevgg", (3, 8, 8), 4, seed, width=4)
+
+
+def test_conv_models_go_channels_last_on_the_cpu_with_their_values_and_their_function():
+    plain = _conv_net()
+    fast = devices.fast_layout(_conv_net())
+    assert devices.fast_layout(fast) is fast  # in place, idempotent
+    w = [p for p in fast.parameters() if p.dim() == 4]
+    assert w and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in w)
+    for (k, a), b in zip(plain.state_dict().items(), fast.state_dict().values()):
+        assert torch.equal(a, b), k
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    plain.eval(), fast.eval()
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), plain(x), rtol=1e-5, atol=1e-6)
+    from batchgap.models import init_model
+    mlp = init_model("mlp", (6,), 3, 0, width=8, depth=1)
+    assert devices.fast_layout(mlp) is mlp and all(p.is_contiguous() for p in mlp.parameters())
+
+
+def test_training_a_conv_net_channels_last_follows_the_plain_layout(monkeypatch):
+    """train() converts conv nets (the fast path); the trajectory is the plain layout's to float rounding."""
+    from batchgap.config import TrainConfig
+    from batchgap.train import train
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 8, 8, generator=g)
+    data = TensorData(x, (x[:, 0].mean((1, 2)) > 0).long() + 2 * (x[:, 1].mean((1, 2)) > 0).long())
+    cfg = TrainConfig(epochs=3, lr=0.05, optimizer="sgd")  # Adam would turn rounding in near-zero gradients into full steps
+    fast = _conv_net()
+    train(fast, data, None, cfg, 16, seed=0, progress=False)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fast.parameters() if p.dim() == 4)
+    monkeypatch.setattr(devices, "fast_layout", lambda m: m)
+    plain = _conv_net()
+    train(plain, data, None, cfg, 16, seed=0, progress=False)
+    assert all(p.is_contiguous() for p in plain.parameters())
+    moved = max((p - q).abs().max().item() for p, q in zip(fast.parameters(), plain.parameters()))
+    travelled = max((p - q).abs().max().item() for p, q in zip(fast.parameters(), _conv_net().parameters()))
+    assert moved < 1e-4 < travelled, (moved, travelled)

@@ -58,3 +58,19 @@ def place(ds: Dataset, device: torch.device) -> Dataset:
 def of(ds: Dataset) -> torch.device:
     """The device a data set's tensors live on."""
     return ds.train.x.device
+
+
+def fast_layout(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` itself, with its 4-D weights in channels_last when it has 2-D convolutions on the CPU.
+
+    oneDNN's CPU convolutions run in NHWC: given NCHW tensors, every convolution converts its input,
+    output and gradients, which costs a conv net more than its arithmetic on a small CPU (the measured
+    training throughput is in docs/performance.md). The layout is a storage order, not a value: the model
+    computes the same function, its state_dict holds the same values, and inputs in either layout work.
+    On a GPU cuDNN chooses its own layout, so the model is left as it is. Idempotent.
+    """
+    convs = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    params = list(model.parameters())
+    if convs and params and params[0].device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return model

@@ -182,7 +182,7 @@ def start_point(out: Path, cfg: StudyConfig, ds: Dataset, seed: int) -> dict:
 def build(cfg: StudyConfig, ds: Dataset, state: dict | None = None) -> torch.nn.Module:
     """The study's model on the device of its data, holding ``state`` when given."""
     model = init_model(cfg.model.name, ds.input_shape, ds.num_classes, 0, bn=cfg.model.bn, **cfg.model.options)
-    model = model.to(devices.of(ds))
+    model = devices.fast_layout(model.to(devices.of(ds)))
     if state is not None:
         model.load_state_dict(state)
     return model

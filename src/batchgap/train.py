@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
+from . import devices, distributed
 from .config import TrainConfig
 from .data.base import TensorData
 from .errors import UserError
@@ -127,6 +127,7 @@ def train(
     steps_per_epoch = n // sizes[0]
     peak = scaled_lr(cfg, batch_size)
     warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
+    devices.fast_layout(model)  # before the optimizer: its fused state takes the parameters' layout
     optimizer = make_optimizer(model, cfg, peak)
     gen = torch.Generator().manual_seed(seed)
     result = TrainResult(steps_per_epoch=steps_per_epoch, lr=peak, batch_size=batch_size)
