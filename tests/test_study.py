@@ -320,6 +320,7 @@ def test_the_report_flags_regimes_that_did_not_fit_the_training_set(default_run)
             assert len(line) == 1 and "LB (90.0% after" in line[0] and "SB (" not in line[0]
 
 
+@pytest.mark.filterwarnings("ignore:Precision loss occurred in moment calculation:RuntimeWarning")  # scipy, on the constant SB
 def test_a_gap_without_variance_is_reported_without_a_t_test():
     """Two seeds per regime that agree exactly (a tiny quick run can): Welch's t is 0/0 there, so the
     comparison says so instead of carrying scipy's nan p-value (and its warning) into the report."""
