@@ -193,9 +193,18 @@ def train_throughput() -> list[dict]:
     aug = make_augment("crop-flip")
     cfg = TrainConfig(epochs=1, eval_every=1)
     ref_ds = CropFlipDataset(data.x, data.y)
+    from batchgap import devices
+
+    def plain_layout():  # train() without its channels_last fast path, to show what that path gives
+        fast, devices.fast_layout = devices.fast_layout, (lambda m: m)
+        try:
+            train(conv(), data, None, cfg, 64, seed=0, augment=aug, progress=False)
+        finally:
+            devices.fast_layout = fast
     t = interleaved({
         "ref": lambda: _reference_loop(conv(), ref_ds, 1, 64, eval_data=data),
         "ours": lambda: train(conv(), data, None, cfg, 64, seed=0, augment=aug, progress=False),
+        "nchw": plain_layout,
     }, repeats=2)
     n = (len(data) // 64) * 64
     # What the reference loop spends on its data path alone (the DataLoader's per-sample crop+flip and
@@ -207,7 +216,8 @@ def train_throughput() -> list[dict]:
     rows.append(row("training: conv net (SimpleVGG width 16, 1 conv/block) + crop-flip, batch 64",
                     f"{n / t['ours']:.0f} img/s", f"{n / t['ref']:.0f} img/s (DataLoader, per-sample crop+flip)",
                     f"{t['ref'] / t['ours']:.2f}x", ">= 1.5x", t["ref"] / t["ours"] >= 1.5,
-                    f"the reference's data path alone takes {100 * share:.0f}% of its time, so removing it "
+                    f"train() without channels_last (NCHW, as before): {n / t['nchw']:.0f} img/s, "
+                    f"{t['ref'] / t['nchw']:.2f}x; the reference's data path alone takes {100 * share:.0f}% of its time, so removing it "
                     f"entirely gives at most {1 / max(1 - share, 1e-9):.2f}x; the rest is the model's "
                     f"arithmetic (see the MFU rows); {load()}"))
     return rows
