@@ -136,8 +136,11 @@ def trajectory(doc: dict, path: Path) -> Path | None:
         n = min(len(t) for t in trajs)
         loss = np.exp(np.mean([[np.log(p["train_loss"]) for p in t[:n]] for t in trajs], axis=0))
         for eps, style in zip(trajs[0][0]["sharpness"], EPS_STYLES):
-            sharp = np.exp(np.mean([[np.log(max(p["sharpness"][eps], 1e-12)) for p in t[:n]] for t in trajs], axis=0))
-            ax.plot(loss, sharp, style, color=color, marker="o", ms=3.5, label=f"{regime}, ε = {eps}")
+            logs = np.array([[np.log(max(p["sharpness"][eps], 1e-12)) for p in t[:n]] for t in trajs])
+            mean, spread = logs.mean(axis=0), logs.std(axis=0, ddof=1) if len(trajs) > 1 else 0.0
+            ax.plot(loss, np.exp(mean), style, color=color, marker="o", ms=3.5, label=f"{regime}, ε = {eps}")
+            if len(trajs) > 1:
+                ax.fill_between(loss, np.exp(mean - spread), np.exp(mean + spread), color=color, alpha=0.12, lw=0)
         drawn = True
     if not drawn:
         plt.close(fig)
@@ -153,7 +156,8 @@ def trajectory(doc: dict, path: Path) -> Path | None:
     epochs = [p["epoch"] for p in next(r["trajectory"] for r in doc["runs"] if r.get("trajectory"))]
     fig.subplots_adjust(bottom=0.2)
     _protocol_note(fig, f"Measured at epochs {', '.join(map(str, epochs))}; each point the geometric mean over seeds "
-                        "of the training loss and of the sharpness at that epoch.")
+                        "of the training loss and of the sharpness at that epoch; band: ×/÷ one geometric standard deviation of the "
+                        "sharpness over seeds.")
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
