@@ -41,3 +41,21 @@ def test_public_api_is_importable_from_the_package_root():
     import batchgap.train as train_module  # the module, not hidden by a root export of the same name
 
     assert hasattr(train_module, "sgd_step")
+
+
+def test_each_experiment_study_has_a_readme_section_with_its_command_time_and_figure():
+    """Issue 4: the question, the command, the time here and one of its figures, per study."""
+    from batchgap.studies import builtin_names
+
+    experiments = [n for n in builtin_names() if not n.startswith(("keskar", "seed-")) and n != "default"]
+    assert len(experiments) == 5
+    for name in experiments:
+        section = re.search(rf"#### `{name}`: (.*?)(?=\n####|\n### |\n## )", README, re.S)
+        assert section, name
+        text = section.group(1)
+        assert "?" in text.splitlines()[0] and f"`batchgap run {name} --jobs 2`" in text, name
+        assert re.search(r"\*\*[\d.]+ minutes\*\*", text), name
+        figures = re.findall(r"!\[[^\]]*\]\((docs/figures/[^)]+\.png)\)", text)
+        assert figures, name
+        for f in figures:
+            assert (ROOT / f).read_bytes()[:4] == b"\x89PNG", f
