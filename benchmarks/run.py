@@ -323,7 +323,7 @@ def stacked_seeds() -> list[dict]:
         r = t["seq"] / t["stk"]
         rows.append(row(f"stacked seeds: K=4 default MLP, batch {bs}, {E} epochs",
                         f"{t['stk']:.1f} s", f"{t['seq']:.1f} s (4 x train())", f"{r:.2f}x", ">= 2.5x", r >= 2.5,
-                        f"CPU-time ratio {c['seq'] / c['stk']:.2f}x; max |stacked - sequential| over params and "
+                        f"CPU-time ratio {c['seq'] / c['stk']:.2f}x; max abs(stacked - sequential) over params and "
                         f"buffers = {diff:.1e}; {load()}"))
     return rows
 
@@ -409,7 +409,7 @@ def hvp() -> list[dict]:
             w = hw / hw.norm()
     err_l, err_p = abs(ours.eigenvalues[0] - exact) / exact, abs(eig - exact) / exact
     err_h = abs(pyhessian_eig - exact) / exact if pyhessian_count else float("nan")
-    rows.append(row("top Hessian eigenvalue: default MLP, full training set, residual <= 1e-3 |lambda|",
+    rows.append(row("top Hessian eigenvalue: default MLP, full training set, residual <= 1e-3 abs(lambda)",
                     f"{ours.hvps} HVPs (Lanczos, {ours.lanczos_steps} steps + 1 residual check)",
                     f"{count} HVPs (power iteration, same stopping rule)", f"{count / ours.hvps:.1f}x fewer",
                     "fewer HVPs", ours.hvps < count,
@@ -509,7 +509,7 @@ def curves() -> list[dict]:
     return [row("loss curve: 21 points, default MLP, full training set",
                 f"{21 / t['ours']:.0f} points/s", f"{21 / t['ref']:.0f} points/s (loss-landscape: set weights, DataLoader pass)",
                 f"{r:.2f}x", ">= 2x", r >= 2,
-                f"our one evaluate() per point: {21 / t['po']:.0f} points/s; max |loss difference| {diff:.1e}; {load()}")]
+                f"our one evaluate() per point: {21 / t['po']:.0f} points/s; max abs(loss difference) {diff:.1e}; {load()}")]
 
 
 # ------------------------------------------------------------------------------------------ end to end
