@@ -526,13 +526,14 @@ def compare(cfg: StudyConfig, runs: list[dict], summary: dict) -> dict | None:
     out = {"small": sb_name, "large": lb_name}
     if sb and lb:
         out["test_accuracy_gap"] = float(np.mean(sb) - np.mean(lb))
-        if len(sb) > 1 and len(lb) > 1 and np.ptp(sb) == 0 and np.ptp(lb) == 0:
-            # Welch's t is 0/0 or x/0 here (scipy warns and returns nan or inf): no p-value to give
-            out["test"] = "none: every seed of both regimes has the same test accuracy (no variance to test against)"
-        elif len(sb) > 1 and len(lb) > 1:
-            t = stats.ttest_ind(sb, lb, equal_var=False)
-            out["welch_t"], out["p_value"] = float(t.statistic), float(t.pvalue)
-            out["test"] = "Welch's two-sided t-test, unequal variances, one value per seed"
+        if len(sb) > 1 and len(lb) > 1:
+            if np.ptp(sb) == 0 and np.ptp(lb) == 0:
+                # Welch's t is 0/0 or x/0 here (scipy warns and returns nan or inf): no p-value to give
+                out["test"] = "none: every seed of both regimes has the same test accuracy (no variance to test against)"
+            else:
+                t = stats.ttest_ind(sb, lb, equal_var=False)
+                out["welch_t"], out["p_value"] = float(t.statistic), float(t.pvalue)
+                out["test"] = "Welch's two-sided t-test, unequal variances, one value per seed"
     ratios = {}
     for key in ("sharpness", "adaptive_sharpness", "hessian_top_eigenvalue", "hessian_trace", "noise_scale"):
         sb_stat, lb_stat = summary[sb_name].get(key), summary[lb_name].get(key)

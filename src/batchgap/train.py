@@ -113,6 +113,9 @@ def train(
     rule then uses the final epoch's size. ``keep_epochs`` keeps the model after those epochs (0 = the
     start point) as ``iterates/epoch-K.pt`` for warm starts and measurements along training.
 
+    A model with 2-D convolutions on the CPU is converted to channels_last in place first
+    (:func:`batchgap.devices.fast_layout`): the same values, a faster layout for oneDNN.
+
     In a process group of W > 1 workers every worker calls this with the same arguments; ``batch_size``
     is the global batch (W must divide it), rank 0 alone touches ``run_dir`` and evaluates.
     """

@@ -101,10 +101,7 @@ def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.
     added one full-size vector per parameter tensor (on VGG-16, 30 x 15M entries: 5x the cost of the
     network's own backward pass); the gradient of a split is one concatenation.
     """
-    sizes = [t.numel() for t in like]
-    rest = vector.shape[-1] - sum(sizes)
-    parts = torch.split(vector, sizes + [rest] if rest else sizes, dim=-1)
-    return [p.view(*vector.shape[:-1], *t.shape) for p, t in zip(parts, like)]
+    return [p.view(t.shape) for p, t in zip(torch.split(vector, [t.numel() for t in like]), like)]
 
 
 def distance(model_a: nn.Module, model_b: nn.Module | dict, which: str = "all") -> float:

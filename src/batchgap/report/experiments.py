@@ -137,9 +137,10 @@ def trajectory(doc: dict, path: Path) -> Path | None:
         loss = np.exp(np.mean([[np.log(p["train_loss"]) for p in t[:n]] for t in trajs], axis=0))
         for eps, style in zip(trajs[0][0]["sharpness"], EPS_STYLES):
             logs = np.array([[np.log(max(p["sharpness"][eps], 1e-12)) for p in t[:n]] for t in trajs])
-            mean, spread = logs.mean(axis=0), logs.std(axis=0, ddof=1) if len(trajs) > 1 else 0.0
+            mean = logs.mean(axis=0)
             ax.plot(loss, np.exp(mean), style, color=color, marker="o", ms=3.5, label=f"{regime}, ε = {eps}")
             if len(trajs) > 1:
+                spread = logs.std(axis=0, ddof=1)
                 ax.fill_between(loss, np.exp(mean - spread), np.exp(mean + spread), color=color, alpha=0.12, lw=0)
         drawn = True
     if not drawn:
