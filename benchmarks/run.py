@@ -292,42 +292,6 @@ def mfu(with_compile: bool = False) -> list[dict]:
     return rows
 
 
-# ------------------------------------------------------------------------------------------ stacked seeds
-def stacked_seeds() -> list[dict]:
-    import torch
-    from batchgap.config import TrainConfig
-    from batchgap.models import init_model
-    from batchgap.stacked import train_stacked
-    from batchgap.train import train
-
-    _threads(1)
-    ds = _mnist1d()
-    K, rows = 4, []
-    for bs, E in ((32, 2), (400, 4)):
-        cfg = TrainConfig(epochs=E)
-        out = {}
-
-        def seq():
-            out["seq"] = [init_model("mlp", (40,), 10, s) for s in range(K)]
-            for s, m in enumerate(out["seq"]):
-                train(m, ds.train, ds.test, cfg, bs, seed=s, progress=False)
-
-        def stk():
-            out["stk"] = [init_model("mlp", (40,), 10, s) for s in range(K)]
-            train_stacked(out["stk"], ds.train, ds.test, cfg, bs, list(range(K)), progress=False)
-
-        t = interleaved({"seq": seq, "stk": stk}, repeats=2)
-        c = interleaved({"seq": seq, "stk": stk}, repeats=1, clock=time.process_time)
-        diff = max(float((a - b).abs().max()) for ma, mb in zip(out["seq"], out["stk"])
-                   for a, b in zip(ma.state_dict().values(), mb.state_dict().values()))
-        r = t["seq"] / t["stk"]
-        rows.append(row(f"stacked seeds: K=4 default MLP, batch {bs}, {E} epochs",
-                        f"{t['stk']:.1f} s", f"{t['seq']:.1f} s (4 x train())", f"{r:.2f}x", ">= 2.5x", r >= 2.5,
-                        f"CPU-time ratio {c['seq'] / c['stk']:.2f}x; max abs(stacked - sequential) over params and "
-                        f"buffers = {diff:.1e}; {load()}"))
-    return rows
-
-
 # ------------------------------------------------------------------------------------------ HVP
 def _trained_mlp(ds, epochs=3):
     from batchgap.config import TrainConfig
@@ -596,11 +560,10 @@ BENCHMARKS = {
     "peaks": peaks,
     "training": train_throughput,
     "mfu": mfu,
-    "stacked": stacked_seeds,
     "hvp": hvp,
     "sharpness": sharpness,
     "curves": curves,
-    "default-study": lambda: [study_run("default"), study_run("default", extra=("--stack-seeds",))],
+    "default-study": lambda: [study_run("default")],
 }
 # Not part of "all" (they take 3-10 minutes each): `python benchmarks/run.py --studies [--keep DIR]`
 STUDIES = {f"study-{n}": n for n in EXPERIMENT_STUDIES}
@@ -621,8 +584,7 @@ def main() -> int:
         names += [n for n in STUDIES if n not in names]
     benchmarks = {**BENCHMARKS, **EXTRA, **{k: (lambda n=n: [study_run(n, keep=args.keep)]) for k, n in STUDIES.items()}}
     if args.keep:
-        benchmarks["default-study"] = lambda: [study_run("default", keep=args.keep),
-                                               study_run("default", keep=args.keep, extra=("--stack-seeds",))]
+        benchmarks["default-study"] = lambda: [study_run("default", keep=args.keep)]
     import torch
 
     print(f"# {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}, "
