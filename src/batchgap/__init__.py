@@ -9,7 +9,7 @@ Every measurement takes a plain ``nn.Module`` and data given as a pair of tensor
 a :class:`TensorData`, or an iterable of ``(inputs, targets)`` batches; each restores the model bit for
 bit and returns its numbers together with their protocol.
 """
-__version__ = "0.1.0"
+from .version import __version__
 
 from .config import StudyConfig, TrainConfig, load_study
 from .data import Dataset, TensorData, load_dataset

@@ -36,20 +36,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", type=Path, help="where data files live (default: $BATCHGAP_DATA or ~/.cache/batchgap/data)")
     run.add_argument("--download", action="store_true", help="download missing data files first")
     run.add_argument("--no-report", action="store_true", help="write results.json only")
-    run.add_argument("--jobs", type=int, default=1, metavar="K",
-                     help="run K runs at once in worker processes (default 1)")
+    run.add_argument("--jobs", type=int, metavar="K",
+                     help="run K runs at once in worker processes (default: the cores available divided by the "
+                          "runs' threads); the numbers do not depend on it")
     run.add_argument("--nproc", type=int, metavar="N",
                      help="train each run data-parallel on N processes (relaunches itself under torchrun)")
     run.add_argument("--shard", metavar="I/N",
                      help="run only shard I of N (0-based) of the study's runs; merge with `batchgap report OUT`")
     run.add_argument("--threads", type=int, metavar="N",
-                     help="torch intra-op threads (default: $BATCHGAP_THREADS, else torch's default)")
+                     help="torch intra-op threads of each run, as --set train.threads=N: part of a run's id, since "
+                          "float rounding depends on it (default: $BATCHGAP_THREADS, else the study's, 1)")
     run.add_argument("--device", metavar="DEVICE",
                      help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N "
                           "(default: $BATCHGAP_DEVICE, else auto); under torchrun, cuda means each worker's GPU LOCAL_RANK")
-    run.add_argument("--stack-seeds", action=argparse.BooleanOptionalAction, default=False,
-                     help="train the seeds of a small model's regime at once as one stacked model; the same "
-                          "results; off by default: in a whole study it did not save time here (docs/performance.md)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bars (default: when stderr is a terminal)")
 
@@ -75,45 +74,52 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _threads(args) -> list[str]:
+    """``--threads N`` (else ``$BATCHGAP_THREADS``) as the setting it is: ``train.threads=N``."""
+    n = args.threads
+    if n is None:
+        env = os.environ.get("BATCHGAP_THREADS", "").strip()
+        if not env:
+            return []
+        if not env.isdigit():
+            raise UserError(f"BATCHGAP_THREADS: expected a positive integer, got {env!r}")
+        n = int(env)
+    if n < 1:
+        raise UserError(f"--threads: must be at least 1, got {n}")
+    return [f"train.threads={n}"]
+
+
 def _cmd_run(args) -> int:
-    import torch
-
     from . import devices, distributed
-    from .config import load_study
-    from .sharding import parse_shard
+    from .config import config_hash, load_study
+    from .sharding import check_free, parse_shard
     from .studies import find_study
-    from .study import run_study
+    from .study import check_study, run_study
 
-    _set_threads(args.threads)
     path = find_study(args.study)
-    cfg = load_study(path, args.sets, quick=args.quick, paper_scale=args.paper_scale)
+    cfg = load_study(path, [*args.sets, *_threads(args)], quick=args.quick, paper_scale=args.paper_scale)
     out = args.out or Path("runs") / (cfg.name + ("-quick" if args.quick else "-paper" if args.paper_scale else ""))
     command = "batchgap " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs: must be at least 1, got {args.jobs}")
     shard = parse_shard(args.shard) if args.shard is not None else None
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc: must be at least 1, got {args.nproc}")
-    if (args.nproc or 1) > 1 and args.jobs > 1:
+    if (args.nproc or 1) > 1 and (args.jobs or 1) > 1:
         raise UserError("--jobs and --nproc: whole runs side by side (--jobs) and processes sharing each run "
                         "(--nproc) do not mix; use one of them")
     device = devices.resolve(args.device)
-    if distributed.launched():  # a worker torchrun started: record how
-        if device.type == "cuda":  # NCCL, each worker on its own GPU
-            distributed.init_from_env("nccl")
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            distributed.init_from_env()
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size()))
-        nodes = distributed.world_size() // max(1, per_node)
-        command = (f"torchrun --nproc_per_node={per_node}" + (f" --nnodes={nodes}" if nodes > 1 else "")
-                   + " -m " + command) if command else None
-    elif (args.nproc or 1) > 1:
-        return _launch(args, cfg, out, shard)
+    if not distributed.launched() and (args.nproc or 1) > 1:
+        # the input is checked here (one line, not N tracebacks), then the command runs under torchrun
+        _, runs = check_study(cfg, args.data_dir, args.download, world_size=args.nproc, device=device)
+        check_free(out, shard, config_hash([r.id for r in runs]))
+        return distributed.launch(args.argv, args.nproc)
+    device, launcher = distributed.start_worker(device)
+    if launcher and command:
+        command = f"{launcher} {command}"
     doc = run_study(cfg, out, data_dir=args.data_dir, download=args.download, progress=args.progress,
-                    log=log, command=command, jobs=args.jobs, threads=args.threads, shard=shard,
-                    stack_seeds=args.stack_seeds, device=device)
+                    log=log, command=command, jobs=args.jobs, shard=shard, device=device)
     if doc is None:  # a data-parallel worker other than rank 0, which writes and reports
         return 0
     if shard is not None:
@@ -121,10 +127,10 @@ def _cmd_run(args) -> int:
             "finished run into results.json and the report")
         print(out)
         return 0
-    comp = doc.get("comparison") or {}
-    if "test_accuracy_gap" in comp:
-        p = f", p = {comp['p_value']:.3g}" if "p_value" in comp else ""
-        log(f"test accuracy gap {comp['small']} - {comp['large']}: {100 * comp['test_accuracy_gap']:+.2f} points{p}")
+    comp = doc.comparison
+    if comp is not None and comp.test_accuracy_gap is not None:
+        p = f", p = {comp.p_value:.3g}" if comp.p_value is not None else ""
+        log(f"test accuracy gap {comp.small} - {comp.large}: {100 * comp.test_accuracy_gap:+.2f} points{p}")
     if not args.no_report:
         from .report import write_report  # matplotlib: only when drawing
 
@@ -132,53 +138,6 @@ def _cmd_run(args) -> int:
     else:
         print(out / "results.json")
     return 0
-
-
-def _launch(args, cfg, out: Path, shard) -> int:
-    """``batchgap run ... --nproc N``: check the input here (one line, not N tracebacks), then run the
-    same command, less ``--nproc``, under torchrun: each worker it starts goes on as a data-parallel worker."""
-    import subprocess
-
-    from .study import check_free, check_study
-
-    _, runs = check_study(cfg, args.data_dir, args.download, world_size=args.nproc)
-    check_free(out, runs, shard)
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "batchgap", *_without_nproc(args.argv)]
-    return subprocess.run(cmd, env=env).returncode
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    """The command line less ``--nproc N`` (torchrun's own parser would take it for --nproc-per-node)."""
-    out, skip = [], False
-    for arg in argv:
-        name = arg.split("=", 1)[0]
-        if skip:
-            skip = False
-        elif len(name) >= 4 and "--nproc".startswith(name):  # --nproc, or a prefix argparse accepted
-            skip = "=" not in arg
-        else:
-            out.append(arg)
-    return out
-
-
-def _set_threads(n: int | None) -> None:
-    import os
-
-    import torch
-
-    if n is None:
-        env = os.environ.get("BATCHGAP_THREADS", "").strip()
-        if not env:
-            return
-        if not env.isdigit():
-            raise UserError(f"BATCHGAP_THREADS: expected a positive integer, got {env!r}")
-        n = int(env)
-    if n < 1:
-        raise UserError(f"--threads: must be at least 1, got {n}")
-    torch.set_num_threads(n)
 
 
 def _cmd_show(args) -> int:

@@ -42,31 +42,23 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
+from .data.augment import AUGMENTATIONS
 from .errors import UserError, closest
+from .landscape.evaluate import BN_MODES as EVAL_BN
+from .models import BN_MODES
+from .overrides import GENERIC_QUICK, apply_set, parse_set, quick_overrides, read_toml  # noqa: F401
+from .remedies import STEPS
+from .results import FIGURES
+from .typed import build as _build, choice as _choice, plain
 
 OPTIMIZERS = ("adam", "sgd")
 LR_RULES = ("none", "sqrt", "linear")
-BN_CHOICES = ("running", "batch", "none")
-EVAL_BN = ("eval", "batch", "recompute")
 PATHS = ("linear", "curvilinear")
-AUGMENT_CHOICES = ("none", "paper", "crop-flip", "shift-1d")
-REMEDIES = ("plain", "sam", "asam", "proximal", "fgsm")
-FIGURES = ("batch-sweep", "warm-start", "trajectory", "remedies", "noise-scale")
-
-
-def _choice(*values: str) -> dict:
-    return {"choices": values}
 
 
 def _positive() -> dict:
@@ -76,7 +68,7 @@ def _positive() -> dict:
 @dataclass
 class DataConfig:
     name: str = "mnist1d"
-    augment: str = field(default="none", metadata=_choice(*AUGMENT_CHOICES))
+    augment: str = field(default="none", metadata=_choice(*AUGMENTATIONS))
     train_subset: int = field(default=0, metadata={"min": 0, "doc": "0 = the whole training set"})
     test_subset: int = field(default=0, metadata={"min": 0, "doc": "0 = the whole test set"})
     subset_seed: int = 0
@@ -85,8 +77,27 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "mlp"
-    bn: str = field(default="running", metadata=_choice(*BN_CHOICES))
+    bn: str = field(default="running", metadata=_choice(*BN_MODES))
     options: dict = field(default_factory=dict)
+
+
+@dataclass
+class BatchSchedule:
+    """A batch size that grows to the regime's: ``switch`` from ``small`` at ``switch_epoch``, or
+    ``geometric`` from ``small`` over ``epochs`` epochs (:mod:`batchgap.remedies.schedules`)."""
+    kind: str = field(metadata=_choice("switch", "geometric"))
+    small: int = field(metadata={"min": 2})
+    switch_epoch: int | None = field(default=None, metadata={"min": 0})
+    epochs: int | None = field(default=None, metadata={"min": 0})
+
+    KEYS = {"switch": "switch_epoch", "geometric": "epochs"}
+
+
+@dataclass
+class InitFrom:
+    """Start from the iterate another regime's run (same seed) kept after ``epoch`` epochs."""
+    regime: str
+    epoch: int = field(metadata={"min": 0})
 
 
 @dataclass
@@ -102,24 +113,24 @@ class TrainConfig:
     eval_batch_size: int = field(default=1000, metadata=_positive())
     eval_every: int = field(default=1, metadata=_positive())
     checkpoint_every: int = field(default=1, metadata={"min": 0, "doc": "0 = only at the end"})
+    # torch intra-op threads of the process that trains and measures the run: float rounding, and so
+    # every number, depends on it; set by the study runner, part of the run's id (--threads)
+    threads: int = field(default=1, metadata=_positive())
     # remedies (batchgap.remedies): the step, ghost batch normalization, augmentation, batch schedules
-    remedy: str = field(default="plain", metadata=_choice(*REMEDIES))
-    remedy_options: dict = field(default_factory=dict)
+    remedy: str = field(default="plain", metadata=_choice(*STEPS))
+    remedy_options: dict = field(default_factory=dict)  # the remedy's keyword arguments, checked by it
     ghost_batch: int = field(default=0, metadata={"min": 0, "doc": "0 = off; else BN statistics per chunk of this size"})
-    augment: str = field(default="", metadata={**_choice("", *AUGMENT_CHOICES), "doc": "'' = the study's data.augment"})
-    batch_schedule: dict = field(default_factory=dict)  # {kind = "switch"|"geometric", small = ..., ...}
-    init_from: dict = field(default_factory=dict)  # {regime = "SB", epoch = k}: start from that run's iterate
+    augment: str = field(default="", metadata=_choice("", *AUGMENTATIONS, doc="'' = the study's data.augment"))
+    batch_schedule: BatchSchedule | None = None
+    init_from: InitFrom | None = None
     bn_sync: bool = field(default=False, metadata={"doc": "data-parallel: BN statistics of the global batch, not per worker"})
 
 
 @dataclass
 class Regime:
     name: str
-    batch_size: int | str  # an absolute size, or "P%" of the training set
+    batch_size: int | str  # an absolute size, or "P%" of the training set (batchgap.plan resolves it)
     train: TrainConfig = field(default_factory=TrainConfig)  # the study's [train] with this regime's overrides
-
-    def resolved_batch_size(self, n_train: int) -> int:
-        return resolve_batch_size(self.batch_size, n_train, f"regimes.{self.name}.batch_size")
 
 
 @dataclass
@@ -180,7 +191,7 @@ class StudyConfig:
         return [r.name for r in self.regimes]
 
     def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
+        out = plain(self)
         out["regimes"] = [
             {"name": r.name, "batch_size": r.batch_size, **_train_overrides(r.train, self.train)}
             for r in self.regimes
@@ -189,88 +200,30 @@ class StudyConfig:
 
 
 def _train_overrides(regime_train: TrainConfig, base: TrainConfig) -> dict:
-    a, b = dataclasses.asdict(regime_train), dataclasses.asdict(base)
+    a, b = plain(regime_train), plain(base)
     return {k: v for k, v in a.items() if v != b[k]}
 
 
 # ---------------------------------------------------------------- batch sizes
 
-_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
 
 def parse_batch_size(value: Any, where: str) -> int | str:
-    """Check a batch size as written: a positive int or a string "P%" with 0 < P <= 100."""
-    if isinstance(value, bool):
-        raise UserError(f"{where}: expected a positive integer or a percentage like \"10%\", got {value!r}")
-    if isinstance(value, int):
+    """Check a batch size as written: a positive int or a string "P%" with 0 < P <= 100
+    (:func:`batchgap.plan.resolve_batch_size` turns it into a number)."""
+    if isinstance(value, int) and not isinstance(value, bool):
         if value < 1:
             raise UserError(f"{where}: must be at least 1, got {value}")
         return value
     if isinstance(value, str):
-        m = _PERCENT.match(value)
+        m = PERCENT.match(value)
         if m and 0 < float(m.group(1)) <= 100:
             return value.strip()
     raise UserError(f"{where}: expected a positive integer or a percentage like \"10%\", got {value!r}")
 
 
-def resolve_batch_size(value: int | str, n_train: int, where: str = "batch_size") -> int:
-    """An absolute batch size for a training set of ``n_train`` examples."""
-    if isinstance(value, str):
-        pct = float(_PERCENT.match(value).group(1))
-        size = max(1, round(n_train * pct / 100))
-    else:
-        size = value
-    if size > n_train:
-        raise UserError(f"{where}: {size} is larger than the training set ({n_train} examples)")
-    return size
-
-
-# ---------------------------------------------------------------- generic dataclass loading
-
-def _type_name(tp: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            list: "a list", dict: "a table"}.get(tp, str(tp))
-
-
-def _check_value(value: Any, f: dataclasses.Field, where: str) -> Any:
-    tp = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}.get(
-        f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""), None
-    )
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if tp is not None and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
-        raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    if tp is float and not math.isfinite(value):
-        raise UserError(f"{where}: must be a finite number, got {value!r}")
-    meta = f.metadata
-    if "choices" in meta and value not in meta["choices"]:
-        raise UserError(
-            f"{where}: unknown value {value!r}{closest(str(value), meta['choices'])}; "
-            f"allowed: {', '.join(meta['choices'])}"
-        )
-    if "min" in meta and value < meta["min"]:
-        raise UserError(f"{where}: must be at least {meta['min']}, got {value!r}")
-    if "gt" in meta and value <= meta["gt"]:
-        raise UserError(f"{where}: must be greater than {meta['gt']}, got {value!r}")
-    return value
-
-
-def _build(cls: type, raw: Any, where: str, base: Any = None) -> Any:
-    """``cls(**raw)`` with every key and value checked; fields missing from raw come from ``base``."""
-    if not isinstance(raw, dict):
-        raise UserError(f"{where}: expected a table, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            raise UserError(f"{where}.{key}: unknown key{closest(key, fields)}; allowed: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in raw:
-            kwargs[name] = _check_value(raw[name], f, f"{where}.{name}")
-        elif base is not None:
-            kwargs[name] = copy.deepcopy(getattr(base, name))
-    return cls(**kwargs)
-
+# ---------------------------------------------------------------- validation
 
 def _regime(raw: Any, i: int, base: TrainConfig) -> Regime:
     where = f"regimes[{i}]"
@@ -299,7 +252,7 @@ def _int(value: Any) -> bool:
 
 
 def _check_remedy(t: TrainConfig, where: str) -> None:
-    """Validate the remedy options, the batch schedule and init_from of one regime (or of [train])."""
+    """The remedy's options (checked by the remedy itself), ghost batches and the batch schedule."""
     from .remedies import make_step
 
     try:
@@ -308,21 +261,12 @@ def _check_remedy(t: TrainConfig, where: str) -> None:
         raise UserError(f"{where}.remedy_options: {e}") from None
     if t.ghost_batch == 1:
         raise UserError(f"{where}.ghost_batch: must be 0 (off) or at least 2, got 1")
-    sched = t.batch_schedule
-    if sched:
-        kinds = {"switch": {"kind", "small", "switch_epoch"}, "geometric": {"kind", "small", "epochs"}}
-        kind = sched.get("kind")
-        if kind not in kinds:
-            raise UserError(f"{where}.batch_schedule.kind: expected one of switch, geometric, got {kind!r}")
-        if set(sched) != kinds[kind]:
-            raise UserError(f"{where}.batch_schedule: a {kind} schedule takes exactly {', '.join(sorted(kinds[kind]))}, got {', '.join(sorted(sched))}")
-        for key in kinds[kind] - {"kind"}:
-            if not _int(sched[key]) or sched[key] < (2 if key == "small" else 0):
-                raise UserError(f"{where}.batch_schedule.{key}: expected a non-negative integer (small >= 2), got {sched[key]!r}")
-    init = t.init_from
-    if init:
-        if set(init) != {"regime", "epoch"} or not isinstance(init.get("regime"), str) or not _int(init.get("epoch")) or init["epoch"] < 0:
-            raise UserError(f"{where}.init_from: expected {{regime = NAME, epoch = K >= 0}}, got {init!r}")
+    s = t.batch_schedule
+    if s is not None:
+        need = BatchSchedule.KEYS[s.kind]
+        other = next(k for k in BatchSchedule.KEYS.values() if k != need)
+        if getattr(s, need) is None or getattr(s, other) is not None:
+            raise UserError(f"{where}.batch_schedule: a {s.kind} schedule takes exactly kind, small, {need}")
 
 
 def from_dict(raw: dict, source: str = "study") -> StudyConfig:
@@ -402,13 +346,14 @@ def _check_dependencies(regimes: list[Regime]) -> None:
         if not init:
             continue
         where = f"regimes.{r.name}.init_from"
-        src = by_name.get(init["regime"])
+        src = by_name.get(init.regime)
         if src is None or src is r:
-            raise UserError(f"{where}.regime: expected another regime of the study{closest(init['regime'], by_name)}; regimes: {', '.join(by_name)}")
+            raise UserError(f"{where}.regime: expected another regime of the study{closest(init.regime, by_name)}; "
+                            f"regimes: {', '.join(by_name)}")
         if src.train.init_from:
             raise UserError(f"{where}.regime: {src.name} itself starts from another regime; chains are not supported")
-        if init["epoch"] > src.train.epochs:
-            raise UserError(f"{where}.epoch: {init['epoch']} is beyond the {src.train.epochs} epochs of {src.name}")
+        if init.epoch > src.train.epochs:
+            raise UserError(f"{where}.epoch: {init.epoch} is beyond the {src.train.epochs} epochs of {src.name}")
 
 
 def _check_registered(data: DataConfig, model: ModelConfig) -> None:
@@ -428,86 +373,15 @@ def _check_range(r: Any) -> None:
         raise UserError(f"measure.interpolation_range: expected [low, high] with low < high, got {r!r}")
 
 
-# ---------------------------------------------------------------- files, --set, --quick
-
-def read_toml(path: Path) -> dict:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such study file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read study file ({e})") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from None
-
-
-def parse_set(assignment: str) -> tuple[str, Any]:
-    """``"train.epochs=5"`` -> ``("train.epochs", 5)``; the value is read as TOML, else as a bare string."""
-    key, sep, text = assignment.partition("=")
-    key = key.strip()
-    if not sep or not re.fullmatch(r"[A-Za-z0-9_+-]+(\.[A-Za-z0-9_.+-]+)*", key):
-        raise UserError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=5 or regimes.LB.batch_size=\"5%\"")
-    text = text.strip()
-    if not text:
-        raise UserError(f"--set {assignment!r}: missing value after '='")
-    try:
-        return key, tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        if re.fullmatch(r"[A-Za-z0-9_.%+/-]+", text):
-            return key, text  # a bare word: a name, a path, a percentage
-        raise UserError(f"--set {assignment!r}: cannot read the value {text!r} (use TOML syntax, e.g. \"text\", 3, [1, 2])") from None
-
-
-def apply_set(raw: dict, key: str, value: Any) -> None:
-    """Set a dotted key in the raw study dict; ``regimes.NAME.field`` addresses a regime by name."""
-    parts = key.split(".")
-    if parts[0] == "regimes" and len(parts) >= 3:
-        regimes = raw.get("regimes") or []
-        names = [r.get("name") for r in regimes if isinstance(r, dict)]
-        for r in regimes:
-            if isinstance(r, dict) and r.get("name") == parts[1]:
-                _set_path(r, parts[2:], value, key)
-                return
-        raise UserError(f"--set {key}: no regime named {parts[1]!r}{closest(parts[1], names)}; regimes: {', '.join(map(str, names))}")
-    _set_path(raw, parts, value, key)
-
-
-def _set_path(d: dict, parts: list[str], value: Any, key: str) -> None:
-    for p in parts[:-1]:
-        nxt = d.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise UserError(f"--set {key}: {p!r} is not a table")
-        d = nxt
-    d[parts[-1]] = value
-
-
-GENERIC_QUICK = {
-    "train.epochs": 2, "data.train_subset": 512, "data.test_subset": 256,
-    "measure.sharpness_eps": [1e-3], "measure.sharpness_max_iter": 3, "measure.sharpness_subspace_dim": 10,
-    "measure.hessian_trace_probes": 3, "measure.curve_directions": 2, "measure.curve_points": 7,
-    "measure.surface_points": 5, "measure.noise_scale_batches": 20, "measure.hessian_max_hvp": 10,
-}
-
-
-def quick_overrides(raw: dict) -> dict:
-    """What --quick sets: a few epochs, a slice of the data, two seeds; the study's [quick] table wins."""
-    out = dict(GENERIC_QUICK)
-    seeds = raw.get("seeds", [0, 1, 2])
-    if isinstance(seeds, list) and len(seeds) > 2:
-        out["seeds"] = seeds[:2]
-    quick = raw.get("quick", {})
-    if isinstance(quick, dict):
-        out.update(quick)
-    return out
-
+# ---------------------------------------------------------------- the study file, --quick, --set
 
 def load_study(
     source: dict | str | Path, sets: list[str] | tuple[str, ...] = (), quick: bool = False,
     paper_scale: bool = False,
 ) -> StudyConfig:
-    """Read a study (a dict, or a TOML path), apply ``--quick`` or ``--paper-scale``, then ``--set``, validate.
+    """Read a study (a dict, or a TOML path), validate it as written, apply ``--quick`` or
+    ``--paper-scale``, then ``--set``, and validate the result: a mistake in the file is refused even where
+    ``--quick`` would override the value (a smoke test passes only what the full run accepts).
 
     ``--paper-scale`` applies the study's ``[paper_scale]`` table: the paper's data set, network and budget
     (hours of GPU time). A key ``regimes`` there replaces the whole list of regimes. The two profiles
@@ -521,6 +395,7 @@ def load_study(
         where = str(source)
     if quick and paper_scale:
         raise UserError("--quick and --paper-scale: choose one (shrink a paper-scale study with --set)")
+    from_dict(raw, where)  # the file as written
     if quick:
         for key, value in quick_overrides(raw).items():
             apply_set(raw, key, value)

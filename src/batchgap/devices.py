@@ -1,14 +1,18 @@
 """Where a study computes: ``auto`` (the GPU when torch sees one, else the CPU), ``cpu``, ``cuda``, ``cuda:N``.
 
-A study's data sets are moved to the device once; every model follows its data (:func:`batchgap.study.build`),
+A study's data sets are moved to the device once; every model follows its data (:func:`batchgap.build.model`),
 and every measurement follows the model (:mod:`batchgap.landscape`). Numbers differ between devices at float
 rounding (and, through training, more), so each run records the device it trained on. On a GPU the dropout
 stream is seeded per run like the CPU's, but a resumed run is not bitwise an uninterrupted one (the GPU's
-generator state is not checkpointed) and cuDNN may pick nondeterministic kernels.
+generator state is not checkpointed) and cuDNN may pick nondeterministic kernels. The device kind, like the
+torch thread count, is part of a run's id (:mod:`batchgap.plan`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
+import sys
 
 import torch
 
@@ -74,3 +78,37 @@ def fast_layout(model: torch.nn.Module) -> torch.nn.Module:
     if convs and params and params[0].device.type == "cpu":
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """Inside, torch uses ``n`` intra-op threads (a run's setting: its float rounding depends on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def environment(device: torch.device | None = None) -> dict:
+    """The software and machine a study ran on, for its results."""
+    import numpy as np
+    import scipy
+
+    from .version import __version__
+
+    return {
+        "batchgap": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+        "numpy": np.__version__, "scipy": scipy.__version__, "platform": platform.platform(),
+        "processor": platform.machine(), "cpu_count": os.cpu_count(), "cores_available": cores(),
+        "device": describe(device or torch.device("cpu")),
+    }

@@ -34,8 +34,9 @@ W workers, every choice stated:
 - Rank 0 alone reads and writes files and evaluates; checkpoints it loads reach the other workers by
   broadcast, so nothing but the data needs to be on a shared file system.
 
-Backends: gloo on the CPU (batchgap trains on the CPU: the CLI always uses gloo), nccl for a model
-and data the caller put on GPUs (``init_from_env("nccl")``; each worker then uses GPU ``LOCAL_RANK``).
+Backends: gloo on the CPU, nccl when the run's device is a GPU (:func:`start_worker` picks it; each
+worker then uses GPU ``LOCAL_RANK``). :func:`launch` (``--nproc N``) and :func:`start_worker` are the
+one place the CLI and the study start and join a process group.
 """
 from __future__ import annotations
 
@@ -145,13 +146,55 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
-def local_batch_size(batch_size: int, where: str = "batch_size") -> int:
-    """The per-worker share of a global batch; a UserError when it does not divide evenly."""
+def local_batch_size(batch_size: int) -> int:
+    """The per-worker share of a global batch (a study's plan has checked that it divides evenly)."""
     w = world_size()
     if batch_size % w:
-        raise UserError(f"{where}: the global batch {batch_size} does not divide among {w} workers; "
-                        f"use a multiple of {w}")
+        raise ValueError(f"the global batch {batch_size} does not divide among {w} workers")
     return batch_size // w
+
+
+def start_worker(device: torch.device) -> tuple[torch.device, str | None]:
+    """In a process torchrun started: join its process group (nccl with each worker on GPU ``LOCAL_RANK``
+    when ``device`` is a GPU, else gloo); return the worker's device and the torchrun command line that
+    started it (for the record). Outside torchrun: ``(device, None)``."""
+    if not launched():
+        return device, None
+    if device.type == "cuda":
+        init_from_env("nccl")
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        init_from_env()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+    nodes = world_size() // max(1, per_node)
+    return device, f"torchrun --nproc_per_node={per_node}" + (f" --nnodes={nodes}" if nodes > 1 else "") + " -m"
+
+
+def launch(argv: list[str], nproc: int) -> int:
+    """``batchgap ... --nproc N``: the same command, less ``--nproc``, under torchrun with N workers on
+    this machine; each worker goes on as a data-parallel worker. Returns torchrun's exit code."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "batchgap", *_without_nproc(argv)]
+    return subprocess.run(cmd, env=env).returncode
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line less ``--nproc N`` (torchrun's own parser would take it for --nproc-per-node)."""
+    out, skip = [], False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif len(name) >= 4 and "--nproc".startswith(name):  # --nproc, or a prefix argparse accepted
+            skip = "=" not in arg
+        else:
+            out.append(arg)
+    return out
 
 
 def worker_seed(seed: int) -> int:

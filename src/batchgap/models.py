@@ -42,26 +42,13 @@ from torch import nn
 
 from .errors import UserError, closest, one_of
 
-__all__ = [
-    "BN_MODES",
-    "MODELS",
-    "ModelSpec",
-    "Reshape",
-    "batch_norm",
-    "bn_mode",
-    "build_model",
-    "count_parameters",
-    "init_model",
-    "list_models",
-]
+__all__ = ["BN_MODES", "MODELS", "ModelSpec", "Reshape", "batch_norm", "bn_mode", "build_model",
+           "count_parameters", "init_model", "list_models"]
 
 BN_MODES = ("running", "batch", "none")
 
 
-# ----------------------------------------------------------------------------------------------
-# Building blocks
-# ----------------------------------------------------------------------------------------------
-
+# ------------------------------------------------------------------------------ Building blocks
 
 def batch_norm(num_features: int, dims: int, bn: str) -> nn.Module | None:
     """The one place a BatchNorm layer is made: ``dims`` 1 (after Linear/Conv1d) or 2 (after Conv2d).
@@ -78,11 +65,8 @@ def batch_norm(num_features: int, dims: int, bn: str) -> nn.Module | None:
 
 def bn_mode(model: nn.Module) -> str:
     """The BatchNorm evaluation mode of any model: "running", "batch", "none", or "mixed"."""
-    modes = {
-        "running" if m.track_running_stats else "batch"
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    }
+    modes = {"running" if m.track_running_stats else "batch"
+             for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     if not modes:
         return "none"
     return modes.pop() if len(modes) == 1 else "mixed"
@@ -109,28 +93,17 @@ def _seq(**layers: nn.Module | None) -> nn.Sequential:
 
 def _dense(n_in: int, n_out: int, bn: str, dropout: float = 0.0) -> nn.Sequential:
     """Linear -> BN -> ReLU [-> Dropout]."""
-    return _seq(
-        linear=nn.Linear(n_in, n_out),
-        bn=batch_norm(n_out, 1, bn),
-        relu=nn.ReLU(),
-        drop=nn.Dropout(dropout) if dropout else None,
-    )
+    return _seq(linear=nn.Linear(n_in, n_out), bn=batch_norm(n_out, 1, bn), relu=nn.ReLU(),
+                drop=nn.Dropout(dropout) if dropout else None)
 
 
 def _conv2d(c_in: int, c_out: int, k: int, bn: str, dropout: float = 0.0) -> nn.Sequential:
     """Conv k x k 'same' (stride 1) -> BN -> ReLU [-> Dropout]."""
-    return _seq(
-        conv=nn.Conv2d(c_in, c_out, k, padding=k // 2),
-        bn=batch_norm(c_out, 2, bn),
-        relu=nn.ReLU(),
-        drop=nn.Dropout(dropout) if dropout else None,
-    )
+    return _seq(conv=nn.Conv2d(c_in, c_out, k, padding=k // 2), bn=batch_norm(c_out, 2, bn), relu=nn.ReLU(),
+                drop=nn.Dropout(dropout) if dropout else None)
 
 
-# ----------------------------------------------------------------------------------------------
-# Input shapes
-# ----------------------------------------------------------------------------------------------
-
+# --------------------------------------------------------------------------------- Input shapes
 
 def _fmt(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
@@ -165,10 +138,7 @@ def _positive(option: str, value: int) -> int:
     return value
 
 
-# ----------------------------------------------------------------------------------------------
-# The paper's networks (Keskar et al. 2017, appendix B)
-# ----------------------------------------------------------------------------------------------
-
+# ---------------------------------------- The paper's networks (Keskar et al. 2017, appendix B)
 
 def _fc(input_shape, num_classes, bn, width, depth) -> nn.Sequential:
     n = math.prod(input_shape)
@@ -257,20 +227,10 @@ def c2(input_shape: tuple[int, ...], num_classes: int, bn: str, *, dropout: bool
     return _seq(**layers)
 
 
-# ----------------------------------------------------------------------------------------------
-# The seed demonstration's network
-# ----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------- The seed demonstration's network
 
-
-def simplevgg(
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    bn: str,
-    *,
-    width: int = 64,
-    convs: int = 2,
-    hidden: int = 0,
-) -> nn.Sequential:
+def simplevgg(input_shape: tuple[int, ...], num_classes: int, bn: str, *,
+              width: int = 64, convs: int = 2, hidden: int = 0) -> nn.Sequential:
     """SimpleVGG, the seed demonstration's CIFAR-10 net.
 
     3 x [``convs`` x (Conv 3x3 'same', BN, ReLU), MaxPool 2] with ``width``, 2 x ``width`` and
@@ -309,14 +269,9 @@ def simplevgg(
     return _seq(**layers)
 
 
-# ----------------------------------------------------------------------------------------------
-# MNIST-1D nets (Greydanus 2020): small enough for a CPU, big enough to show the gap
-# ----------------------------------------------------------------------------------------------
+# ----------- MNIST-1D nets (Greydanus 2020): small enough for a CPU, big enough to show the gap
 
-
-def mlp(
-    input_shape: tuple[int, ...], num_classes: int, bn: str, *, width: int = 256, depth: int = 3
-) -> nn.Sequential:
+def mlp(input_shape: tuple[int, ...], num_classes: int, bn: str, *, width: int = 256, depth: int = 3) -> nn.Sequential:
     """MLP: flatten -> ``depth`` x (Linear ``width``, BN, ReLU) -> Linear num_classes.
 
     The default study's model: on MNIST-1D, 40 -> 3 x (256, BN, ReLU) -> 10. ``depth=0`` is
@@ -343,11 +298,8 @@ def cnn1d(input_shape: tuple[int, ...], num_classes: int, bn: str, *, width: int
     layers: dict[str, nn.Module | None] = {"reshape": _shape_in((c, length), input_shape)}
     c_in = c
     for i in range(1, 4):
-        layers[f"conv{i}"] = _seq(
-            conv=nn.Conv1d(c_in, width, 5, stride=2, padding=2),
-            bn=batch_norm(width, 1, bn),
-            relu=nn.ReLU(),
-        )
+        layers[f"conv{i}"] = _seq(conv=nn.Conv1d(c_in, width, 5, stride=2, padding=2),
+                                  bn=batch_norm(width, 1, bn), relu=nn.ReLU())
         c_in = width
         length = (length - 1) // 2 + 1
     layers["flatten"] = nn.Flatten()
@@ -355,10 +307,7 @@ def cnn1d(input_shape: tuple[int, ...], num_classes: int, bn: str, *, width: int
     return _seq(**layers)
 
 
-# ----------------------------------------------------------------------------------------------
-# The registry
-# ----------------------------------------------------------------------------------------------
-
+# --------------------------------------------------------------------------------- The registry
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -378,11 +327,8 @@ class ModelSpec:
     @property
     def options(self) -> dict[str, object]:
         """The model's options and their defaults."""
-        return {
-            p.name: p.default
-            for p in inspect.signature(self.factory).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-        }
+        return {p.name: p.default for p in inspect.signature(self.factory).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -410,22 +356,15 @@ def _check_options(spec: ModelSpec, options: dict) -> None:
     for key, value in options.items():
         if key not in allowed:
             names = ", ".join(sorted(allowed)) or "none"
-            raise UserError(
-                f"model {spec.name!r}: unknown option {key!r}{closest(key, allowed)}; allowed: {names}"
-            )
+            raise UserError(f"model {spec.name!r}: unknown option {key!r}{closest(key, allowed)}; allowed: {names}")
         default = allowed[key]
         ok = isinstance(value, bool) if isinstance(default, bool) else (
-            isinstance(value, type(default)) and not isinstance(value, bool)
-        )
+            isinstance(value, type(default)) and not isinstance(value, bool))
         if not ok:
-            raise UserError(
-                f"model {spec.name!r}: option {key} must be {type(default).__name__}, got {value!r}"
-            )
+            raise UserError(f"model {spec.name!r}: option {key} must be {type(default).__name__}, got {value!r}")
 
 
-def build_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, bn: str = "running", **options
-) -> nn.Module:
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, bn: str = "running", **options) -> nn.Module:
     """Build model ``name`` for inputs of shape ``input_shape`` (one example) and ``num_classes``.
 
     Construction draws from the global RNG like any ``nn.Module``; seed it yourself or use
@@ -451,9 +390,8 @@ def build_model(
         raise UserError(f"model {name!r}: {e}") from None
 
 
-def init_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, seed: int, bn: str = "running", **options
-) -> nn.Module:
+def init_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int, bn: str = "running",
+               **options) -> nn.Module:
     """:func:`build_model` with its initial weights fixed by ``seed``; the global RNG is left as it was.
 
     The same seed gives bitwise-identical weights whatever ran before. Models are built on the CPU,

@@ -1,7 +1,7 @@
 """Fan a study out over a scheduler: ``batchgap run STUDY --shard I/N``, then ``batchgap report OUT``.
 
 The rule: shard I of N (0-based, 0 <= I < N, as ``$SLURM_ARRAY_TASK_ID`` with ``--array=0-(N-1)``)
-runs the runs whose index in the study's plan order (as :func:`batchgap.study.plan` lists them) is
+runs the runs whose index in the study's plan order (as :func:`batchgap.plan.plan` lists them) is
 I modulo N; a run that warm-starts from another run's iterate goes with the run it starts from. The N
 shards cover every run exactly once, whatever ran before, and may run at once into the same ``--out``
 on a shared file system.
@@ -122,3 +122,54 @@ def check_conflicts(out: Path, shard: tuple[int, int] | None, key: str) -> None:
             if len(what) > 2 and what[2] != key:
                 raise UserError(f"{out}: batchgap {describe(what)} (pid {pid}) runs other settings there; every shard "
                                 "of one --out needs the same study, --set and --nproc")
+
+
+class OutputLock:
+    """``OUT/.lock`` holds the pid of the one ``batchgap run`` writing there; a second one refuses.
+
+    ``name`` and ``what`` make the other locks (a shard's, a report's). The file appears with its content
+    at once (hard-linked from a written temporary file), so a reader never sees a lock without its pid.
+    """
+
+    def __init__(self, out: Path, name: str = ".lock", what: str = "run"):
+        self.path = Path(out) / name
+        self.what = what
+
+    def __enter__(self) -> "OutputLock":
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(f"{os.getpid()} {self.what}")
+        try:
+            for _ in range(2):
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    held = read_lock(self.path)
+                    if held is not None and alive(held[0]):
+                        raise UserError(f"{self.path.parent}: another batchgap {describe(held[1])} (pid {held[0]}) "
+                                        "is writing there; wait for it or use another --out") from None
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                return self
+        finally:
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"{self.path}: cannot take the output lock")
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def check_free(out: Path, shard: tuple[int, int] | None, key: str) -> None:
+    """What :func:`take` would refuse, checked without taking the lock (before launching workers).
+    ``key`` identifies the planned runs."""
+    held = read_lock(Path(out) / lock_name(shard))
+    if held is not None and alive(held[0]):
+        raise UserError(f"{out}: another batchgap {describe(held[1])} (pid {held[0]}) is writing there; "
+                        "wait for it or use another --out")
+    check_conflicts(Path(out), shard, key)
+
+
+def take(held, out: Path, shard: tuple[int, int] | None, key: str) -> None:
+    """Take ``out``'s lock (for a shard, the shard's) into the ExitStack ``held``, refusing conflicts."""
+    what = "run" if shard is None else f"shard {shard[0]}/{shard[1]} {key}"
+    held.enter_context(OutputLock(Path(out), lock_name(shard), what))
+    check_conflicts(Path(out), shard, key)

@@ -19,7 +19,6 @@ DistributedDataParallel, each worker on its slice of every global batch; see :mo
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,8 @@ from .data.base import TensorData
 from .errors import UserError
 from .landscape.evaluate import evaluate
 from .step import Augment, LossFn, Step, sgd_step  # noqa: F401  (re-exported: batchgap.train.sgd_step)
-from .util import atomic_save_torch, atomic_write_text, progress_bar
+from .rundir import RunDir, read_history  # noqa: F401  (read_history: re-exported)
+from .util import progress_bar
 
 
 def scaled_lr(cfg: TrainConfig, batch_size: int) -> float:
@@ -136,27 +136,27 @@ def train(
     result = TrainResult(steps_per_epoch=steps_per_epoch, lr=peak, batch_size=batch_size)
     if world > 1:
         result.distributed = distributed.protocol(model, batch_size, cfg.bn_sync)
-    run_dir = Path(run_dir) if run_dir is not None else None
-    writes = run_dir is not None and rank == 0
+    rd = RunDir(run_dir) if run_dir is not None else None
+    writes = rd is not None and rank == 0
     start_epoch = 0
     rng_state = _seeded_rng_state(distributed.worker_seed(seed))
-    if run_dir is not None:
+    if rd is not None:
         state = None
         if writes:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            state = _load_state(run_dir / "state.pt")
+            rd.path.mkdir(parents=True, exist_ok=True)
+            state = rd.load_state()
         state = distributed.broadcast(state)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             gen.set_state(state["generator"])
             result = TrainResult(**state["result"])
-            rng_state = _resumed_rng(state, result, cfg, run_dir)
+            rng_state = _resumed_rng(state, result, cfg, rd.state)
             start_epoch = result.epochs_done
             result.resumed_from_epoch = start_epoch
     keep = set(keep_epochs)
     if writes and 0 in keep and start_epoch == 0:
-        atomic_save_torch(model.state_dict(), run_dir / "iterates" / "epoch-0.pt")
+        rd.save_iterate(0, model.state_dict())
     t0 = time.perf_counter() - result.wall_time_s
     gpu = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
     with torch.random.fork_rng(devices=gpu), _parallel(model, world, cfg.bn_sync) as net:
@@ -206,17 +206,18 @@ def train(
             result.wall_time_s = time.perf_counter() - t0
             if writes:
                 if epoch + 1 in keep:
-                    atomic_save_torch(model.state_dict(), run_dir / "iterates" / f"epoch-{epoch + 1}.pt")
-                # the whole history, rewritten atomically: never a duplicate or missing epoch after a resume
-                atomic_write_text(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in result.history))
+                    rd.save_iterate(epoch + 1, model.state_dict())
+                rd.write_history(result.history)
             every = cfg.checkpoint_every
-            if run_dir is not None and ((every and (epoch + 1) % every == 0) or last):
+            if rd is not None and ((every and (epoch + 1) % every == 0) or last):
                 rngs = distributed.all_gather(torch.get_rng_state())  # every worker's dropout stream
                 if writes:
-                    _save_state(run_dir / "state.pt", model, optimizer, gen, result, rngs)
+                    rd.save_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "generator": gen.get_state(), "rng": rngs[0], "rngs": rngs,
+                                   "result": result.as_dict()})
     result.wall_time_s = time.perf_counter() - t0
     if writes:
-        atomic_save_torch(model.state_dict(), run_dir / "model.pt")
+        rd.save_model(model.state_dict())
     return result
 
 
@@ -225,13 +226,13 @@ def _parallel(model: nn.Module, world: int, bn_sync: bool):
     return distributed.data_parallel(model, bn_sync) if world > 1 else contextlib.nullcontext(model)
 
 
-def _resumed_rng(state: dict, result: TrainResult, cfg: TrainConfig, run_dir: Path) -> torch.Tensor:
+def _resumed_rng(state: dict, result: TrainResult, cfg: TrainConfig, state_path: Path) -> torch.Tensor:
     """This worker's dropout stream from a checkpoint; the remaining epochs need the world that began it."""
     saved = (result.distributed or {}).get("world_size", 1)
     world = distributed.world_size()
     finished = result.epochs_done >= cfg.epochs or result.diverged_epoch is not None
     if saved != world and not finished:
-        raise UserError(f"{run_dir / 'state.pt'}: begun with {saved} worker(s), resumed with {world}; "
+        raise UserError(f"{state_path}: begun with {saved} worker(s), resumed with {world}; "
                         f"resume it with {saved}, or train into another directory")
     return state.get("rngs", [state["rng"]])[distributed.rank()] if saved == world else state["rng"]
 
@@ -250,27 +251,3 @@ def _seeded_rng_state(seed: int) -> torch.Tensor:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return torch.get_rng_state()
-
-
-def _save_state(path: Path, model, optimizer, gen, result: TrainResult, rngs: list) -> None:
-    atomic_save_torch(
-        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
-         "rng": rngs[0], "rngs": rngs, "result": result.as_dict()},
-        path,
-    )
-
-
-def _load_state(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # a checkpoint that cannot be read is not taken for progress: start over
-        return None
-
-
-def read_history(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "history.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
