@@ -1,38 +1,55 @@
 """The geometry sections of the report: Tables 3-4 analogs, Hessian, and "Reading the numbers"."""
 from __future__ import annotations
 
+from ..results import Ratio, Results, Stat, space_label
+
 # LB/SB ratios of full-space eps-sharpness at eps = 1e-3 in the paper's Table 3, per network
 PAPER_RATIOS = {"F1": 205.14 / 1.23, "F2": 310.64 / 1.39, "C1": 707.23 / 28.58, "C2": 925.32 / 8.68,
                 "C3": 258.75 / 29.85, "C4": 421.84 / 12.83}
 
 
-def _pm(stat: dict | None, digits: int = 3) -> str:
-    if not stat or stat.get("mean") is None:
+def _pm(stat: Stat | None, digits: int = 3) -> str:
+    if stat is None or stat.mean is None:
         return "n/a"
-    return f"{stat['mean']:.{digits}g} ± {stat['std']:.{digits}g}"
+    return f"{stat.mean:.{digits}g} ± {stat.std:.{digits}g}"
 
 
-def _first_geometry(doc: dict) -> dict | None:
-    return next((r["geometry"] for r in doc["runs"] if r.get("geometry")), None)
+def _first_geometry(res: Results) -> dict | None:
+    return next((r.geometry for r in res.runs if r.geometry), None)
 
 
-def sharpness_table(doc: dict) -> list[str]:
-    geo = _first_geometry(doc)
+def _ratios(res: Results) -> list[Ratio]:
+    return res.comparison.large_over_small if res.comparison else []
+
+
+def _ratio(res: Results, measure: str, eps: float | None = None, subspace_dim: int | None = None) -> float | None:
+    return res.comparison.ratio(measure, eps=eps, subspace_dim=subspace_dim) if res.comparison else None
+
+
+def _paper(paper: list, eps: float, subspace_dim: int | None) -> tuple[str, str]:
+    """The paper's SB and LB values at one setting, from a study's ``[[paper.sharpness]]`` tables."""
+    row = next((p for p in paper if p["eps"] == eps and p.get("subspace_dim") == subspace_dim), None)
+    return (row["sb"], row["lb"]) if row else ("not reported", "not reported")
+
+
+def sharpness_table(res: Results) -> list[str]:
+    geo = _first_geometry(res)
     if not geo or not geo.get("sharpness"):
         return []
-    regimes = [n for n, row in doc["summary"].items() if row.get("sharpness")]
-    keys = list(doc["summary"][regimes[0]]["sharpness"])
-    paper_all = doc["study"].get("paper", {})
-    paper = paper_all.get("sharpness", {})
-    head = "| measure | " + " | ".join(regimes) + " | LB/SB |" + (" paper SB | paper LB |" if paper else "")
+    regimes = [row for row in res.summary if row.sharpness]
+    if not regimes:
+        return []
+    settings = [(e.eps, e.subspace_dim) for e in regimes[0].sharpness]
+    paper_all = res.study.get("paper", {})
+    paper = paper_all.get("sharpness", [])
+    head = "| measure | " + " | ".join(row.name for row in regimes) + " | LB/SB |" + (" paper SB | paper LB |" if paper else "")
     lines = [head, "|" + "---|" * (len(regimes) + 2 + (2 if paper else 0))]
-    ratios = (doc.get("comparison") or {}).get("large_over_small", {})
-    for key in keys:
-        ratio = ratios.get(f"sharpness {key}")
-        row = f"| ε-sharpness, {key.replace('eps=', 'ε = ')} | " + " | ".join(_pm(doc["summary"][n]["sharpness"][key]) for n in regimes)
+    for eps, dim in settings:
+        ratio = _ratio(res, "sharpness", eps, dim)
+        row = f"| ε-sharpness, {space_label(eps, dim)} | " + " | ".join(_pm(r.sharp(eps, dim)) for r in regimes)
         row += f" | {ratio:.3g}× |" if ratio else " | n/a |"
         if paper:
-            sb, lb = paper.get(key, ["", ""])
+            sb, lb = _paper(paper, eps, dim)
             row += f" {sb} | {lb} |"
         lines.append(row)
     s0 = geo["sharpness"][0]
@@ -45,8 +62,8 @@ def sharpness_table(doc: dict) -> list[str]:
     return lines
 
 
-def hessian_table(doc: dict) -> list[str]:
-    geo = _first_geometry(doc)
+def hessian_table(res: Results) -> list[str]:
+    geo = _first_geometry(res)
     if not geo:
         return []
     rows = [("top Hessian eigenvalue", "hessian_top_eigenvalue", "hessian_eigenvalues"),
@@ -56,12 +73,11 @@ def hessian_table(doc: dict) -> list[str]:
     rows = [r for r in rows if r[2] in geo]
     if not rows:
         return []
-    regimes = [n for n, row in doc["summary"].items() if row.get(rows[0][1])]
-    ratios = (doc.get("comparison") or {}).get("large_over_small", {})
-    lines = ["| measure | " + " | ".join(regimes) + " | LB/SB |", "|" + "---|" * (len(regimes) + 2)]
+    regimes = [row for row in res.summary if getattr(row, rows[0][1]) is not None]
+    lines = ["| measure | " + " | ".join(row.name for row in regimes) + " | LB/SB |", "|" + "---|" * (len(regimes) + 2)]
     for label, key, _ in rows:
-        ratio = ratios.get(key)
-        lines.append(f"| {label} | " + " | ".join(_pm(doc["summary"][n][key]) for n in regimes) + (f" | {ratio:.3g}× |" if ratio else " | n/a |"))
+        ratio = _ratio(res, key)
+        lines.append(f"| {label} | " + " | ".join(_pm(getattr(row, key)) for row in regimes) + (f" | {ratio:.3g}× |" if ratio else " | n/a |"))
     notes = []
     if "hessian_eigenvalues" in geo:
         e = geo["hessian_eigenvalues"]
@@ -91,44 +107,41 @@ def _verdict(ratio: float) -> str:
     return "flatter, the opposite of the paper's finding"
 
 
-def reading(doc: dict) -> list[str]:
-    comp = doc.get("comparison") or {}
-    ratios = comp.get("large_over_small", {})
-    sb, lb = comp.get("small"), comp.get("large")
-    if not ratios or not sb:
+def reading(res: Results) -> list[str]:
+    comp = res.comparison
+    ratios = _ratios(res)
+    if not ratios or not comp.small:
         return []
+    sb, lb = comp.small, comp.large
     out = []
-    full = [k for k in ratios if k.startswith("sharpness full")]
-    key = "sharpness full eps=0.001" if "sharpness full eps=0.001" in ratios else (full[0] if full else None)
+    sharp = [r for r in ratios if r.measure == "sharpness"]
+    full = [r for r in sharp if r.subspace_dim is None]
+    main = next((r for r in full if r.eps == 0.001), full[0] if full else None)
     paper_range = f"{min(PAPER_RATIOS.values()):.0f}× to {max(PAPER_RATIOS.values()):.0f}×"
-    if key and ratios[key]:
-        r = ratios[key]
-        s = doc["summary"]
-        k = key.removeprefix("sharpness ")
-        out.append(f"By Keskar's ε-sharpness ({k.replace('eps=', 'ε = ')}), the {lb} solutions are **{r:.3g}× as sharp** as the "
-                   f"{sb} ones ({_pm(s[lb]['sharpness'][k])} against {_pm(s[sb]['sharpness'][k])}): {_verdict(r)} "
+    if main and main.value:
+        r = main.value
+        out.append(f"By Keskar's ε-sharpness ({space_label(main.eps, None)}), the {lb} solutions are **{r:.3g}× as sharp** as the "
+                   f"{sb} ones ({_pm(res.regime(lb).sharp(main.eps))} against {_pm(res.regime(sb).sharp(main.eps))}): {_verdict(r)} "
                    f"(the paper's Table 3 ratios at ε = 1e-3 run from {paper_range} across its six networks).")
-    sub = [k for k in ratios if k.startswith("sharpness subspace") and ratios[k]]
+    sub = [r for r in sharp if r.subspace_dim is not None and r.value]
     if sub:
-        out.append(f"In random subspaces the ratio is {ratios[sub[0]]:.3g}× ({sub[0].removeprefix('sharpness ')}).")
+        out.append(f"In random subspaces the ratio is {sub[0].value:.3g}× ({space_label(sub[0].eps, sub[0].subspace_dim)}).")
     for name, label in (("hessian_top_eigenvalue", "top Hessian eigenvalue"), ("hessian_trace", "Hessian trace")):
-        if ratios.get(name):
-            out.append(f"The {label} of {lb} is {ratios[name]:.3g}× that of {sb}.")
-    if ratios.get("adaptive_sharpness"):
-        r = ratios["adaptive_sharpness"]
+        if value := comp.ratio(name):
+            out.append(f"The {label} of {lb} is {value:.3g}× that of {sb}.")
+    if r := comp.ratio("adaptive_sharpness"):
         agrees = "agrees" if r > 1 else "disagrees"
         out.append(f"The scale-aware measure {agrees}: adaptive sharpness of {lb} is {r:.3g}× that of {sb}. "
                    + ("Raw sharpness is not invariant to reparameterization (Dinh et al. 2017), so the scale-aware number "
                       "is the one to weigh against the raw ones." if r <= 1 else
                       "Both the raw and the scale-aware measures point the same way."))
-    noise = {n: doc["summary"][n].get("noise_scale") for n in (sb, lb)}
-    if all(v and v.get("mean") for v in noise.values()):
-        b = noise[sb]["mean"]
-        lb_size = doc["summary"][lb]["batch_size"]
-        out.append(f"The gradient noise scale at the {sb} solutions is B_simple ≈ {b:.0f} (at {lb}: {noise[lb]['mean']:.0f}): "
+    noise = {n: res.regime(n).noise_scale for n in (sb, lb)}
+    if all(v and v.mean for v in noise.values()):
+        b = noise[sb].mean
+        lb_size = res.regime(lb).batch_size
+        out.append(f"The gradient noise scale at the {sb} solutions is B_simple ≈ {b:.0f} (at {lb}: {noise[lb].mean:.0f}): "
                    f"McCandlish et al. predict that batches much larger than that stop paying in steps saved; "
                    f"{lb}'s batch of {lb_size} is {lb_size / b:.2g}× it.")
-    dist = comp.get("distance_ratio")
-    if dist:
+    if dist := comp.distance_ratio:
         out.append(f"{sb} travels {dist:.2f}× as far from x0 as {lb} (the paper: 3 to 10).")
     return [" ".join(out)]
