@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from batchgap.config import (
-    config_hash, from_dict, load_study, parse_batch_size, parse_set, resolve_batch_size,
+    config_hash, from_dict, load_study, parse_batch_size, parse_set,
 )
 from batchgap.errors import UserError
 from batchgap.studies import builtin_names, find_study
@@ -59,11 +59,59 @@ def test_bad_config_names_the_field(raw, needle):
 
 
 def test_percent_batch_sizes_resolve_against_the_training_set():
+    from batchgap.plan import resolve_batch_size
     assert resolve_batch_size("10%", 4000) == 400
     assert resolve_batch_size("0.5%", 1000) == 5
     assert resolve_batch_size(32, 4000) == 32
     with pytest.raises(UserError, match="larger than the training set"):
         resolve_batch_size(5000, 4000)
+
+
+def test_quick_does_not_hide_a_mistake_in_the_study_file(tmp_path, capsys):
+    """Issue 13, fault 1: [quick] overrides train.epochs, but the file as written is checked first, so
+    the smoke test refuses what the full run refuses (run and show alike, one line, exit 2)."""
+    from batchgap.cli import main
+    p = tmp_path / "s.toml"
+    p.write_text('name = "s"\n[train]\nepochs = "ten"\n[[regimes]]\nname = "SB"\nbatch_size = 8\n'
+                 '[[regimes]]\nname = "LB"\nbatch_size = 16\n')
+    for quick in (False, True):
+        with pytest.raises(UserError, match='train.epochs: expected an integer, got .ten.'):
+            load_study(p, quick=quick)
+    for cmd in (["show", str(p), "--quick"], ["run", str(p), "--quick", "--out", str(tmp_path / "out")]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "train.epochs: expected an integer" in err
+    assert not (tmp_path / "out").exists()
+    # the overrides are checked too, after the file
+    with pytest.raises(UserError, match="train.epochs: must be at least 1"):
+        load_study({**MINIMAL, "quick": {"train.epochs": 0}}, quick=True)
+
+
+def test_typed_sub_tables():
+    """batch_schedule and init_from are dataclasses checked field by field; to_dict round-trips."""
+    cfg = study(regimes=[{"name": "SB", "batch_size": 8},
+                         {"name": "LB", "batch_size": 16, "batch_schedule": {"kind": "switch", "small": 8, "switch_epoch": 2}},
+                         {"name": "W", "batch_size": 16, "init_from": {"regime": "SB", "epoch": 1}}])
+    assert cfg.regime("LB").train.batch_schedule.switch_epoch == 2 and cfg.regime("W").train.init_from.epoch == 1
+    assert from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+    assert cfg.to_dict()["regimes"][1]["batch_schedule"] == {"kind": "switch", "small": 8, "switch_epoch": 2}
+    for bad, needle in (({"kind": "switch", "small": 1, "switch_epoch": 2}, "batch_schedule.small: must be at least 2"),
+                        ({"kind": "switch", "small": 8, "epochs": 2}, "takes exactly kind, small, switch_epoch"),
+                        ({"kind": "switch", "small": 8, "switch_epoch": 2, "x": 1}, "batch_schedule.x: unknown key")):
+        with pytest.raises(UserError, match=needle):
+            study(regimes=[{"name": "SB", "batch_size": 8, "batch_schedule": bad}])
+    with pytest.raises(UserError, match="init_from.epoch: expected an integer"):
+        study(regimes=[{"name": "SB", "batch_size": 8}, {"name": "W", "batch_size": 8, "init_from": {"regime": "SB", "epoch": "1"}}])
+
+
+def test_choices_come_from_the_registries():
+    """A remedy, augmentation or BN mode the registries hold is accepted, and the message lists theirs."""
+    from batchgap.data.augment import AUGMENTATIONS
+    from batchgap.remedies import STEPS
+    for key, registry in (("remedy", STEPS), ("augment", AUGMENTATIONS)):
+        with pytest.raises(UserError) as e:
+            study(train={key: "nope"})
+        assert all(name in str(e.value) for name in registry)
 
 
 def test_set_overrides_parse_toml_values_and_address_regimes_by_name():
@@ -199,7 +247,7 @@ def test_paper_scale_remedies_keep_updates_equal_and_scale_the_schedules():
     sb_steps = 100 * (50000 // 256)
     lb = cfg.regime("LB-longer").train
     assert abs(lb.epochs * (50000 // 5000) - sb_steps) < 50000 // 5000
-    assert cfg.regime("LB-dynamic-gradual").train.batch_schedule["small"] == 256
+    assert cfg.regime("LB-dynamic-gradual").train.batch_schedule.small == 256
     assert cfg.regime("LB-adversarial").train.remedy_options["clamp"] == [0.0, 1.0]
     assert {r.name for r in cfg.regimes} == {r.name for r in load_study(find_study("remedies")).regimes}
 

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from batchgap.config import from_dict
+from batchgap.results import to_dict
 from batchgap.study import run_study
 
 TINY_MEASURE = {"sharpness_eps": [1e-3], "sharpness_subspace_dim": 0, "sharpness_max_iter": 2, "adaptive_rho": 0.0,
@@ -33,7 +34,7 @@ def test_settings_that_reduce_to_plain_lb_give_identical_runs(tmp_path, mnist1d_
         {"name": "LB-switch0", "batch_size": 80, "batch_schedule": {"kind": "switch", "small": 16, "switch_epoch": 0}},
         {"name": "LB-sam0", "batch_size": 80, "remedy": "sam", "remedy_options": {"rho": 0.0}},
     ])
-    doc = run_study(cfg, tmp_path / "out", data_dir=mnist1d_dir)
+    doc = to_dict(run_study(cfg, tmp_path / "out", data_dir=mnist1d_dir))
     runs = {r["regime"]: r for r in doc["runs"]}
     for name in ("LB-k0", "LB-ghost-all", "LB-switch0", "LB-sam0"):
         assert strip(runs[name]) == strip(runs["LB"]), name
@@ -51,7 +52,7 @@ def test_remedies_change_training_and_are_recorded(tmp_path, mnist1d_dir):
         {"name": "LB-prox", "batch_size": 80, "remedy": "proximal"},
     ], compare=["LB", "LB-sam"])
     out = tmp_path / "out"
-    doc = run_study(cfg, out, data_dir=mnist1d_dir)
+    doc = to_dict(run_study(cfg, out, data_dir=mnist1d_dir))
     runs = {r["regime"]: r for r in doc["runs"]}
     base = strip(runs["LB"])
     for name in ("LB-k2", "LB-ghost", "LB-grow", "LB-sam", "LB-prox"):
@@ -66,7 +67,7 @@ def test_remedies_change_training_and_are_recorded(tmp_path, mnist1d_dir):
 def test_trajectory_measures_each_kept_iterate(tmp_path, mnist1d_dir):
     cfg = study([{"name": "SB", "batch_size": 16}, {"name": "LB", "batch_size": 80}],
                 measure={"trajectory_epochs": [0, 1, 3], "noise_scale_batches": 5})
-    doc = run_study(cfg, tmp_path / "out", data_dir=mnist1d_dir)
+    doc = to_dict(run_study(cfg, tmp_path / "out", data_dir=mnist1d_dir))
     for r in doc["runs"]:
         t = r["trajectory"]
         assert [p["epoch"] for p in t] == [0, 1, 3]

@@ -59,3 +59,15 @@ def test_each_experiment_study_has_a_readme_section_with_its_command_time_and_fi
         assert figures, name
         for f in figures:
             assert (ROOT / f).read_bytes()[:4] == b"\x89PNG", f
+
+
+def test_the_architecture_section_names_every_module():
+    """The README's module table lists exactly the modules and packages of src/batchgap."""
+    section = README.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z_]+(?:\.py|/))`", section.split("| module |", 1)[1].split("\n\n", 1)[0]))
+    pkg = ROOT / "src" / "batchgap"
+    present = {p.name + ("/" if p.is_dir() else "") for p in pkg.iterdir()
+               if (p.suffix == ".py" or p.is_dir() and p.name != "__pycache__") and p.name not in ("__init__.py", "__main__.py")}
+    assert named == present
+    for module, fn in (("config", "parse_batch_size"), ("plan", "resolve_batch_size")):  # the batch size's path
+        assert f"`{module}.{fn}`" in section and hasattr(__import__(f"batchgap.{module}", fromlist=[fn]), fn)

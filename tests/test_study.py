@@ -9,7 +9,8 @@ import pytest
 import torch
 from scipy import stats
 
-from batchgap import study as study_mod
+from batchgap import build, devices, study as study_mod
+from batchgap.results import load_results
 from batchgap.cli import main
 from batchgap.studies import builtin_names
 from data_fixtures import install_fake_data
@@ -54,8 +55,9 @@ def test_results_json_has_every_run_and_a_correct_summary(default_run):
         assert r["batch_size"] == (32 if r["regime"] == "SB" else 40)  # LB = 10% of 400
     sb = [r["test"]["accuracy"] for r in runs if r["regime"] == "SB"]
     lb = [r["test"]["accuracy"] for r in runs if r["regime"] == "LB"]
-    assert doc["summary"]["SB"]["test_accuracy"]["mean"] == pytest.approx(np.mean(sb))
-    assert doc["summary"]["LB"]["test_accuracy"]["std"] == pytest.approx(np.std(lb, ddof=1))
+    summary = {row["name"]: row for row in doc["summary"]}
+    assert summary["SB"]["test_accuracy"]["mean"] == pytest.approx(np.mean(sb))
+    assert summary["LB"]["test_accuracy"]["std"] == pytest.approx(np.std(lb, ddof=1))
     comp = doc["comparison"]
     assert comp["test_accuracy_gap"] == pytest.approx(np.mean(sb) - np.mean(lb))
     assert comp["p_value"] == pytest.approx(stats.ttest_ind(sb, lb, equal_var=False).pvalue)
@@ -64,8 +66,8 @@ def test_results_json_has_every_run_and_a_correct_summary(default_run):
     from batchgap.landscape import evaluate
     cfg = from_dict(doc["study"])  # results.json's study round-trips to the same config
     assert cfg.to_dict() == doc["study"]
-    ds = study_mod.prepare_data(cfg)
-    model = study_mod.build(cfg, ds, torch.load(default_run / runs[0]["checkpoint"], weights_only=True))
+    ds = build.prepare_data(cfg)
+    model = build.model(cfg, ds, torch.load(default_run / runs[0]["checkpoint"], weights_only=True))
     assert evaluate(model, ds.test).accuracy == pytest.approx(runs[0]["test"]["accuracy"])
 
 
@@ -162,7 +164,7 @@ def test_divergent_runs_are_marked_and_reported(tmp_path, mnist1d_dir, monkeypat
     doc = json.loads((out / "results.json").read_text())
     lb = [r for r in doc["runs"] if r["regime"] == "LB"]
     assert all(r["diverged_epoch"] for r in lb)
-    assert doc["summary"]["LB"]["diverged"] == 2
+    assert load_results(out).regime("LB").diverged == 2
     assert "diverged at epoch" in (out / "report.md").read_text()
 
 
@@ -177,12 +179,13 @@ def _needs_files(name):
 @pytest.mark.parametrize("name", [n for n in builtin_names() if n != "default"])
 def test_every_builtin_study_runs_quick(name, tmp_path, monkeypatch, mnist1d_dir):
     """Paper-scale studies on format-exact fake files; the MNIST-1D experiments on the real data."""
-    if _needs_files(name):
-        data_dir = install_fake_data(monkeypatch, tmp_path / "data", n_train=300, n_test=150)
+    jobs = []
+    if _needs_files(name):  # the fake files' checksums are trusted in this process only: no worker processes
+        data_dir, jobs = install_fake_data(monkeypatch, tmp_path / "data", n_train=300, n_test=150), ["--jobs", "1"]
     else:
         data_dir = mnist1d_dir
     out = tmp_path / "out"
-    assert run_cli(name, "--quick", "--out", str(out), "--data-dir", str(data_dir)) == 0
+    assert run_cli(name, "--quick", "--out", str(out), "--data-dir", str(data_dir), *jobs) == 0
     doc = json.loads((out / "results.json").read_text())
     assert len(doc["runs"]) >= 2 and all(r.get("complete") for r in doc["runs"])
     assert (out / "report.md").exists() and (out / "figures" / "parametric_plot.png").exists()
@@ -224,8 +227,11 @@ def test_geometry_is_measured_per_run_and_summarized(default_run):
           for r in doc["runs"] if r["regime"] == "SB"]
     lb = [next(e["value"] for e in r["geometry"]["sharpness"] if e["eps"] == 0.001 and e["subspace_dim"] is None)
           for r in doc["runs"] if r["regime"] == "LB"]
-    assert doc["summary"]["SB"]["sharpness"]["full eps=0.001"]["mean"] == pytest.approx(np.mean(sb))
-    assert doc["comparison"]["large_over_small"]["sharpness full eps=0.001"] == pytest.approx(np.mean(lb) / np.mean(sb))
+    res = load_results(default_run)
+    assert res.regime("SB").sharp(0.001, None).mean == pytest.approx(np.mean(sb))
+    assert res.comparison.ratio("sharpness", eps=0.001) == pytest.approx(np.mean(lb) / np.mean(sb))
+    assert res.comparison.ratio("sharpness", eps=0.001, subspace_dim=10) == pytest.approx(
+        res.regime("LB").sharp(0.001, 10).mean / res.regime("SB").sharp(0.001, 10).mean)
 
 
 def test_changed_measure_settings_remeasure_without_retraining(default_run, monkeypatch):
@@ -237,48 +243,44 @@ def test_changed_measure_settings_remeasure_without_retraining(default_run, monk
     assert all(r["geometry"]["hessian_trace"]["n_probes"] == 4 for r in doc["runs"])
 
 
-def test_parallel_jobs_give_the_numbers_of_a_sequential_run(default_out, tmp_path, mnist1d_dir, monkeypatch):
+def test_the_numbers_do_not_depend_on_jobs(default_out, tmp_path, mnist1d_dir, monkeypatch):
+    """Issue 13, fault 2: --jobs chooses how many runs go side by side, nothing else. The fixture ran with
+    the default (2 jobs on 2 cores), this with one job: the same run ids and the same numbers, bitwise."""
     monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
-    out = tmp_path / "par"
-    assert run_cli("default", "--out", str(out), *SMALL, "--jobs", "2", "--threads", "1") == 0
-    seq = json.loads((default_out / "results.json").read_text())
-    par = json.loads((out / "results.json").read_text())
+    monkeypatch.setattr(devices, "cores", lambda: 2)
+    out = tmp_path / "seq"
+    assert run_cli("default", "--out", str(out), *SMALL, "--jobs", "1") == 0
+    seq = json.loads((out / "results.json").read_text())
+    par = json.loads((default_out / "results.json").read_text())
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("wall_time_s", "measure_time_s")} for r in rs]
-    assert strip(par["runs"]) == strip(seq["runs"])
+    assert strip(par["runs"]) == strip(seq["runs"]) and all(r["threads"] == 1 for r in seq["runs"])
 
 
-def test_stacked_seeds_give_the_numbers_of_one_at_a_time(default_out, tmp_path, mnist1d_dir, monkeypatch):
+def test_the_thread_count_is_part_of_a_run(default_out, tmp_path, mnist1d_dir, monkeypatch):
+    """Another thread count is another run (float rounding depends on it): new ids, recorded threads."""
     monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
-    out = tmp_path / "stacked"
-    assert run_cli("default", "--out", str(out), *SMALL, "--stack-seeds") == 0
-    stacked = json.loads((out / "results.json").read_text())["runs"]
-    single = json.loads((default_out / "results.json").read_text())["runs"]
-    assert all(r["stacked"]["k"] == 2 for r in stacked) and not any("stacked" in r for r in single)
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("wall_time_s", "measure_time_s", "stacked")} for r in rs]
-    assert strip(stacked) == strip(single)
-    for r in stacked:
-        assert (out / r["history"]).read_text().count("\n") == r["epochs"]
+    out = tmp_path / "out"
+    shutil.copytree(default_out, out)
+    seen = []
+    real = study_mod.execute_runs
+    monkeypatch.setattr(study_mod, "execute_runs", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(study_mod, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("trains")))
+    with pytest.raises(RuntimeError, match="trains"):  # nothing finished for 2 threads: it must train
+        main(["run", "default", "--out", str(out), *SMALL, "--threads", "2", "--jobs", "1"])
+    ids_1 = {r["id"] for r in json.loads((default_out / "results.json").read_text())["runs"]}
+    assert len(seen[0]) == 4 and not {r.id for r in seen[0]} & ids_1 and all(r.threads == 2 for r in seen[0])
 
 
-def test_a_stacked_group_killed_mid_training_resumes(default_out, tmp_path, mnist1d_dir, monkeypatch):
-    """Checkpoints of a group at different epochs (a kill between two runs' writes) resume one at a time."""
+def test_jobs_default_to_the_cores_available(tmp_path, mnist1d_dir, monkeypatch):
+    """Issue 13, fault 3: without --jobs, as many runs side by side as the cores hold at each run's threads."""
     monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
-    out = tmp_path / "killed"
-    assert run_cli("default", "--out", str(out), *SMALL, "--set", "train.epochs=1", "--no-report", "--stack-seeds") == 0
-    ids = {r["id"] for r in json.loads((out / "results.json").read_text())["runs"]}
-    full = {r["id"]: r for r in json.loads((default_out / "results.json").read_text())["runs"]}
-    # turn the one-epoch runs into the two-epoch runs' directories stopped after epoch 1
-    for run_id in ids:
-        target = next(i for i in full if i.split("-")[:2] == run_id.split("-")[:2])
-        (out / "runs" / run_id / "result.json").unlink()
-        (out / "runs" / run_id / "model.pt").unlink()
-        (out / "runs" / run_id).rename(out / "runs" / target)
-    sb0 = next(i for i in full if i.startswith("SB-s0"))
-    (out / "runs" / sb0 / "state.pt").unlink()  # one run of the SB group has no checkpoint at all
-    assert run_cli("default", "--out", str(out), *SMALL, "--no-report", "--stack-seeds") == 0
-    resumed = {r["id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
-    for run_id, r in full.items():
-        assert resumed[run_id]["test"] == r["test"] and resumed[run_id]["train"] == r["train"]
+    seen = []
+    monkeypatch.setattr(study_mod, "execute_runs", lambda *a, **k: seen.append(k["jobs"]) or [])
+    monkeypatch.setattr(study_mod, "_results", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    for cores, threads, jobs in ((2, 1, 2), (8, 1, 4), (8, 2, 4), (2, 2, 1), (3, 2, 1)):
+        monkeypatch.setattr(devices, "cores", lambda c=cores: c)
+        main(["run", "default", "--out", str(tmp_path / f"o{cores}{threads}"), *SMALL, "--threads", str(threads)])
+        assert seen[-1] == jobs  # 4 runs: never more jobs than runs
 
 
 def test_a_paper_scale_study_runs_shrunk_with_set(tmp_path, monkeypatch):
@@ -289,7 +291,7 @@ def test_a_paper_scale_study_runs_shrunk_with_set(tmp_path, monkeypatch):
     shrink = ["seeds=[0]", "train.epochs=2", "regimes.SB.batch_size=20", "measure.trajectory_epochs=[1, 2]",
               "measure.sharpness_max_iter=2", "measure.hessian_top_k=0", "train.eval_batch_size=100",
               "measure.eval_batch_size=100", "measure.interpolation_points=3"]
-    assert run_cli("sharpness-trajectory", "--paper-scale", "--out", str(out), "--data-dir", str(data_dir),
+    assert run_cli("sharpness-trajectory", "--paper-scale", "--out", str(out), "--data-dir", str(data_dir), "--jobs", "1",
                    *[a for s in shrink for a in ("--set", s)]) == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["study"]["model"]["name"] == "C1" and doc["study"]["data"]["name"] == "cifar10"
@@ -309,9 +311,8 @@ def test_the_report_flags_regimes_that_did_not_fit_the_training_set(default_run)
 
     doc = json.loads((default_run / "results.json").read_text())
     for fitted in (False, True):
-        for row in doc["summary"].values():
-            row["train_accuracy"]["mean"] = 1.0 if fitted else 0.9
-        doc["summary"]["SB"]["train_accuracy"]["mean"] = 0.995
+        for row in doc["summary"]:
+            row["train_accuracy"]["mean"] = 0.995 if row["name"] == "SB" else 1.0 if fitted else 0.9
         (default_run / "results.json").write_text(json.dumps(doc))
         line = [x for x in write_report(default_run).read_text().splitlines() if x.startswith("**Not fitted:**")]
         if fitted:
@@ -327,24 +328,63 @@ def test_a_gap_without_variance_is_reported_without_a_t_test():
     import warnings
     from batchgap.config import from_dict
     from batchgap.report import _table2
+    from batchgap.results import Metrics, Results, RunResult
+    from batchgap.stats import compare, summarize
     cfg = from_dict({"name": "t", "regimes": [{"name": "SB", "batch_size": 32}, {"name": "LB", "batch_size": 512}],
                      "compare": ["SB", "LB"], "seeds": [0, 1]})
 
     def run(regime, seed, acc):
-        return {"regime": regime, "seed": seed, "batch_size": 32 if regime == "SB" else 512, "lr": 1e-3, "steps": 10,
-                "train": {"accuracy": 1.0, "loss": 0.01}, "test": {"accuracy": acc, "loss": 1.0},
-                "distance_from_init": {"value": 1.0}, "wall_time_s": 1.0}
+        return RunResult(id=f"{regime}-s{seed}", regime=regime, seed=seed, batch_size=32 if regime == "SB" else 512,
+                         lr=1e-3, lr_rule="none", optimizer="adam", epochs=1, steps=10, steps_per_epoch=10,
+                         diverged_epoch=None, wall_time_s=1.0, x0="", checkpoint="", history="", remedy={},
+                         ghost_batch=None, augment="none", batch_schedule=None, init_from=None, device="cpu", threads=1,
+                         train=Metrics(0.01, 1.0), test=Metrics(1.0, acc), distance_from_init={"value": 1.0})
     for lb_accs, tested in (([0.5, 0.5], False), ([0.5, 0.6], True)):
         runs = [run("SB", 0, 0.75), run("SB", 1, 0.75), run("LB", 0, lb_accs[0]), run("LB", 1, lb_accs[1])]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            summary = study_mod.summarize(cfg, runs)
-            comp = study_mod.compare(cfg, runs, summary)
-        assert comp["test_accuracy_gap"] == pytest.approx(0.75 - np.mean(lb_accs))
-        assert ("p_value" in comp) is tested and comp["test"].startswith("none") is not tested
+            summary = summarize(["SB", "LB"], runs)
+            comp = compare("SB", "LB", runs, summary)
+        assert comp.test_accuracy_gap == pytest.approx(0.75 - np.mean(lb_accs))
+        assert (comp.p_value is not None) is tested and comp.test.startswith("none") is not tested
         if tested:  # one constant regime still has a Welch test (its variance is the other's alone)
-            assert comp["p_value"] == pytest.approx(stats.ttest_ind([0.75, 0.75], lb_accs, equal_var=False).pvalue)
+            assert comp.p_value == pytest.approx(stats.ttest_ind([0.75, 0.75], lb_accs, equal_var=False).pvalue)
         else:
             assert not [str(w.message) for w in caught]
-        line = "\n".join(_table2({"summary": summary, "comparison": comp, "runs": runs, "study": cfg.to_dict()}))
+        res = Results(study=cfg.to_dict(), data={}, environment={}, command=None, runs=runs, pairs=[], summary=summary,
+                      comparison=comp, wall_time_s=1.0)
+        line = "\n".join(_table2(res))
         assert ("no t-test" in line) is not tested and ("Welch t" in line) is tested and "nan" not in line
+
+
+def test_results_of_another_schema_are_refused_with_one_line(default_run, capsys):
+    """results.json carries its schema version; the report refuses one it does not know."""
+    doc = json.loads((default_run / "results.json").read_text())
+    assert doc["schema"] == 2 and all(r["schema"] == 2 for r in doc["runs"])
+    for schema in (1, 3):
+        doc["schema"] = schema
+        (default_run / "results.json").write_text(json.dumps(doc))
+        assert main(["report", str(default_run)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"results schema {schema}" in err
+    del doc["schema"]  # a file written before the schema existed
+    (default_run / "results.json").write_text(json.dumps(doc))
+    assert main(["report", str(default_run)]) == 2 and "results schema 1" in capsys.readouterr().err
+
+
+def test_results_round_trip_through_the_schema(default_run):
+    """Written and read back, the typed results are the same document (nothing lost or renamed)."""
+    from batchgap.results import to_dict
+    doc = json.loads((default_run / "results.json").read_text())
+    assert json.loads(json.dumps(to_dict(load_results(default_run)))) == doc
+
+
+def test_a_worker_that_cannot_load_the_data_stops_the_study_with_one_line(tmp_path, monkeypatch, capsys):
+    """Fake files trusted in this process alone: the --jobs workers, which load the data themselves,
+    refuse them; the study stops with their one line, not a broken process pool."""
+    data_dir = install_fake_data(monkeypatch, tmp_path / "data", names=("mnist",), n_train=200, n_test=100)
+    assert run_cli("keskar-f1", "--quick", "--out", str(tmp_path / "out"), "--data-dir", str(data_dir),
+                   "--jobs", "2", "--no-report") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("batchgap: error: a --jobs worker process could not load the data")
+    assert "expected f68b3c2d" in err[-1] and not any("Traceback" in line for line in err)
