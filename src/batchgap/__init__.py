@@ -6,8 +6,10 @@ The names a notebook user imports::
     from batchgap.train import train
 
 Every measurement takes a plain ``nn.Module`` and data given as a pair of tensors ``(inputs, targets)``,
-a :class:`TensorData`, or an iterable of ``(inputs, targets)`` batches; each restores the model bit for
-bit and returns its numbers together with their protocol.
+a :class:`TensorData`, a ``torch.utils.data.TensorDataset`` or other map-style dataset of ``(input,
+target)`` pairs, or an iterable of ``(inputs, targets)`` batches (``gradient_noise_scale``, which draws
+random batches, takes a tensor pair or a TensorData); each restores the model bit for bit and returns its
+numbers together with their protocol. The README's API table gives each one's cost in data passes.
 """
 from .version import __version__
 
@@ -16,9 +18,12 @@ from .data import Dataset, TensorData, load_dataset
 from .errors import UserError
 from .landscape import (
     adaptive_sharpness,
+    distance,
     eps_sharpness,
     evaluate,
+    exact_gradient_noise_scale,
     filter_normalized_direction,
+    gradient_noise_scale,
     hessian_eigenvalues,
     hessian_trace,
     interpolate,
@@ -41,7 +46,7 @@ def write_report(out):
 
 __all__ = [
     "Dataset", "StudyConfig", "TensorData", "TrainConfig", "UserError", "__version__",
-    "adaptive_sharpness", "build_model", "eps_sharpness", "evaluate", "filter_normalized_direction",
-    "hessian_eigenvalues", "hessian_trace", "init_model", "interpolate", "load_dataset", "load_study",
-    "loss_curve", "loss_surface", "run_study", "write_report",
+    "adaptive_sharpness", "build_model", "distance", "eps_sharpness", "evaluate", "exact_gradient_noise_scale",
+    "filter_normalized_direction", "gradient_noise_scale", "hessian_eigenvalues", "hessian_trace", "init_model",
+    "interpolate", "load_dataset", "load_study", "loss_curve", "loss_surface", "run_study", "write_report",
 ]

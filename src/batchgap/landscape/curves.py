@@ -4,7 +4,8 @@
     surface:  L(theta* + alpha d1 + beta d2)      for alpha, beta in the grid  -> shape (len(alphas), len(betas))
 
 Every point is built fresh from the centre theta* (no accumulated drift), over all trainable
-parameters; a symmetric grid must contain 0 (:func:`protocol.as_grid`), and alpha = beta = 0 is
+parameters, each tensor once (a tied tensor is one block of the direction; ``params_measured`` in the
+result says which, with the counts); a symmetric grid must contain 0 (:func:`protocol.as_grid`), and alpha = beta = 0 is
 theta* exactly. Loss and accuracy are full-data, batch-weighted (as :func:`evaluate.evaluate`).
 
 BatchNorm (``bn``), recorded in the result:
@@ -12,7 +13,10 @@ BatchNorm (``bn``), recorded in the result:
 * ``"eval"`` (default): the centre's running statistics at every point (or batch statistics for
   ``track_running_stats=False`` models);
 * ``"batch"``: each evaluation batch's statistics;
-* ``"recompute"``: running statistics recomputed at every point on ``bn_data`` (default ``data``).
+* ``"recompute"``: running statistics recomputed exactly at every point on ``bn_data`` (default
+  ``data``; :func:`evaluate.recompute_bn_statistics`: one pass per BN layer, per point).
+
+Cost: one forward pass over ``data`` per point (plus the recomputation's passes for "recompute").
 
 Two evaluation methods, equal to float rounding (tested):
 
@@ -39,7 +43,7 @@ from torch import nn
 
 from .evaluate import BN_MODES, describe_bn, evaluate
 from .functional import FullDataLoss, session
-from .params import flat, named_parameters, preserved, set_flat
+from .params import describe_params, flat, named_parameters, preserved, set_flat
 from .protocol import as_grid, data_size_name, frozen_array, jsonable
 
 
@@ -58,6 +62,7 @@ class CurveResult:
     batch_size: int
     method: str
     loss_fn: str
+    params_measured: str  # the perturbed parameters in words: trainable of all tensors, tied names
 
     def as_dict(self) -> dict:
         return jsonable(self)
@@ -79,6 +84,7 @@ class SurfaceResult:
     batch_size: int
     method: str
     loss_fn: str
+    params_measured: str
 
     def as_dict(self) -> dict:
         return jsonable(self)
@@ -151,6 +157,7 @@ def _common(model, data, loss_fn, batch_size, bn, bn_data, method):
         batch_size=batch_size,
         method=method,
         loss_fn="mean cross-entropy" if loss_fn is None else getattr(loss_fn, "__name__", repr(loss_fn)),
+        params_measured=describe_params(model, "all"),
     )
 
 

@@ -17,7 +17,9 @@ where a filter f is, for a parameter of 2 or more dimensions,
 * ``"filter"``: every scalar is its own filter, d_i <- sign(d_i) * |w_i|.
 
 A filter whose random draw is exactly 0 stays 0. Parameters not selected by ``params``
-(``"all"`` or ``"no-bn"``, see :func:`params.named_parameters`) get a zero direction. The draw
+(``"all"``, or ``"no-bn"`` = ``"no-norm"``: none of a normalization layer's, see
+:func:`params.named_parameters`) get a zero direction; frozen ones none. A tied tensor gets one entry,
+under its first name (as ``model.named_parameters()`` lists it). The draw
 happens on the CPU in each parameter's dtype, in the order of ``model.named_parameters()``, so a
 seed gives the same direction on any device and whatever the policy.
 """
@@ -95,5 +97,6 @@ def filter_normalized_direction(
 def describe(bias_bn: str, params: str) -> str:
     """The direction's protocol in words."""
     one_d = "0 for biases and BN parameters" if bias_bn == "zero" else "sign(d_i)|w_i| for 1-D parameters"
+    which = params if params == "all" else f"{params} (0 for every normalization layer's parameters)"
     return (f"filter-normalized N(0,1) direction (Li et al. 2018): per output channel / per row, "
-            f"||d_f|| = ||w_f||; {one_d}; parameters: {params}")
+            f"||d_f|| = ||w_f||; {one_d}; parameters: {which}")

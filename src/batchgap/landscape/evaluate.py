@@ -9,19 +9,26 @@ BatchNorm at evaluation is one of:
   statistics when it was built with ``track_running_stats=False`` (the official Keras code's ``mode=2``).
 * ``"batch"``: statistics of each evaluation batch, whatever the model tracks (results then depend on
   ``batch_size``, which the protocol records).
-* ``"recompute"``: running statistics recomputed as an exact average over ``bn_data`` (default: the data
-  evaluated), then eval mode. Right for points the model never trained at (interpolations, perturbations).
+* ``"recompute"``: running statistics recomputed exactly over ``bn_data`` (default: the data evaluated):
+  each layer's mean and unbiased variance over every example, layer by layer
+  (:func:`recompute_bn_statistics`), then eval mode. Right for points the model never trained at
+  (interpolations, perturbations). Costs one pass over ``bn_data`` per BN layer, each stopped at it.
+
+Data: a tensor pair, a TensorData, a TensorDataset or other map-style dataset of (input, target)
+pairs, or an iterable of batches (:func:`batches`).
 
 Dropout is always off. The model comes back exactly as it was (:func:`params.preserved`).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import IterableDataset, TensorDataset, default_collate
 
 from .params import is_batchnorm, preserved
 
@@ -42,13 +49,41 @@ class Metrics:
 
 
 def batches(data, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(x, y)`` batches from a tensor pair (sliced in order) or pass an iterable through."""
+    """Yield ``(x, y)`` batches from any accepted data form; the one place every measure reads data.
+
+    Accepted, in this order of checks:
+
+    * a pair of tensors ``(inputs, targets)`` (tuple or list) with equal first dimensions: sliced in
+      order into ``batch_size`` rows;
+    * a :class:`torch.utils.data.TensorDataset` of two tensors: its tensors, sliced the same way;
+    * any other map-style :class:`torch.utils.data.Dataset` (``__len__`` and ``__getitem__``) whose
+      items are ``(input, target)`` pairs: items ``0 .. len - 1`` in order, ``batch_size`` at a time,
+      collated by ``torch.utils.data.default_collate`` (tensors stacked, Python numbers made tensors);
+    * a :class:`batchgap.TensorData` (anything else with tensor attributes ``x`` and ``y``): as a pair;
+    * anything else is iterated as a sequence of ``(inputs, targets)`` batches (a DataLoader, a list of
+      batches; an ``IterableDataset`` must yield batches). Measures that read the data more than once
+      need it re-iterable (not a one-shot generator) and refuse it otherwise.
+    """
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
         x, y = data
         if len(x) != len(y):
             raise ValueError(f"inputs have {len(x)} rows but targets have {len(y)}")
         for start in range(0, len(y), batch_size):
             yield x[start : start + batch_size], y[start : start + batch_size]
+    elif isinstance(data, TensorDataset):
+        if len(data.tensors) != 2:
+            raise ValueError(f"a TensorDataset must hold two tensors (inputs, targets), this one holds "
+                             f"{len(data.tensors)}")
+        yield from batches(tuple(data.tensors), batch_size)
+    elif isinstance(data, TorchDataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
+        n = len(data)
+        for start in range(0, n, batch_size):
+            items = [data[i] for i in range(start, min(start + batch_size, n))]
+            if not (isinstance(items[0], (tuple, list)) and len(items[0]) == 2):
+                raise ValueError(f"a map-style dataset must give (input, target) pairs; item {start} is a "
+                                 f"{type(items[0]).__name__}")
+            x, y = default_collate(items)
+            yield x, y
     elif hasattr(data, "x") and hasattr(data, "y"):  # a TensorData
         yield from batches((data.x, data.y), batch_size)
     else:
@@ -80,24 +115,100 @@ def describe_bn(model: nn.Module, bn: str, batch_size: int) -> str:
     return "running statistics" if semantics == "running" else "mixed running/batch statistics"
 
 
+class _Reached(Exception):
+    """Raised by the statistics hook once the layer being measured has its input: the rest is not needed."""
+
+
+def _channel_moments(h: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(count, mean, M2)`` per channel (dim 1) over every other dim (N, and H, W, ...); mean and M2
+    (sum of squared deviations) in float64. ``var_mean`` accumulates in double on the CPU."""
+    dims = [d for d in range(h.dim()) if d != 1]
+    x = h if h.dtype in (torch.float32, torch.float64) else h.float()
+    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    count = h.numel() // h.shape[1]
+    return count, mean.double(), var.double() * count
+
+
+def _merge(acc, count: int, mean: torch.Tensor, m2: torch.Tensor):
+    """Chan et al.'s parallel update: the moments of the union of two disjoint sets of rows."""
+    if acc is None:
+        return count, mean, m2
+    n, mu, M = acc
+    total = n + count
+    delta = mean - mu
+    return total, mu + delta * (count / total), M + m2 + delta**2 * (n * count / total)
+
+
 @torch.no_grad()
 def recompute_bn_statistics(model: nn.Module, data, batch_size: int = 1000) -> None:
-    """Replace every tracking BN layer's running statistics by the exact average over ``data``.
+    """Set every tracking BN layer's running statistics to the exact ones over all of ``data``.
 
-    Runs BN layers alone in train mode (dropout stays off) with cumulative averaging. Changes the
-    model's buffers on purpose: call it inside :func:`params.preserved` to keep the original.
+    For each BN layer, ``running_mean`` is the mean and ``running_var`` the UNBIASED variance (divisor
+    count - 1, as BatchNorm's own running variance) per channel of that layer's inputs over every row
+    of ``data`` (and every position: N, H, W for BatchNorm2d), whatever the batch size and order. The
+    inputs of a layer are those of the model in eval mode with every earlier BN layer already holding
+    its exact statistics: one pass over ``data`` per tracking BN layer, in the order the forward pass
+    reaches them (not their registration order), each forward stopped at the layer measured (so L
+    layers cost about (L + 1) / 2 full forward passes). Per batch the moments come from ``var_mean``,
+    and are merged across batches in float64 by Chan's parallel update. ``num_batches_tracked`` is set
+    to the number of batches the layer saw. ``momentum`` is not touched. Dropout is off. A layer the
+    forward never reaches keeps its statistics; a BN module applied twice in one forward gets those of
+    its first application.
+
+    ``data`` as :func:`batches` accepts; read once per BN layer, so it must be re-iterable (a one-shot
+    iterator raises ValueError). Changes the model's buffers on purpose: call it inside
+    :func:`params.preserved` to keep the original.
     """
-    bns = [m for m in model.modules() if is_batchnorm(m) and m.track_running_stats]
-    if not bns:
+    pending = [m for m in model.modules() if is_batchnorm(m) and m.track_running_stats]
+    if not pending:
         return
     model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average = exact mean over batches
-        m.train()
-    for x, _ in batches(data, batch_size):
-        model(x)
-    model.eval()
+    examples = None
+    while pending:
+        state = {"target": None, "acc": None, "batches": 0}
+
+        def hook(module, args, kwargs):
+            if state["target"] is None:
+                state["target"] = module
+            elif module is not state["target"]:
+                raise ValueError("the forward pass reaches the BatchNorm layers in an order that depends on the "
+                                 "batch: exact recomputed statistics need one order for all the data")
+            h = args[0] if args else kwargs["input"]
+            state["acc"] = _merge(state["acc"], *_channel_moments(h))
+            state["batches"] += 1
+            raise _Reached
+
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in pending]
+        seen = 0
+        try:
+            for x, y in batches(data, batch_size):
+                seen += len(y)
+                try:
+                    model(x)
+                except _Reached:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if examples is None:
+            if seen == 0:
+                raise ValueError("no data to recompute the BatchNorm statistics on")
+            examples = seen
+        elif seen != examples:
+            raise ValueError(f"bn='recompute' reads the data once per BatchNorm layer, and a later pass saw {seen} "
+                             f"examples where the first saw {examples}: pass a tensor pair, a TensorData, a "
+                             "map-style dataset or a re-iterable sequence of batches, not a one-shot iterator")
+        layer = state["target"]
+        if layer is None:  # the forward reaches none of the remaining layers
+            break
+        count, mean, m2 = state["acc"]
+        if count < 2:
+            raise ValueError(f"BatchNorm statistics need more than one value per channel, got {count}")
+        layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
+        layer.running_var.copy_((m2 / (count - 1)).to(layer.running_var.dtype))
+        if layer.num_batches_tracked is not None:
+            layer.num_batches_tracked.fill_(state["batches"])
+        pending.remove(layer)
 
 
 def set_bn_mode(model: nn.Module, bn: str) -> None:
@@ -115,6 +226,11 @@ def set_bn_mode(model: nn.Module, bn: str) -> None:
 
 
 def mean_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The default loss: mean cross-entropy of logits ``(batch, classes)`` against class indices."""
+    if not torch.is_tensor(logits):
+        raise ValueError(f"the model returned a {type(logits).__name__}: with the default loss it must return "
+                         "logits (a tensor of shape (batch, classes)); otherwise pass loss_fn(outputs, targets) "
+                         "that takes what it returns")
     return F.cross_entropy(logits, y)
 
 
@@ -127,9 +243,12 @@ def evaluate(
     bn: str = "eval",
     bn_data=None,
 ) -> Metrics:
-    """Batch-weighted mean loss and accuracy of ``model`` over all of ``data``.
+    """Batch-weighted mean loss and accuracy of ``model`` over all of ``data``: one pass (plus the BN
+    recomputation's passes for ``bn="recompute"``).
 
-    ``loss_fn(outputs, targets)`` must return the mean over the batch (default: cross-entropy).
+    ``data``: a tensor pair, TensorData, TensorDataset or other map-style dataset of (input, target)
+    pairs, or an iterable of batches (:func:`batches`). ``loss_fn(outputs, targets)`` must return the
+    mean over the batch (default: cross-entropy, for a model returning logits ``(batch, classes)``).
     Accuracy is top-1 for class-index targets, ``nan`` when targets are not class indices.
     """
     loss_fn = loss_fn or mean_cross_entropy
@@ -145,7 +264,7 @@ def evaluate(
         for x, y in batches(data, batch_size):
             out = model(x)
             total_loss += loss_fn(out, y).double() * len(y)
-            if classify and out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
+            if classify and torch.is_tensor(out) and out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
                 correct += int((out.argmax(dim=1) == y).sum())
             else:
                 classify = False

@@ -1,8 +1,9 @@
 """Curvature of the full-data loss from Hessian-vector products: top eigenvalues and the trace.
 
 H is the Hessian of L(theta) = (1/n) sum_b |b| loss_fn(model(x_b; theta), y_b) over all of ``data``
-with respect to the measured parameters (``params``: ``"all"`` or ``"no-bn"``), at the model's
-parameters. Products H v are reverse-over-reverse (the gradient's graph kept, then a backward pass
+with respect to the measured parameters (``params``: ``"all"`` trainable or ``"no-bn"``, each tensor
+once: a tied tensor is one block; the result's ``params_measured`` says which), at the model's
+parameters. ``data``: any form :func:`evaluate.batches` accepts. Products H v are reverse-over-reverse (the gradient's graph kept, then a backward pass
 of grad . v), summed over batches with weights |b| / n (:meth:`functional.FullDataLoss.hvp`), in
 float64 accumulation. BN protocol as in :mod:`sharpness` (``"eval"`` default; ``"recompute"`` once at the
 centre). Dropout is off. The model is restored bit for bit.
@@ -41,6 +42,7 @@ class EigenResult(Measured):
     hvps: int  # all HVPs used, the residual checks included
     seed: int
     method: str
+    params_measured: str  # params in words with the counts: trainable of all tensors and entries, tied names
     eigenvectors: np.ndarray | None = field(default=None, repr=False)  # (k, num_params); not in as_dict
 
     def as_dict(self) -> dict:
@@ -61,11 +63,13 @@ class TraceResult(Measured):
     method: str
     interval: str
     seed: int
+    params_measured: str  # params in words with the counts: trainable of all tensors and entries, tied names
 
 
 def _protocol(model, F: FullDataLoss, bn, bn_data, batch_size, params, loss_fn) -> dict:
     return dict(n=F.n, bn=bn, bn_description=bn_protocol(model, bn, batch_size, bn_data), params=params,
-                num_params=F.num_params, batch_size=batch_size, loss_fn=loss_fn_name(loss_fn))
+                num_params=F.num_params, params_measured=F.params_measured, batch_size=batch_size,
+                loss_fn=loss_fn_name(loss_fn))
 
 
 def lanczos_top(matvec, v0: torch.Tensor, k: int, max_steps: int, tol: float):

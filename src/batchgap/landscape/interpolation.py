@@ -13,7 +13,8 @@ interpolating them linearly is a guess, and extrapolated running variances can t
 ``bn=None`` therefore picks, and records:
 
 * ``"recompute"`` when the model tracks running statistics: at every alpha the running statistics
-  are recomputed on ``bn_data`` (default: ``data["train"]`` when ``data`` is a mapping with a
+  are recomputed exactly (each BN layer's mean and unbiased variance over all of ``bn_data``, layer by
+  layer: :func:`evaluate.recompute_bn_statistics`) on ``bn_data`` (default: ``data["train"]`` when ``data`` is a mapping with a
   ``"train"`` entry, else the evaluated data itself), then the model is evaluated in eval mode;
 * ``"eval"`` otherwise (no BN, or ``track_running_stats=False``: batch statistics, Keskar's mode).
 
@@ -30,7 +31,7 @@ then recomputed once per alpha and shared by all sets.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from .evaluate import BN_MODES, describe_bn, evaluate, model_bn_semantics, recompute_bn_statistics
-from .params import preserved
+from .params import preserved, tied_parameters
 from .protocol import as_grid, data_size_name, frozen_array, jsonable
 
 PATHS = ("linear", "curvilinear")
@@ -65,6 +66,7 @@ class InterpolationResult:
     buffers: str
     batch_size: int
     loss_fn: str
+    params_interpolated: str  # in words: every parameter tensor (frozen included), each once, tied names
 
     @property
     def loss(self) -> np.ndarray:
@@ -200,4 +202,13 @@ def interpolate(
         buffers=buffers,
         batch_size=batch_size,
         loss_fn="mean cross-entropy" if loss_fn is None else getattr(loss_fn, "__name__", repr(loss_fn)),
+        params_interpolated=_describe_interpolated(model_a),
     )
+
+
+def _describe_interpolated(model: nn.Module) -> str:
+    every = list(model.named_parameters())
+    text = (f"every parameter tensor, frozen ones included: {len(every)} tensors, "
+            f"{sum(p.numel() for _, p in every)} entries")
+    ties = tied_parameters(model)
+    return text + ("; tied tensors interpolated once: " + ", ".join(f"{a} = {n}" for a, n in ties) if ties else "")

@@ -1,54 +1,36 @@
-"""Gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish, Kaplan, Amodei et al. 2018, appendix A.1).
+"""Gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish, Kaplan, Amodei et al. 2018, appendix A.1):
+the batch size beyond which larger batches stop paying (their simplified "critical batch size").
 
-McCandlish et al., "An Empirical Model of Large-Batch Training": B_simple predicts the batch size
-beyond which larger batches stop paying (the "critical batch size" in their simplified model). Here:
+Units. With no BatchNorm, or running statistics (``bn="eval"`` on a tracking model, or ``"recompute"``),
+a unit is one example (g = 1). With batch statistics (``bn="batch"``, or ``track_running_stats=False``)
+per-example gradients do not exist (a batch's examples are normalized together): a unit is a GHOST BATCH
+of one fixed size g (``ghost_batch``, default ``small``) normalized by its own statistics (Hoffer et al.
+2017), from one partition: ``randperm(n)`` (the seeded generator's first draw) cut into N = n // g ghost
+batches, the n mod g left over left out (n then counts the N g kept). A batch of B = k g examples is k
+ghost batches, its gradient the mean of theirs; the full gradient the mean over all N. With h_j the
+gradient of unit j's mean loss in theta (``params``: ``"all"`` or ``"no-bn"``), G = (1/N) sum_j h_j and
+Sigma = g (1/N) sum_j (h_j - G)(h_j - G)^T, g times the POPULATION covariance of the unit gradients
+(divisor N): for g = 1 that of the per-example gradients; for independent examples g Cov(h) is that
+again, so B_simple is in examples for every g.
 
-* g_i: the gradient of example i's loss with respect to the measured parameters theta (``params``:
-  ``"all"`` or ``"no-bn"``), at the model's parameters, on the BN protocol ``bn``;
-* G = (1/n) sum_i g_i, the full-data gradient (the gradient of the batch-weighted full-data loss);
-* Sigma = (1/n) sum_i (g_i - G)(g_i - G)^T, the POPULATION covariance of the per-example gradients
-  over the n training examples (divisor n, not n - 1), so tr(Sigma) = (1/n) sum_i |g_i|^2 - |G|^2;
-* G_B = (1/B) sum_{i in batch} g_i, the gradient of a batch's mean loss.
-
-Sampling. A batch here is a uniformly random subset of B distinct examples (without replacement
-within the batch, as a training epoch draws them); batches are independent of each other. Then
-E G_B = G and Cov G_B = Sigma / B * (n - B) / (n - 1) (the finite-population correction), so
-
-    E|G_B|^2 = |G|^2 + c(B) tr(Sigma),    c(B) = (n - B) / (B (n - 1)).
-
-McCandlish et al. write 1/B (sampling with replacement, or B << n); we apply the correction exactly,
-which makes B = n the exact full gradient (c(n) = 0) and B = 1 the per-example second moment
-(c(1) = 1). From the mean squared norms m_s, m_b at two sizes B_small < B_big
-(:func:`two_batch_estimate`):
+Sampling: a batch is k = B/g distinct units drawn uniformly (``randperm(N)[:k]``, as an epoch draws
+them), batches independent. Then exactly E G_B = G and E|G_B|^2 = |G|^2 + c(B) tr(Sigma) with the
+finite-population factor c(B) = (n - B) / (B (n - g)) (McCandlish et al.: 1/B, for B << n); c(n) = 0.
+From the mean squared norms m_s, m_b at two sizes B_small < B_big (:func:`two_batch_estimate`):
 
     tr(Sigma)_est = (m_s - m_b) / (c(B_small) - c(B_big)),
-    |G|^2_est     = (c(B_small) m_b - c(B_big) m_s) / (c(B_small) - c(B_big)),
-    B_simple      = tr(Sigma)_est / |G|^2_est.
+    |G|^2_est     = (c(B_small) m_b - c(B_big) m_s) / (c(B_small) - c(B_big)),    B_simple = their ratio.
 
-Both are unbiased (linear in m_s, m_b); their ratio is not, unless B_big = n (``big=None``): then
-|G|^2 is exact and B_simple is linear in m_s, hence unbiased. With c(B) = 1/B these are the paper's
-formulas; the correction multiplies its tr(Sigma) by (n - 1)/n and adds tr(Sigma)/n to its |G|^2.
+Both unbiased; the ratio is not, unless B_big = n (``big=None``: |G|^2 exact). B_simple is a noise scale
+only when both are > 0; else (|G|^2_est is a difference of noisy means, negative when the mean gradient
+is not resolved from the noise) ``b_simple`` is None and ``reason`` says which. Never a negative number.
 
-Two functions, one result type (:class:`NoiseScaleResult`):
-
-* :func:`gradient_noise_scale`: the two-batch estimator. ``n_batches`` random batches of size
-  ``small`` (and of ``big``, or with ``big=None`` the exact full-data gradient, one batch-weighted
-  pass, so m_b = |G|^2 exactly). Uncertainty: the standard error of each mean (sample std, ddof 1,
-  / sqrt(k)); for B_simple both a delta-method standard error from those two and a percentile
-  bootstrap interval (the per-batch values of each size resampled with replacement, ``n_boot`` times).
-* :func:`exact_gradient_noise_scale`: every per-example gradient, ``torch.func.vmap(torch.func.grad)``
-  over chunks of examples; only the sums of g_i and of |g_i|^2 are kept. In the two-batch form this
-  is B_small = 1 and B_big = n with every size-1 batch enumerated: no sampling error.
-
-BatchNorm. Per-example gradients are defined only when each example's loss depends on that example
-alone: BN with running statistics (``bn="eval"`` on a tracking model, or ``"recompute"``), or no BN.
-The exact method refuses batch statistics. The estimator accepts ``bn="batch"``: each sampled batch
-then uses its own statistics (the gradients a training step sees); the examples are coupled, so the
-identity above holds only approximately, and the protocol says so. Dropout is off. Every random draw
-comes from ``torch.Generator().manual_seed(seed)``; the model is restored bit for bit, also on error.
-
-Precision: gradients in the model's dtype; per-chunk sums and norms in that dtype, everything across
-chunks and batches accumulated in float64.
+:func:`gradient_noise_scale` samples (errors: each mean's standard error, ddof 1; a delta-method error
+and a percentile bootstrap interval for B_simple); :func:`exact_gradient_noise_scale` enumerates every
+unit gradient. Both vmap ``torch.func.grad``; where vmap cannot trace the model (``nn.GRU``, a float64
+``nn.LSTM``) the same function runs in a loop, and ``grad_path`` says which ran. Dropout off; draws from
+``torch.Generator().manual_seed(seed)``; the model restored bit for bit, also on error. Gradients and
+per-chunk norms in the model's dtype, sums across chunks in float64.
 """
 from __future__ import annotations
 
@@ -62,87 +44,140 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .evaluate import batches, model_bn_semantics
 from .functional import FullDataLoss, session
-from .params import is_batchnorm
+from .params import describe_params, is_batchnorm
 from .protocol import Measured
 from .sharpness import bn_protocol, loss_fn_name
 
-SAMPLING = ("batches: uniform random subsets of B distinct examples, independent across batches; "
-            "E|G_B|^2 = |G|^2 + tr(Sigma) (n - B) / (B (n - 1)) (finite-population correction), "
-            "Sigma the population covariance of per-example gradients")
+
+def _sampling(g: int | None) -> str:
+    if g is None:
+        return ("batches: uniform random subsets of B distinct examples, independent across batches; E|G_B|^2 = "
+                "|G|^2 + tr(Sigma) (n - B) / (B (n - 1)) (finite-population correction), Sigma the population "
+                "covariance of per-example gradients")
+    return (f"batches: B / {g} distinct ghost batches of {g} drawn uniformly from the fixed partition, independent "
+            f"across batches; E|G_B|^2 = |G|^2 + tr(Sigma) (n - B) / (B (n - {g})) (finite-population correction), "
+            f"Sigma = {g} x the population covariance of the ghost-batch gradients")
 
 
 @dataclass(frozen=True)
 class NoiseScaleResult(Measured):
-    b_simple: float  # tr(Sigma)_est / |G|^2_est
-    b_simple_stderr: float  # delta method from the two means' standard errors; 0 when exact
-    ci_low: float  # percentile bootstrap interval for b_simple; = b_simple when exact
+    b_simple: float | None  # tr(Sigma)_est / |G|^2_est; None when either estimate is <= 0 (see reason)
+    params_measured: str  # the measured parameters in words: trainable of all, frozen, tied (params.describe_params)
+    reason: str | None  # why b_simple is None; None when it is a number
+    b_simple_stderr: float | None  # delta method from the two means' standard errors; 0 when exact
+    ci_low: float  # percentile bootstrap interval for b_simple (may reach inf); = b_simple when exact
     ci_high: float
     confidence: float  # of [ci_low, ci_high]; 1.0 for the exact method (no sampling error)
-    grad_norm_sq: float  # |G|^2 estimate
-    trace_sigma: float  # tr(Sigma) estimate, population covariance
-    small: int  # B_small (1 for the exact method)
+    grad_norm_sq: float  # |G|^2 estimate (may be <= 0 from two sampled sizes)
+    trace_sigma: float  # tr(Sigma) estimate, population covariance, in per-example units
+    small: int  # B_small in examples (g for the exact method)
     big: int  # B_big (n: the full data set)
-    n_batches_small: int  # batches measured at B_small (n for the exact method: every example)
+    n_batches_small: int  # batches measured at B_small (N for the exact method: every unit)
     n_batches_big: int  # 1 when B_big = n (the exact full gradient)
     sq_norm_small: float  # mean |G_B|^2 over the small batches
     sq_norm_small_stderr: float  # its standard error (0 when exact)
     sq_norm_big: float
     sq_norm_big_stderr: float
+    ghost_batch: int | None  # g: the units are ghost batches of g (batch statistics); None: single examples
+    grad_path: str  # "vmap", or "loop over ...: vmap could not trace the model (...)"
     sampling: str
     interval: str
-    seed: int | None  # None for the exact method (no randomness)
+    seed: int | None  # None for the exact per-example method (no randomness)
     method: str
 
 
-# -- the estimator's algebra, on numbers or tensors ---------------------------------------------------
+def finite_population_factor(batch: int, n: int, unit: int = 1) -> float:
+    """c(B) = (n - B) / (B (n - g)): E|G_B|^2 = |G|^2 + c(B) tr(Sigma), B/g of n/g units of g, no replacement."""
+    if n < 2 * unit:
+        raise ValueError(f"need at least 2 units of {unit} examples, got n={n}")
+    if not unit <= batch <= n or batch % unit:
+        raise ValueError(f"batch size must be a multiple of {unit} in [{unit}, {n}], got {batch}")
+    return (n - batch) / (batch * (n - unit))
 
 
-def finite_population_factor(batch: int, n: int) -> float:
-    """c(B) = (n - B) / (B (n - 1)): E|G_B|^2 = |G|^2 + c(B) tr(Sigma) for B of n without replacement."""
-    if n < 2:
-        raise ValueError(f"need at least 2 examples, got n={n}")
-    if not 1 <= batch <= n:
-        raise ValueError(f"batch size must be in [1, {n}], got {batch}")
-    return (n - batch) / (batch * (n - 1))
+def expected_batch_sq_norm(grad_norm_sq: float, trace_sigma: float, batch: int, n: int, unit: int = 1) -> float:
+    """E|G_B|^2 = |G|^2 + tr(Sigma) (n - B) / (B (n - g)), batches of B/g distinct units of g out of n/g."""
+    return grad_norm_sq + finite_population_factor(batch, n, unit) * trace_sigma
 
 
-def expected_batch_sq_norm(grad_norm_sq: float, trace_sigma: float, batch: int, n: int) -> float:
-    """E|G_B|^2 = |G|^2 + tr(Sigma) (n - B) / (B (n - 1)), batches of B distinct examples out of n."""
-    return grad_norm_sq + finite_population_factor(batch, n) * trace_sigma
-
-
-def two_batch_estimate(sq_small, sq_big, small: int, big: int, n: int):
-    """``(|G|^2_est, tr(Sigma)_est)`` from mean squared batch-gradient norms at ``small`` < ``big``.
-
-    Solves m = |G|^2 + c(B) tr(Sigma) at the two sizes (module docstring). Works elementwise on
-    tensors (the bootstrap) as well as on floats.
-    """
-    c_s, c_b = finite_population_factor(small, n), finite_population_factor(big, n)
+def two_batch_estimate(sq_small, sq_big, small: int, big: int, n: int, unit: int = 1):
+    """``(|G|^2_est, tr(Sigma)_est)`` from the mean squared batch-gradient norms at ``small`` < ``big``: solves
+    m = |G|^2 + c(B) tr(Sigma) at the two sizes; elementwise on tensors (the bootstrap) as on floats."""
+    c_s, c_b = finite_population_factor(small, n, unit), finite_population_factor(big, n, unit)
     if not c_s > c_b:
         raise ValueError(f"need small < big, got small={small}, big={big}")
     trace = (sq_small - sq_big) / (c_s - c_b)
     return (c_s * sq_big - c_b * sq_small) / (c_s - c_b), trace
 
 
-def _ratio(num: float, den: float) -> float:
-    if den != 0:
-        return num / den
-    return math.copysign(math.inf, num) if num != 0 else math.nan
-
-
 def b_simple_stderr(sq_small: float, se_small: float, sq_big: float, se_big: float,
-                    small: int, big: int, n: int) -> float:
-    """Delta-method standard error of B_simple = (m_s - m_b) / D, D = c_s m_b - c_b m_s.
-
-    dB/dm_s = (c_s - c_b) m_b / D^2, dB/dm_b = -(c_s - c_b) m_s / D^2, the two means independent:
-    se(B) = (c_s - c_b) sqrt(m_b^2 se_s^2 + m_s^2 se_b^2) / D^2.
-    """
-    c_s, c_b = finite_population_factor(small, n), finite_population_factor(big, n)
+                    small: int, big: int, n: int, unit: int = 1) -> float:
+    """Delta-method standard error of B_simple = (m_s - m_b) / D, D = c_s m_b - c_b m_s: dB/dm_s = (c_s - c_b)
+    m_b / D^2, dB/dm_b = -(c_s - c_b) m_s / D^2, so (c_s - c_b) sqrt(m_b^2 se_s^2 + m_s^2 se_b^2) / D^2."""
+    c_s, c_b = finite_population_factor(small, n, unit), finite_population_factor(big, n, unit)
     d = c_s * sq_big - c_b * sq_small
-    return _ratio((c_s - c_b) * math.hypot(sq_big * se_small, sq_small * se_big), d * d)
+    return (c_s - c_b) * math.hypot(sq_big * se_small, sq_small * se_big) / (d * d) if d else math.inf
 
 
-# -- measurements -------------------------------------------------------------------------------------
+def _defined(g2: float, trace: float) -> tuple[float | None, str | None]:
+    """(B_simple, None) when both estimates are > 0, else (None, the reason)."""
+    bad = [name for name, v in (("|G|^2", g2), ("tr(Sigma)", trace)) if not v > 0]
+    if not bad:
+        return trace / g2, None
+    return None, (f"not estimated: the {' and the '.join(bad)} estimate came out <= 0 (|G|^2 = {g2:.3g}, "
+                  f"tr(Sigma) = {trace:.3g}), so tr(Sigma)/|G|^2 is no noise scale (sampled: the mean gradient or "
+                  "its noise is not resolved at these batch sizes; more batches, or B_big = n, may resolve it)")
+
+
+def _couples(model: nn.Module, bn: str) -> bool:
+    """Do the model's BN layers normalize a batch's examples together under ``bn``?"""
+    return any(is_batchnorm(m) for m in model.modules()) and (bn == "batch" or model_bn_semantics(model) != "running")
+
+
+def _units(model: nn.Module, bn: str, n: int, ghost_batch: int | None, default: int | None,
+           gen: torch.Generator) -> torch.Tensor | None:
+    """The ghost batches (N, g) of the seeded partition under batch statistics; None: single examples."""
+    if not _couples(model, bn):
+        if ghost_batch not in (None, 1):
+            raise ValueError(f"ghost_batch={ghost_batch} is only for BatchNorm with batch statistics; this model "
+                             f"treats examples independently under bn={bn!r} (per-example units)")
+        return None
+    g = default if ghost_batch is None else ghost_batch
+    if not 2 <= g <= n // 2:
+        raise ValueError(f"ghost_batch must be in [2, n // 2 = {n // 2}] (at least 2 ghost batches), got {g}")
+    return torch.randperm(n, generator=gen)[: n // g * g].reshape(-1, g)
+
+
+def _stack(rows: list):
+    """Like pytrees (dicts, tuples, tensors) as one pytree of stacked tensors."""
+    if isinstance(rows[0], dict):
+        return {k: _stack([r[k] for r in rows]) for k in rows[0]}
+    return tuple(_stack(list(c)) for c in zip(*rows)) if isinstance(rows[0], tuple) else torch.stack(rows)
+
+
+class _Mapper:
+    """``map``: vmap over the leading dimension, or a loop over it (the same function, one row at a time).
+    ``run``: where vmap fails to trace the model, switch to the loop for good and compute again."""
+
+    def __init__(self, over: str, use_vmap: bool = True):
+        self.over, self.vmap, self.path = over, use_vmap, "vmap" if use_vmap else f"loop over {over} (forced)"
+
+    def map(self, fn: Callable, theta, *rows):
+        if self.vmap:
+            return vmap(fn, in_dims=(None,) + (0,) * len(rows))(theta, *rows)
+        return _stack([fn(theta, *(r[i] for r in rows)) for i in range(len(rows[0]))])
+
+    def run(self, compute: Callable):
+        try:
+            return compute()
+        except Exception as err:  # noqa: BLE001 - the loop below reraises anything that is not vmap's
+            if not self.vmap:
+                raise
+            self.vmap = False
+            out = compute()  # an error here is the model's or the loss's own, and propagates
+            first = (str(err).splitlines() or [""])[0][:160]
+            self.path = f"loop over {self.over}: vmap could not trace the model ({type(err).__name__}: {first})"
+            return out
 
 
 def _tensor_pair(data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,9 +185,11 @@ def _tensor_pair(data) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = data
     elif hasattr(data, "x") and hasattr(data, "y"):
         x, y = data.x, data.y
+    elif isinstance(data, torch.utils.data.TensorDataset) and len(data.tensors) == 2:
+        x, y = data.tensors
     else:
-        raise ValueError("gradient_noise_scale draws random batches: data must be a tensor pair (x, y) "
-                         "or a TensorData, not an iterable of batches")
+        raise ValueError("batches and ghost batches are drawn by index: data must be a tensor pair (x, y), "
+                         "a TensorData or a TensorDataset of (x, y), not an iterable of batches")
     if len(x) != len(y):
         raise ValueError(f"inputs have {len(x)} rows but targets have {len(y)}")
     return x, y
@@ -164,19 +201,15 @@ def _draw_batches(gen: torch.Generator, n: int, size: int, count: int) -> torch.
 
 
 def _sq_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    """|g_j|^2 (float64) for each j of a stacked gradient {name: (k, *shape)}: summed over the tensors.
-
-    Each tensor's norm in its own dtype (``vector_norm``, no temporary), the sum over tensors in float64.
-    """
+    """|g_j|^2 (float64) for each j of a stacked gradient {name: (k, *shape)}: each tensor's norm in its own
+    dtype (``vector_norm``, no temporary), the sum over tensors in float64."""
     return sum(torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1).double() ** 2 for g in grads.values())
 
 
 def _functional(F: FullDataLoss):
-    """The measured parameters as a dict of tensors, and ``loss(params, x, y)`` of the batch mean loss.
-
-    Gradients are taken with respect to the dict, not the flat vector: differentiating through the
-    slices of a flat vector costs a full-size zero tensor per parameter tensor and per example under vmap.
-    """
+    """The measured parameters as a dict of tensors, and ``loss(params, x, y)`` of the batch mean loss. Gradients
+    with respect to the dict, not the flat vector: slices of a flat vector cost a full-size zero tensor per
+    parameter tensor and per example under vmap."""
     params = {name: t.detach() for name, t in F.as_dict(F.x0).items()}
 
     def loss(p, x, y):
@@ -186,37 +219,65 @@ def _functional(F: FullDataLoss):
 
 
 @torch.no_grad()  # torch.func.grad still differentiates; no autograd graph to parameters left out of theta
-def _batch_sq_norms(F: FullDataLoss, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-                    chunk: int) -> torch.Tensor:
-    """|G_B|^2 (float64, on the CPU) for each row of ``index`` (k, B): the gradient of each batch's mean loss.
-
-    ``vmap`` over up to ``max(1, chunk // B)`` batches at a time (memory: that many gradients of P entries).
-    """
+def _batch_sq_norms(F: FullDataLoss, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, chunk: int,
+                    mapper: _Mapper | None = None, ghost: bool = False) -> torch.Tensor:
+    """|G_B|^2 (float64, on the CPU) for each batch of ``index``: (k, B) examples, or (k, B/g, g) units (the
+    mean of the ghost batches' losses, each normalized by itself). ``vmap`` over ``max(1, chunk // B)`` batches."""
+    mapper = mapper or _Mapper("batches")
+    index = (index[..., None] if index.dim() == 2 else index).to(x.device)
     theta, batch_loss = _functional(F)
-    grad_fn = grad(batch_loss)
-    many = vmap(grad_fn, in_dims=(None, 0, 0))
-    per_call = max(1, chunk // index.shape[1])
+    grad_fn = grad((lambda p, xb, yb: mapper.map(batch_loss, p, xb, yb).mean()) if ghost else
+                   (lambda p, xb, yb: batch_loss(p, xb.flatten(0, 1), yb.flatten(0, 1))))
+    per_call = max(1, chunk // (index.shape[1] * index.shape[2]))
     out = torch.empty(len(index), dtype=torch.float64)
-    index = index.to(x.device)
     for s in range(0, len(index), per_call):
-        block = index[s : s + per_call]
-        if len(block) == 1:
-            g = {name: t[None] for name, t in grad_fn(theta, x[block[0]], y[block[0]]).items()}
-        else:
-            g = many(theta, x[block], y[block])
-        out[s : s + len(block)] = _sq_norms(g).cpu()
+        b = index[s : s + per_call]
+        out[s : s + len(b)] = _sq_norms(mapper.run(lambda: mapper.map(grad_fn, theta, x[b], y[b]))).cpu()
     return out
 
 
+def _blocks(data, units: torch.Tensor | None, batch_size: int, chunk: int):
+    """(c, g, ...) inputs and targets of consecutive units: single examples in data order (g = 1; any
+    iterable of batches, ``chunk`` at a time), or the ghost batches of ``units`` (``chunk // g`` at a time)."""
+    if units is None:
+        for xb, yb in batches(data, batch_size):
+            for s in range(0, len(yb), chunk):
+                yield xb[s : s + chunk, None], yb[s : s + chunk, None]
+        return
+    x, y = _tensor_pair(data)
+    units, per = units.to(x.device), max(1, chunk // units.shape[1])
+    for s in range(0, len(units), per):
+        yield x[units[s : s + per]], y[units[s : s + per]]
+
+
+@torch.no_grad()  # no autograd graph: parameters outside ``params`` needing grad would keep each chunk's alive
+def _unit_moments(F: FullDataLoss, blocks, mapper: _Mapper, check: bool):
+    """sum_j h_j ({name: float64}), sum_j |h_j|^2 (float64) and the number N of units in ``blocks``."""
+    theta, batch_loss = _functional(F)
+    per_unit = grad_and_value(batch_loss)
+    grad_sum = {name: torch.zeros(t.shape, dtype=torch.float64, device=t.device) for name, t in theta.items()}
+    sq_sum, count, checked = torch.zeros((), dtype=torch.float64), 0, not check
+    for xu, yu in blocks:
+        g, losses = mapper.run(lambda: mapper.map(per_unit, theta, xu, yu))
+        if not checked and yu.numel() > 1:
+            _check_mean_loss(F, batch_loss, theta, xu, yu, losses)
+            checked = True
+        for name, t in g.items():
+            grad_sum[name] += t.sum(0).double()
+        sq_sum += _sq_norms(g).sum().cpu()
+        count += len(yu)
+    return grad_sum, sq_sum, count
+
+
 def _mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
-    if len(values) == 1:
-        return float(values[0]), 0.0
-    return float(values.mean()), float(values.std(correction=1)) / math.sqrt(len(values))
+    k = len(values)
+    return (float(values.mean()), float(values.std(correction=1)) / math.sqrt(k)) if k > 1 else (float(values[0]), 0.0)
 
 
 def _bootstrap_interval(small_values: torch.Tensor, big_values: torch.Tensor, small: int, big: int, n: int,
-                        n_boot: int, confidence: float, gen: torch.Generator) -> tuple[float, float]:
-    """Percentile interval of B_simple over ``n_boot`` resamples (with replacement) of each size's batch values."""
+                        unit: int, n_boot: int, confidence: float, gen: torch.Generator) -> tuple[float, float, int]:
+    """Percentile interval of B_simple over ``n_boot`` resamples (with replacement) of each size's batch values,
+    and how many resamples had an estimate <= 0: |G|^2 <= 0 counts as B_simple = inf, tr(Sigma) <= 0 as 0."""
     def resampled_means(values: torch.Tensor) -> torch.Tensor:
         if len(values) == 1:  # the exact full gradient: no sampling error to resample
             return values.expand(n_boot)
@@ -227,185 +288,161 @@ def _bootstrap_interval(small_values: torch.Tensor, big_values: torch.Tensor, sm
             means[s : s + m] = values[torch.randint(len(values), (m, len(values)), generator=gen)].mean(1)
         return means
 
-    g2, trace = two_batch_estimate(resampled_means(small_values), resampled_means(big_values), small, big, n)
-    b = trace / g2
-    q = torch.quantile(b, torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64))
-    return float(q[0]), float(q[1])
+    g2, trace = two_batch_estimate(resampled_means(small_values), resampled_means(big_values), small, big, n, unit)
+    b = torch.where(g2 > 0, trace.clamp(min=0) / g2, torch.full_like(g2, math.inf))
+    inf = bool(torch.isinf(b).any())  # no interpolating towards inf (nan): the order statistics outside, wider
+    low = torch.quantile(b, (1 - confidence) / 2, interpolation="lower" if inf else "linear")
+    high = torch.quantile(b, (1 + confidence) / 2, interpolation="higher" if inf else "linear")
+    return float(low), float(high), int(((g2 <= 0) | (trace <= 0)).sum())
 
 
-def _bn_description(model: nn.Module, bn: str, batch_size: int, bn_data, full_pass: bool) -> str:
-    uses_batch_stats = any(is_batchnorm(m) for m in model.modules()) and (
-        bn == "batch" or model_bn_semantics(model) in ("batch", "mixed"))
-    if not uses_batch_stats:
+def _bn_description(model: nn.Module, bn: str, batch_size: int, bn_data, units: torch.Tensor | None, n: int) -> str:
+    if units is None:
         return bn_protocol(model, bn, batch_size, bn_data)
-    full = f"; the full-data gradient over eval batches of {batch_size}" if full_pass else ""
-    return ("batch statistics of each sampled batch (examples coupled: E|G_B|^2 = |G|^2 + c(B) tr(Sigma) "
-            f"holds only approximately){full}")
+    (count, g) = units.shape
+    return (f"batch statistics of each ghost batch of {g} examples: a fixed partition of the {n} examples "
+            f"(randperm(n), the first draw of the seed's generator) into {count} ghost batches, "
+            f"{n - count * g} examples left out")
 
 
-def gradient_noise_scale(
-    model: nn.Module,
-    data,
-    small: int = 32,
-    big: int | None = None,
-    n_batches: int = 200,
-    seed: int = 0,
-    loss_fn: Callable | None = None,
-    bn: str = "eval",
-    params: str = "all",
-    batch_size: int = 1000,
-    confidence: float = 0.95,
-    n_boot: int = 2000,
-    chunk: int = 1024,
-    bn_data=None,
-) -> NoiseScaleResult:
-    """B_simple from mean squared gradient norms at two batch sizes (module docstring).
+def gradient_noise_scale(model: nn.Module, data, small: int = 32, big: int | None = None, n_batches: int = 200,
+                         seed: int = 0, loss_fn: Callable | None = None, bn: str = "eval", params: str = "all",
+                         batch_size: int = 1000, confidence: float = 0.95, n_boot: int = 2000, chunk: int = 1024,
+                         bn_data=None, ghost_batch: int | None = None, _vmap: bool = True) -> NoiseScaleResult:
+    """B_simple from mean squared gradient norms at two batch sizes, g <= small < big <= n (module docstring).
 
-    ``n_batches`` independent random batches of ``small`` distinct examples; likewise of ``big``, or
-    with ``big=None`` the exact full-data gradient (batch-weighted over eval batches of
-    ``batch_size``). ``data`` is a tensor pair or a TensorData (batches are drawn by index).
-    ``loss_fn(outputs, targets)`` returns the batch MEAN (default cross-entropy). Batch indices
-    come from ``torch.Generator().manual_seed(seed)`` (each batch ``randperm(n)[:B]``), then the
-    bootstrap draws from the same generator; the global RNG is not touched. ``chunk`` bounds the
-    examples per vmapped gradient call (memory: ``chunk // B`` gradients). 1 <= small < big <= n.
-    """
+    ``n_batches`` random batches of ``small`` and of ``big``, or with ``big=None`` the exact full gradient (over
+    eval batches of ``batch_size``; under batch statistics the mean of all ghost-batch gradients). ``data``: a
+    tensor pair or TensorData. ``loss_fn(outputs, targets)`` returns the batch MEAN (default cross-entropy).
+    Under batch statistics the units are ghost batches of ``ghost_batch`` (default ``small``; keep it fixed to
+    compare batch-size pairs), ``small`` and ``big`` multiples of it. The partition, then each batch
+    (``randperm(N)[:B/g]``), then the bootstrap, all from ``torch.Generator().manual_seed(seed)``; the global
+    RNG untouched. ``chunk`` bounds the examples per vmapped call (memory: ``chunk // B`` gradients)."""
     x, y = _tensor_pair(data)
-    n = len(y)
-    if n < 2:
-        raise ValueError(f"need at least 2 examples, got {n}")
-    big_size = n if big is None else big
-    if not 1 <= small < big_size <= n:
-        raise ValueError(f"need 1 <= small < big <= n = {n}, got small={small}, big={big}")
-    if n_batches < 2:
-        raise ValueError(f"n_batches must be >= 2 (for a standard error), got {n_batches}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if n_boot < 1 or chunk < 1:
-        raise ValueError(f"n_boot and chunk must be >= 1, got {n_boot} and {chunk}")
+    n_all = len(y)
+    for bad, message in ((n_all < 2, f"need at least 2 examples, got {n_all}"),
+                         (n_batches < 2, f"n_batches must be >= 2 (for a standard error), got {n_batches}"),
+                         (not 0 < confidence < 1, f"confidence must be in (0, 1), got {confidence}"),
+                         (n_boot < 1 or chunk < 1, f"n_boot and chunk must be >= 1, got {n_boot} and {chunk}")):
+        if bad:
+            raise ValueError(message)
     gen = torch.Generator().manual_seed(seed)
+    ghosts = _units(model, bn, n_all, ghost_batch, small, gen)
+    units, g = (torch.arange(n_all)[:, None], None) if ghosts is None else (ghosts, ghosts.shape[1])
+    unit, n = units.shape[1], units.numel()
+    big_size = n if big is None else big
+    if not unit <= small < big_size <= n or small % unit or big_size % unit:
+        whole = f", both multiples of ghost_batch = {g}" if g else ""
+        raise ValueError(f"need {unit} <= small < big <= n = {n}{whole}, got small={small}, big={big}")
+    mapper = _Mapper("batches", _vmap)
     with session(model, bn, (x, y), bn_data, batch_size):
         F = FullDataLoss(model, (x, y), loss_fn, batch_size, params)
-        small_values = _batch_sq_norms(F, x, y, _draw_batches(gen, n, small, n_batches), chunk)
-        if big is None:
+
+        def sampled(size: int) -> torch.Tensor:  # |G_B|^2 of n_batches batches of ``size``, drawn from ``gen``
+            index = units[_draw_batches(gen, len(units), size // unit, n_batches)]
+            return _batch_sq_norms(F, x, y, index, chunk, mapper, ghost=g is not None)
+
+        small_values = sampled(small)
+        if big is not None:
+            big_values = sampled(big)
+        elif g is None:
             _, full_grad = F.value_and_grad(F.x0)
             big_values = (full_grad.double().norm() ** 2).reshape(1).cpu()
         else:
-            big_values = _batch_sq_norms(F, x, y, _draw_batches(gen, n, big, n_batches), chunk)
-        bn_description = _bn_description(model, bn, batch_size, bn_data, full_pass=big is None)
+            grad_sum, _, count = _unit_moments(F, _blocks((x, y), units, batch_size, chunk), mapper, check=False)
+            big_values = sum((t / count).pow(2).sum().cpu() for t in grad_sum.values()).reshape(1)
+        bn_description = _bn_description(model, bn, batch_size, bn_data, ghosts, n_all)
         num_params = F.num_params
-    m_s, se_s = _mean_and_stderr(small_values)
-    m_b, se_b = _mean_and_stderr(big_values)
-    g2, trace = two_batch_estimate(m_s, m_b, small, big_size, n)
-    ci_low, ci_high = _bootstrap_interval(small_values, big_values, small, big_size, n, n_boot, confidence, gen)
-    full = "B_big = n: the exact full-data gradient (one batch-weighted pass)" if big is None else (
+    (m_s, se_s), (m_b, se_b) = _mean_and_stderr(small_values), _mean_and_stderr(big_values)
+    g2, trace = two_batch_estimate(m_s, m_b, small, big_size, n, unit)
+    b, reason = _defined(g2, trace)
+    ci_low, ci_high, clipped = _bootstrap_interval(small_values, big_values, small, big_size, n, unit, n_boot,
+                                                   confidence, gen)
+    full = ("B_big = n: the exact full-data gradient (one batch-weighted pass)" if g is None else
+            f"B_big = n: the exact mean of all {len(units)} ghost-batch gradients") if big is None else (
         f"{n_batches} random batches of B_big = {big}")
     return NoiseScaleResult(
-        b_simple=_ratio(trace, g2), b_simple_stderr=b_simple_stderr(m_s, se_s, m_b, se_b, small, big_size, n),
+        b_simple=b, reason=reason,
+        b_simple_stderr=None if b is None else b_simple_stderr(m_s, se_s, m_b, se_b, small, big_size, n, unit),
         ci_low=ci_low, ci_high=ci_high, confidence=confidence, grad_norm_sq=g2, trace_sigma=trace,
         small=small, big=big_size, n_batches_small=n_batches, n_batches_big=len(big_values),
         sq_norm_small=m_s, sq_norm_small_stderr=se_s, sq_norm_big=m_b, sq_norm_big_stderr=se_b,
-        sampling=SAMPLING,
+        ghost_batch=g, grad_path=mapper.path, sampling=_sampling(g),
         interval=(f"b_simple_stderr: delta method from the two means' standard errors (sample std, ddof 1, "
-                  f"/ sqrt(k)); ci: percentile bootstrap, {n_boot} resamples of each size's batch values"),
-        seed=seed, n=n, bn=bn, bn_description=bn_description, params=params, num_params=num_params,
+                  f"/ sqrt(k)); ci: percentile bootstrap, {n_boot} resamples of each size's batch values"
+                  + (f"; {clipped} resamples had |G|^2_est <= 0 (counted as B_simple = inf) or tr(Sigma)_est "
+                     "<= 0 (counted as 0)" if clipped else "")),
+        seed=seed, n=n, bn=bn, bn_description=bn_description, params=params, num_params=num_params, params_measured=describe_params(model, params),
         batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
         method=(f"two batch sizes (McCandlish et al. 2018, app. A.1, with the finite-population correction): "
-                f"{n_batches} random batches of B_small = {small}; {full}; torch.func.vmap of torch.func.grad"),
+                f"{n_batches} random batches of B_small = {small}; {full}; torch.func.grad per batch"),
     )
 
 
-def _refuse_batch_statistics(model: nn.Module, bn: str) -> None:
-    if not any(is_batchnorm(m) for m in model.modules()):
-        return
-    if bn == "batch":
-        raise ValueError('exact_gradient_noise_scale needs per-example losses, but bn="batch" couples the '
-                         'examples of a batch through its statistics; use bn="eval" or "recompute" (running '
-                         'statistics), or gradient_noise_scale')
-    if model_bn_semantics(model) != "running":
-        raise ValueError("exact_gradient_noise_scale needs per-example losses, but this model's BatchNorm uses "
-                         "batch statistics in eval mode (track_running_stats=False), which couples the "
-                         "examples of a batch; use gradient_noise_scale")
-
-
-def exact_gradient_noise_scale(
-    model: nn.Module,
-    data,
-    loss_fn: Callable | None = None,
-    bn: str = "eval",
-    params: str = "all",
-    batch_size: int = 1000,
-    chunk: int = 256,
-    bn_data=None,
-) -> NoiseScaleResult:
-    """B_simple from every per-example gradient g_i (module docstring): no sampling, no seed.
-
-    |G|^2 = |(1/n) sum g_i|^2, tr(Sigma) = (1/n) sum |g_i|^2 - |G|^2 (population covariance). The
-    g_i are ``vmap(grad_and_value(loss of one example))`` over chunks of ``chunk`` examples (memory
-    ``chunk x P``), never all at once; only sum g_i and sum |g_i|^2 are kept. ``data`` may be a tensor
-    pair, a TensorData or an iterable of batches (read in order, ``batch_size`` rows at a time).
-
-    Only meaningful when the loss is a sum over examples: BatchNorm with running statistics
-    (``bn="eval"`` on a tracking model, or ``"recompute"``) or no BatchNorm; batch statistics raise
-    ValueError. ``loss_fn`` must return the batch mean of per-example losses: checked on the first
-    chunk against the mean of the per-example values (ValueError otherwise).
-    """
+def exact_gradient_noise_scale(model: nn.Module, data, loss_fn: Callable | None = None, bn: str = "eval",
+                               params: str = "all", batch_size: int = 1000, chunk: int = 256, bn_data=None,
+                               ghost_batch: int | None = None, seed: int = 0, _vmap: bool = True) -> NoiseScaleResult:
+    """B_simple from every unit gradient h_j (module docstring), no sampling: |G|^2 = |(1/N) sum h_j|^2,
+    tr(Sigma) = g ((1/N) sum |h_j|^2 - |G|^2). ``vmap(grad_and_value)`` over chunks of ``chunk`` examples
+    (memory ``chunk x P``); only the sums are kept. Single examples (no BN, or running statistics): ``data``
+    a tensor pair, a TensorData or an iterable of batches. Batch statistics raise ValueError unless
+    ``ghost_batch`` is given: the units are then the ghost batches of the partition drawn from ``seed``, as
+    :func:`gradient_noise_scale` draws it. ``loss_fn`` must return the batch mean: checked on the first chunk."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    _refuse_batch_statistics(model, bn)
+    if (couples := _couples(model, bn)) and ghost_batch is None:
+        why = ('bn="batch" couples the examples of a batch through its statistics; use bn="eval" or "recompute" '
+               '(running statistics)' if bn == "batch" else "this model's BatchNorm uses batch statistics in eval "
+               "mode (track_running_stats=False), which couples the examples of a batch")
+        raise ValueError(f"exact_gradient_noise_scale needs per-example losses, but {why}; or pass ghost_batch=g "
+                         "(and seed) to measure over the ghost batches of a seeded partition")
+    n_all = len(_tensor_pair(data)[1]) if couples else 0
+    units = _units(model, bn, n_all, ghost_batch, None, torch.Generator().manual_seed(seed))
+    unit = 1 if units is None else units.shape[1]
+    mapper = _Mapper("examples" if units is None else "ghost batches", _vmap)
     with session(model, bn, data, bn_data, batch_size):
         F = FullDataLoss(model, data, loss_fn, batch_size, params)
-        theta, batch_loss = _functional(F)
-
-        def example_loss(p, xi, yi):
-            return batch_loss(p, xi[None], yi[None])
-
-        per_example = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0))
-        grad_sum = {name: torch.zeros(t.shape, dtype=torch.float64, device=t.device) for name, t in theta.items()}
-        sq_sum = torch.zeros((), dtype=torch.float64)
-        n, checked = 0, False
-        # no autograd graph (torch.func.grad ignores an outer no_grad and still differentiates): parameters
-        # outside ``params`` that require grad would otherwise keep every chunk's graph alive
-        with torch.no_grad():
-            for xb, yb in batches(data, batch_size):
-                for s in range(0, len(yb), chunk):
-                    xc, yc = xb[s : s + chunk], yb[s : s + chunk]
-                    g, losses = per_example(theta, xc, yc)
-                    if not checked and len(yc) > 1:
-                        _check_mean_loss(batch_loss, theta, xc, yc, losses)
-                        checked = True
-                    for name, t in g.items():
-                        grad_sum[name] += t.sum(0).double()
-                    sq_sum += _sq_norms(g).sum().cpu()
-                    n += len(yc)
-        if n < 2:
+        grad_sum, sq_sum, count = _unit_moments(F, _blocks(data, units, batch_size, chunk), mapper, check=True)
+        n = count * unit
+        if count < 2:
             raise ValueError(f"need at least 2 examples, got {n}")
-        bn_description = _bn_description(model, bn, batch_size, bn_data, full_pass=False)
+        bn_description = _bn_description(model, bn, batch_size, bn_data, units, n_all)
         num_params = F.num_params
-    g2 = float(sum((t / n).pow(2).sum().cpu() for t in grad_sum.values()))
-    m1 = float(sq_sum) / n
-    trace = m1 - g2
+    g2, m1 = float(sum((t / count).pow(2).sum().cpu() for t in grad_sum.values())), float(sq_sum) / count
+    trace = (m1 - g2) * unit
+    b, reason = _defined(g2, trace)
+    g, what = (None, "per-example") if units is None else (unit, "ghost-batch")
     return NoiseScaleResult(
-        b_simple=_ratio(trace, g2), b_simple_stderr=0.0, ci_low=_ratio(trace, g2), ci_high=_ratio(trace, g2),
-        confidence=1.0, grad_norm_sq=g2, trace_sigma=trace, small=1, big=n, n_batches_small=n, n_batches_big=1,
-        sq_norm_small=m1, sq_norm_small_stderr=0.0, sq_norm_big=g2, sq_norm_big_stderr=0.0, sampling=SAMPLING,
-        interval="none: exact (every per-example gradient; B_small = 1 enumerated, B_big = n)",
-        seed=None, n=n, bn=bn, bn_description=bn_description, params=params, num_params=num_params,
-        batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
-        method=(f"exact per-example gradients: torch.func.vmap(torch.func.grad) in chunks of {chunk}; "
-                "|G|^2 = |mean g_i|^2, tr(Sigma) = mean |g_i|^2 - |G|^2 (population covariance)"),
+        b_simple=b, reason=reason, b_simple_stderr=None if b is None else 0.0,
+        ci_low=math.nan if b is None else b, ci_high=math.nan if b is None else b,
+        confidence=1.0, grad_norm_sq=g2, trace_sigma=trace, small=unit, big=n, n_batches_small=count,
+        n_batches_big=1, sq_norm_small=m1, sq_norm_small_stderr=0.0, sq_norm_big=g2, sq_norm_big_stderr=0.0,
+        ghost_batch=g, grad_path=mapper.path, sampling=_sampling(g),
+        interval=f"none: exact (every {what} gradient; B_small = {unit} enumerated, B_big = n)",
+        seed=None if g is None else seed, n=n, bn=bn, bn_description=bn_description, params=params,
+        num_params=num_params, params_measured=describe_params(model, params), batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
+        method=(f"exact {what} gradients: torch.func.grad per unit, in chunks of {chunk} examples; |G|^2 = "
+                f"|mean h_j|^2, tr(Sigma) = {unit} (mean |h_j|^2 - |G|^2) (population covariance)"),
     )
 
 
 @torch.no_grad()
-def _check_mean_loss(batch_loss: Callable, theta: dict, x: torch.Tensor, y: torch.Tensor,
+def _check_mean_loss(F: FullDataLoss, batch_loss: Callable, theta: dict, xu: torch.Tensor, yu: torch.Tensor,
                      losses: torch.Tensor) -> None:
-    """The batch loss must be the mean of the per-example losses, else per-example gradients mean nothing."""
-    batch_value = float(batch_loss(theta, x, y))
-    mean_value = float(losses.double().mean())
-    tol = 1000 * torch.finfo(losses.dtype).eps * max(1.0, abs(batch_value))
+    """The batch loss must be the mean of the per-example losses: for single examples the chunk's loss as one
+    batch (this also catches a model that couples examples); for ghost batches (coupled on purpose) ``loss_fn``
+    on one ghost batch's outputs, each against the mean of the rows' values."""
+    if yu.shape[1] == 1:
+        batch_value, per = float(batch_loss(theta, xu.flatten(0, 1), yu.flatten(0, 1))), losses
+    else:
+        out = functional_call(F.model, theta, (xu[0],))
+        batch_value = float(F.loss_fn(out, yu[0]))
+        per = torch.stack([F.loss_fn(out[i : i + 1], yu[0][i : i + 1]) for i in range(len(out))])
+    mean_value = float(per.double().mean())
+    tol = 1000 * torch.finfo(per.dtype).eps * max(1.0, abs(batch_value))
     if not abs(batch_value - mean_value) <= tol:
         raise ValueError(
             f"loss_fn must return the batch mean of per-example losses (and the model must treat examples "
-            f"independently): on {len(y)} examples it gave {batch_value:.6g}, the mean of the per-example "
+            f"independently): on {len(per)} examples it gave {batch_value:.6g}, the mean of the per-example "
             f"losses is {mean_value:.6g}"
         )

@@ -58,22 +58,62 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
         restore(model, snap)
 
 
-def named_parameters(model: nn.Module, which: str = "all") -> list[tuple[str, nn.Parameter]]:
-    """The parameters a measurement perturbs.
+# Every normalization layer with (optional) affine parameters: BatchNorm*/SyncBatchNorm and InstanceNorm*
+# (``_NormBase``), LayerNorm, GroupNorm, RMSNorm; LocalResponseNorm / CrossMapLRN2d have none but are listed.
+NORM_TYPES = tuple(t for t in (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None),
+    nn.LocalResponseNorm, nn.CrossMapLRN2d) if t is not None)
+PARAM_SELECTIONS = ("all", "no-bn", "no-norm")
+_SELECTION_WORDS = {
+    "all": "all trainable",
+    "no-bn": "all trainable outside normalization layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm)",
+}
+_SELECTION_WORDS["no-norm"] = _SELECTION_WORDS["no-bn"]
 
-    ``which``: ``"all"`` (every trainable parameter, BN affine included, as Keskar's x), or
-    ``"no-bn"`` (everything but BatchNorm weight and bias).
+
+def is_normalization(module: nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES)
+
+
+def named_parameters(model: nn.Module, which: str = "all") -> list[tuple[str, nn.Parameter]]:
+    """The parameters a measurement perturbs, each tensor ONCE, in ``model.named_parameters()`` order.
+
+    ``which``: ``"all"`` (every trainable parameter, normalization affine included, as Keskar's x), or
+    ``"no-bn"`` / its alias ``"no-norm"`` (everything but the parameters of normalization layers:
+    BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm; :data:`NORM_TYPES`). Frozen tensors
+    (``requires_grad=False``) are never measured. A tensor reachable under several names (tied weights,
+    e.g. ``dec.weight = emb.weight``, or a module registered twice) appears once, under the name
+    ``model.named_parameters()`` gives it (the first); :func:`tied_parameters` lists the others.
     """
-    if which not in ("all", "no-bn"):
-        raise ValueError(f"which must be 'all' or 'no-bn', not {which!r}")
-    out = []
-    for mname, module in model.named_modules():
-        if which == "no-bn" and is_batchnorm(module):
-            continue
-        for pname, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
-                out.append((f"{mname}.{pname}" if mname else pname, p))
-    return out
+    if which not in PARAM_SELECTIONS:
+        raise ValueError(f"params must be one of {PARAM_SELECTIONS}, not {which!r}")
+    skip: set[int] = set()
+    if which != "all":  # a tensor used by any normalization layer is left out
+        for _, module in model.named_modules(remove_duplicate=False):
+            if is_normalization(module):
+                skip.update(id(p) for p in module.parameters(recurse=False))
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in skip]
+
+
+def tied_parameters(model: nn.Module) -> list[tuple[str, str]]:
+    """``(alias, name)`` for every parameter name that refers to a tensor already listed under ``name``."""
+    first = {id(p): n for n, p in model.named_parameters()}
+    return [(n, first[id(p)]) for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n]
+
+
+def describe_params(model: nn.Module, which: str = "all") -> str:
+    """What :func:`named_parameters` selects, in words with its counts, for protocols, e.g.
+    ``"all trainable: 4 of 6 tensors, 63 of 99 entries; 2 frozen tensors left out"`` (+ the tied names)."""
+    chosen, every = named_parameters(model, which), list(model.named_parameters())
+    text = (f"{_SELECTION_WORDS[which]}: {len(chosen)} of {len(every)} tensors, "
+            f"{sum(p.numel() for _, p in chosen)} of {sum(p.numel() for _, p in every)} entries")
+    frozen = sum(not p.requires_grad for _, p in every)
+    if frozen:
+        text += f"; {frozen} frozen tensor{'s' * (frozen > 1)} (requires_grad=False) left out"
+    ties = tied_parameters(model)
+    if ties:
+        text += "; tied tensors measured once: " + ", ".join(f"{a} = {n}" for a, n in ties)
+    return text
 
 
 def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -105,7 +145,11 @@ def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.
 
 
 def distance(model_a: nn.Module, model_b: nn.Module | dict, which: str = "all") -> float:
-    """Euclidean distance between two models' parameters (``model_b`` may be a state dict)."""
+    """Euclidean distance between two models' parameters (``model_b`` may be a state dict).
+
+    Over :func:`named_parameters` ``(model_a, which)``: trainable tensors, a tied tensor counted once
+    (a state dict holds it under every name; the first name is read). Cost: no data pass.
+    """
     pa = dict(named_parameters(model_a, which))
     pb = dict(model_b.named_parameters()) if isinstance(model_b, nn.Module) else model_b
     total = 0.0  # float64 sums of squares, added in parameter order (wherever the tensors live)

@@ -7,9 +7,23 @@ x is the flat vector of the measured parameters (``params="all"``: every trainab
 BatchNorm affine included, or ``"no-bn"``), f the full-data, batch-weighted mean loss.
 
 * Full space (``subspace_dim=None``): A = I_n, box |y_i| <= eps (|x_i| + 1).
-* Random subspace (``subspace_dim=p``): A is n x p with i.i.d. N(0, 1) entries (the paper does not
-  state the distribution; this is our choice and is recorded), drawn on the CPU from
-  ``torch.Generator().manual_seed(seed)``. A+ x is the least-squares solution of A z = x in float64,
+* Random subspace (``subspace_dim=p``): A is n x p, drawn on the CPU from
+  ``torch.Generator().manual_seed(seed)`` as i.i.d. N(0, 1) entries; ``subspace_columns`` says how
+  its columns are scaled (the paper states neither; the choice is recorded with the value):
+  ``"normal"`` (default) keeps the N(0, 1) entries, column norms about sqrt(n); ``"unit"`` divides
+  each column of the same draw by its norm. The scale matters: under A -> cA, A+ x -> A+ x / c, so
+  the box in the moved coordinates c y is |c y_i| <= eps (|(A+ x)_i| + c): the "+ 1" makes phi
+  depend on c. With n >> p, |(A+ x)_i| is about ||x|| / n for "normal" and ||x|| / sqrt(n) for
+  "unit", both far below 1, so the box is about +-eps in y either way and the column norm decides
+  how far the parameters move (||A y|| up to about eps sqrt(p n) against eps sqrt(p)). Levels of
+  phi in a subspace are therefore set by that arbitrary scale; only LB/SB ratios compare with the
+  paper, and only at one scale (the reach decides whether the gradient or the curvature term
+  dominates, so the ratio can change with the scale too). "normal" stays the default: besides keeping earlier numbers, it is the
+  reading the paper's tables fit: to first order the full-space max gains eps ||g||_1 ~ eps sqrt(n)
+  ||g|| and the subspace max eps sum_j |a_j^T g| ~ eps p ||g|| (N(0, 1) columns), a ratio of
+  p / sqrt(n): 0.083 for F1 (n ~ 1.46M) and 0.076 for C1 (n ~ 1.75M), against the paper's SB
+  ratios of Table 4 to Table 3 of 0.089 and 0.076; unit columns would predict p / n ~ 1e-4.
+  A+ x is the least-squares solution of A z = x in float64,
   never an n x n matrix: by the normal equations (A^T A) z = A^T x, with A^T A (p x p) accumulated
   over row blocks of A so no float64 copy of A is made (for the default study's 146k x 100 A, 117 MB
   that ``lstsq`` would copy and more it would allocate), when A^T A is well conditioned (condition
@@ -17,11 +31,12 @@ BatchNorm affine included, or ``"no-bn"``), f the full-data, batch-weighted mean
   else by ``torch.linalg.lstsq`` (QR based, minimum-norm when A is rank deficient).
 * An explicit ``A`` (n x p tensor) may be passed instead, e.g. A = I to check the subspace code.
 
-The maximization is :func:`boxmax.maximize_in_box`: L-BFGS-B from y = 0, ``max_iter`` iterations
-(the paper: 10), at most ``max_fun`` full-data loss+gradient evaluations (default
-``ceil(1.5 * max_iter)``, 15 for 10 iterations), ``.value`` from the BEST f seen over all
-evaluations, ``.value_final`` from the last accepted iterate. Both are lower bounds on the true
-max, so phi is too.
+The maximization is :func:`boxmax.maximize_in_box`: y = 0, corner steps y <- h sign(grad_y f) while
+f rises, then L-BFGS-B from the best point, ``max_iter`` iterations in all (the paper: 10), at most
+``max_fun`` full-data loss+gradient evaluations (default ``1 + 4 * max_iter``, 41 for 10
+iterations; ``.capped`` says when the cap, not the iterations, ended the solve), ``.value`` from
+the BEST f seen over all evaluations, ``.value_final`` from the last accepted iterate. Both are
+lower bounds on the true max, so phi is too.
 
 BatchNorm (``bn``) is one protocol for the whole solve: ``"eval"`` (running statistics, or batch
 statistics for ``track_running_stats=False`` models), ``"batch"`` (each evaluation batch's
@@ -30,14 +45,12 @@ statistics, no buffer updates), ``"recompute"`` (running statistics recomputed o
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
-from .boxmax import SOLVER, maximize_in_box
+from .boxmax import SOLVER, START, default_max_fun, maximize_in_box
 from .evaluate import describe_bn
 from .functional import FullDataLoss, session
 from .protocol import Measured
@@ -46,6 +59,7 @@ from .protocol import Measured
 @dataclass(frozen=True)
 class SharpnessResult(Measured):
     value: float  # phi in percent, from the best f over all evaluations
+    params_measured: str  # the measured parameters in words: trainable of all, frozen, tied (params.describe_params)
     value_final: float  # phi from the final iterate
     eps: float
     space: str
@@ -60,6 +74,13 @@ class SharpnessResult(Measured):
     f_final: float
     solver: str
     stop: str
+    start: str  # the solver's start rule (boxmax.START)
+    first_run_start: str  # where the first L-BFGS-B run started: "y = 0" or "best corner"
+    f_corner: float | None  # f at the sign-of-gradient corner (None when A^T grad f(x) = 0)
+    corner_steps: int
+    capped: bool  # the evaluation cap (max_fun), not max_iter iterations or a KKT point, ended the solve
+    subspace_columns: str | None  # "normal" or "unit" for a random subspace; None for full space / explicit A
+    column_norm: float | None  # mean Euclidean norm of A's columns (None for the full space)
 
 
 def bn_protocol(model: nn.Module, bn: str, batch_size: int, bn_data) -> str:
@@ -75,6 +96,26 @@ def loss_fn_name(loss_fn) -> str:
 
 
 NORMAL_EQUATIONS_MAX_COND = 1e6
+SUBSPACE_COLUMNS = ("normal", "unit")
+COLUMNS_TEXT = {"normal": "A ~ N(0,1) i.i.d.", "unit": "A: N(0,1) i.i.d. columns scaled to unit norm"}
+
+
+def subspace_matrix(n: int, p: int, seed: int, columns: str = "normal", dtype=torch.float32) -> torch.Tensor:
+    """The random n x p matrix of the subspace measure (module docstring), on the CPU."""
+    if columns not in SUBSPACE_COLUMNS:
+        raise ValueError(f"subspace_columns must be one of {SUBSPACE_COLUMNS}, not {columns!r}")
+    A = torch.randn((n, p), generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    if columns == "unit":
+        A /= column_norms(A).to(dtype)
+    return A
+
+
+def column_norms(A: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    """Euclidean norms of A's columns in float64, accumulated over row blocks (no float64 copy of A)."""
+    sq = torch.zeros(A.shape[1], dtype=torch.float64, device=A.device)
+    for s in range(0, A.shape[0], block):
+        sq += A[s : s + block].double().square().sum(0)
+    return sq.sqrt()
 
 
 def _pseudo_inverse_times(A: torch.Tensor, x: torch.Tensor, block: int = 8192) -> torch.Tensor:
@@ -108,11 +149,15 @@ def eps_sharpness(
     A: torch.Tensor | None = None,
     max_fun: int | None = None,
     bn_data=None,
+    subspace_columns: str = "normal",
 ) -> SharpnessResult:
     """phi_{x,f}(eps, A) of the module docstring, with its protocol."""
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    max_fun = math.ceil(1.5 * max_iter) if max_fun is None else max_fun
+    if subspace_columns not in SUBSPACE_COLUMNS:
+        raise ValueError(f"subspace_columns must be one of {SUBSPACE_COLUMNS}, not {subspace_columns!r}")
+    columns = None
+    max_fun = default_max_fun(max_iter) if max_fun is None else max_fun
     with session(model, bn, data, bn_data, batch_size):
         F = FullDataLoss(model, data, loss_fn, batch_size, params)
         x = F.x0
@@ -124,9 +169,9 @@ def eps_sharpness(
         elif subspace_dim is not None:
             if not 1 <= subspace_dim <= F.num_params:
                 raise ValueError(f"subspace_dim must be in [1, {F.num_params}], got {subspace_dim}")
-            gen = torch.Generator().manual_seed(seed)
-            A = torch.randn((F.num_params, subspace_dim), generator=gen, dtype=x.dtype).to(x.device)
-            space, p = f"random subspace p={subspace_dim}, A ~ N(0,1) i.i.d.", subspace_dim
+            A = subspace_matrix(F.num_params, subspace_dim, seed, subspace_columns, x.dtype).to(x.device)
+            space, p = f"random subspace p={subspace_dim}, {COLUMNS_TEXT[subspace_columns]}", subspace_dim
+            columns = subspace_columns
         else:
             space, p = "full", None
         if A is None:
@@ -146,6 +191,7 @@ def eps_sharpness(
             def apply_t(g):
                 return A.T @ g.to(A.dtype)
 
+        column_norm = None if A is None else float(column_norms(A).mean())
         half_width = (eps * (center.abs() + 1)).cpu().numpy()
         r = maximize_in_box(F, apply, apply_t, half_width, max_iter, max_fun)
         n = F.n
@@ -158,6 +204,7 @@ def eps_sharpness(
         value=phi(r.f_best), value_final=phi(r.f_final), eps=eps, space=space, subspace_dim=p,
         seed=seed, max_iter=max_iter, max_fun=max_fun, nit=r.nit, nfev=r.nfev,
         f_x=r.f0, f_best=r.f_best, f_final=r.f_final, n=n, bn=bn, bn_description=bn_description,
-        params=params, num_params=F.num_params, batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
-        solver=SOLVER, stop=r.stop,
+        params=params, num_params=F.num_params, params_measured=F.params_measured, batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
+        solver=SOLVER, stop=r.stop, start=START, first_run_start=r.start, f_corner=r.f_corner,
+        corner_steps=r.corner_steps, capped=r.capped, subspace_columns=columns, column_norm=column_norm,
     )
