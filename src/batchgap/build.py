@@ -3,18 +3,24 @@ from __future__ import annotations
 
 import torch
 
-from . import devices, distributed
+from . import devices, distributed, plugins
 from .config import StudyConfig, config_hash
-from .data import check_augment, load_dataset
+from .data import check_augment, load_dataset, make_augment as builtin_augment
 from .data.base import Dataset
-from .models import init_model
+from .errors import UserError
+from .models import bn_mode, init_model
 from .plan import model_tag
 from .rundir import Output
 
 
 def prepare_data(cfg: StudyConfig, data_dir=None, download: bool = False) -> Dataset:
-    """Load the study's data set and cut the seeded subsets it asks for (indices recorded in info)."""
-    ds = load_dataset(cfg.data.name, data_dir=data_dir, download=download)
+    """Load the study's data set (built-in, or the user's file or loader) and cut the seeded subsets it
+    asks for (indices recorded in info)."""
+    d = cfg.data
+    if d.name in plugins.FILE_FORMATS or plugins.is_spec(d.name):
+        ds = plugins.load_user_data(d.name, d.path, cfg.root, d.num_classes)
+    else:
+        ds = load_dataset(d.name, data_dir=data_dir, download=download)
     subset = {}
     for split, k in (("train", cfg.data.train_subset), ("test", cfg.data.test_subset)):
         part = getattr(ds, split)
@@ -25,14 +31,41 @@ def prepare_data(cfg: StudyConfig, data_dir=None, download: bool = False) -> Dat
             subset[split] = {"n": k, "of": len(part), "seed": cfg.data.subset_seed, "indices_sha": config_hash(idx.tolist())}
     if subset:
         ds.info = {**ds.info, "subset": subset}
-    check_augment(cfg.data.augment, ds.input_shape)
+    augment(cfg, cfg.data.augment, ds.input_shape)
     return ds
+
+
+def augment(cfg: StudyConfig, name: str, input_shape=None):
+    """A built-in augmentation (checked against the inputs' shape) or the user's ``MODULE:CALLABLE``."""
+    if plugins.is_spec(name):
+        return plugins.make_augment(name, cfg.root)
+    if input_shape is not None:
+        check_augment(name, input_shape)
+    return builtin_augment(name)
+
+
+def fresh(cfg: StudyConfig, ds: Dataset, seed: int) -> torch.nn.Module:
+    """The study's model with the initial weights of ``seed`` (a built-in one, or the user's factory)."""
+    m = cfg.model
+    if not plugins.is_spec(m.name):
+        return init_model(m.name, ds.input_shape, ds.num_classes, seed, bn=m.bn, **m.options)
+    net = plugins.build_model(m.name, cfg.root, ds.input_shape, ds.num_classes, m.options, seed=seed)
+    built = bn_mode(net)
+    if m.bn != "auto" and m.bn != built:  # a user's model is measured as built; a contrary setting is refused
+        raise UserError(f"model.bn = {m.bn!r} cannot be honoured: {m.name} builds BatchNorm that is {built!r} at "
+                        "evaluation (a user's model is used as built); leave model.bn out or set it to that")
+    return net
+
+
+def check_model(cfg: StudyConfig, ds: Dataset) -> None:
+    """The model builds and maps one batch of inputs to logits of shape (batch, num_classes)."""
+    net = fresh(cfg, ds, 0)
+    plugins.check_output(net, ds.train.x[:2].cpu(), ds.num_classes, f"model {cfg.model.name}")
 
 
 def model(cfg: StudyConfig, ds: Dataset, state: dict | None = None) -> torch.nn.Module:
     """The study's model on the device of its data, holding ``state`` when given."""
-    net = init_model(cfg.model.name, ds.input_shape, ds.num_classes, 0, bn=cfg.model.bn, **cfg.model.options)
-    net = devices.fast_layout(net.to(devices.of(ds)))
+    net = devices.fast_layout(fresh(cfg, ds, 0).to(devices.of(ds)))
     if state is not None:
         net.load_state_dict(state)
     return net
@@ -46,8 +79,7 @@ def start_point(out: Output, cfg: StudyConfig, ds: Dataset, seed: int) -> dict:
         state = out.load_x0(tag, seed)
         if state is not None:
             return state
-    state = init_model(cfg.model.name, ds.input_shape, ds.num_classes, seed, bn=cfg.model.bn,
-                       **cfg.model.options).state_dict()
+    state = fresh(cfg, ds, seed).state_dict()
     if distributed.is_main():
         out.save_x0(tag, seed, state)
     return state

@@ -47,10 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data.augment import AUGMENTATIONS
 from .errors import UserError, closest
 from .landscape.evaluate import BN_MODES as EVAL_BN
 from .models import BN_MODES
+from .validate import (check_augment_name, check_dependencies, check_range, check_registered, check_remedy,
+                       is_int)
 from .overrides import GENERIC_QUICK, apply_set, parse_set, quick_overrides, read_toml  # noqa: F401
 from .remedies import STEPS
 from .results import FIGURES
@@ -67,8 +68,10 @@ def _positive() -> dict:
 
 @dataclass
 class DataConfig:
-    name: str = "mnist1d"
-    augment: str = field(default="none", metadata=_choice(*AUGMENTATIONS))
+    name: str = "mnist1d"  # a built-in data set, "npz" or "pt" (with path), or a loader "MODULE:CALLABLE"
+    augment: str = field(default="none", metadata={"doc": "a built-in augmentation or MODULE:CALLABLE"})
+    path: str = field(default="", metadata={"doc": "the npz/pt file, relative to the study file"})
+    num_classes: int = field(default=0, metadata={"min": 0, "doc": "user data: 0 = inferred from the labels"})
     train_subset: int = field(default=0, metadata={"min": 0, "doc": "0 = the whole training set"})
     test_subset: int = field(default=0, metadata={"min": 0, "doc": "0 = the whole test set"})
     subset_seed: int = 0
@@ -76,8 +79,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"
-    bn: str = field(default="running", metadata=_choice(*BN_MODES))
+    name: str = "mlp"  # a built-in model, or a factory "MODULE:CALLABLE" / "FILE.py:CALLABLE" of the user's
+    # BatchNorm at evaluation; "auto": running statistics for a built-in model, a user's model as built
+    bn: str = field(default="auto", metadata=_choice("auto", *BN_MODES))
     options: dict = field(default_factory=dict)
 
 
@@ -89,8 +93,6 @@ class BatchSchedule:
     small: int = field(metadata={"min": 2})
     switch_epoch: int | None = field(default=None, metadata={"min": 0})
     epochs: int | None = field(default=None, metadata={"min": 0})
-
-    KEYS = {"switch": "switch_epoch", "geometric": "epochs"}
 
 
 @dataclass
@@ -120,7 +122,7 @@ class TrainConfig:
     remedy: str = field(default="plain", metadata=_choice(*STEPS))
     remedy_options: dict = field(default_factory=dict)  # the remedy's keyword arguments, checked by it
     ghost_batch: int = field(default=0, metadata={"min": 0, "doc": "0 = off; else BN statistics per chunk of this size"})
-    augment: str = field(default="", metadata=_choice("", *AUGMENTATIONS, doc="'' = the study's data.augment"))
+    augment: str = field(default="", metadata={"doc": "'' = the study's data.augment"})
     batch_schedule: BatchSchedule | None = None
     init_from: InitFrom | None = None
     bn_sync: bool = field(default=False, metadata={"doc": "data-parallel: BN statistics of the global batch, not per worker"})
@@ -153,14 +155,17 @@ class MeasureConfig:
     sharpness_eps: list = field(default_factory=lambda: [1e-3, 5e-4])  # [] = no eps-sharpness
     sharpness_subspace_dim: int = field(default=100, metadata={"min": 0, "doc": "0 = full space only"})
     sharpness_max_iter: int = field(default=10, metadata={"min": 1})
+    sharpness_subspace_columns: str = field(default="normal", metadata=_choice("normal", "unit", doc="A's column scale (landscape.sharpness.SUBSPACE_COLUMNS): N(0,1) entries, or those columns at norm 1"))
     adaptive_rho: float = field(default=0.01, metadata={"min": 0.0, "doc": "0 = no adaptive sharpness"})
+    adaptive_m: int = field(default=0, metadata={"min": 0, "doc": "0 = n-sharpness (one maximum over the data); m = m-sharpness: mean of the maxima of disjoint batches of m"})
+    adaptive_points: int = field(default=1024, metadata={"min": 1, "doc": "m-sharpness: examples drawn with the run's seed, cut into batches of adaptive_m"})
     hessian_top_k: int = field(default=1, metadata={"min": 0})
     hessian_max_hvp: int = field(default=100, metadata={"min": 1, "doc": "cap on Lanczos steps (HVPs) for the top eigenvalues"})
     hessian_trace_probes: int = field(default=10, metadata={"min": 0})
     curve_directions: int = field(default=5, metadata={"min": 0})
     curve_points: int = field(default=21, metadata={"min": 3})
     curve_range: float = field(default=1.0, metadata={"gt": 0.0})
-    surface_points: int = field(default=15, metadata={"min": 0, "doc": "0 = no 2-D surface; drawn for the first seed"})
+    surface_points: int = field(default=21, metadata={"min": 0, "doc": "0 = no 2-D surface; drawn for the first seed"})
     trajectory_epochs: list = field(default_factory=list)  # epochs at which to measure sharpness along training
     noise_scale_batches: int = field(default=200, metadata={"min": 0, "doc": "batches of 32 for B_simple; 0 = off"})
 
@@ -180,6 +185,7 @@ class StudyConfig:
     quick: dict = field(default_factory=dict)  # dotted key -> value, applied by --quick
     paper_scale: dict = field(default_factory=dict)  # dotted key -> value, applied by --paper-scale
     paper: dict = field(default_factory=dict)  # the paper's numbers for context in the report
+    root: str = ""  # the folder the user's files and modules are relative to: the study file's ('' = cwd)
 
     def regime(self, name: str) -> Regime:
         for r in self.regimes:
@@ -243,30 +249,8 @@ def _regime(raw: Any, i: int, base: TrainConfig) -> Regime:
             allowed = ["name", "batch_size", *train_fields]
             raise UserError(f"{where}.{key}: unknown key{closest(key, allowed)}; allowed: {', '.join(allowed)}")
     regime = Regime(name=name, batch_size=batch_size, train=_build(TrainConfig, raw, where, base=base))
-    _check_remedy(regime.train, where)
+    check_remedy(regime.train, where)
     return regime
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_remedy(t: TrainConfig, where: str) -> None:
-    """The remedy's options (checked by the remedy itself), ghost batches and the batch schedule."""
-    from .remedies import make_step
-
-    try:
-        make_step(t.remedy, **t.remedy_options)
-    except UserError as e:
-        raise UserError(f"{where}.remedy_options: {e}") from None
-    if t.ghost_batch == 1:
-        raise UserError(f"{where}.ghost_batch: must be 0 (off) or at least 2, got 1")
-    s = t.batch_schedule
-    if s is not None:
-        need = BatchSchedule.KEYS[s.kind]
-        other = next(k for k in BatchSchedule.KEYS.values() if k != need)
-        if getattr(s, need) is None or getattr(s, other) is not None:
-            raise UserError(f"{where}.batch_schedule: a {s.kind} schedule takes exactly kind, small, {need}")
 
 
 def from_dict(raw: dict, source: str = "study") -> StudyConfig:
@@ -293,11 +277,12 @@ def from_dict(raw: dict, source: str = "study") -> StudyConfig:
         raise UserError(f"seeds: repeated seed in {seeds!r}")
     data = _build(DataConfig, raw.get("data", {}), "data", base=DataConfig())
     model = _build(ModelConfig, raw.get("model", {}), "model", base=ModelConfig())
-    _check_registered(data, model)
+    check_registered(data, model)
+    check_augment_name(data.augment, "data.augment")
     train = _build(TrainConfig, raw.get("train", {}), "train", base=TrainConfig())
-    _check_remedy(train, "train")
+    check_remedy(train, "train")
     measure = _build(MeasureConfig, raw.get("measure", {}), "measure", base=MeasureConfig())
-    _check_range(measure.interpolation_range)
+    check_range(measure.interpolation_range)
     eps = measure.sharpness_eps
     if not all(isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e < 1 for e in eps):
         raise UserError(f"measure.sharpness_eps: expected a list of numbers in (0, 1), got {eps!r}")
@@ -311,7 +296,7 @@ def from_dict(raw: dict, source: str = "study") -> StudyConfig:
     names = [r.name for r in regimes]
     if len(set(names)) != len(names):
         raise UserError(f"regimes: repeated regime name in {names!r}")
-    _check_dependencies(regimes)
+    check_dependencies(regimes)
     compare = raw.get("compare", names[:2] if len(names) >= 2 else [])
     if not isinstance(compare, list) or (compare and len(compare) != 2):
         raise UserError(f"compare: expected [small-batch regime, large-batch regime], got {compare!r}")
@@ -326,51 +311,19 @@ def from_dict(raw: dict, source: str = "study") -> StudyConfig:
     if not isinstance(figures, list) or any(f not in FIGURES for f in figures):
         raise UserError(f"figures: expected a list from {', '.join(FIGURES)}, got {figures!r}")
     traj = measure.trajectory_epochs
-    if not all(_int(e) and 0 <= e <= max(r.train.epochs for r in regimes) for e in traj):
+    if not all(is_int(e) and 0 <= e <= max(r.train.epochs for r in regimes) for e in traj):
         raise UserError(f"measure.trajectory_epochs: expected epochs between 0 and the regimes' epochs, got {traj!r}")
     paper = raw.get("paper", {})
     if not isinstance(paper, dict):
         raise UserError(f"paper: expected a table, got {paper!r}")
+    root = raw.get("root", "")
+    if not isinstance(root, str):
+        raise UserError(f"root: expected a folder, got {root!r}")
     return StudyConfig(
         name=name, description=description, seeds=seeds, data=data, model=model, train=train,
         regimes=regimes, compare=compare, measure=measure, quick=quick, paper_scale=paper_scale, paper=paper,
-        figures=figures,
+        figures=figures, root=root,
     )
-
-
-def _check_dependencies(regimes: list[Regime]) -> None:
-    """init_from must name another regime that trains at least that many epochs and starts from x0."""
-    by_name = {r.name: r for r in regimes}
-    for r in regimes:
-        init = r.train.init_from
-        if not init:
-            continue
-        where = f"regimes.{r.name}.init_from"
-        src = by_name.get(init.regime)
-        if src is None or src is r:
-            raise UserError(f"{where}.regime: expected another regime of the study{closest(init.regime, by_name)}; "
-                            f"regimes: {', '.join(by_name)}")
-        if src.train.init_from:
-            raise UserError(f"{where}.regime: {src.name} itself starts from another regime; chains are not supported")
-        if init.epoch > src.train.epochs:
-            raise UserError(f"{where}.epoch: {init.epoch} is beyond the {src.train.epochs} epochs of {src.name}")
-
-
-def _check_registered(data: DataConfig, model: ModelConfig) -> None:
-    from .data import DATASETS
-    from .models import MODELS
-
-    for field_name, value, registry in (("data.name", data.name, DATASETS), ("model.name", model.name, MODELS)):
-        if value not in registry:
-            raise UserError(f"{field_name}: unknown value {value!r}{closest(value, registry)}; allowed: {', '.join(registry)}")
-
-
-def _check_range(r: Any) -> None:
-    if (
-        not isinstance(r, list) or len(r) != 2
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r) or r[0] >= r[1]
-    ):
-        raise UserError(f"measure.interpolation_range: expected [low, high] with low < high, got {r!r}")
 
 
 # ---------------------------------------------------------------- the study file, --quick, --set
@@ -393,6 +346,7 @@ def load_study(
     else:
         raw = read_toml(Path(source))
         where = str(source)
+        raw.setdefault("root", str(Path(source).resolve().parent))  # the user's files sit beside the study file
     if quick and paper_scale:
         raise UserError("--quick and --paper-scale: choose one (shrink a paper-scale study with --set)")
     from_dict(raw, where)  # the file as written

@@ -18,7 +18,7 @@ from .landscape import (
     hessian_trace, interpolate, loss_curve, loss_surface,
 )
 from .landscape.evaluate import describe_bn
-from .landscape.params import distance
+from .landscape.params import distance, named_parameters
 
 
 def data_protocol(dataset: Dataset) -> dict:
@@ -81,7 +81,7 @@ def parametric_plot(
         "buffers": r.buffers,
         "eval_batch_size": r.batch_size,
         "data": "full train and test sets",
-        "parameters": "all trainable parameters interpolated",
+        "parameters": r.params_interpolated,
     }
     return out
 
@@ -109,12 +109,14 @@ def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int,
     sharp = []
     for eps in mcfg.sharpness_eps:
         for dim in (None, mcfg.sharpness_subspace_dim or None) if mcfg.sharpness_subspace_dim else (None,):
-            r = eps_sharpness(model, data, eps=eps, subspace_dim=dim, max_iter=mcfg.sharpness_max_iter, seed=seed, **common)
+            r = eps_sharpness(model, data, eps=eps, subspace_dim=dim, max_iter=mcfg.sharpness_max_iter, seed=seed,
+                              subspace_columns=mcfg.sharpness_subspace_columns, **common)
             sharp.append(r.as_dict())
     out["sharpness"] = sharp
     if mcfg.adaptive_rho:
-        out["adaptive_sharpness"] = adaptive_sharpness(
-            model, data, rho=mcfg.adaptive_rho, max_iter=mcfg.sharpness_max_iter, **common).as_dict()
+        out["adaptive_sharpness"] = adaptive_sharpness(  # m-sharpness points drawn from the run's seed
+            model, data, rho=mcfg.adaptive_rho, max_iter=mcfg.sharpness_max_iter, m=mcfg.adaptive_m or None,
+            n_points=mcfg.adaptive_points, seed=seed, **common).as_dict()
     if mcfg.hessian_top_k:
         out["hessian_eigenvalues"] = hessian_eigenvalues(
             model, data, k=mcfg.hessian_top_k, max_hvp=mcfg.hessian_max_hvp, seed=seed, **common).as_dict()
@@ -122,6 +124,8 @@ def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int,
         out["hessian_trace"] = hessian_trace(model, data, n_probes=mcfg.hessian_trace_probes, seed=seed, **common).as_dict()
     if mcfg.noise_scale_batches:
         out["noise_scale"] = noise_scale(model, data, mcfg, seed)
+    if mcfg.hessian_top_k and sharp:
+        out["second_order"] = second_order(model, sharp, out["hessian_eigenvalues"])
     if mcfg.curve_directions:
         alphas = np.linspace(-mcfg.curve_range, mcfg.curve_range, mcfg.curve_points | 1)  # odd: holds alpha = 0
         curves = []
@@ -147,12 +151,34 @@ def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int,
     return out
 
 
+def second_order(model: nn.Module, sharp: list[dict], eig: dict) -> list[dict]:
+    """Does the eps-box reach beyond the quadratic regime? At a minimum the second-order model of the loss
+    rises by at most lambda_max |y|^2 / 2 over the box, |y|^2 = eps^2 sum_i (|x_i| + 1)^2; as phi that is
+    100 eps^2 sum_i (|x_i| + 1)^2 lambda_max / 2 / (1 + f(x)). A measured phi above it means the loss rises
+    faster than its quadratic model within the box (higher-order terms or the gradient): "beyond"."""
+    box = float(sum(((p.detach().double().abs() + 1) ** 2).sum() for _, p in named_parameters(model, "all")))
+    lam = eig["eigenvalues"][0]
+    rows = []
+    for e in sharp:
+        if e.get("subspace_dim") is None:
+            est = 100 * e["eps"] ** 2 * box * max(lam, 0.0) / 2 / (1 + e["f_x"])
+            rows.append({"eps": e["eps"], "estimate": est, "measured": e["value"], "lambda_max": lam,
+                         "beyond_quadratic": e["value"] > est,
+                         "formula": "100 eps^2 sum_i (|x_i| + 1)^2 lambda_max / 2 / (1 + f(x)), an upper bound of the "
+                                    "quadratic model's rise over the box at a minimum"})
+    return rows
+
+
 NOISE_SMALL_BATCH = 32
 
 
 def noise_scale(model: nn.Module, data, mcfg: MeasureConfig, seed: int) -> dict:
-    """The gradient noise scale B_simple (McCandlish et al. 2018) from batches of 32 and the full gradient."""
-    return gradient_noise_scale(model, data, small=min(NOISE_SMALL_BATCH, len(data) - 1), big=None,
+    """The gradient noise scale B_simple (McCandlish et al. 2018) from batches of 32 and the full gradient.
+
+    Under BN with batch statistics the estimator's examples are ghost batches of that one size (32, or half
+    the data when smaller), each normalized by itself; ``b_simple`` None (with ``reason``) when not estimated.
+    """
+    return gradient_noise_scale(model, data, small=min(NOISE_SMALL_BATCH, len(data) // 2), big=None,
                                 n_batches=mcfg.noise_scale_batches, seed=seed, batch_size=mcfg.eval_batch_size,
                                 bn=mcfg.bn).as_dict()
 
@@ -173,6 +199,9 @@ def trajectory(build, iterates: dict, dataset: Dataset, mcfg: MeasureConfig, see
         row = {"epoch": epoch, "train_loss": m.loss, "train_accuracy": m.accuracy, "sharpness": sharp,
                "data": data_desc, "space": "full"}
         if mcfg.noise_scale_batches:
-            row["noise_scale"] = noise_scale(model, data, mcfg, seed)["b_simple"]
+            ns = noise_scale(model, data, mcfg, seed)
+            row["noise_scale"] = ns["b_simple"]  # None when not estimated; then the reason beside it
+            if ns["b_simple"] is None:
+                row["noise_scale_reason"] = ns["reason"]
         rows.append(row)
     return rows

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .config import PERCENT, Regime, StudyConfig, TrainConfig, config_hash
 from .errors import UserError
+from .plugins import is_spec, resolve
 from .remedies import geometric_schedule, switch_schedule
 
 
@@ -52,8 +53,13 @@ def batch_schedule(t: TrainConfig, large: int):
 
 
 def model_tag(cfg: StudyConfig) -> str:
-    """Names x0's file: the model and a hash of its settings (x0 is a function of these and the seed)."""
-    return f"{cfg.model.name}-{config_hash(dataclasses.asdict(cfg.model))}"
+    """Names x0's file: the model and a hash of its settings and, for the user's factory, of its source
+    (x0 is a function of these and the seed)."""
+    m = cfg.model
+    if not is_spec(m.name):
+        return f"{m.name}-{config_hash(dataclasses.asdict(m))}"
+    source = resolve(m.name, cfg.root, "model.name")[1]
+    return f"user-{config_hash([dataclasses.asdict(m), source])}"
 
 
 def kept_epochs(cfg: StudyConfig, regime: Regime) -> tuple[int, ...]:
@@ -85,12 +91,13 @@ def _check_batches(cfg: StudyConfig, regime: Regime, bs: int, world_size: int) -
                         "(global-batch statistics or ghost batches)")
 
 
-def plan(cfg: StudyConfig, n_train: int, world_size: int = 1, device: str = "cpu") -> list[Run]:
+def plan(cfg: StudyConfig, n_train: int, world_size: int = 1, device: str = "cpu", user: dict | None = None) -> list[Run]:
     """Every (regime, seed) run of the study in a stable order: the runs that start from x0 (seeds outer,
     regimes inner), then the runs that warm-start from another run's iterate.
 
     ``world_size`` > 1 workers share each run (data-parallel); ``device`` is the kind of device that
-    trains and measures ("cpu", "cuda"). Both are part of a run, as its thread count is.
+    trains and measures ("cpu", "cuda"). Both are part of a run, as its thread count is, and so is
+    ``user``: the identity of the user's code and data the run depends on (:func:`plugins.identity`).
     """
     runs, ids = [], {}
     for seed in cfg.seeds:
@@ -112,6 +119,8 @@ def plan(cfg: StudyConfig, n_train: int, world_size: int = 1, device: str = "cpu
             }
             if world_size > 1:
                 run_cfg["world_size"] = world_size
+            if user:
+                run_cfg["user"] = user
             init = regime.train.init_from
             depends = ids[(init.regime, seed)] if init else None
             if depends:
