@@ -128,3 +128,20 @@ def test_report_regenerates_from_results(tmp_path, mnist1d_dir, monkeypatch, cap
     assert not (out / "report.md").exists()
     assert main(["report", str(out)]) == 0
     assert (out / "report.md").exists() and (out / "figures" / "accuracy_curves.png").exists()
+
+
+def test_version_and_help_that_lists_the_valid_names(capsys):
+    from batchgap import __version__
+    from batchgap.studies import builtin_names
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"batchgap {__version__}"
+    for argv, names in ((["show", "--help"], builtin_names()), (["run", "--help"], builtin_names()),
+                        (["data", "download", "--help"], ["mnist", "cifar10", "cifar100"])):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
+        assert all(n in text for n in names), argv
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    assert "output directory" in capsys.readouterr().out

@@ -17,7 +17,7 @@ def test_first_lines_are_the_two_commands_and_ci_runs_the_second():
 
 
 def test_python_example_runs(mnist1d_dir):
-    code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", README.split("### In a notebook", 1)[1], re.S).group(1)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4200, 12, generator=g)
     y = (x[:, :3].sum(1) > 0).long()
@@ -71,3 +71,17 @@ def test_the_architecture_section_names_every_module():
     assert named == present
     for module, fn in (("config", "parse_batch_size"), ("plan", "resolve_batch_size")):  # the batch size's path
         assert f"`{module}.{fn}`" in section and hasattr(__import__(f"batchgap.{module}", fromlist=[fn]), fn)
+
+
+def test_the_own_model_example_in_the_readme_is_the_example_directory():
+    """The README's study file is examples/own-model/study.toml; its nets.py block builds the same network."""
+    example = ROOT / "examples" / "own-model"
+    toml_block = re.search(r"```toml\n# examples/own-model/study.toml\n(.*?)```", README, re.S).group(1)
+    assert toml_block == (example / "study.toml").read_text()
+    nets_block = re.search(r"```python\n# examples/own-model/nets.py\n(.*?)```", README, re.S).group(1)
+    ns, file_ns = {}, {}
+    exec(compile(nets_block, "README.md", "exec"), ns)
+    exec(compile((example / "nets.py").read_text(), str(example / "nets.py"), "exec"), file_ns)
+    shapes = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items()]
+    assert shapes(ns["small_cnn"]((1, 8, 8), 4, width=8)) == shapes(file_ns["small_cnn"]((1, 8, 8), 4, width=8))
+    assert "python examples/own-model/make_data.py" in README and "batchgap run examples/own-model/study.toml" in README

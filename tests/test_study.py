@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,8 +98,8 @@ def test_parametric_plot_endpoints_match_the_runs(default_run):
 
 def test_report_has_the_tables_and_figures(default_run):
     text = (default_run / "report.md").read_text()
-    for needle in ("Table 2", "Welch t =", "Figure 2", "Figure 3", "Distance from the start point",
-                   "PyTorch", "Wall time", "figures/accuracy_curves.png", "figures/parametric_plot.png",
+    for needle in ("Table 2", "Welch's t-test, 2 and 2 seeds: t = ", "Figure 2", "Figure 3", "Distance from the start point",
+                   "PyTorch", "s of training and", "figures/accuracy_curves.png", "figures/parametric_plot.png",
                    "Tables 3 and 4", "ε-sharpness, full ε = 0.001", "top Hessian eigenvalue", "adaptive sharpness",
                    "Reading the numbers", "as sharp", "205.14 ± 69.52"):
         assert needle in text
@@ -118,7 +119,7 @@ def test_rerun_skips_finished_runs_and_reproduces_results(default_run, monkeypat
 
 
 def test_a_changed_setting_makes_new_runs(default_run):
-    assert run_cli("default", "--out", str(default_run), *SMALL, "--set", "regimes.LB.lr_rule=sqrt") == 0
+    assert run_cli("default", "--out", str(default_run), *SMALL, "--set", "regimes.LB.lr_rule=sqrt", "--force") == 0
     doc = json.loads((default_run / "results.json").read_text())
     assert len(doc["runs"]) == 4
     lb = [r for r in doc["runs"] if r["regime"] == "LB"]
@@ -266,7 +267,7 @@ def test_the_thread_count_is_part_of_a_run(default_out, tmp_path, mnist1d_dir, m
     monkeypatch.setattr(study_mod, "execute_runs", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
     monkeypatch.setattr(study_mod, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("trains")))
     with pytest.raises(RuntimeError, match="trains"):  # nothing finished for 2 threads: it must train
-        main(["run", "default", "--out", str(out), *SMALL, "--threads", "2", "--jobs", "1"])
+        main(["run", "default", "--out", str(out), *SMALL, "--threads", "2", "--jobs", "1", "--force"])
     ids_1 = {r["id"] for r in json.loads((default_out / "results.json").read_text())["runs"]}
     assert len(seen[0]) == 4 and not {r.id for r in seen[0]} & ids_1 and all(r.threads == 2 for r in seen[0])
 
@@ -354,7 +355,7 @@ def test_a_gap_without_variance_is_reported_without_a_t_test():
         res = Results(study=cfg.to_dict(), data={}, environment={}, command=None, runs=runs, pairs=[], summary=summary,
                       comparison=comp, wall_time_s=1.0)
         line = "\n".join(_table2(res))
-        assert ("no t-test" in line) is not tested and ("Welch t" in line) is tested and "nan" not in line
+        assert ("no t-test" in line) is not tested and ("Welch's t-test" in line) is tested and "nan" not in line
 
 
 def test_results_of_another_schema_are_refused_with_one_line(default_run, capsys):
@@ -388,3 +389,94 @@ def test_a_worker_that_cannot_load_the_data_stops_the_study_with_one_line(tmp_pa
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("batchgap: error: a --jobs worker process could not load the data")
     assert "expected f68b3c2d" in err[-1] and not any("Traceback" in line for line in err)
+
+
+def test_one_output_directory_holds_one_study(default_run, capsys):
+    """Issue 19: another study, or this one with settings that change its runs, is refused with one line
+    naming what differs and the way out; --force makes the directory the new study's; adding seeds resumes."""
+    before = (default_run / "results.json").read_text()
+    for extra, needle in ((["--set", "train.epochs=1"], "train.epochs: 2 here, 1 now"),
+                          (["--set", "regimes.LB.batch_size=80"], 'regimes.LB.batch_size: "10%" here, 80 now')):
+        assert run_cli("default", "--out", str(default_run), *SMALL, *extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err and "--force" in err and "another --out" in err
+    assert run_cli("warm-start", "--quick", "--out", str(default_run)) == 2
+    assert "study 'default' is there, this is 'warm-start'" in capsys.readouterr().err
+    assert (default_run / "results.json").read_text() == before  # nothing was touched
+    # the same study with one seed more resumes: the two finished seeds are not trained again
+    assert run_cli("default", "--out", str(default_run), *SMALL, "--set", "seeds=[0, 1, 2]", "--no-report") == 0
+    assert "4 of 6 runs found finished" in capsys.readouterr().err
+    assert len(json.loads((default_run / "results.json").read_text())["runs"]) == 6
+
+
+def test_report_refuses_a_directory_that_mixes_studies(default_run, capsys):
+    doc = json.loads((default_run / "results.json").read_text())
+    plan = json.loads((default_run / "plan.json").read_text())
+    plan["study"]["train"]["epochs"] = 7  # as an older batchgap left it: the plan of one study, results of another
+    (default_run / "plan.json").write_text(json.dumps(plan))
+    assert main(["report", str(default_run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "of different studies (train.epochs: 2 here, 7 now)" in err
+    assert json.loads((default_run / "results.json").read_text()) == doc
+
+
+def test_ctrl_c_under_jobs_stops_the_workers_at_once(tmp_path, mnist1d_dir):
+    """Issue 19: an interrupt under --jobs 2 stops both workers within seconds (each run long enough that
+    waiting for them would take minutes), says so, keeps what finished, and the same command resumes."""
+    import signal as sig
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "batchgap", "run", "default", "--out", str(out), "--jobs", "2", "--no-report",
+            *SMALL, "--set", "train.epochs=400"]
+    env = {**__import__("os").environ, "BATCHGAP_DATA": str(mnist1d_dir)}
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        for line in proc.stderr:
+            if "worker processes" in line:
+                break
+        children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == proc.pid
+                    and b"resource_tracker" not in _cmdline(p)]  # the workers, not multiprocessing's tracker
+        proc.send_signal(sig.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 130  # 400 epochs a run: minutes if the workers went on
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stopped: 0 of 4 runs finished and kept" in rest and "run the same command again to resume" in rest
+    assert len(children) == 2 and not [c for c in children if Path(f"/proc/{c}").exists() and _state(c) != "Z"]
+    assert not (out / "results.json").exists()
+
+
+def _ppid(p):
+    try:
+        return int(p.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(p):
+    try:
+        return p.joinpath("cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _state(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_report_refuses_runs_measured_with_other_settings(default_run, capsys):
+    """A report does not measure: when the plan's measure settings differ from the runs' (the settings or
+    their defaults changed since), it says how to re-measure instead of dropping every run."""
+    before = (default_run / "results.json").read_text()
+    plan = json.loads((default_run / "plan.json").read_text())
+    plan["study"]["measure"]["curve_points"] = 9
+    (default_run / "plan.json").write_text(json.dumps(plan))
+    (default_run / "results.json").unlink()
+    assert main(["report", str(default_run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "4 run(s) were measured with other measure settings" in err
+    assert not (default_run / "results.json").exists()
+    (default_run / "results.json").write_text(before)

@@ -20,12 +20,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+    from .studies import builtin_names
+    from .version import __version__
+
+    studies = ", ".join(builtin_names())
     p = _Parser(prog="batchgap", description="The large-batch generalization gap and sharp minima, measured.")
+    p.add_argument("--version", action="version", version=f"batchgap {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     run = sub.add_parser("run", help="run a study (train, measure, report)")
-    run.add_argument("study", nargs="?", default="default", help="a built-in study name or a .toml file (default: default)")
+    run.add_argument("study", nargs="?", default="default",
+                     help=f"a built-in study ({studies}) or a study file FILE.toml (default: default)")
     run.add_argument("--out", type=Path, help="output directory (default: runs/STUDY, runs/STUDY-quick with --quick, "
                                                 "runs/STUDY-paper with --paper-scale)")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -36,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", type=Path, help="where data files live (default: $BATCHGAP_DATA or ~/.cache/batchgap/data)")
     run.add_argument("--download", action="store_true", help="download missing data files first")
     run.add_argument("--no-report", action="store_true", help="write results.json only")
+    run.add_argument("--force", action="store_true",
+                     help="run into an output directory that holds another study, making it this study's (the "
+                          "other's runs stay in runs/); without it that is refused: one directory holds one study")
     run.add_argument("--jobs", type=int, metavar="K",
                      help="run K runs at once in worker processes (default: the cores available divided by the "
                           "runs' threads); the numbers do not depend on it")
@@ -53,15 +63,45 @@ def _parser() -> argparse.ArgumentParser:
                      help="progress bars (default: when stderr is a terminal)")
 
     rep = sub.add_parser("report", help="merge the finished runs in OUT into OUT/results.json; (re)write the report")
-    rep.add_argument("out", type=Path)
+    rep.add_argument("out", type=Path, help="a study's output directory (the --out of `batchgap run`)")
     rep.add_argument("--data-dir", type=Path, help="where data files live (for the pairwise measures of a merge)")
     rep.add_argument("--download", action="store_true", help="download missing data files first")
 
     show = sub.add_parser("show", help="print a study's resolved settings as JSON")
-    show.add_argument("study", nargs="?", default="default")
-    show.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    show.add_argument("--quick", action="store_true")
-    show.add_argument("--paper-scale", action="store_true")
+    show.add_argument("study", nargs="?", default="default",
+                      help=f"a built-in study ({studies}) or a study file FILE.toml (default: default)")
+    show.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a setting, as for `batchgap run` (repeatable)")
+    show.add_argument("--quick", action="store_true", help="the settings --quick runs")
+    show.add_argument("--paper-scale", action="store_true", help="the settings --paper-scale runs")
+
+    meas = sub.add_parser("measure", help="the geometry of a saved model (a checkpoint or a study's run), without a study")
+    meas.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+                      help="a state_dict saved with torch.save, a whole pickled nn.Module (with --trust-pickle), "
+                           "or a study's run directory OUT/runs/ID (its model and data then come from the run)")
+    meas.add_argument("--model", metavar="SPEC", help="a factory MODULE:CALLABLE or FILE.py:CALLABLE (called as in a "
+                                                      "study file), or a built-in model name")
+    meas.add_argument("--options", metavar="JSON", help="the model's keyword arguments as a JSON object")
+    meas.add_argument("--bn", metavar="MODE", help="a built-in model's BatchNorm: running (default), batch or none; "
+                                                   "a factory's model is measured as built")
+    meas.add_argument("--data", metavar="DATA", help="an .npz or .pt file with x_train, y_train, x_test, y_test; a loader "
+                                                     "MODULE:CALLABLE; or a built-in data set name")
+    meas.add_argument("--num-classes", type=int, default=0, metavar="K",
+                      help="your data's number of classes (default: inferred from the labels)")
+    meas.add_argument("--data-dir", type=Path, help="where the built-in data sets' files live")
+    meas.add_argument("--download", action="store_true", help="download a built-in data set's missing files first")
+    meas.add_argument("--out", type=Path, required=True, metavar="DIR",
+                      help="writes DIR/measures.json, DIR/report.md, DIR/figures/ (nothing on bad input)")
+    meas.add_argument("--compare", type=Path, metavar="CHECKPOINT2",
+                      help="a second checkpoint of the same model and data: adds the parametric plot between the two")
+    meas.add_argument("--set", dest="sets", action="append", default=[], metavar="measure.KEY=VALUE",
+                      help="override a measure setting, e.g. measure.sharpness_max_iter=5 (repeatable)")
+    meas.add_argument("--seed", type=int, help="the measurements' seed (default: a run directory's seed, else 0)")
+    meas.add_argument("--trust-pickle", action="store_true",
+                      help="allow a checkpoint holding pickled Python objects (unpickling runs code from the file)")
+    meas.add_argument("--threads", type=int, default=1, metavar="N", help="torch intra-op threads (default 1; recorded)")
+    meas.add_argument("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: $BATCHGAP_DEVICE, else auto)")
+    meas.add_argument("--no-report", action="store_true", help="write measures.json only")
 
     sub.add_parser("list", help="list models, data sets and built-in studies")
 
@@ -69,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
     data_sub.required = True
     dl = data_sub.add_parser("download", help="download a data set's official files and verify their checksums")
-    dl.add_argument("name")
-    dl.add_argument("--data-dir", type=Path)
+    dl.add_argument("name", help=f"a data set: {', '.join(d for d in DATASETS if DATASETS[d].needs_files)} "
+                                  "(mnist1d is generated offline)")
+    dl.add_argument("--data-dir", type=Path, help="where data files live (default: $BATCHGAP_DATA or ~/.cache/batchgap/data)")
     return p
 
 
@@ -94,7 +135,8 @@ def _cmd_run(args) -> int:
     from .config import config_hash, load_study
     from .sharding import check_free, parse_shard
     from .studies import find_study
-    from .study import check_study, run_study
+    from .rundir import Output
+    from .study import check_one_study, check_study, run_study
 
     path = find_study(args.study)
     cfg = load_study(path, [*args.sets, *_threads(args)], quick=args.quick, paper_scale=args.paper_scale)
@@ -114,12 +156,13 @@ def _cmd_run(args) -> int:
         # the input is checked here (one line, not N tracebacks), then the command runs under torchrun
         _, runs = check_study(cfg, args.data_dir, args.download, world_size=args.nproc, device=device)
         check_free(out, shard, config_hash([r.id for r in runs]))
+        check_one_study(Output(out), cfg, args.force)
         return distributed.launch(args.argv, args.nproc)
     device, launcher = distributed.start_worker(device)
     if launcher and command:
         command = f"{launcher} {command}"
     doc = run_study(cfg, out, data_dir=args.data_dir, download=args.download, progress=args.progress,
-                    log=log, command=command, jobs=args.jobs, shard=shard, device=device)
+                    log=log, command=command, jobs=args.jobs, shard=shard, device=device, force=args.force)
     if doc is None:  # a data-parallel worker other than rank 0, which writes and reports
         return 0
     if shard is not None:
@@ -148,6 +191,23 @@ def _cmd_show(args) -> int:
 
     cfg = load_study(find_study(args.study), args.sets, quick=args.quick, paper_scale=args.paper_scale)
     print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
+def _cmd_measure(args) -> int:
+    from .measure_cmd import measure, prepare
+
+    job = prepare(args.checkpoint, args.out, model=args.model, options=args.options, bn=args.bn, data=args.data,
+                  num_classes=args.num_classes, data_dir=args.data_dir, download=args.download, compare=args.compare,
+                  sets=args.sets, seed=args.seed, trust_pickle=args.trust_pickle, threads=args.threads,
+                  device=args.device)
+    path = measure(job, command="batchgap " + " ".join(shlex.quote(a) for a in args.argv))
+    if args.no_report:
+        print(path)
+        return 0
+    from .report.measures import write_measures_report  # matplotlib: only when drawing
+
+    print(write_measures_report(args.out))
     return 0
 
 
@@ -182,7 +242,8 @@ def _cmd_data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    handler = {"run": _cmd_run, "report": _report, "show": _cmd_show, "list": _cmd_list, "data": _cmd_data}[args.command]
+    handler = {"run": _cmd_run, "report": _report, "show": _cmd_show, "measure": _cmd_measure, "list": _cmd_list,
+               "data": _cmd_data}[args.command]
     try:
         return handler(args)
     except UserError as e:

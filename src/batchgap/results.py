@@ -24,6 +24,8 @@ from .errors import UserError
 
 SCHEMA = 2  # 1: before the schema was versioned (string-keyed summaries); 2: this module
 
+FITTED = 0.99  # training accuracy a solution must reach to count as fitted (the paper's networks: 99-100%, Table 2)
+
 # the report sections of the paper's other experiments a study can ask for (``figures = [...]``)
 FIGURES = ("batch-sweep", "warm-start", "trajectory", "remedies", "noise-scale")
 
@@ -88,12 +90,24 @@ MEASURES = ("sharpness", "adaptive_sharpness", "hessian_top_eigenvalue", "hessia
 
 
 @dataclass
+class Interval:
+    """A confidence interval [lo, hi] at ``level``, how it was computed, and over how many values."""
+    lo: float | None
+    hi: float | None
+    level: float
+    method: str
+    n: int
+
+
+@dataclass
 class Ratio:
-    """LB mean / SB mean of one measure (``eps``/``subspace_dim`` set for eps-sharpness only)."""
+    """LB mean / SB mean of one measure (``eps``/``subspace_dim`` set for eps-sharpness only), with a
+    bootstrap interval over seeds."""
     measure: str
     value: float | None
     eps: float | None = None
     subspace_dim: int | None = None
+    interval: Interval | None = None
 
 
 @dataclass
@@ -107,10 +121,18 @@ class Comparison:
     test: str | None = None
     large_over_small: list[Ratio] = field(default_factory=list)
     distance_ratio: float | None = None
+    gap_interval: Interval | None = None  # of test_accuracy_gap (Welch's)
+    distance_interval: Interval | None = None  # of distance_ratio (bootstrap)
+    n_small: int = 0  # seeds of each regime in the comparison
+    n_large: int = 0
+
+    def ratio_of(self, measure: str, eps: float | None = None, subspace_dim: int | None = None) -> Ratio | None:
+        return next((r for r in self.large_over_small
+                     if r.measure == measure and r.eps == eps and r.subspace_dim == subspace_dim), None)
 
     def ratio(self, measure: str, eps: float | None = None, subspace_dim: int | None = None) -> float | None:
-        return next((r.value for r in self.large_over_small
-                     if r.measure == measure and r.eps == eps and r.subspace_dim == subspace_dim), None)
+        r = self.ratio_of(measure, eps, subspace_dim)
+        return r.value if r else None
 
 
 @dataclass
@@ -192,6 +214,7 @@ class Results:
     comparison: Comparison | None
     wall_time_s: float
     unfinished: list[str] = field(default_factory=list)
+    user: dict = field(default_factory=dict)  # the user's model, data and augmentation: specs and sha256s
     schema: int = SCHEMA
 
     def regime(self, name: str) -> RegimeSummary | None:

@@ -185,3 +185,34 @@ class Output:
             if prior is None or not isinstance(prior.get("runs"), list):
                 raise UserError(f"{self.results}: not a batchgap results file (unreadable or edited); "
                                 "move it away or use another --out")
+
+
+def _first_difference(a: Any, b: Any, path: str) -> str | None:
+    """The dotted path of the first leaf where ``a`` and ``b`` differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            if d:
+                return d
+        return None
+    return None if a == b else f"{path}: {json.dumps(a)} here, {json.dumps(b)} now"
+
+
+def other_study(before: dict, now: dict) -> str | None:
+    """Why the study ``now`` (``StudyConfig.to_dict()``) is not the study ``before`` recorded in an output
+    directory, or None when it is the same one. The same study may add seeds and regimes and change its
+    measure settings (its runs are then measured again); anything that changes the runs already there (the
+    data, the model, the training settings, a regime's settings) or another study name makes another."""
+    if before.get("name") != now["name"]:
+        return f"study {before.get('name')!r} is there, this is {now['name']!r}"
+    for key in ("data", "model", "train"):
+        d = _first_difference(before.get(key), now[key], key)
+        if d:
+            return d
+    old = {r.get("name"): r for r in before.get("regimes", []) if isinstance(r, dict)}
+    for r in now["regimes"]:
+        if r["name"] in old:
+            d = _first_difference(old[r["name"]], r, f"regimes.{r['name']}")
+            if d:
+                return d
+    return None

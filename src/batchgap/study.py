@@ -15,23 +15,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import build, devices, distributed, sharding
+from . import build, devices, distributed, plugins, sharding
 from .build import prepare_data, start_point
 from .config import StudyConfig, config_hash, from_dict
-from .data import check_augment, make_augment
 from .data.base import Dataset
 from .errors import UserError
 from .measure import data_protocol, distance_from_init, endpoint_metrics, geometry, parametric_plot, trajectory
 from .plan import Run, batch_schedule, model_tag, plan
 from .remedies import ghost_bn, make_step
 from .results import SCHEMA, TRAINING_FIELDS, Metrics, Pair, Results, RunResult, from_dict as load
-from .rundir import Output, read_json, remove_temp_files
+from .rundir import Output, other_study, read_json, remove_temp_files
 from .stats import compare, summarize
 from .train import train
 
@@ -60,7 +60,7 @@ def _train_run(out: Output, cfg: StudyConfig, ds: Dataset, run: Run, progress: b
     schedule = batch_schedule(t, run.batch_size)
     res = train(
         model, ds.train, ds.test, t, schedule or run.batch_size, seed=run.seed,
-        augment=make_augment(t.augment or cfg.data.augment), run_dir=rd.path, step=step, progress=progress,
+        augment=build.augment(cfg, t.augment or cfg.data.augment), run_dir=rd.path, step=step, progress=progress,
         desc=f"{run.regime.name} seed {run.seed}", keep_epochs=run.keep_epochs,
     )
     return model, x0, res, step, schedule
@@ -129,6 +129,7 @@ _WORKER: dict = {}
 
 
 def _worker_init(cfg: StudyConfig, data_dir, device: torch.device) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to answer: it stops the workers
     try:  # a worker loads the data itself (the parent's tensors are not shipped to it)
         _WORKER["cfg"], _WORKER["ds"] = cfg, devices.place(prepare_data(cfg, data_dir), device)
     except UserError as e:  # raised by its first task: one line, not a broken pool
@@ -173,10 +174,12 @@ def execute_runs(out: Output, cfg: StudyConfig, ds: Dataset, runs: list[Run], jo
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = ", ".join(sorted({str(r.threads) for r in todo}))
-    log(f"{len(todo)} runs on {min(jobs, len(todo))} worker processes, {threads} thread(s) each")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init, initargs=(cfg, data_dir, devices.of(ds))) as pool:
-        pending, finished = {pool.submit(_worker_run, str(out.path), run) for run in todo}, 0
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(cfg, data_dir, devices.of(ds)))
+    finished = 0
+    try:
+        pending = {pool.submit(_worker_run, str(out.path), run) for run in todo}
+        log(f"{len(todo)} runs on {min(jobs, len(todo))} worker processes, {threads} thread(s) each")
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -184,7 +187,24 @@ def execute_runs(out: Output, cfg: StudyConfig, ds: Dataset, runs: list[Run], jo
                 by_id[r.id], finished = r, finished + 1
                 log(f"[{finished}/{len(todo)}] done")
                 _log_result(log, r)
+    except BaseException:  # Ctrl-C, or a run that failed: stop the other workers now, not after their runs
+        _stop(pool)
+        log(f"stopped: {finished} of {len(todo)} runs finished and kept; the others resume where their last "
+            "checkpoint left them when the same command runs again")
+        raise
+    pool.shutdown()
     return [by_id[run.id] for run in runs]
+
+
+def _stop(pool) -> None:
+    """Terminate a pool's worker processes at once (their files are written atomically: a killed run
+    resumes from its last checkpoint) and wait for them to be gone."""
+    procs = list(getattr(pool, "_processes", {}).values())  # CPython's executor keeps them here
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.join(timeout=10)
 
 
 def _train_data_parallel(out: Output, cfg: StudyConfig, ds: Dataset, runs: list[Run], progress, log: Log) -> None:
@@ -229,13 +249,13 @@ def _pairs(out: Output, cfg: StudyConfig, ds: Dataset, results: list[RunResult])
 
 
 def _results(cfg: StudyConfig, ds: Dataset, runs: list[RunResult], pairs: list[Pair], command, t0: float,
-             unfinished: list[str] = ()) -> Results:
+             unfinished: list[str] = (), user: dict | None = None) -> Results:
     summary = summarize(cfg.regime_names(), runs)
     return Results(
         study=cfg.to_dict(), data={**data_protocol(ds), "info": ds.info}, environment=devices.environment(devices.of(ds)),
         command=command, runs=runs, pairs=pairs, summary=summary,
         comparison=compare(cfg.compare[0], cfg.compare[1], runs, summary) if cfg.compare else None,
-        wall_time_s=time.perf_counter() - t0, unfinished=list(unfinished),
+        wall_time_s=time.perf_counter() - t0, unfinished=list(unfinished), user=user or {},
     )
 
 
@@ -244,11 +264,23 @@ def check_study(cfg: StudyConfig, data_dir=None, download: bool = False, world_s
     """Everything that can be wrong with the input, found before the output directory is touched:
     the data set and its runs."""
     ds = prepare_data(cfg, data_dir, download)
-    runs = plan(cfg, len(ds.train), world_size, (device or torch.device("cpu")).type)
-    build.model(cfg, ds)  # model name, options and input shape
-    for regime in cfg.regimes:
-        check_augment(regime.train.augment or cfg.data.augment, ds.input_shape)
-    return ds, runs
+    build.check_model(cfg, ds)  # model name, options, input shape, logits of (batch, num_classes)
+    augments = [r.train.augment or cfg.data.augment for r in cfg.regimes]
+    for name in augments:
+        build.augment(cfg, name, ds.input_shape)
+    user = plugins.identity(cfg.model.name, ds, augments, cfg.root)
+    return ds, plan(cfg, len(ds.train), world_size, (device or torch.device("cpu")).type, user)
+
+
+def check_one_study(out: Output, cfg: StudyConfig, force: bool = False) -> None:
+    """Refuse to run ``cfg`` into an output directory that holds another study (see :func:`run_study`)."""
+    if not out.study.exists():
+        return
+    before = read_json(out.study)
+    why = "its study.json is unreadable" if before is None else other_study(before, cfg.to_dict())
+    if why and not force:
+        raise UserError(f"{out.path} holds another study ({why}); one output directory holds one study: "
+                        "use another --out, or --force to make this directory the new study's")
 
 
 def _plan_doc(cfg: StudyConfig, runs: list[Run], world_size: int) -> dict:
@@ -267,6 +299,7 @@ def run_study(
     jobs: int | None = None,
     shard: tuple[int, int] | None = None,
     device: str | torch.device | None = None,
+    force: bool = False,
 ) -> Results | dict | None:
     """Run every run of ``cfg`` that has not finished in ``out``, measure, write ``out/results.json``.
 
@@ -275,6 +308,10 @@ def run_study(
 
     ``device`` (:func:`devices.resolve`: default ``$BATCHGAP_DEVICE``, else a GPU when torch sees one, else
     the CPU) holds the data, and every model and measurement follows it.
+
+    An output directory holds one study: a run of another study into it (or of this one with settings
+    that change its runs: :func:`rundir.other_study`) is refused, unless ``force``, which makes ``out``
+    this study's (the other's runs stay under ``runs/`` and are reused if their settings come back).
 
     ``shard=(I, N)`` runs only shard I of N (:mod:`batchgap.sharding`) and returns ``{"shard", "runs"}``
     without writing results.json (:func:`merge_results` does). In a data-parallel process group every
@@ -300,6 +337,7 @@ def run_study(
         def take() -> None:
             out.check()
             sharding.take(held, out.path, shard, key)
+            check_one_study(out, cfg, force)
             if shard is None:
                 remove_temp_files(out.path, ("results.json", "report.md"))  # ours alone: left by a killed run
         distributed.agree(take)
@@ -317,7 +355,7 @@ def run_study(
         results = execute_runs(out, cfg, ds, mine, jobs=jobs, data_dir=data_dir, progress=progress, log=log)
         if shard is not None:
             return {"shard": f"{shard[0]}/{shard[1]}", "runs": results}
-        doc = _results(cfg, ds, results, _pairs(out, cfg, ds, results), command, t0)
+        doc = _results(cfg, ds, results, _pairs(out, cfg, ds, results), command, t0, user=runs[0].config.get("user"))
         out.write(out.results, doc)
     return doc
 
@@ -339,20 +377,31 @@ def merge_results(out: str | Path, data_dir: str | Path | None = None, download:
         raise UserError(f"{out.plan}: not a batchgap plan (edited?); run the study again to rewrite it")
     cfg = from_dict(plan_doc["study"], str(out.plan))
     measure_key = _measure_hash(cfg)
-    finished, unfinished = [], []
+    finished, unfinished, stale = [], [], []
     for entry in plan_doc["runs"]:
-        done = out.run(entry["id"]).finished(entry["id"], measure_key)
+        rd = out.run(entry["id"])
+        done = rd.finished(entry["id"], measure_key)
+        if done is None and rd.finished(entry["id"]) is not None:
+            stale.append(entry["id"])  # trained, but measured with other settings than the plan's
         (finished.append(done) if done is not None else unfinished.append(entry["id"]))
+    if stale:  # a report does not measure: merging would drop them and overwrite results.json with fewer runs
+        raise UserError(f"{out.path}: {len(stale)} run(s) were measured with other measure settings than the plan's "
+                        f"(e.g. {stale[0]}); run the same `batchgap run` again to measure them, then report")
     out.check()
     current = read_json(out.results)
     if current is not None:
         load(Results, current, str(out.results))  # one line for results of another schema: not merged over
+        why = other_study(current["study"], cfg.to_dict())
+        if why:
+            raise UserError(f"{out.path}: results.json and plan.json are of different studies ({why}); the directory "
+                            "mixes studies: run the study again there with --force, or report another directory")
     if current is not None and current.get("schema") == SCHEMA and current.get("unfinished", []) == unfinished \
             and [r.get("id") for r in current["runs"]] == [r.id for r in finished]:
         return None
     ds = devices.place(prepare_data(cfg, data_dir, download), devices.resolve(device))
     with sharding.OutputLock(out.path, what="report"):
         remove_temp_files(out.path, ("results.json", "report.md"))
-        doc = _results(cfg, ds, finished, _pairs(out, cfg, ds, finished), command, t0, unfinished)
+        user = plugins.identity(cfg.model.name, ds, [r.train.augment or cfg.data.augment for r in cfg.regimes], cfg.root)
+        doc = _results(cfg, ds, finished, _pairs(out, cfg, ds, finished), command, t0, unfinished, user)
         out.write(out.results, doc)
     return doc

@@ -113,8 +113,8 @@ def train(
     rule then uses the final epoch's size. ``keep_epochs`` keeps the model after those epochs (0 = the
     start point) as ``iterates/epoch-K.pt`` for warm starts and measurements along training.
 
-    A model with 2-D convolutions on the CPU is converted to channels_last in place first
-    (:func:`batchgap.devices.fast_layout`): the same values, a faster layout for oneDNN.
+    A model with 2-D convolutions on the CPU trains in channels_last (:func:`batchgap.devices.fast_layout`:
+    the same values, a faster layout for oneDNN) and is handed back in the memory format it came in.
 
     In a process group of W > 1 workers every worker calls this with the same arguments; ``batch_size``
     is the global batch (W must divide it), rank 0 alone touches ``run_dir`` and evaluates.
@@ -130,6 +130,7 @@ def train(
     steps_per_epoch = n // sizes[0]
     peak = scaled_lr(cfg, batch_size)
     warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
+    layouts = {n: p.is_contiguous() for n, p in model.named_parameters() if p.dim() == 4}
     devices.fast_layout(model)  # before the optimizer: its fused state takes the parameters' layout
     optimizer = make_optimizer(model, cfg, peak)
     gen = torch.Generator().manual_seed(seed)
@@ -218,7 +219,16 @@ def train(
     result.wall_time_s = time.perf_counter() - t0
     if writes:
         rd.save_model(model.state_dict())
+    _restore_layout(model, layouts)
     return result
+
+
+@torch.no_grad()
+def _restore_layout(model: nn.Module, contiguous: dict) -> None:
+    """Put back the memory format the caller's 4-D parameters had (values unchanged)."""
+    for n, p in model.named_parameters():
+        if contiguous.get(n) and not p.is_contiguous():
+            p.data = p.data.contiguous()
 
 
 def _parallel(model: nn.Module, world: int, bn_sync: bool):

@@ -7,16 +7,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..results import Results, Stat, load_results
+from ..results import FITTED, Results, Stat, load_results
+from ..stats import mean_std
 from ..util import atomic_write_text
-from . import experiments, figures
+from . import experiments, figures, text
+from .definitions import definitions
 from .geometry import hessian_table, reading, sharpness_table
 
 
 def _pm(stat: Stat | None, scale: float = 100.0, digits: int = 2) -> str:
-    if stat is None or stat.mean is None:
-        return "n/a"
-    return f"{stat.mean * scale:.{digits}f} ± {stat.std * scale:.{digits}f}"
+    return text.pm(stat, scale, digits, fixed=True)
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -38,6 +38,14 @@ def _settings(res: Results) -> list[str]:
         + f", weight decay {t['weight_decay']:g}, {t['epochs']} epochs |",
         f"| seeds | {', '.join(map(str, s['seeds']))} (SB and LB of one seed start from the same x0) |",
     ]
+    if s["model"]["bn"] == "auto":  # a user's model, measured as built
+        lines[3] = lines[3].replace("BatchNorm: auto statistics at evaluation", "BatchNorm as the model builds it: "
+                                    + next((r.eval_protocol["bn"] for r in res.runs if r.eval_protocol), "n/a"))
+    for kind, ident in res.user.items():
+        for spec, d in (ident.items() if kind == "augment" else [(ident.get("spec") or ident.get("source"), ident)]):
+            shas = ", ".join(f"{k.removesuffix('_sha256').removesuffix('sha256') or 'tensors'} sha256 {v[:16]}"
+                             for k, v in d.items() if k.endswith("sha256"))
+            lines.append(f"| your {kind} | `{spec}` ({shas}) |")
     for r in s["regimes"]:
         extra = {k: v for k, v in r.items() if k not in ("name", "batch_size")}
         lines.append(f"| regime {r['name']} | batch {r['batch_size']}" + (f", {json.dumps(extra)}" if extra else "") + " |")
@@ -62,7 +70,10 @@ def _table2(res: Results) -> list[str]:
         sentence = f"\n**Gap:** {comp.small} − {comp.large} test accuracy = **{gap:+.2f} points**"
         if comp.p_value is not None:
             verdict = "significant at 0.05" if comp.p_value < 0.05 else "not significant at 0.05"
-            sentence += f" (Welch t = {comp.welch_t:.2f}, two-sided p = {comp.p_value:.3g}, {verdict})."
+            iv = comp.gap_interval
+            ci = f"{int(100 * iv.level)}% interval [{100 * iv.lo:+.2f}, {100 * iv.hi:+.2f}] points; " if iv and iv.lo is not None else ""
+            sentence += (f" ({ci}Welch's t-test, {comp.n_small} and {comp.n_large} seeds: t = {comp.welch_t:.2f}, "
+                         f"two-sided p = {text.p_value(comp.p_value)}, {verdict}).")
         elif (comp.test or "").startswith("none"):
             sentence += f" (no t-test: {comp.test[len('none: '):]})."
         else:
@@ -76,7 +87,6 @@ def _table2(res: Results) -> list[str]:
     return lines
 
 
-FITTED = 0.99  # the paper's networks all reach 99-100% training accuracy (its Table 2)
 
 
 def _not_fitted(res: Results) -> list[str]:
@@ -96,12 +106,13 @@ def _not_fitted(res: Results) -> list[str]:
 def _distance(res: Results) -> list[str]:
     lines = ["| regime | ‖x* − x0‖ | ‖x0‖ |", "|---|---|---|"]
     for row in res.summary:
-        x0 = [r.distance_from_init["x0_norm"] for r in res.runs if r.regime == row.name and r.distance_from_init]
-        lines.append(f"| {row.name} | {_pm(row.distance_from_init, 1.0, 3)} | {x0[0]:.3f} |" if x0 else f"| {row.name} | n/a | n/a |")
+        x0 = mean_std([r.distance_from_init["x0_norm"] for r in res.runs_of(row.name) if r.distance_from_init])
+        lines.append(f"| {row.name} | {text.pm(row.distance_from_init, 1.0, 3, fixed=True)} | {text.pm(x0, 1.0, 3, fixed=True)} |")
     comp = res.comparison
     if comp is not None and comp.distance_ratio is not None:
         lines.append(f"\nRatio ‖x_{comp.small} − x0‖ / ‖x_{comp.large} − x0‖ = **{comp.distance_ratio:.2f}** "
-                     "(the paper found 3 to 10). All trainable parameters, BN affine included.")
+                     f"({text.interval(comp.distance_interval, '.2f')}; the paper found 3 to 10). All trainable "
+                     "parameters, BN affine included; mean ± std over seeds.")
     return lines
 
 
@@ -129,11 +140,15 @@ def write_report(out: str | Path) -> Path:
     md = [f"# batchgap study `{s['name']}`", ""]
     if s.get("description"):
         md += [s["description"], ""]
+    if line := experiments.as_run(res):  # the description names the full study; this, what ran
+        md += [line, ""]
     md += [
         f"Software: batchgap {env.get('batchgap')}, Python {env.get('python')}, PyTorch {env.get('torch')}, "
-        f"NumPy {env.get('numpy')}, SciPy {env.get('scipy')}; {env.get('platform')}, {env.get('torch_threads')} threads. "
-        f"Wall time of this invocation: {res.wall_time_s:.1f} s "
-        f"(training time summed over runs: {sum(r.wall_time_s for r in res.runs):.1f} s).",
+        f"NumPy {env.get('numpy')}, SciPy {env.get('scipy')}; {env.get('platform')}, "
+        f"{'/'.join(sorted({str(r.threads) for r in res.runs})) or 'n/a'} torch thread(s) per run. "
+        f"The study's runs took {sum(r.wall_time_s for r in res.runs):.1f} s of training and "
+        f"{sum(r.measure_time_s or 0 for r in res.runs):.1f} s of measuring, summed over runs (side by side with "
+        f"--jobs, so more than the time it took); the last `batchgap` invocation took {res.wall_time_s:.1f} s.",
         "",
     ]
     if res.command:
@@ -186,6 +201,8 @@ def write_report(out: str | Path) -> Path:
     read = reading(res)
     if read:
         md += ["## Reading the numbers", "", *read, ""]
+    if defs := definitions(res):
+        md += ["## What the measures are", "", *defs, ""]
     md += ["## Distance from the start point", "", *_distance(res), ""]
     md += ["## Runs", "", *_runs(res), ""]
     if res.unfinished:

@@ -1,30 +1,35 @@
 """Report sections of the paper's other experiments: batch sweep (Fig. 4), warm start (Fig. 5),
-sharpness along training (Fig. 6), and the remedies table."""
+sharpness along training (Fig. 6), and the remedies table.
+
+Every label says what was run, read from the runs: the batch each regime ran (a name like B512 can
+differ, e.g. under ``--quick``'s smaller training set), the seeds and the epochs; spreads as in
+:mod:`.figures` (geometric on log axes), unfitted regimes hollow.
+"""
 from __future__ import annotations
 
+import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from matplotlib.ticker import FormatStrFormatter, LogLocator
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from ..results import Results, RunResult, Stat
 from ..rundir import read_history
-from .figures import _protocol_note, plt, regime_colors
-
-
-def _plain_log(ax, axis: str = "y") -> None:
-    """Log scale with tick labels written as plain numbers (1, 2, 5, 10, ...)."""
-    a = ax.yaxis if axis == "y" else ax.xaxis
-    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
-    a.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    a.set_major_formatter(FormatStrFormatter("%g"))
-    a.set_minor_formatter(FormatStrFormatter(""))
+from .figures import (_protocol_note, arithmetic_stats, batch_ticks, did_not_fit, errorbar, geometric_stats, place_labels,
+                      plain_log, plt, regime_colors, spread_note, spreads, unfitted_handle, value_ticks)
 
 EPS_STYLES = ["-", "--", ":", "-."]
 
 
+def _n_seeds(res: Results) -> int:
+    """The seeds actually run (finished), not the study file's list."""
+    return len({r.seed for r in res.runs}) or len(res.study["seeds"])
+
+
 def _seeds(res: Results) -> str:
-    n = len(res.study["seeds"])
+    n = _n_seeds(res)
     return f"{n} seed" + ("s" if n != 1 else "")
 
 
@@ -36,82 +41,162 @@ def _eps_list(res: Results) -> list[float]:
     return [float(e) for e in res.study["measure"]["sharpness_eps"]]
 
 
-def _errorbar(ax, x, rows, **kw):
-    arr = np.asarray(rows, dtype=float)
-    mean = np.nanmean(arr, axis=1)
-    std = np.nanstd(arr, axis=1, ddof=1) if arr.shape[1] > 1 else np.zeros_like(mean)
-    ax.errorbar(x, mean, yerr=std, capsize=3, marker="o", ms=4, **kw)
+def _unfitted(res: Results, names) -> list[bool]:
+    return [did_not_fit([r.train.accuracy for r in _runs(res, n) if r.train]) for n in names]
+
+
+def nominal_batch(name: str) -> int | None:
+    """The batch a regime's name says (``B512`` -> 512), None for a name that says none."""
+    m = re.fullmatch(r"[Bb](\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def renamed(res: Results) -> list[tuple[str, int, int]]:
+    """``(name, batch in the name, batch run)`` for each regime whose runs ran another batch than its name says."""
+    out = []
+    for r in res.study["regimes"]:
+        runs, said = _runs(res, r["name"]), nominal_batch(r["name"])
+        if runs and said is not None and runs[0].batch_size != said:
+            out.append((r["name"], said, runs[0].batch_size))
+    return out
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def as_run(res: Results) -> str:
+    """What was run, from the runs: the seeds, the epochs (and the regimes that trained another number),
+    and each regime whose name says another batch than it ran. A study's description names the full
+    study's settings; this names those of the runs behind the numbers (``--quick``, ``--set``)."""
+    if not res.runs:
+        return ""
+    seeds = sorted({r.seed for r in res.runs})
+    epochs = {r.regime: (r.epochs, r.steps) for r in res.runs}
+    base = Counter(e for e, _ in epochs.values()).most_common(1)[0][0]
+    other = [f"{n}: {e} epochs, {s} updates" for n, (e, s) in epochs.items() if e != base]
+    text = (f"As run: {len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}), "
+            f"{base} epochs" + (f" ({'; '.join(other)})" if other else ""))
+    moved = renamed(res)
+    if moved:
+        text += (f"; {_and([n for n, _, _ in moved])} ran batches of {_and([str(b) for _, _, b in moved])}, not the "
+                 f"{_and([str(s) for _, s, _ in moved])} their names say (the training set has "
+                 f"{res.data.get('train_examples', '?')} examples)")
+    return text + "."
 
 
 def batch_sweep(res: Results, path: Path) -> Path | None:
-    """Figure 4 analog: test accuracy and eps-sharpness against the batch size, mean ± std over seeds."""
+    """Figure 4 analog: test accuracy and eps-sharpness against the batch each regime ran."""
     regimes = [r["name"] for r in res.study["regimes"] if _runs(res, r["name"])]
     if len(regimes) < 3:
         return None
-    regimes.sort(key=lambda n: res.regime(n).batch_size)
-    sizes = [res.regime(n).batch_size for n in regimes]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.5, 4.6))
-    for key, style, label in (("test", "-", "test"), ("train", "--", "train")):
-        _errorbar(ax1, sizes, [[100 * getattr(r, key).accuracy for r in _runs(res, n)] for n in regimes],
-                  color="tab:blue", ls=style, label=f"{label} accuracy")
+    batch = {n: _runs(res, n)[0].batch_size for n in regimes}
+    regimes.sort(key=lambda n: batch[n])
+    sizes = [batch[n] for n in regimes]
+    hollow = _unfitted(res, regimes)
+    n_seeds = _n_seeds(res)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.5, 4.9))
+    acc = [errorbar(ax1, sizes, [[100 * getattr(r, key).accuracy for r in _runs(res, n)] for n in regimes],
+                    hollow=hollow, color="tab:blue", ls=style, label=f"{label} accuracy")
+           for key, style, label in (("test", "-", "test"), ("train", "--", "train"))]
+    sharp = []
     for eps, style in zip(_eps_list(res), EPS_STYLES):
         rows = [[r.sharpness(eps) for r in _runs(res, n)] for n in regimes]
         if all(v is not None for row in rows for v in row):
-            _errorbar(ax2, sizes, rows, color="tab:red", ls=style, label=f"ε = {eps:g}")
-    for ax in (ax1, ax2):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [str(s) for s in sizes], fontsize=8)
-        ax.set_xlabel("batch size (log scale)")
+            sharp.append(errorbar(ax2, sizes, rows, log=True, hollow=hollow, color="tab:red", ls=style, label=f"ε = {eps:g}"))
+    extra = [unfitted_handle()] if any(hollow) else []
+    for ax, handles in ((ax1, acc), (ax2, sharp)):
+        ax.set_xlabel("batch size run (log scale)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(handles=handles + extra, fontsize=8)
     ax1.set_ylabel("accuracy (%)")
-    _plain_log(ax2)
+    plain_log(ax2)
     ax2.set_ylabel("ε-sharpness, full space (log scale)")
-    fig.suptitle(f"{res.study['name']}: accuracy and sharpness against batch size ({_seeds(res)})", fontsize=11)
-    fig.subplots_adjust(bottom=0.22, wspace=0.28)
-    base = res.study["train"]["epochs"]
-    longer = [f"{n}: {r.epochs} epochs, {r.steps} updates" for n in regimes
-              for r in _runs(res, n)[:1] if r.epochs != base]
-    _protocol_note(fig, f"Each batch size trained {base} epochs" + (f" ({'; '.join(longer)})" if longer else "")
-                        + " from the same x0 per seed; error bars: ±1 std over seeds; sharpness on the training set, "
-                        "as Tables 3-4.")
+    epochs = Counter(r.epochs for r in res.runs).most_common(1)[0][0]
+    fig.suptitle(f"{res.study['name']}: accuracy and sharpness against the batch size ({_seeds(res)}, {epochs} epochs)",
+                 fontsize=11)
+    fig.subplots_adjust(bottom=0.3, wspace=0.28)
+    for ax in (ax1, ax2):
+        batch_ticks(ax, sizes)
+    longer = [f"{n}: {r.epochs} epochs, {r.steps} updates" for n in regimes for r in _runs(res, n)[:1] if r.epochs != epochs]
+    moved = renamed(res)
+    _protocol_note(fig, f"Each batch size trained {epochs} epochs" + (f" ({'; '.join(longer)})" if longer else "")
+                        + " from the same x0 per seed; x: the batch each regime ran"
+                        + (f" ({'; '.join(f'{n} ran {b}' for n, _, b in moved)}: the training set has "
+                           f"{res.data.get('train_examples', '?')} examples)" if moved else "")
+                        + "; sharpness on the training set, as Tables 3-4. "
+                        + spread_note(n_seeds, ("accuracy", False), ("sharpness", True))
+                        + ("; hollow: did not fit the training set (< 99%)" if extra else "") + ".")
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
 
 
+def _num(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def steepest_fall(ks, centers) -> tuple[float, float, float, float, float] | None:
+    """``(k_a, k_b, value at k_a, value at k_b, factor per epoch of k)`` for the consecutive k between which
+    the sharpness falls fastest per epoch of k (k unevenly spaced); None where it never falls."""
+    steps = [((centers[i + 1] / centers[i]) ** (1 / (ks[i + 1] - ks[i])), i) for i in range(len(ks) - 1)
+             if ks[i + 1] > ks[i] and centers[i] > 0 and centers[i + 1] > 0]
+    if not steps or min(steps)[0] >= 1:
+        return None
+    f, i = min(steps)
+    return ks[i], ks[i + 1], centers[i], centers[i + 1], f
+
+
 def warm_start(res: Results, out: Path, path: Path) -> Path | None:
     """Figure 5 analog: LB solutions started from the SB iterate after k epochs, against k."""
-    starts = [(r["name"], r["init_from"]) for r in res.study["regimes"] if r.get("init_from")]
-    starts = [(n, i) for n, i in starts if _runs(res, n)]
+    starts = []
+    for r in res.study["regimes"]:
+        runs = _runs(res, r["name"]) if r.get("init_from") else []
+        if runs:
+            starts.append((r["name"], (runs[0].init_from or r["init_from"])["epoch"]))
     if not starts:
         return None
-    starts.sort(key=lambda s: s[1]["epoch"])
-    ks = [i["epoch"] for _, i in starts]
-    src = starts[0][1]["regime"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.5, 4.6))
-    _errorbar(ax1, ks, [[100 * r.test.accuracy for r in _runs(res, n)] for n, _ in starts],
-              color="tab:red", label="LB solution started at the SB iterate")
+    starts.sort(key=lambda s: s[1])
+    names, ks = [n for n, _ in starts], [k for _, k in starts]
+    src = next(r["init_from"]["regime"] for r in res.study["regimes"] if r["name"] == names[0])
+    hollow = _unfitted(res, names)
+    n_seeds = _n_seeds(res)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.5, 4.9))
+    acc = [errorbar(ax1, ks, [[100 * r.test.accuracy for r in _runs(res, n)] for n in names], hollow=hollow,
+                    color="tab:red", label="LB solution started at the SB iterate")]
+    sb_hollow = []
     hists = [{h["epoch"]: h for h in read_history(out / Path(r.history).parent)} for r in _runs(res, src)]
-    sb_k = [k for k in ks if hists and all("test_accuracy" in h.get(k, {}) for h in hists)]  # k = 0 has no row
+    sb_k = sorted({k for k in ks if hists and all("test_accuracy" in h.get(k, {}) for h in hists)})  # k = 0: no row
     if sb_k:
-        _errorbar(ax1, sb_k, [[100 * h[k]["test_accuracy"] for h in hists] for k in sb_k],
-                  color="tab:blue", ls="--", label=f"the {src} iterate itself")
+        sb_hollow = [did_not_fit([h[k].get("train_accuracy") for h in hists]) for k in sb_k]
+        acc.append(errorbar(ax1, sb_k, [[100 * h[k]["test_accuracy"] for h in hists] for k in sb_k], color="tab:blue",
+                            hollow=sb_hollow, ls="--", label=f"the {src} iterate itself (its test accuracy at k)"))
+    sharp, drop = [], None
     for eps, style in zip(_eps_list(res), EPS_STYLES):
-        rows = [[r.sharpness(eps) for r in _runs(res, n)] for n, _ in starts]
+        rows = [[r.sharpness(eps) for r in _runs(res, n)] for n in names]
         if all(v is not None for row in rows for v in row):
-            _errorbar(ax2, ks, rows, color="tab:red", ls=style, label=f"LB solution, ε = {eps:g}")
+            sharp.append(errorbar(ax2, ks, rows, log=True, hollow=hollow, color="tab:red", ls=style,
+                                  label=f"LB solution, ε = {eps:g}"))
+            drop = drop or ((eps,) + d if (d := steepest_fall(ks, list(spreads(rows, log=True)[0]))) else None)
+    extra = [unfitted_handle()] if any(hollow) or any(sb_hollow) else []
     ax1.set_ylabel("test accuracy (%)")
     ax2.set_ylabel("ε-sharpness, full space (log scale)")
-    _plain_log(ax2)
-    for ax in (ax1, ax2):
+    plain_log(ax2)
+    for ax, handles, more in ((ax1, acc, extra), (ax2, sharp, extra if any(hollow) else [])):
         ax.set_xlabel(f"epochs of {src} training before switching to the large batch (k)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{res.study['name']}: warm-starting the large batch from the small-batch iterate", fontsize=11)
-    fig.subplots_adjust(bottom=0.22, wspace=0.28)
-    _protocol_note(fig, "Each LB run trains its full epoch budget from the SB iterate after k epochs (fresh optimizer); "
-                        "error bars ±1 std over seeds; sharpness on the training set.")
+        ax.legend(handles=handles + more, fontsize=8)
+    fig.suptitle(f"{res.study['name']}: warm-starting the large batch from the small-batch iterate "
+                 f"({_seeds(res)}, k = {', '.join(map(str, sorted(set(ks))))})", fontsize=11)
+    fig.subplots_adjust(bottom=0.24, wspace=0.28)
+    for ax in (ax1, ax2):
+        value_ticks(ax, ks)
+    lb_epochs = Counter(r.epochs for n in names for r in _runs(res, n)).most_common(1)[0][0]
+    _protocol_note(fig, f"Each LB run trains {lb_epochs} epochs from the {src} iterate after k epochs (fresh optimizer); "
+                        f"sharpness on the training set. {spread_note(n_seeds, ('accuracy', False), ('sharpness', True))}"
+                        + ("; hollow: did not fit the training set (< 99%)" if extra else "")
+                        + (f". Steepest fall (ε = {drop[0]:g}): from k = {drop[1]} to k = {drop[2]}, {_num(drop[3])} to "
+                           f"{_num(drop[4])} (×{drop[5]:.2f} per epoch of k)" if drop else "") + ".")
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
@@ -127,20 +212,18 @@ def trajectory(res: Results, path: Path) -> Path | None:
         if not trajs:
             continue
         n = min(len(t) for t in trajs)
-        loss = np.exp(np.mean([[np.log(p["train_loss"]) for p in t[:n]] for t in trajs], axis=0))
+        loss = spreads(np.array([[p["train_loss"] for p in t[:n]] for t in trajs]).T, log=True)[0]
         for eps, style in zip(trajs[0][0]["sharpness"], EPS_STYLES):
-            logs = np.array([[np.log(max(p["sharpness"][eps], 1e-12)) for p in t[:n]] for t in trajs])
-            mean = logs.mean(axis=0)
-            ax.plot(loss, np.exp(mean), style, color=color, marker="o", ms=3.5, label=f"{regime}, ε = {eps}")
+            center, lo, hi = spreads(np.array([[p["sharpness"][eps] for p in t[:n]] for t in trajs]).T, log=True)
+            ax.plot(loss, center, style, color=color, marker="o", ms=3.5, label=f"{regime}, ε = {eps}")
             if len(trajs) > 1:
-                spread = logs.std(axis=0, ddof=1)
-                ax.fill_between(loss, np.exp(mean - spread), np.exp(mean + spread), color=color, alpha=0.12, lw=0)
+                ax.fill_between(loss, lo, hi, color=color, alpha=0.12, lw=0)
         drawn = True
     if not drawn:
         plt.close(fig)
         return None
-    _plain_log(ax, "x")
-    _plain_log(ax, "y")
+    plain_log(ax, "x")
+    plain_log(ax, "y")
     ax.invert_xaxis()  # training goes left to right: the loss falls
     ax.set_xlabel("training cross-entropy (log scale, decreasing: training proceeds to the right)")
     ax.set_ylabel("ε-sharpness, full space (log scale)")
@@ -150,8 +233,8 @@ def trajectory(res: Results, path: Path) -> Path | None:
     epochs = [p["epoch"] for p in next(r.trajectory for r in res.runs if r.trajectory)]
     fig.subplots_adjust(bottom=0.2)
     _protocol_note(fig, f"Measured at epochs {', '.join(map(str, epochs))}; each point the geometric mean over seeds "
-                        "of the training loss and of the sharpness at that epoch; band: ×/÷ one geometric standard deviation of the "
-                        "sharpness over seeds.")
+                        f"of the training loss and of the sharpness at that epoch. "
+                        f"{spread_note(_n_seeds(res), ('sharpness', True), kind='band')}.")
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
@@ -225,8 +308,9 @@ def remedies_table(res: Results) -> list[str]:
 
 
 def remedies(res: Results, path: Path) -> Path | None:
-    """Each method's test accuracy against its eps-sharpness (mean ± std over seeds): does a remedy that
-    closes the gap also find a flatter minimum? The SB and LB baselines' accuracies as lines."""
+    """Each method's test accuracy against its eps-sharpness: does a remedy that closes the gap also find
+    a flatter minimum? Sharpness as a geometric mean ×/÷ one geometric std (log axis), accuracy mean ± std;
+    names set beside their points without overlap; hollow: did not fit the training set."""
     comp = res.comparison
     sb, lb = (comp.small, comp.large) if comp else (None, None)
     eps = _eps_list(res)[0] if _eps_list(res) else None
@@ -234,32 +318,54 @@ def remedies(res: Results, path: Path) -> Path | None:
         return None
     points = []
     for r in res.study["regimes"]:
-        rows = [(run.sharpness(eps), run.test.accuracy) for run in _runs(res, r["name"])]
-        rows = [(x, y) for x, y in rows if x is not None]
+        rows = [(run.sharpness(eps), run.test.accuracy, run.train.accuracy) for run in _runs(res, r["name"])]
+        rows = [row for row in rows if row[0] is not None]
         if rows:
             points.append((r["name"], np.asarray(rows, dtype=float)))
     if len(points) < 2:
         return None
-    fig, ax = plt.subplots(figsize=(8.4, 5.6))
-    cmap = plt.get_cmap("tab20")
-    for i, (name, rows) in enumerate(points):
-        x, y = rows[:, 0], 100 * rows[:, 1]
-        sd = (lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
-        color = "black" if name in (sb, lb) else cmap(i % 20)
-        ax.errorbar(x.mean(), y.mean(), xerr=sd(x), yerr=sd(y), fmt="s" if name in (sb, lb) else "o",
-                    color=color, ms=6, capsize=3, label=name)
-        ax.annotate(name, (x.mean(), y.mean()), textcoords="offset points", xytext=(5, 4), fontsize=7, color=color)
+    n_seeds = _n_seeds(res)
+    fig, ax = plt.subplots(figsize=(10.4, 5.8))
+    fig.subplots_adjust(left=0.08, right=0.74, top=0.92, bottom=0.2)
+    palette = [plt.get_cmap("tab10")(i) for i in range(10)] + ["darkslategray", "darkgoldenrod", "navy", "olive"]
+    xy, names, colors, lows, highs, hollows, bars = [], [], [], [], [], [], []
+    for name, rows in points:
+        base = name in (sb, lb)
+        color = "black" if base else palette[sum(c != "black" for c in colors) % len(palette)]
+        x, xlo, xhi = geometric_stats(rows[:, 0])
+        y, ylo, yhi = arithmetic_stats(100 * rows[:, 1])
+        hollow = did_not_fit(rows[:, 2])
+        ax.errorbar([x], [y], xerr=[[x - xlo], [xhi - x]], yerr=[[y - ylo], [yhi - y]], fmt="none", ecolor=color,
+                    elinewidth=1.1, capsize=3, alpha=0.8)
+        ax.plot([x], [y], "s" if base else "o", color=color, ms=7 if base else 6, mfc="white" if hollow else color,
+                mew=1.6, zorder=3)
+        for seq, v in ((xy, (x, y)), (names, name), (colors, color), (hollows, hollow), (lows, xlo), (highs, xhi)):
+            seq.append(v)
+        bars += [((xlo, y), (xhi, y)), ((x, ylo), (x, yhi))]
     for name, style in ((sb, "-"), (lb, "--")):
-        ax.axhline(100 * res.regime(name).test_accuracy.mean, color="grey", ls=style, lw=1,
-                   label=f"{name} test accuracy")
-    _plain_log(ax, "x")
+        ax.axhline(100 * res.regime(name).test_accuracy.mean, color="grey", ls=style, lw=1, zorder=1)
+    plain_log(ax, "x")
+    lo, hi = min(lows), max(highs)
+    ax.set_xlim(lo / (hi / lo) ** 0.08, hi * (hi / lo) ** 0.12)
+    ylo, yhi = ax.get_ylim()
+    ax.set_ylim(ylo - 0.04 * (yhi - ylo), yhi + 0.06 * (yhi - ylo))
     ax.set_xlabel(f"ε-sharpness, ε = {eps:g}, full space (log scale)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{res.study['name']}: does closing the gap find a flatter minimum? (mean ± std, {_seeds(res)})",
-                 fontsize=10)
+    ax.set_title(f"{res.study['name']}: does closing the gap find a flatter minimum? ({_seeds(res)})", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2, loc="best")
-    fig.tight_layout()
+    handles = [Line2D([], [], color="grey", ls="-", lw=1, label=f"{sb} test accuracy"),
+               Line2D([], [], color="grey", ls="--", lw=1, label=f"{lb} test accuracy"),
+               Line2D([], [], ls="none", marker="s", color="black", ms=7, label=f"baselines ({sb}, {lb})"),
+               Line2D([], [], ls="none", marker="o", color="tab:blue", ms=6, label="remedies (LB batch)")]
+    if any(hollows):
+        handles.append(unfitted_handle())
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    place_labels(ax, xy, names, colors, segments=bars)
+    bars_note = spread_note(n_seeds, ("sharpness (x)", True), ("test accuracy (y)", False))
+    _protocol_note(fig, f"Each point one regime; sharpness on the training set. {bars_note}; grey lines: the {sb} and "
+                        f"{lb} mean test accuracy" + ("; hollow: mean training accuracy below 99% (not fitted: a gap "
+                                                      "against it is partly one of optimization)" if any(hollows) else "")
+                        + ".")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -276,15 +382,18 @@ def noise_scale(res: Results, path: Path) -> Path | None:
             continue
         n = min(len(t) for t in trajs)
         epochs = [p["epoch"] for p in trajs[0][:n]]
-        rows = np.asarray([[p["noise_scale"] for p in t[:n]] for t in trajs], dtype=float).T
-        _errorbar(ax, epochs, rows, color=color, label=f"{regime}: B_simple at its iterates")
+        rows = np.asarray([[p["noise_scale"] if p["noise_scale"] is not None else np.nan for p in t[:n]]
+                           for t in trajs], dtype=float).T
+        errorbar(ax, epochs, rows, log=True, color=color)
+        ax.plot([], [], "-o", ms=4, color=color, label=f"{regime}: B_simple at its iterates")
         batch = res.regime(regime).batch_size
         ax.axhline(batch, color=color, ls=":", lw=1.2, label=f"{regime}: its batch size ({batch})")
         drawn = True
     if not drawn:
         plt.close(fig)
         return None
-    _plain_log(ax)
+    plain_log(ax)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("gradient noise scale B_simple = tr(Σ)/|G|² (log scale)")
     ax.set_title(f"{res.study['name']}: the batch size beyond which large batches stop paying ({_seeds(res)})", fontsize=10)
@@ -292,7 +401,7 @@ def noise_scale(res: Results, path: Path) -> Path | None:
     ax.legend(fontsize=8)
     fig.subplots_adjust(bottom=0.2)
     _protocol_note(fig, "McCandlish et al. 2018: from batches of 32 and the full training gradient, finite-population "
-                        "corrected; error bars ±1 std over seeds.")
+                        f"corrected. {spread_note(_n_seeds(res), ('B_simple', True))}.")
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
