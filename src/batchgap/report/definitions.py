@@ -49,8 +49,8 @@ def definitions(res: Results) -> list[str]:
                    f"{n['method']}; BatchNorm: {n['bn_description']}.")
     if c := g.get("curves"):
         out.append(f"- **Loss curves**: f(x + α d) along {c['protocol']['directions']} filter-normalized random "
-                   "directions d per run (Li et al. 2018), α in units of the filters' norms; bands in the figures: "
-                   "the curves' mean ± one standard deviation over seeds and directions, as each caption says.")
+                   "directions d per run (Li et al. 2018), α in units of the filters' norms; the figure draws the "
+                   "geometric mean of all curves of a regime and, as its band, their range (min-max).")
     out.append("- **Over seeds**: tables give mean ± sample standard deviation (± n/a for one seed); each LB/SB ratio "
                "comes with a 95% percentile-bootstrap interval over seeds, paired by seed (the SB and LB runs of a seed "
                "share x0); the gap with Welch's t interval and test.")

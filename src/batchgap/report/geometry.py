@@ -25,6 +25,15 @@ def _ratio(res: Results, measure: str, eps: float | None = None, subspace_dim: i
     return res.comparison.ratio(measure, eps=eps, subspace_dim=subspace_dim) if res.comparison else None
 
 
+def _cell(res: Results, measure: str, eps: float | None = None, dim: int | None = None) -> str:
+    """An LB/SB table cell: ``52.9× [48, 58.3]``; ``n/a`` without a ratio."""
+    r = res.comparison.ratio_of(measure, eps, dim) if res.comparison else None
+    if r is None or not r.value:
+        return "n/a"
+    iv = r.interval
+    return f"{r.value:.3g}×" + (f" [{iv.lo:.3g}, {iv.hi:.3g}]" if iv and iv.lo is not None else " (one seed)")
+
+
 def _paper(paper: list, eps: float, subspace_dim: int | None) -> tuple[str, str]:
     """The paper's SB and LB values at one setting, from a study's ``[[paper.sharpness]]`` tables."""
     row = next((p for p in paper if p["eps"] == eps and p.get("subspace_dim") == subspace_dim), None)
@@ -41,12 +50,12 @@ def sharpness_table(res: Results) -> list[str]:
     settings = [(e.eps, e.subspace_dim) for e in regimes[0].sharpness]
     paper_all = res.study.get("paper", {})
     paper = paper_all.get("sharpness", [])
-    head = "| measure | " + " | ".join(row.name for row in regimes) + " | LB/SB |" + (" paper SB | paper LB |" if paper else "")
+    head = ("| measure | " + " | ".join(row.name for row in regimes) + " | LB/SB (95% interval over seeds) |"
+            + (" paper SB | paper LB |" if paper else ""))
     lines = [head, "|" + "---|" * (len(regimes) + 2 + (2 if paper else 0))]
     for eps, dim in settings:
-        ratio = _ratio(res, "sharpness", eps, dim)
         row = f"| ε-sharpness, {space_label(eps, dim)} | " + " | ".join(_pm(r.sharp(eps, dim)) for r in regimes)
-        row += f" | {ratio:.3g}× |" if ratio else " | n/a |"
+        row += f" | {_cell(res, 'sharpness', eps, dim)} |"
         if paper:
             sb, lb = _paper(paper, eps, dim)
             row += f" {sb} | {lb} |"
@@ -94,10 +103,10 @@ def hessian_table(res: Results) -> list[str]:
     if not rows:
         return []
     regimes = [row for row in res.summary if getattr(row, rows[0][1]) is not None]
-    lines = ["| measure | " + " | ".join(row.name for row in regimes) + " | LB/SB |", "|" + "---|" * (len(regimes) + 2)]
+    lines = ["| measure | " + " | ".join(row.name for row in regimes) + " | LB/SB (95% interval over seeds) |",
+             "|" + "---|" * (len(regimes) + 2)]
     for label, key, _ in rows:
-        ratio = _ratio(res, key)
-        lines.append(f"| {label} | " + " | ".join(_pm(getattr(row, key)) for row in regimes) + (f" | {ratio:.3g}× |" if ratio else " | n/a |"))
+        lines.append(f"| {label} | " + " | ".join(_pm(getattr(row, key)) for row in regimes) + f" | {_cell(res, key)} |")
     notes = []
     if "hessian_eigenvalues" in geo:
         e = geo["hessian_eigenvalues"]
