@@ -180,7 +180,7 @@ def test_a_data_parallel_study_is_written_by_rank_0_alone(spawned):
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".lock")]
 
 
-def test_nproc_launches_torchrun_and_finishes_the_study(tmp_path, mnist1d_dir):
+def test_nproc_launches_torchrun_and_finishes_the_study(tmp_path, mnist1d_dir, monkeypatch, capsys):
     out = tmp_path / "out"
     sets = [a for s in STUDY for a in ("--set", s)]
     env = {**os.environ, "BATCHGAP_DATA": str(mnist1d_dir), "OMP_NUM_THREADS": "1"}
@@ -213,3 +213,8 @@ def test_bad_nproc_is_one_line_before_anything_is_launched(argv, needle, tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err
     assert not (tmp_path / "out").exists()
+    # ... so a single-process run into that directory is refused (one study per directory, issue 19)
+    from batchgap.cli import main
+    monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
+    assert main(["run", "default", "--out", str(out), "--no-report", *sets]) == 2
+    assert "trained on 2 data-parallel worker(s) there, 1 now" in capsys.readouterr().err

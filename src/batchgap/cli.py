@@ -156,7 +156,7 @@ def _cmd_run(args) -> int:
         # the input is checked here (one line, not N tracebacks), then the command runs under torchrun
         _, runs = check_study(cfg, args.data_dir, args.download, world_size=args.nproc, device=device)
         check_free(out, shard, config_hash([r.id for r in runs]))
-        check_one_study(Output(out), cfg, args.force)
+        check_one_study(Output(out), cfg, args.force, args.nproc)
         return distributed.launch(args.argv, args.nproc)
     device, launcher = distributed.start_worker(device)
     if launcher and command:

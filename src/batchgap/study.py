@@ -272,12 +272,16 @@ def check_study(cfg: StudyConfig, data_dir=None, download: bool = False, world_s
     return ds, plan(cfg, len(ds.train), world_size, (device or torch.device("cpu")).type, user)
 
 
-def check_one_study(out: Output, cfg: StudyConfig, force: bool = False) -> None:
-    """Refuse to run ``cfg`` into an output directory that holds another study (see :func:`run_study`)."""
+def check_one_study(out: Output, cfg: StudyConfig, force: bool = False, world_size: int = 1) -> None:
+    """Refuse to run ``cfg`` into an output directory that holds another study (see :func:`run_study`), or
+    this one on another number of data-parallel workers (its runs would be other runs)."""
     if not out.study.exists():
         return
     before = read_json(out.study)
     why = "its study.json is unreadable" if before is None else other_study(before, cfg.to_dict())
+    planned = (read_json(out.plan) or {}).get("world_size", world_size)
+    if not why and planned != world_size:
+        why = f"trained on {planned} data-parallel worker(s) there, {world_size} now"
     if why and not force:
         raise UserError(f"{out.path} holds another study ({why}); one output directory holds one study: "
                         "use another --out, or --force to make this directory the new study's")
@@ -337,7 +341,7 @@ def run_study(
         def take() -> None:
             out.check()
             sharding.take(held, out.path, shard, key)
-            check_one_study(out, cfg, force)
+            check_one_study(out, cfg, force, world)
             if shard is None:
                 remove_temp_files(out.path, ("results.json", "report.md"))  # ours alone: left by a killed run
         distributed.agree(take)
