@@ -195,6 +195,11 @@ def test_nproc_launches_torchrun_and_finishes_the_study(tmp_path, mnist1d_dir, m
     # the run ids hold the number of workers: a single-process run of the same study makes new runs
     plan = json.loads((out / "plan.json").read_text())
     assert plan["world_size"] == 2 and [r["id"] for r in plan["runs"]] == [r["id"] for r in doc["runs"]]
+    # ... so a single-process run into that directory is refused (one study per directory, issue 19)
+    from batchgap.cli import main
+    monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
+    assert main(["run", "default", "--out", str(out), "--no-report", *sets]) == 2
+    assert "trained on 2 data-parallel worker(s) there, 1 now" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -213,8 +218,3 @@ def test_bad_nproc_is_one_line_before_anything_is_launched(argv, needle, tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err
     assert not (tmp_path / "out").exists()
-    # ... so a single-process run into that directory is refused (one study per directory, issue 19)
-    from batchgap.cli import main
-    monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
-    assert main(["run", "default", "--out", str(out), "--no-report", *sets]) == 2
-    assert "trained on 2 data-parallel worker(s) there, 1 now" in capsys.readouterr().err

@@ -428,7 +428,9 @@ def test_ctrl_c_under_jobs_stops_the_workers_at_once(tmp_path, mnist1d_dir):
     args = [sys.executable, "-m", "batchgap", "run", "default", "--out", str(out), "--jobs", "2", "--no-report",
             *SMALL, "--set", "train.epochs=400"]
     env = {**__import__("os").environ, "BATCHGAP_DATA": str(mnist1d_dir)}
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    # a shell's background job inherits SIGINT ignored, and Python then keeps it ignored: restore the default
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+                            preexec_fn=lambda: sig.signal(sig.SIGINT, sig.SIG_DFL))
     try:
         for line in proc.stderr:
             if "worker processes" in line:
