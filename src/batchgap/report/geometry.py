@@ -158,7 +158,8 @@ def reading(res: Results) -> list[str]:
     if not ratios or not comp.small:
         return []
     sb, lb = comp.small, comp.large
-    out = [_fitted_caveat(res, (sb, lb)).strip()] if _fitted_caveat(res, (sb, lb)) else []
+    caveat = _fitted_caveat(res, (sb, lb)).strip()
+    out = [caveat] if caveat else []
     sharp = [r for r in ratios if r.measure == "sharpness"]
     full = [r for r in sharp if r.subspace_dim is None]
     main = next((r for r in full if r.eps == 0.001), full[0] if full else None)
