@@ -18,17 +18,22 @@ from .data import Dataset, TensorData, load_dataset
 from .errors import UserError
 from .landscape import (
     adaptive_sharpness,
+    average_sharpness,
     distance,
     eps_sharpness,
     evaluate,
     exact_gradient_noise_scale,
     filter_normalized_direction,
     gradient_noise_scale,
+    hessian_density,
     hessian_eigenvalues,
     hessian_trace,
     interpolate,
     loss_curve,
     loss_surface,
+    norm_measures,
+    pac_bayes_flatness,
+    worst_case_flatness,
 )
 from .models import build_model, init_model
 from .study import run_study
@@ -46,7 +51,8 @@ def write_report(out):
 
 __all__ = [
     "Dataset", "StudyConfig", "TensorData", "TrainConfig", "UserError", "__version__",
-    "adaptive_sharpness", "build_model", "distance", "eps_sharpness", "evaluate", "exact_gradient_noise_scale",
-    "filter_normalized_direction", "gradient_noise_scale", "hessian_eigenvalues", "hessian_trace", "init_model",
-    "interpolate", "load_dataset", "load_study", "loss_curve", "loss_surface", "run_study", "write_report",
+    "adaptive_sharpness", "average_sharpness", "build_model", "distance", "eps_sharpness", "evaluate", "exact_gradient_noise_scale",
+    "filter_normalized_direction", "gradient_noise_scale", "hessian_density", "hessian_eigenvalues", "hessian_trace", "init_model",
+    "interpolate", "load_dataset", "load_study", "loss_curve", "loss_surface", "norm_measures", "pac_bayes_flatness",
+    "run_study", "worst_case_flatness", "write_report",
 ]

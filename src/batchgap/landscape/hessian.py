@@ -12,6 +12,8 @@ centre). Dropout is off. The model is restored bit for bit.
   reorthogonalization from a seeded start vector; stops when every wanted Ritz pair's residual
   estimate ``beta_j |s_{j,i}|`` is at most ``tol * |theta_i|``, or after ``max_hvp`` steps. The
   returned residuals ``||H v - lambda v||`` are then computed with k extra HVPs, not estimated.
+* :func:`lanczos_block`: the engine, K independent Lanczos chains with one operator call per step on
+  the block of K vectors; :func:`lanczos_top` (one chain) and :mod:`density` use it.
 * :func:`hessian_trace`: Hutchinson with Rademacher probes, tr = mean(z^T H z), with the standard
   error over probes and a Student-t interval; or Hutch++ (Meyer et al. 2021), see its docstring.
 """
@@ -72,41 +74,102 @@ def _protocol(model, F: FullDataLoss, bn, bn_data, batch_size, params, loss_fn) 
                 loss_fn=loss_fn_name(loss_fn))
 
 
+@dataclass
+class LanczosChains:
+    """What :func:`lanczos_block` returns, per chain k: ``alphas[k]`` (m_k,) the diagonal of T_k,
+    ``betas[k]`` (m_k,) the off-diagonal (the last entry is the residual norm after step m_k, not in
+    T_k), ``bases[k]`` (m_k, N) the orthonormal Lanczos vectors (None unless asked), and ``hvps`` the
+    operator rows applied (sum of m_k)."""
+
+    alphas: list
+    betas: list
+    bases: list | None
+    hvps: int
+
+    def tridiagonal(self, k: int) -> np.ndarray:
+        a, b = self.alphas[k], self.betas[k][:-1]
+        return np.diag(a) + np.diag(b, 1) + np.diag(b, -1)
+
+
+def lanczos_block(matvec, V0: torch.Tensor, steps: int, keep_basis: bool = False, stop=None,
+                  breakdown: float = 0.0) -> LanczosChains:
+    """K independent Lanczos recurrences with full reorthogonalization, one per row of ``V0`` (K, N).
+
+    Each step calls ``matvec`` ONCE on the (k, N) block of the chains still running (rows in chain
+    order; all K until one stops), so an operator that shares work among vectors
+    (:meth:`functional.FullDataLoss.hvp`) pays it once per step for all chains. The chains never mix:
+    each is reorthogonalized (twice) against its own basis only, and gives the same numbers as run
+    alone. Chain k stops after step j when j + 1 == ``steps`` (capped at N), when its beta_j is at most
+    ``breakdown`` times the largest |alpha|, beta it has seen (an invariant Krylov subspace: T_k is then
+    exact), or when ``stop(alphas, betas)`` (its own coefficient lists) says so. Memory: the bases,
+    K (steps + 1) N float64, allocated at once; with ``stop`` they grow by doubling instead, so memory
+    follows the steps taken. All float64.
+    """
+    K, N = V0.shape
+    steps = min(steps, N)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    cap = steps if stop is None else min(steps, 16)  # with ``stop`` grown by doubling: steps taken only
+    Q = torch.zeros(K, cap + 1, N, dtype=torch.float64, device=V0.device)
+    Q[:, 0] = V0 / V0.norm(dim=1, keepdim=True)
+    alphas, betas = [[] for _ in range(K)], [[] for _ in range(K)]
+    scale = [0.0] * K
+    active, hvps = list(range(K)), 0
+    for j in range(steps):
+        if j + 1 >= Q.shape[1]:
+            more = min(Q.shape[1], steps + 1 - Q.shape[1])
+            Q = torch.cat([Q, torch.zeros(K, more, N, dtype=Q.dtype, device=Q.device)], dim=1)
+        W = matvec(Q[active, j])
+        hvps += len(active)
+        still = []
+        for i, k in enumerate(active):
+            w = W[i]
+            alphas[k].append(float(Q[k, j] @ w))
+            basis = Q[k, : j + 1]
+            for _ in range(2):  # full reorthogonalization, twice is enough
+                w = w - basis.T @ (basis @ w)
+            betas[k].append(float(w.norm()))
+            scale[k] = max(scale[k], abs(alphas[k][-1]), betas[k][-1])
+            done = stop is not None and stop(alphas[k], betas[k])  # asked at every step, the last too
+            if done or j + 1 == steps or betas[k][-1] == 0 or betas[k][-1] <= breakdown * scale[k]:
+                continue
+            Q[k, j + 1] = w / betas[k][-1]
+            still.append(k)
+        active = still
+        if not active:
+            break
+    bases = [Q[k, : len(alphas[k])] for k in range(K)] if keep_basis else None
+    return LanczosChains([np.array(a) for a in alphas], [np.array(b) for b in betas], bases, hvps)
+
+
 def lanczos_top(matvec, v0: torch.Tensor, k: int, max_steps: int, tol: float):
     """Top-k Ritz pairs of a symmetric operator by Lanczos with full reorthogonalization.
 
+    One chain of :func:`lanczos_block` (``matvec`` maps an (N,) vector to H v); it stops when every
+    wanted Ritz pair's residual estimate ``beta_j |s_{j,i}|`` is at most ``tol * |theta_i|`` (checked
+    from step k on), on breakdown, or after ``max_steps``.
     Returns ``(values (k,), vectors (k, N), steps, converged)``; all float64.
     """
-    N = v0.numel()
-    max_steps = min(max_steps, N)
-    # the basis grows by doubling, so memory follows the steps taken, not max_steps
-    Q = torch.zeros(min(max_steps, 16) + 1, N, dtype=torch.float64, device=v0.device)
-    alpha, beta = [], []
-    Q[0] = v0 / v0.norm()
-    converged = False
-    for j in range(max_steps):
-        if j + 1 >= len(Q):
-            Q = torch.cat([Q, torch.zeros(min(len(Q), max_steps + 1 - len(Q)), N, dtype=Q.dtype, device=Q.device)])
-        w = matvec(Q[j])
-        alpha.append(float(Q[j] @ w))
-        for _ in range(2):  # full reorthogonalization, twice is enough
-            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-        beta.append(float(w.norm()))
+    state = {"converged": False}
+
+    def converged(alpha, beta):
         T = np.diag(alpha) + np.diag(beta[:-1], 1) + np.diag(beta[:-1], -1)
         theta, S = np.linalg.eigh(T)
         top = np.argsort(theta)[::-1][:k]
-        if j + 1 >= k:
+        if len(alpha) >= k:
             est = np.abs(beta[-1] * S[-1, top])
             scale = np.maximum(np.abs(theta[top]), np.finfo(float).tiny)
             if np.all(est <= tol * scale) or beta[-1] <= 1e-12 * max(np.abs(theta).max(), 1e-300):
-                converged = True
-                break
-        if beta[-1] == 0 or j + 1 == max_steps:
-            break
-        Q[j + 1] = w / beta[-1]
-    steps = len(alpha)
-    vectors = torch.as_tensor(S[:, top].T, dtype=torch.float64, device=v0.device) @ Q[:steps]
-    return theta[top], vectors, steps, converged
+                state["converged"] = True
+        return state["converged"]
+
+    chains = lanczos_block(lambda B: matvec(B[0])[None], v0.reshape(1, -1), max_steps, keep_basis=True,
+                           stop=converged)
+    theta, S = np.linalg.eigh(chains.tridiagonal(0))
+    top = np.argsort(theta)[::-1][:k]
+    Q = chains.bases[0]
+    vectors = torch.as_tensor(S[:, top].T, dtype=torch.float64, device=v0.device) @ Q
+    return theta[top], vectors, len(chains.alphas[0]), state["converged"]
 
 
 def hessian_eigenvalues(

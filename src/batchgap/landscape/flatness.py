@@ -1,0 +1,429 @@
+"""Flatness under random and worst-case perturbations (Jiang et al. 2019, "Fantastic generalization
+measures": PAC-Bayes flatness was among the best predictors of the generalization gap they found).
+
+L is the full-data, batch-weighted mean loss of :class:`functional.FullDataLoss` (``loss_fn``, default
+mean cross-entropy) as a function of the flat vector w of the measured parameters (``params``: ``"all"``
+trainable or ``"no-bn"``; the result's ``params_measured`` says which). Two noise families:
+
+* plain (``magnitude_aware=False``): u = sigma z, i.e. u ~ N(0, sigma^2 I);
+* magnitude-aware: u = sigma |w| z (elementwise), i.e. u_i ~ N(0, sigma^2 w_i^2); coordinates with
+  w_i = 0 do not move. w + u = w * (1 + sigma sign(w) z), so under a ReLU rescaling of a network without
+  BN (w1 -> c w1, b1 -> c b1, w2 -> w2 / c, c > 0) every perturbed network computes the same function
+  as before the rescaling, for the same z: the magnitude-aware measures are invariant to it (up to float
+  rounding); the plain ones are not.
+
+z_1..z_M ~ N(0, I) are ONE draw, ``Z = torch.randn(M, N, generator=torch.Generator().manual_seed(seed),
+dtype=<the parameters' dtype>)`` on the CPU (row j is z_j, N the number of measured entries, in
+``params.flat`` order), moved to the parameters' device; Z is held in memory (M x N entries) for the
+whole measurement.
+
+* :func:`average_sharpness`:  E_u[L(w + u)] - L(w), estimated by (1/M) sum_j L(w + u_j) - L(w), with
+  the Student-t interval over the M draws (stderr = std(ddof=1) / sqrt(M)), and ``relative`` =
+  value / (1 + L(w)) * 100 on Keskar's scale.
+* :func:`pac_bayes_flatness`: the largest sigma with E_u[L(w + u)] - L(w) <= delta, reported as
+  1 / sigma^2 (Jiang et al.'s "pacbayes.flatness" and, magnitude-aware, "pacbayes.mag.flatness";
+  larger = sharper). With common random numbers (the same z_j at every sigma) the estimate
+  g(sigma) = (1/M) sum_j L(w + sigma s z_j) - L(w) (s = 1 or |w|) is a deterministic, continuous
+  function of sigma. Search: g at a start sigma (default the geometric mean of ``sigma_range``), then
+  steps toward the crossing the local power law g ~ sigma^2 predicts (at most 4x each), clipped to
+  ``sigma_range``, until g crosses delta; then log-log interpolation of the bracket, safeguarded by
+  bisection in log sigma, until hi / lo <= 1 + rtol (:func:`_crossing`). Reported
+  sigma = lo, the largest sigma tried with g <= delta, and hi, the smallest tried above it. A
+  non-finite g (the loss overflowed) counts as above delta. If g is not monotone in sigma the bracket
+  holds one crossing, not necessarily the first: ``monotone`` says whether g was nondecreasing over
+  the sigmas tried. When g does not cross delta inside ``sigma_range`` (above delta already at the
+  smallest sigma, or at most delta at the largest), ``bracketed`` is False, ``value`` and ``sigma``
+  are None and ``reason`` says which; never a made-up number.
+* :func:`worst_case_flatness`: the largest alpha with max_{|u_i| <= alpha} L(w + u) - L(w) <= delta
+  (magnitude-aware: |u_i| <= alpha |w_i|, solved in u = delta / |w| as :mod:`adaptive` does), each
+  maximum by :func:`boxmax.maximize_in_box` (``max_iter`` iterations, at most ``max_fun`` full-data
+  function+gradient evaluations each), the same bracketing and bisection in log alpha over
+  ``alpha_range``; ``value`` = 1 / alpha^2 (Jiang et al.'s "sharpness.flatness" /
+  "sharpness.mag.flatness"). The solver's maximum is a lower bound on the true maximum, so the
+  reported alpha is an UPPER estimate of the true largest alpha (and 1 / alpha^2 a lower estimate of
+  the flatness value); its maxima need not be monotone in alpha though the true ones are (the boxes
+  are nested). ``capped_solves`` counts the solves the evaluation cap ended.
+
+Evaluation: the M perturbed points at one sigma are one call of
+:meth:`functional.FullDataLoss.values_at_rows` (each data batch read once, ``vmap`` over ``chunk``
+points at a time; ``chunk=1`` one point at a time, the default on the CPU); each point costs one forward pass over the data.
+L(w) is one more pass. Losses are accumulated in float64.
+
+BatchNorm: one protocol for the whole measurement (:func:`functional.session`): ``"eval"`` (running
+statistics, or batch statistics where the model does not track them), ``"batch"`` (each evaluation
+batch's statistics, no buffer updates), ``"recompute"`` (running statistics recomputed ONCE at w on
+``bn_data``, default ``data``, then held fixed for every perturbed point; perturbed points do not get
+their own statistics). Dropout is off. The model is restored bit for bit, also on error.
+
+Differences from Jiang et al.'s code, stated so numbers are not compared blindly: they search the
+deviation of the training ACCURACY (0.1), not of the loss; their magnitude-aware variance is
+sigma^2 w_i^2 + 1e-3^2 (every coordinate moves, so it is not exactly rescaling invariant); they draw
+fresh noise per sample (3 to 10 samples) and bisect sigma in a fixed range.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from .boxmax import SOLVER, START, BoxMax, default_max_fun, maximize_in_box
+from .functional import FullDataLoss, session
+from .hessian import _protocol
+from .protocol import Measured
+
+DRAW = ("Z = torch.randn(M, N, generator=torch.Generator().manual_seed(seed), dtype=parameter dtype) on the CPU, "
+        "row j = z_j")
+SEARCH = ("start sigma (default the geometric mean of the range), steps toward the crossing predicted by the power "
+          "law g ~ sigma^2 (at most 4x) until the estimate crosses delta, then log-log interpolation safeguarded by "
+          "bisection in log sigma until hi/lo <= 1 + rtol; reported: lo, the largest tried at or below delta; a "
+          "non-finite estimate counts as above delta")
+
+
+def _noise_words(magnitude_aware: bool) -> str:
+    if magnitude_aware:
+        return "u = sigma |w| z, u_i ~ N(0, sigma^2 w_i^2), z ~ N(0, I); coordinates with w_i = 0 fixed"
+    return "u = sigma z, u ~ N(0, sigma^2 I), z ~ N(0, I)"
+
+
+@dataclass(frozen=True)
+class AverageSharpnessResult(Measured):
+    value: float  # (1/M) sum_j L(w + u_j) - L(w), the Monte Carlo estimate of E_u[L(w + u)] - L(w)
+    params_measured: str
+    stderr: float  # std(samples, ddof=1) / sqrt(M)
+    ci_low: float  # Student-t interval, M - 1 degrees of freedom
+    ci_high: float
+    confidence: float
+    relative: float  # value / (1 + L(w)) * 100, Keskar's scale
+    sigma: float
+    magnitude_aware: bool
+    n_samples: int
+    f_x: float  # L(w)
+    samples: tuple  # L(w + u_j) - L(w), in draw order
+    seed: int
+    noise: str  # the noise in words
+    method: str
+
+
+@dataclass(frozen=True)
+class PacBayesResult(Measured):
+    value: float | None  # 1 / sigma^2; None when not bracketed
+    params_measured: str
+    sigma: float | None  # the largest sigma tried with g(sigma) <= delta (None when not bracketed)
+    sigma_hi: float | None  # the smallest sigma tried with g(sigma) > delta; sigma_hi / sigma <= 1 + rtol
+    bracketed: bool
+    reason: str | None  # why there is no value (None when bracketed)
+    delta: float
+    magnitude_aware: bool
+    g: float | None  # g(sigma): the mean rise over the M draws at the reported sigma
+    stderr: float | None  # its Monte Carlo standard error
+    ci_low: float | None  # Student-t interval of E_u[L(w + u)] - L(w) at the reported sigma
+    ci_high: float | None
+    confidence: float
+    samples: tuple | None  # L(w + u_j) - L(w) at the reported sigma, in draw order
+    f_x: float
+    n_samples: int
+    seed: int
+    rtol: float
+    sigma_range: tuple
+    sigma_start: float
+    sigmas: tuple  # every sigma tried, in order
+    g_values: tuple  # g at each of them
+    monotone: bool  # g nondecreasing over the sigmas tried, in increasing sigma
+    sigmas_tried: int
+    points_evaluated: int  # M per sigma tried, + 1 for L(w); each one forward pass over the data
+    data_passes: int  # passes reading the data: one per sigma tried + 1 for L(w) (BN recompute not counted)
+    noise: str
+    search: str
+    method: str
+
+
+@dataclass(frozen=True)
+class WorstCaseFlatnessResult(Measured):
+    value: float | None  # 1 / alpha^2; None when not bracketed
+    params_measured: str
+    alpha: float | None  # the largest alpha tried whose box maximum rose by <= delta (an upper estimate)
+    alpha_hi: float | None  # the smallest alpha tried whose box maximum rose by > delta
+    bracketed: bool
+    reason: str | None
+    delta: float
+    magnitude_aware: bool
+    rise: float | None  # the box maximum's rise max L(w + u) - L(w) (best evaluation) at the reported alpha
+    f_x: float
+    rtol: float
+    alpha_range: tuple
+    alpha_start: float
+    alphas: tuple  # every alpha tried, in order
+    rises: tuple  # the maximum's rise at each
+    capped_flags: tuple  # whether the evaluation cap ended each solve
+    monotone: bool  # rises nondecreasing over the alphas tried, in increasing alpha
+    solves: int
+    capped_solves: int
+    capped_at_alpha: bool | None  # the solve at the reported alpha was capped
+    max_iter: int
+    max_fun: int
+    nit: int  # L-BFGS-B iterations over all solves
+    nfev: int  # full-data function+gradient evaluations over all solves (each one forward + backward pass)
+    perturbation_set: str
+    solver: str
+    start: str
+    search: str
+
+
+def _check(name: str, x) -> None:
+    try:
+        ok = not isinstance(x, bool) and math.isfinite(float(x)) and float(x) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
+
+
+def _check_common(n_samples: int, confidence: float, chunk: int) -> None:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
+        raise ValueError(f"n_samples must be an int >= 2 (an interval needs two draws), got {n_samples!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
+
+
+def _check_range(name: str, bounds, rtol: float) -> tuple[float, float]:
+    lo, hi = (float(b) for b in bounds)
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+        raise ValueError(f"{name} must be (low, high) with 0 < low < high, got {bounds!r}")
+    _check("rtol", rtol)
+    return lo, hi
+
+
+def _interval(samples: np.ndarray, confidence: float) -> tuple[float, float, float, float]:
+    """``(mean, stderr, low, high)``: the Student-t interval over the samples."""
+    m = len(samples)
+    mean = float(samples.mean())
+    stderr = float(samples.std(ddof=1) / np.sqrt(m))
+    half = float(stats.t.ppf((1 + confidence) / 2, m - 1)) * stderr
+    return mean, stderr, mean - half, mean + half
+
+
+def _chunk(chunk: int | None, F: FullDataLoss) -> int:
+    """``None``: one point at a time on the CPU (vmap over points measured 1.3-1.7x slower there on the
+    default MLP), 16 points per vmap on an accelerator, as :mod:`curves` does."""
+    return chunk if chunk is not None else (1 if F.x0.device.type == "cpu" else 16)
+
+
+def _draw(F: FullDataLoss, n_samples: int, seed: int) -> torch.Tensor:
+    Z = torch.randn((n_samples, F.num_params), generator=torch.Generator().manual_seed(seed), dtype=F.x0.dtype)
+    return Z.to(F.x0.device)
+
+
+def _rises(F: FullDataLoss, Z: torch.Tensor, scale: torch.Tensor | None, sigma: float, f_x: float,
+           chunk: int) -> np.ndarray:
+    """L(w + sigma s z_j) - L(w) for every row z_j of Z (s = 1, or ``scale`` = |w|), float64."""
+    step = sigma if scale is None else sigma * scale
+
+    def point(rows: torch.Tensor) -> torch.Tensor:
+        return F.x0 + step * rows
+
+    loss, _, _ = F.values_at_rows(point, Z, chunk)
+    return loss.numpy() - f_x
+
+
+def _crossing(estimate: Callable[[float], float], start: float, bounds: tuple[float, float], delta: float,
+              rtol: float, name: str, power: float = 2.0):
+    """Bracket, then close the bracket (module docstring). Returns ``(lo, hi, trace, reason)``; lo = hi =
+    None and a reason when there is no crossing inside ``bounds``.
+
+    Steps are guided by the local power law g ~ x^power (a minimum: the rise is quadratic in the
+    perturbation's size): from a point (x, g) the predicted crossing is x (delta / g)^(1/power), and
+    inside a bracket [lo, hi] the log-log interpolation of the endpoints. Each proposal aims a factor
+    (1 + rtol)^(1/2) past the prediction, to the side of the bracket's end it should replace, so an
+    accurate prediction closes the bracket to hi / lo <= 1 + rtol in two evaluations; after a step that did
+    not halve the bracket's log-width the next is the bisection point sqrt(lo hi), so the search takes
+    at most about twice bisection's steps whatever g is."""
+    low, high = bounds
+    trace: list[tuple[float, float]] = []
+    lo = hi = None
+    g_lo = g_hi = None
+    half = math.sqrt(1 + rtol)
+
+    def below(x: float) -> bool:
+        v = float(estimate(x))
+        trace.append((x, v))
+        return math.isfinite(v) and v <= delta
+
+    def predicted(x: float, v: float) -> float | None:
+        return x * (delta / v) ** (1 / power) if math.isfinite(v) and v > 0 else None
+
+    x = min(max(start, low), high)
+    while lo is None or hi is None:  # bracket: move toward the predicted crossing, at most 4x per step
+        if below(x):
+            lo, g_lo = x, trace[-1][1]
+            if lo >= high:
+                return None, None, trace, (f"the rise stays at or below delta = {delta:g} up to the largest {name} "
+                                           f"of the range, {high:g} ({trace[-1][1]:.6g}): no crossing in range")
+            r = predicted(x, g_lo)
+            x = min(max(r * half if r else 4 * x, x * (1 + rtol)), 4 * x, high)
+        else:
+            hi, g_hi = x, trace[-1][1]
+            if hi <= low:
+                return None, None, trace, (f"the rise exceeds delta = {delta:g} already at the smallest {name} of "
+                                           f"the range, {low:g} ({trace[-1][1]:.6g}): no crossing in range")
+            r = predicted(x, g_hi)
+            x = max(min(r / half if r else x / 4, x / (1 + rtol)), x / 4, low)
+        if lo is not None and hi is not None:
+            break
+    bisect_next = False
+    while hi / lo > 1 + rtol:  # close: interpolate in log-log, aim past the prediction, bisect as a safeguard
+        width = math.log(hi / lo)
+        if not bisect_next and g_lo > 0 and math.isfinite(g_hi) and g_hi > g_lo:
+            t = (math.log(delta) - math.log(g_lo)) / (math.log(g_hi) - math.log(g_lo))
+            r = math.exp(math.log(lo) + t * width)
+            # aim past the prediction, away from the bracket's nearer end, which then stays
+            x = r * half if math.log(r / lo) < math.log(hi / r) else r / half
+            x = min(max(x, lo * (1 + 1e-9)), hi / (1 + 1e-9))
+        else:
+            x = math.sqrt(lo * hi)
+        if below(x):
+            lo, g_lo = x, trace[-1][1]
+        else:
+            hi, g_hi = x, trace[-1][1]
+        bisect_next = math.log(hi / lo) > width / 2  # an interpolation that did not halve the bracket
+    return lo, hi, trace, None
+
+
+def _monotone(trace) -> bool:
+    values = [v if math.isfinite(v) else math.inf for _, v in sorted(trace)]
+    return all(a <= b for a, b in zip(values, values[1:]))
+
+
+def average_sharpness(
+    model: nn.Module, data, sigma: float = 0.01, magnitude_aware: bool = False, n_samples: int = 16, seed: int = 0,
+    loss_fn=None, batch_size: int = 1000, bn: str = "eval", params: str = "all", confidence: float = 0.95,
+    chunk: int | None = None, bn_data=None,
+) -> AverageSharpnessResult:
+    """E_u[L(w + u)] - L(w) by Monte Carlo over ``n_samples`` draws (module docstring), with its interval.
+
+    Cost: ``n_samples + 1`` forward passes over the data, in two reads of it."""
+    _check("sigma", sigma)
+    _check_common(n_samples, confidence, chunk)
+    with session(model, bn, data, bn_data, batch_size):
+        F = FullDataLoss(model, data, loss_fn, batch_size, params)
+        f_x = F.value(F.x0)
+        Z = _draw(F, n_samples, seed)
+        chunk = _chunk(chunk, F)
+        samples = _rises(F, Z, F.x0.abs() if magnitude_aware else None, sigma, f_x, chunk)
+        proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+    mean, stderr, low, high = _interval(samples, confidence)
+    how = "one point at a time" if chunk == 1 else f"vmap over {chunk} points"
+    return AverageSharpnessResult(
+        value=mean, stderr=stderr, ci_low=low, ci_high=high, confidence=confidence,
+        relative=mean / (1 + f_x) * 100, sigma=float(sigma), magnitude_aware=bool(magnitude_aware),
+        n_samples=n_samples, f_x=f_x, samples=tuple(float(s) for s in samples), seed=seed,
+        noise=_noise_words(magnitude_aware),
+        method=(f"Monte Carlo over {n_samples} draws, {DRAW}; Student-t interval over the draws; each data batch "
+                f"read once for all points ({how}); float64 accumulation"),
+        **proto,
+    )
+
+
+def pac_bayes_flatness(
+    model: nn.Module, data, delta: float = 0.1, magnitude_aware: bool = False, n_samples: int = 16, seed: int = 0,
+    rtol: float = 0.01, sigma_range: tuple = (1e-5, 10.0), loss_fn=None, batch_size: int = 1000, bn: str = "eval",
+    params: str = "all", confidence: float = 0.95, chunk: int | None = None, bn_data=None, sigma_start: float | None = None,
+) -> PacBayesResult:
+    """1 / sigma^2 for the largest sigma with E_u[L(w + u)] - L(w) <= delta (module docstring).
+
+    Common random numbers: the same ``n_samples`` draws z_j at every sigma. Cost: ``n_samples`` forward
+    passes per sigma tried (``sigmas_tried``), + 1 for L(w)."""
+    _check("delta", delta)
+    _check_common(n_samples, confidence, chunk)
+    bounds = _check_range("sigma_range", sigma_range, rtol)
+    start = math.sqrt(bounds[0] * bounds[1]) if sigma_start is None else float(sigma_start)
+    _check("sigma_start", start)
+    found: dict[float, np.ndarray] = {}
+    with session(model, bn, data, bn_data, batch_size):
+        F = FullDataLoss(model, data, loss_fn, batch_size, params)
+        f_x = F.value(F.x0)
+        Z = _draw(F, n_samples, seed)
+        chunk = _chunk(chunk, F)
+        scale = F.x0.abs() if magnitude_aware else None
+
+        def estimate(s: float) -> float:
+            found[s] = _rises(F, Z, scale, s, f_x, chunk)
+            return float(found[s].mean())
+
+        lo, hi, trace, reason = _crossing(estimate, start, bounds, delta, rtol, "sigma")
+        proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+    if lo is None:
+        g = stderr = low = high = samples = None
+    else:
+        g, stderr, low, high = _interval(found[lo], confidence)
+        samples = tuple(float(s) for s in found[lo])
+    how = "one point at a time" if chunk == 1 else f"vmap over {chunk} points"
+    return PacBayesResult(
+        value=None if lo is None else 1.0 / lo**2, sigma=lo, sigma_hi=hi, bracketed=lo is not None, reason=reason,
+        delta=float(delta), magnitude_aware=bool(magnitude_aware), g=g, stderr=stderr, ci_low=low, ci_high=high,
+        confidence=confidence, samples=samples, f_x=f_x, n_samples=n_samples, seed=seed, rtol=float(rtol),
+        sigma_range=bounds, sigma_start=start, sigmas=tuple(s for s, _ in trace), g_values=tuple(v for _, v in trace),
+        monotone=_monotone(trace), sigmas_tried=len(trace), points_evaluated=n_samples * len(trace) + 1,
+        data_passes=len(trace) + 1, noise=_noise_words(magnitude_aware), search=SEARCH,
+        method=(f"common random numbers: the same {n_samples} draws at every sigma, {DRAW}; Student-t interval over "
+                f"the draws at the reported sigma; each data batch read once per sigma ({how}); float64 accumulation"),
+        **proto,
+    )
+
+
+def worst_case_flatness(
+    model: nn.Module, data, delta: float = 0.1, magnitude_aware: bool = False, max_iter: int = 5, rtol: float = 0.05,
+    alpha_range: tuple = (1e-6, 1.0), loss_fn=None, batch_size: int = 1000, bn: str = "eval", params: str = "all",
+    max_fun: int | None = None, bn_data=None, alpha_start: float | None = None,
+) -> WorstCaseFlatnessResult:
+    """1 / alpha^2 for the largest alpha whose box maximum rises by at most delta (module docstring).
+
+    Cost: per alpha tried one box maximization, at most ``max_fun`` (default ``1 + 4 * max_iter``)
+    full-data forward+backward passes."""
+    _check("delta", delta)
+    bounds = _check_range("alpha_range", alpha_range, rtol)
+    start = math.sqrt(bounds[0] * bounds[1]) if alpha_start is None else float(alpha_start)
+    _check("alpha_start", start)
+    max_fun = default_max_fun(max_iter) if max_fun is None else max_fun
+    if max_iter < 1 or max_fun < 1:
+        raise ValueError(f"max_iter and max_fun must be >= 1, got {max_iter}, {max_fun}")
+    solved: dict[float, BoxMax] = {}
+    with session(model, bn, data, bn_data, batch_size):
+        F = FullDataLoss(model, data, loss_fn, batch_size, params)
+        if magnitude_aware:
+            scale = F.x0.abs()
+
+            def apply(u: torch.Tensor) -> torch.Tensor:
+                return scale * u.to(scale.dtype)
+            apply_t = apply
+        else:
+            def apply(u: torch.Tensor) -> torch.Tensor:
+                return u
+            apply_t = apply
+
+        def estimate(a: float) -> float:
+            solved[a] = maximize_in_box(F, apply, apply_t, np.full(F.num_params, a), max_iter, max_fun)
+            return solved[a].f_best - solved[a].f0
+
+        lo, hi, trace, reason = _crossing(estimate, start, bounds, delta, rtol, "alpha")
+        proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+    runs = [solved[a] for a, _ in trace]
+    where = ("|u_i| <= alpha |w_i| (elementwise, l_inf); solved in u = delta / |w|" if magnitude_aware
+             else "|u_i| <= alpha (l_inf box)")
+    return WorstCaseFlatnessResult(
+        value=None if lo is None else 1.0 / lo**2, alpha=lo, alpha_hi=hi, bracketed=lo is not None, reason=reason,
+        delta=float(delta), magnitude_aware=bool(magnitude_aware),
+        rise=None if lo is None else solved[lo].f_best - solved[lo].f0,
+        f_x=runs[0].f0, rtol=float(rtol), alpha_range=bounds, alpha_start=start,
+        alphas=tuple(a for a, _ in trace), rises=tuple(v for _, v in trace), capped_flags=tuple(r.capped for r in runs),
+        monotone=_monotone(trace), solves=len(runs), capped_solves=sum(r.capped for r in runs),
+        capped_at_alpha=None if lo is None else solved[lo].capped, max_iter=max_iter, max_fun=max_fun,
+        nit=sum(r.nit for r in runs), nfev=sum(r.nfev for r in runs), perturbation_set=where, solver=SOLVER,
+        start=START, search=SEARCH.replace("sigma", "alpha"), **proto,
+    )
