@@ -137,6 +137,18 @@ def test_measures_equal_the_notebook_api(work, capsys):
     close(geo["hessian_trace"]["value"], hessian_trace(model, data, n_probes=2, seed=0, **common).value)
     noise = gradient_noise_scale(model, data, small=32, big=None, n_batches=3, seed=0, **common)
     close(geo["noise_scale"]["sq_norm_small"], noise.sq_norm_small)
+    # the generalization measures (issue 15), each as the notebook call gives it
+    import batchgap
+
+    close(geo["norms"]["fisher_rao_norm"], batchgap.norm_measures(model, data, **common).fisher_rao_norm)
+    avg = batchgap.average_sharpness(model, data, sigma=0.1, magnitude_aware=True, n_samples=8, seed=0, **common)
+    close(geo["average_sharpness_mag"]["value"], avg.value)
+    pac = batchgap.pac_bayes_flatness(model, data, delta=0.1, n_samples=8, seed=0, rtol=0.02, **common)
+    assert abs(geo["pac_bayes"]["sigma"] / pac.sigma - 1) <= 0.021  # same crossing; the study starts elsewhere
+    dens = batchgap.hessian_density(model, data, n_vectors=1, steps=20, seed=0, **common)
+    close(geo["density"]["lambda_max"], dens.lambda_max)
+    md = (work / "m" / "report.md").read_text()
+    assert "PAC-Bayes flatness 1/σ², δ = 0.1" in md and "Fisher-Rao norm" in md and "Hessian spectrum" in md
     alphas = np.linspace(-1, 1, 5)
     for k in range(2):
         curve = loss_curve(model, filter_normalized_direction(model, seed=k), data, alphas, **common)

@@ -168,6 +168,16 @@ class MeasureConfig:
     surface_points: int = field(default=21, metadata={"min": 0, "doc": "0 = no 2-D surface; drawn for the first seed"})
     trajectory_epochs: list = field(default_factory=list)  # epochs at which to measure sharpness along training
     noise_scale_batches: int = field(default=200, metadata={"min": 0, "doc": "batches of 32 for B_simple; 0 = off"})
+    # generalization measures (Jiang et al. 2019; batchgap.landscape.norms, flatness, density)
+    norms: bool = field(default=True, metadata={"doc": "norm and margin measures (no extra data pass but one jvp)"})
+    average_sigma: float = field(default=0.01, metadata={"min": 0.0, "doc": "average sharpness, u ~ N(0, sigma^2 I); 0 = off"})
+    average_sigma_relative: float = field(default=0.1, metadata={"min": 0.0, "doc": "magnitude-aware average sharpness, u_i ~ N(0, sigma^2 w_i^2); 0 = off"})
+    flatness_samples: int = field(default=8, metadata={"min": 2, "doc": "Monte Carlo draws of the average sharpness and PAC-Bayes flatness"})
+    pac_bayes_delta: float = field(default=0.1, metadata={"min": 0.0, "doc": "PAC-Bayes flatness: the largest sigma with E[L(w+u)] - L(w) <= delta; 0 = off"})
+    worst_case_delta: float = field(default=0.0, metadata={"min": 0.0, "doc": "worst-case flatness: the largest box alpha whose maximum rise is <= delta; 0 = off (8 box maximizations per variant)"})
+    worst_case_max_iter: int = field(default=5, metadata={"min": 1})
+    density_vectors: int = field(default=1, metadata={"min": 0, "doc": "Hessian spectral density (SLQ): start vectors; 0 = off"})
+    density_steps: int = field(default=20, metadata={"min": 2, "doc": "Lanczos steps per start vector (HVPs = vectors x steps)"})
 
 
 @dataclass

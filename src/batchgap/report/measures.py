@@ -89,6 +89,28 @@ def numbers_table(doc: dict) -> list[str]:
                                              f"{_g(n['ci_low'])} to {_g(n['ci_high'])})",
             f"{n['n_batches_small']} random batches of {n['small']} against {n['big']} (McCandlish et al. 2018, "
             f"finite-population correction); seed {n['seed']}")
+    for key, words in (("average_sharpness", "σ"), ("average_sharpness_mag", "σ|w| (magnitude-aware)")):
+        if a := geo.get(key):
+            add(f"average sharpness, {words} = {a['sigma']:g}", f"{_g(a['value'])} ({100 * a['confidence']:g}% interval "
+                                                                f"{_g(a['ci_low'])} to {_g(a['ci_high'])})",
+                f"{a['noise']}; {a['n_samples']} draws; seed {a['seed']}")
+    for key, words in (("pac_bayes", "1/σ²"), ("pac_bayes_mag", "1/σ'² (magnitude-aware)"),
+                       ("worst_case", "worst-case 1/α²"), ("worst_case_mag", "worst-case 1/α'² (magnitude-aware)")):
+        if f := geo.get(key):
+            size = f.get("sigma", f.get("alpha"))
+            add(f"{'PAC-Bayes flatness ' if key.startswith('pac') else 'flatness, '}{words}, δ = {f['delta']:g}",
+                _g(f["value"]) if f["value"] is not None else f"n/a ({f['reason']})",
+                f"{'σ' if key.startswith('pac') else 'α'} = {_g(size) if size is not None else 'n/a'}; {f['search']}")
+    if nm := geo.get("norms"):
+        for field, words in (("param_norm", "parameter norm ‖w‖"), ("log_prod_spectral", "log ∏ spectral norms"),
+                             ("sum_frobenius_sq", "Σ squared Frobenius norms"), ("path_norm", "path norm"),
+                             ("fisher_rao_norm", "Fisher-Rao norm"), ("margin", f"margin ({nm['percentile']:g}th percentile)")):
+            value = nm.get(field)
+            reason = nm.get(f"{field}_reason")
+            add(words, _g(value) if value is not None else f"n/a ({reason})", nm["definitions"].get(field, ""))
+    if d := geo.get("density"):
+        add("Hessian spectrum: λ_min, λ_max (SLQ)", f"{_g(d['lambda_min'])}, {_g(d['lambda_max'])}",
+            f"{d['method'].split(';')[0]}; mass below −s: {_g(d['negative_weight'], 3)}; seed {d['seed']}")
     if p := doc.get("parametric"):
         proto = p["protocol"]
         for alpha, name in ((0.0, "A"), (1.0, "B")):
