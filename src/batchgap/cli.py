@@ -103,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     meas.add_argument("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: $BATCHGAP_DEVICE, else auto)")
     meas.add_argument("--no-report", action="store_true", help="write measures.json only")
 
+    cor = sub.add_parser("correlate", help="which measure ranks the runs of finished studies by their generalization "
+                                           "gap: Kendall's tau and Psi with bootstrap intervals")
+    cor.add_argument("outs", type=Path, nargs="+", metavar="OUT", help="finished study output directories")
+    cor.add_argument("--out", type=Path, metavar="DIR",
+                     help="writes DIR/correlation.md, DIR/correlation.json, DIR/figures/ (default: OUT when one is given)")
+
     sub.add_parser("list", help="list models, data sets and built-in studies")
 
     data = sub.add_parser("data", help="data set files")
@@ -211,6 +217,24 @@ def _cmd_measure(args) -> int:
     return 0
 
 
+def _cmd_correlate(args) -> int:
+    from .correlate import TARGETS, correlate
+    from .results import load_results
+
+    if args.out is None and len(args.outs) > 1:
+        raise UserError("correlate: several outputs need --out DIR for the correlation files")
+    loaded = [(str(o), load_results(o)) for o in args.outs]  # each a one-line error when it is not a study output
+    tables = [correlate(loaded, target) for target in TARGETS]
+    if tables[0].runs_used < 3:
+        left = ", ".join(f"{k}: {v}" for k, v in tables[0].left_out.items()) or "none left out"
+        raise UserError(f"correlate: {tables[0].runs_used} fitted run(s) of {tables[0].runs_total} ({left}); "
+                        "a rank correlation needs at least 3")
+    from .report.correlation import write  # matplotlib: only when drawing
+
+    print(write(tables, args.out or args.outs[0], command="batchgap " + " ".join(shlex.quote(a) for a in args.argv)))
+    return 0
+
+
 def _cmd_list(args) -> int:
     from .data import list_datasets
     from .models import list_models
@@ -242,7 +266,8 @@ def _cmd_data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    handler = {"run": _cmd_run, "report": _report, "show": _cmd_show, "measure": _cmd_measure, "list": _cmd_list,
+    handler = {"run": _cmd_run, "report": _report, "show": _cmd_show, "measure": _cmd_measure, "correlate": _cmd_correlate,
+               "list": _cmd_list,
                "data": _cmd_data}[args.command]
     try:
         return handler(args)

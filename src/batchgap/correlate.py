@@ -1,0 +1,347 @@
+"""Which measure ranks trained models by their generalization gap: Kendall's tau and Jiang et al.'s
+granulated coefficient Psi over finished studies, with bootstrap intervals over seeds.
+
+Jiang et al. 2019 ("Fantastic generalization measures and where to find them", section 4):
+
+* Kendall's rank correlation between a measure and the gap over all models (tau-b here: ties in either
+  variable are corrected for, as :func:`scipy.stats.kendalltau` does by default);
+* the granulated coefficient: for each hyperparameter axis i, psi_i is the mean of tau over the sets of
+  models in which only axis i varies (every other axis held fixed: here also the seed, so each set is
+  one seed's models along axis i); Psi = the mean of psi_i over the axes that vary. Psi asks whether the
+  measure follows the gap when ONE training choice changes, which a tau over everything can get right
+  for the wrong reason (a measure that tracks only the batch size ranks a batch-size-driven gap well).
+
+Every measure is oriented as a complexity, larger predicting a LARGER gap, as its theory says (a
+margin enters as 1/margin^2, PAC-Bayes flatness as 1/sigma^2), so a positive tau or Psi means "ranks
+the gap as its theory predicts". Runs that do not fit the training set (train accuracy below
+:data:`results.FITTED`) are left out and counted, as Jiang et al. train every model to the same low
+training loss: a gap among unfitted models is partly an optimization gap. Diverged and unmeasured runs
+are counted too.
+
+Intervals: a percentile bootstrap over seeds (a seed's runs are resampled together: each shares its x0
+and data order). With S <= 7 seeds every one of the C(2S-1, S) distinct resamples is enumerated with its
+multinomial probability (the exact bootstrap distribution; 3 of them for 2 seeds, so the interval then
+spans what the seeds alone give); with more seeds :data:`N_BOOT` random resamples. Psi under a resample
+re-weights its per-(axis, group) taus by the seeds' multiplicities; tau over all runs is recomputed with
+each pair of runs counted once per pair of distinct draws it spans (:func:`kendall_tau_b`'s ``weights``).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .results import FITTED, Interval, Results, RunResult
+
+LEVEL = 0.95
+N_BOOT = 2000
+EXACT_UP_TO = 7  # seeds: enumerate the exact bootstrap distribution up to here (1716 resamples at 7)
+
+# the training choices a grid can vary; the seed is held fixed inside a group, never an axis
+AXES = ("batch_size", "lr", "optimizer", "epochs", "remedy", "ghost_batch", "augment", "batch_schedule",
+        "init_from", "study")
+
+TARGETS = {
+    "gap": ("generalization gap (train − test accuracy, points)",
+            lambda r: 100 * (r.train.accuracy - r.test.accuracy)),
+    "test_error": ("test error (%)", lambda r: 100 * (1 - r.test.accuracy)),
+    "loss_gap": ("loss gap (test − train loss)", lambda r: r.test.loss - r.train.loss),
+}
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A measure read from a run's geometry, oriented as a complexity (larger predicts a larger gap)."""
+    key: str
+    label: str
+    pick: Callable[[RunResult], float | None]
+    source: str  # where the measure and its direction come from
+
+
+def _geo(key: str, field_: str = "value"):
+    def pick(r: RunResult):
+        g = (r.geometry or {}).get(key)
+        return None if g is None else g.get(field_)
+    return pick
+
+
+def _inverse_square(key: str, field_: str):
+    def pick(r: RunResult):
+        g = (r.geometry or {}).get(key)
+        v = None if g is None else g.get(field_)
+        return None if v is None or v <= 0 else 1.0 / v**2
+    return pick
+
+
+def _spectral_complexity(r: RunResult):
+    """log(prod_i ||W_i||_2^2 / margin^2) = 2 log_prod_spectral - 2 log margin (Bartlett et al. 2017's
+    product term, as Jiang et al.'s spectral measures)."""
+    g = (r.geometry or {}).get("norms")
+    if not g or g.get("margin") is None or g["margin"] <= 0:
+        return None
+    return 2 * g["log_prod_spectral"] - 2 * math.log(g["margin"])
+
+
+def _eig(r: RunResult):
+    g = (r.geometry or {}).get("hessian_eigenvalues")
+    return None if g is None else g["eigenvalues"][0]
+
+
+def _distance(r: RunResult):
+    return None if r.distance_from_init is None else r.distance_from_init["value"]
+
+
+def _sharp(eps: float, dim: int | None):
+    def pick(r: RunResult):
+        return r.sharpness(eps, dim)
+    return pick
+
+
+FIXED_MEASURES = (
+    Measure("adaptive_sharpness", "adaptive sharpness (worst case, ρ|w|)", _geo("adaptive_sharpness"),
+            "Andriushchenko et al. 2023"),
+    Measure("hessian_top_eigenvalue", "Hessian λ_max", _eig, "Keskar et al. 2017; Jastrzębski et al."),
+    Measure("hessian_trace", "Hessian trace", _geo("hessian_trace"), "Jiang et al. 2019 (curvature)"),
+    Measure("average_sharpness", "average sharpness σ", _geo("average_sharpness"), "Jiang et al. 2019 (sharpness.avg)"),
+    Measure("average_sharpness_mag", "average sharpness σ|w|", _geo("average_sharpness_mag"),
+            "Jiang et al. 2019 (magnitude-aware)"),
+    Measure("pac_bayes", "PAC-Bayes flatness 1/σ²", _geo("pac_bayes"), "Jiang et al. 2019 (pacbayes.flatness)"),
+    Measure("pac_bayes_mag", "PAC-Bayes flatness 1/σ'² (magnitude-aware)", _geo("pac_bayes_mag"),
+            "Jiang et al. 2019 (pacbayes.mag.flatness)"),
+    Measure("worst_case", "worst-case flatness 1/α²", _geo("worst_case"), "Jiang et al. 2019 (sharpness.flatness)"),
+    Measure("worst_case_mag", "worst-case flatness 1/α'² (magnitude-aware)", _geo("worst_case_mag"),
+            "Jiang et al. 2019 (sharpness.mag.flatness)"),
+    Measure("param_norm", "parameter norm ‖w‖", _geo("norms", "param_norm"), "Jiang et al. 2019 (params.norm)"),
+    Measure("log_prod_frobenius", "log ∏ ‖W_i‖_F", _geo("norms", "log_prod_frobenius"), "Jiang et al. 2019 (log.prod.of.fro)"),
+    Measure("sum_frobenius_sq", "Σ ‖W_i‖_F²", _geo("norms", "sum_frobenius_sq"), "Jiang et al. 2019 (sum.of.fro)"),
+    Measure("log_prod_spectral", "log ∏ ‖W_i‖_2", _geo("norms", "log_prod_spectral"), "Jiang et al. 2019 (log.prod.of.spec)"),
+    Measure("sum_spectral_sq", "Σ ‖W_i‖_2²", _geo("norms", "sum_spectral_sq"), "Jiang et al. 2019 (sum.of.spec)"),
+    Measure("path_norm", "path norm", _geo("norms", "path_norm"), "Neyshabur et al. 2015; Jiang et al. 2019"),
+    Measure("fisher_rao_norm", "Fisher–Rao norm", _geo("norms", "fisher_rao_norm"), "Liang et al. 2019"),
+    Measure("inverse_margin", "1 / margin² (10th percentile)", _inverse_square("norms", "margin"),
+            "Jiang et al. 2019 (inverse.margin)"),
+    Measure("spectral_margin", "log ∏‖W_i‖_2² / margin²", _spectral_complexity, "Bartlett et al. 2017"),
+    Measure("distance", "‖x* − x0‖", _distance, "Nagarajan & Kolter 2019; Jiang et al. 2019 (dist.init)"),
+)
+
+
+def measures_of(runs: list[RunResult]) -> list[Measure]:
+    """The measures these runs carry: every eps-sharpness setting they hold, then :data:`FIXED_MEASURES`."""
+    from .results import space_label
+
+    settings = []
+    for r in runs:
+        for e in (r.geometry or {}).get("sharpness", []):
+            if (e["eps"], e.get("subspace_dim")) not in settings:
+                settings.append((e["eps"], e.get("subspace_dim")))
+    sharp = [Measure(f"sharpness_{'full' if d is None else f'sub{d}'}_{eps:g}", f"ε-sharpness, {space_label(eps, d)}",
+                     _sharp(eps, d), "Keskar et al. 2017") for eps, d in settings]
+    return [m for m in sharp + list(FIXED_MEASURES) if any(m.pick(r) is not None for r in runs)]
+
+
+# ------------------------------------------------------------------ rank statistics
+
+def kendall_tau_b(x, y, weights=None, clusters=None) -> float:
+    """Kendall's tau-b of two equal-length sequences: (concordant - discordant) / sqrt((n0 - n1)(n0 - n2)),
+    n0 = n(n-1)/2 pairs, n1 and n2 the pairs tied in x and in y. NaN when either variable is constant.
+
+    ``weights`` and ``clusters`` (a bootstrap resample of clusters, here seeds: the cluster of each point
+    and how often its cluster was drawn): each pair is counted once per pair of DISTINCT draws it spans,
+    c_s c_t times for points of clusters s != t and c_s (c_s - 1) times for two points of one cluster s,
+    never a point with itself. Counting pairs within one draw too (c_s^2) would give a cluster's own pairs
+    (2S - 1) / (S - 1) times their weight on average and bias |tau| upward; with distinct draws every
+    pair keeps its expected weight (the bootstrap of a U-statistic)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} values, y {len(y)}")
+    iu = np.triu_indices(len(x), 1)
+    dx = np.sign(x[:, None] - x[None, :])[iu]
+    dy = np.sign(y[:, None] - y[None, :])[iu]
+    if weights is None:
+        w = np.ones(len(dx))
+    else:
+        c = np.asarray(weights, dtype=float)
+        same = np.equal.outer(np.asarray(clusters), np.asarray(clusters))
+        w = np.where(same, c[:, None] * (c[:, None] - 1), np.outer(c, c))[iu]
+    denom = math.sqrt(float(np.sum(w * (dx != 0))) * float(np.sum(w * (dy != 0))))
+    return float(np.sum(w * dx * dy) / denom) if denom > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One fitted run as the statistics see it."""
+    run: str
+    seed: int
+    hyper: dict  # axis -> value (a string for tables: json of dicts)
+    batch_size: int
+    lr: float
+    target: float
+    value: float
+
+
+def _groups(points: list[Point], axis: str, axes: list[str]) -> list[list[int]]:
+    """The sets of points in which only ``axis`` varies: every other axis and the seed held fixed."""
+    by: dict = {}
+    for i, p in enumerate(points):
+        key = (p.seed, *(p.hyper[a] for a in axes if a != axis))
+        by.setdefault(key, []).append(i)
+    return [idx for idx in by.values() if len({points[i].hyper[axis] for i in idx}) >= 2]
+
+
+def _psi_parts(points: list[Point], axes: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """Per axis, each group's (seed, tau) with tau defined."""
+    out = {}
+    for axis in axes:
+        parts = []
+        for idx in _groups(points, axis, axes):
+            tau = kendall_tau_b([points[i].value for i in idx], [points[i].target for i in idx])
+            if not math.isnan(tau):
+                parts.append((points[idx[0]].seed, tau))
+        out[axis] = parts
+    return out
+
+
+def _psi(parts: dict[str, list[tuple[int, float]]], weight: dict) -> tuple[float | None, dict]:
+    per_axis = {}
+    for axis, groups in parts.items():
+        w = np.array([weight.get(s, 0) for s, _ in groups], dtype=float)
+        per_axis[axis] = float(np.dot(w, [t for _, t in groups]) / w.sum()) if groups and w.sum() > 0 else None
+    defined = [v for v in per_axis.values() if v is not None]
+    return (float(np.mean(defined)) if defined else None), per_axis
+
+
+def resamples(seeds: list[int], n_boot: int = N_BOOT, seed: int = 0) -> list[tuple[dict, float]]:
+    """Bootstrap resamples of the seeds as ``({seed: multiplicity}, probability)``: all C(2S-1, S) of them
+    with their multinomial probabilities for S <= :data:`EXACT_UP_TO`, else ``n_boot`` random ones."""
+    S = len(seeds)
+    if S <= EXACT_UP_TO:
+        out = []
+        for combo in itertools.combinations_with_replacement(range(S), S):
+            counts = Counter(combo)
+            prob = math.factorial(S) / math.prod(math.factorial(c) for c in counts.values()) / S**S
+            out.append(({seeds[i]: c for i, c in counts.items()}, prob))
+        return out
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, S, (n_boot, S))
+    return [({seeds[i]: c for i, c in Counter(d.tolist()).items()}, 1.0 / n_boot) for d in draws]
+
+
+def weighted_interval(values, probs, level: float = LEVEL) -> tuple[float, float] | None:
+    """The percentile interval of a discrete distribution: the smallest values whose cumulative
+    probability reaches (1 - level)/2 and (1 + level)/2 (NaN values dropped, the rest renormalized)."""
+    v, p = np.asarray(values, dtype=float), np.asarray(probs, dtype=float)
+    keep = np.isfinite(v)
+    if not keep.any():
+        return None
+    v, p = v[keep], p[keep] / p[keep].sum()
+    order = np.argsort(v, kind="stable")
+    v, cdf = v[order], np.cumsum(p[order])
+    lo_q, hi_q = (1 - level) / 2, (1 + level) / 2
+    return float(v[np.searchsorted(cdf, lo_q - 1e-12)]), float(v[min(np.searchsorted(cdf, hi_q - 1e-12), len(v) - 1)])
+
+
+# ------------------------------------------------------------------ the table
+
+@dataclass
+class Row:
+    measure: str
+    label: str
+    source: str
+    n: int  # fitted runs with this measure
+    tau: float | None
+    tau_interval: Interval | None
+    psi: float | None
+    psi_interval: Interval | None
+    psi_axes: dict = field(default_factory=dict)  # axis -> psi_i (None: no group varies it alone)
+    groups: dict = field(default_factory=dict)  # axis -> groups with a defined tau
+
+
+@dataclass
+class Correlation:
+    target: str
+    target_label: str
+    axes: list  # the axes that vary among the runs used
+    seeds: list
+    runs_total: int
+    runs_used: int
+    left_out: dict  # reason -> count
+    sources: list  # the studies read
+    rows: list  # list[Row], ranked by Psi (largest first, undefined last)
+    method: str
+    points: dict = field(default_factory=dict)  # measure -> [[run, seed, batch_size, lr, value, target], ...]
+
+
+def _hyper(r: RunResult, study: str) -> dict:
+    values = {a: getattr(r, a) for a in AXES if a != "study"}
+    values["study"] = study
+    return {a: v if isinstance(v, (int, float, str)) or v is None else json.dumps(v, sort_keys=True)
+            for a, v in values.items()}
+
+
+def correlate(results: list[tuple[str, Results]], target: str = "gap", n_boot: int = N_BOOT) -> Correlation:
+    """Tau and Psi of every measure the runs carry against ``target`` (a key of :data:`TARGETS`).
+
+    ``results``: ``(name, Results)`` per study output. Runs with the same id in several outputs count once."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
+    label, value_of = TARGETS[target]
+    seen, runs, left = set(), [], Counter()
+    for name, res in results:
+        for r in res.runs:
+            if r.id in seen:
+                continue
+            seen.add(r.id)
+            if not r.ok:
+                left["diverged"] += 1
+            elif r.train is None or r.test is None:
+                left["not measured"] += 1
+            elif r.train.accuracy < FITTED:
+                left[f"not fitted (train accuracy < {100 * FITTED:.0f}%)"] += 1
+            else:
+                runs.append((name, r))
+    all_hyper = [_hyper(r, name) for name, r in runs]
+    axes = [a for a in AXES if len({h[a] for h in all_hyper}) >= 2]
+    seeds = sorted({r.seed for _, r in runs})
+    draws = resamples(seeds, n_boot)
+    rows, points_out = [], {}
+    for m in measures_of([r for _, r in runs]):
+        pts = [Point(r.id, r.seed, h, r.batch_size, r.lr, float(value_of(r)), float(v))
+               for (name, r), h in zip(runs, all_hyper) if (v := m.pick(r)) is not None and math.isfinite(v)]
+        points_out[m.key] = [[p.run, p.seed, p.batch_size, p.lr, p.value, p.target] for p in pts]
+        if len(pts) < 3:
+            rows.append(Row(m.key, m.label, m.source, len(pts), None, None, None, None))
+            continue
+        tau = kendall_tau_b([p.value for p in pts], [p.target for p in pts])
+        parts = _psi_parts(pts, axes)
+        psi, per_axis = _psi(parts, {s: 1 for s in seeds})
+        boot_tau, boot_psi, probs = [], [], []
+        for weight, prob in draws:
+            boot_tau.append(kendall_tau_b([p.value for p in pts], [p.target for p in pts],
+                                          [weight.get(p.seed, 0) for p in pts], [p.seed for p in pts]))
+            b = _psi(parts, weight)[0]
+            boot_psi.append(np.nan if b is None else b)
+            probs.append(prob)
+        how = (f"percentile bootstrap over {len(seeds)} seeds, " +
+               (f"exact: all {len(draws)} distinct resamples weighted by probability" if len(seeds) <= EXACT_UP_TO
+                else f"{n_boot} resamples"))
+
+        def interval(vals):
+            iv = weighted_interval(vals, probs) if len(seeds) >= 2 else None
+            return Interval(*(iv or (None, None)), LEVEL, how if iv else "one seed: no interval", len(seeds))
+
+        rows.append(Row(m.key, m.label, m.source, len(pts), None if math.isnan(tau) else tau, interval(boot_tau),
+                        psi, interval(boot_psi) if psi is not None else None, per_axis,
+                        {a: len(g) for a, g in parts.items()}))
+    rows.sort(key=lambda row: (row.psi is None, -(row.psi if row.psi is not None else 0.0)))
+    return Correlation(
+        target=target, target_label=label, axes=axes, seeds=seeds, runs_total=len(seen), runs_used=len(runs),
+        left_out=dict(left), sources=[name for name, _ in results], rows=rows, points=points_out,
+        method=("Kendall's tau-b over the fitted runs; Psi (Jiang et al. 2019): the mean over the varying axes "
+                "of the mean tau within the sets of runs where only that axis varies (the seed held fixed); "
+                "measures oriented as complexities (positive = ranks the gap as the measure's theory predicts)"),
+    )
