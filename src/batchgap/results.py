@@ -27,7 +27,7 @@ SCHEMA = 2  # 1: before the schema was versioned (string-keyed summaries); 2: th
 FITTED = 0.99  # training accuracy a solution must reach to count as fitted (the paper's networks: 99-100%, Table 2)
 
 # the report sections of the paper's other experiments a study can ask for (``figures = [...]``)
-FIGURES = ("batch-sweep", "warm-start", "trajectory", "remedies", "noise-scale")
+FIGURES = ("batch-sweep", "warm-start", "trajectory", "remedies", "noise-scale", "correlation")
 
 
 @dataclass

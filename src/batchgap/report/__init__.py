@@ -10,7 +10,7 @@ from pathlib import Path
 from ..results import FITTED, Results, Stat, load_results
 from ..stats import mean_std
 from ..util import atomic_write_text
-from . import experiments, figures, text
+from . import experiments, figures, generalization, text
 from .definitions import definitions
 from .geometry import hessian_table, reading, sharpness_table
 
@@ -189,6 +189,10 @@ def write_report(out: str | Path) -> Path:
     hess = hessian_table(res)
     if hess:
         md += ["## Curvature and scale-aware sharpness", "", *hess, ""]
+    if gen := generalization.measures_table(res):
+        md += ["## Generalization measures (Jiang et al. 2019)", "", "Mean ± std over seeds.", "", *gen, ""]
+    if dens := generalization.density_section(res, fig_dir):
+        md += ["## Hessian spectral density", "", *dens, ""]
     fig_curves = figures.sharpness_curves(res, fig_dir / "sharpness_comparison.png")
     if fig_curves:
         md += ["## Loss along filter-normalized random directions", "",
@@ -198,6 +202,15 @@ def write_report(out: str | Path) -> Path:
     fig_surf = figures.loss_surfaces(res, fig_dir / "loss_surface.png")
     if fig_surf:
         md += ["## Loss surface", "", f"![2-D loss contours](figures/{fig_surf.name})", ""]
+    if "correlation" in extra:
+        from ..correlate import correlate
+        from .correlation import section
+
+        md += ["## Which measure ranks the generalization gap", ""]
+        c = correlate([(s["name"], res)])
+        md += section(c, fig_dir) if c.runs_used >= 3 else [
+            f"Not computed: {c.runs_used} of the {c.runs_total} runs fitted the training set; a rank correlation "
+            f"needs at least 3. `batchgap correlate {out}` computes it once more runs are in.", ""]
     read = reading(res)
     if read:
         md += ["## Reading the numbers", "", *read, ""]
