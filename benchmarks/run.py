@@ -428,6 +428,45 @@ def sharpness() -> list[dict]:
     return rows
 
 
+def generalization() -> list[dict]:
+    """Issue 15's budget: the generalization measures a default run adds (norms, average sharpness and
+    PAC-Bayes flatness, plain and magnitude-aware, the SLQ spectral density), side by side with the
+    measurements a default run made before them, on one trained default MLP, 1 thread."""
+    from dataclasses import replace
+
+    from batchgap.config import MeasureConfig
+    from batchgap.measure import generalization_measures, geometry
+
+    _threads(1)
+    ds = _mnist1d()
+    model = _trained_mlp(ds, epochs=10)
+    before = replace(MeasureConfig(), norms=False, average_sigma=0.0, average_sigma_relative=0.0, pac_bayes_delta=0.0,
+                     density_vectors=0)
+    common = {"batch_size": 1000, "bn": "eval"}
+    out = {}
+    t = interleaved({
+        "before": lambda: geometry(model, ds, before, 0, surface=False),
+        "new": lambda: out.__setitem__("g", generalization_measures(model, ds.train, MeasureConfig(), 0, common)),
+        "worst": lambda: out.__setitem__("w", generalization_measures(
+            model, ds.train, replace(MeasureConfig(), norms=False, average_sigma=0.0, average_sigma_relative=0.0,
+                                     pac_bayes_delta=0.0, density_vectors=0, worst_case_delta=0.1), 0, common)),
+    }, repeats=2)
+    g, w = out["g"], out["w"]
+    tried = f"PAC-Bayes sigmas tried {g['pac_bayes']['sigmas_tried']}/{g['pac_bayes_mag']['sigmas_tried']}"
+    return [
+        row("generalization measures a default run adds (norms, average sharpness x2, PAC-Bayes x2, SLQ 1x20)",
+            f"{t['new']:.2f} s", f"the default run's other measurements (no surface: seeds after the first) {t['before']:.2f} s",
+            f"{t['new'] / t['before']:.2f}", "<= 0.50", t["new"] <= 0.5 * t["before"],
+            f"{tried}; density {g['density']['hvps']} HVPs in {g['density']['steps']} block HVP calls "
+            f"(hessian.lanczos_block, the engine of hessian_eigenvalues); {load()}"),
+        row("worst-case flatness x2 (opt-in: measure.worst_case_delta, on in the measures study)",
+            f"{t['worst']:.2f} s", f"the default run's other measurements {t['before']:.2f} s",
+            f"{t['worst'] / t['before']:.2f}", "reported, no target", True,
+            f"{w['worst_case']['solves']} + {w['worst_case_mag']['solves']} box maximizations, "
+            f"{w['worst_case']['nfev'] + w['worst_case_mag']['nfev']} loss+grad passes; {load()}"),
+    ]
+
+
 # ------------------------------------------------------------------------------------------ curves
 def curves() -> list[dict]:
     import numpy as np
@@ -563,6 +602,7 @@ BENCHMARKS = {
     "hvp": hvp,
     "sharpness": sharpness,
     "curves": curves,
+    "generalization": generalization,
     "default-study": lambda: [study_run("default")],
 }
 # Not part of "all" (they take 3-10 minutes each): `python benchmarks/run.py --studies [--keep DIR]`

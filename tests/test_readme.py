@@ -48,7 +48,7 @@ def test_each_experiment_study_has_a_readme_section_with_its_command_time_and_fi
     from batchgap.studies import builtin_names
 
     experiments = [n for n in builtin_names() if not n.startswith(("keskar", "seed-")) and n != "default"]
-    assert len(experiments) == 5
+    assert len(experiments) == 6
     for name in experiments:
         section = re.search(rf"#### `{name}`: (.*?)(?=\n####|\n### |\n## )", README, re.S)
         assert section, name
