@@ -204,3 +204,39 @@ def test_correlate_bad_input_is_one_line(tmp_path):
         assert words in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert "Traceback" not in p.stderr
     assert not (b / "correlation.md").exists()
+
+
+def test_a_regime_override_the_run_record_lacks_is_an_axis():
+    """Two regimes differing only in weight decay must not share a "batch size only" group."""
+    runs, _, _ = grid_runs()
+    res = results(runs)
+    res.study["regimes"] = [{"name": r.regime, "batch_size": r.batch_size, "lr": r.lr} for r in runs]
+    assert "settings" not in correlate([("grid", res)]).axes
+    for g in res.study["regimes"]:
+        if g["batch_size"] == 512:
+            g["weight_decay"] = 1e-4  # the batch-512 regimes also decay their weights
+    c = correlate([("grid", res)])
+    assert "settings" in c.axes
+    row = next(r for r in c.rows if r.measure == "hessian_trace")
+    assert row.groups["batch_size"] == 0  # batch size never varies alone now
+
+
+def test_report_text_claims_no_more_than_the_intervals():
+    from batchgap.correlate import Correlation, Row
+    from batchgap.report.correlation import paragraph, table
+    from batchgap.results import Interval
+
+    def row(name, psi, lo, hi):
+        return Row(name, name, "", 10, psi, None, psi, Interval(lo, hi, 0.95, "m", 5), {}, {})
+
+    def corr(rows, axes=("batch_size",)):
+        return Correlation("gap", "gap", list(axes), [0, 1, 2, 3, 4], 10, 10, {}, ["x"], rows, "m")
+
+    # A leads B, but C's wide interval overlaps A: no "ranks first"
+    text = paragraph(corr([row("A", 0.6, 0.5, 0.7), row("B", 0.4, 0.3, 0.45), row("C", 0.3, -0.2, 0.95)]))
+    assert "ranks first" not in text and "not established" in text and "C the interval includes 0" in text
+    text = paragraph(corr([row("A", 0.6, 0.5, 0.7), row("B", 0.4, 0.3, 0.45)]))
+    assert "A ranks first" in text and "the 95% interval of Ψ lies above 0 for A, B" in text
+    for axes in ((), ("batch_size", "lr")):  # the header has as many cells as the rows, axes or none
+        lines = table(corr([row("A", 0.6, 0.5, 0.7)], axes))
+        assert len({line.count("|") for line in lines}) == 1, lines

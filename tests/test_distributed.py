@@ -34,7 +34,8 @@ CASES = {  # name -> (TrainConfig arguments, augment?, ghost BN of this size ins
 }
 STUDY = ["train.epochs=1", "data.train_subset=400", "data.test_subset=200", "seeds=[0]", "measure.interpolation_points=3",
          "measure.sharpness_eps=[]", "measure.adaptive_rho=0.0", "measure.hessian_top_k=0", "measure.hessian_trace_probes=0",
-         "measure.curve_directions=0", "measure.surface_points=0"]
+         "measure.curve_directions=0", "measure.surface_points=0", "measure.norms=false", "measure.average_sigma=0",
+         "measure.average_sigma_relative=0", "measure.pac_bayes_delta=0", "measure.density_vectors=0"]
 
 
 def toy(n=64):

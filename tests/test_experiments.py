@@ -9,7 +9,8 @@ from batchgap.study import run_study
 
 TINY_MEASURE = {"sharpness_eps": [1e-3], "sharpness_subspace_dim": 0, "sharpness_max_iter": 2, "adaptive_rho": 0.0,
                 "hessian_top_k": 0, "hessian_trace_probes": 0, "curve_directions": 0, "surface_points": 0,
-                "noise_scale_batches": 0, "interpolation": False}
+                "noise_scale_batches": 0, "interpolation": False, "norms": False, "average_sigma": 0.0,
+                "average_sigma_relative": 0.0, "pac_bayes_delta": 0.0, "density_vectors": 0}
 
 
 def study(regimes, **extra):

@@ -15,7 +15,8 @@ from batchgap.cli import main
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "own-model"
 SMALL = [a for s in ("seeds=[0, 1]", "measure.curve_directions=1", "measure.surface_points=0",
-                     "measure.hessian_trace_probes=0", "measure.noise_scale_batches=0", "measure.interpolation_points=3")
+                     "measure.hessian_trace_probes=0", "measure.noise_scale_batches=0", "measure.interpolation_points=3",
+                     "measure.pac_bayes_delta=0", "measure.density_vectors=0")
          for a in ("--set", s)]
 
 

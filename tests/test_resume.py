@@ -27,7 +27,9 @@ SETTINGS = [*(a for s in ("train.epochs=4", "train.checkpoint_every=2", "data.tr
                           "seeds=[0]", "measure.interpolation_points=3", "measure.sharpness_eps=[0.001]",
                           "measure.sharpness_max_iter=2", "measure.sharpness_subspace_dim=0", "measure.hessian_top_k=0",
                           "measure.hessian_trace_probes=0", "measure.curve_directions=1", "measure.curve_points=5",
-                          "measure.surface_points=0") for a in ("--set", s)), "--threads", "1", "--jobs", "1", "--no-report"]
+                          "measure.surface_points=0", "measure.norms=false", "measure.average_sigma=0",
+                          "measure.average_sigma_relative=0", "measure.pac_bayes_delta=0", "measure.density_vectors=0")
+             for a in ("--set", s)), "--threads", "1", "--jobs", "1", "--no-report"]
 
 # Runs batchgap's CLI with one function patched to print "STOPPED <point>" and block when it reaches
 # the point named in $STOP_AT. The plan has two runs, SB-s0 (12 steps an epoch) then LB-s0 (10 steps).

@@ -13,7 +13,9 @@ from batchgap.sharding import parse_shard, select
 SETTINGS = [*(a for s in ("train.epochs=2", "data.train_subset=400", "data.test_subset=200", "seeds=[0, 1]",
                           "measure.interpolation_points=3", "measure.sharpness_eps=[0.001]", "measure.sharpness_max_iter=2",
                           "measure.sharpness_subspace_dim=0", "measure.hessian_top_k=0", "measure.hessian_trace_probes=0",
-                          "measure.curve_directions=1", "measure.curve_points=5", "measure.surface_points=0")
+                          "measure.curve_directions=1", "measure.curve_points=5", "measure.surface_points=0",
+                          "measure.norms=false", "measure.average_sigma=0", "measure.average_sigma_relative=0",
+                          "measure.pac_bayes_delta=0", "measure.density_vectors=0")
               for a in ("--set", s)), "--threads", "1"]
 
 

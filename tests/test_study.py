@@ -19,7 +19,8 @@ from data_fixtures import install_fake_data
 SMALL = ["--set", "train.epochs=2", "--set", "data.train_subset=400", "--set", "data.test_subset=200",
          "--set", "seeds=[0, 1]", "--set", "measure.interpolation_points=5", "--set", "measure.sharpness_max_iter=3",
          "--set", "measure.sharpness_subspace_dim=10", "--set", "measure.hessian_trace_probes=3",
-         "--set", "measure.curve_directions=2", "--set", "measure.curve_points=7", "--set", "measure.surface_points=5"]
+         "--set", "measure.curve_directions=2", "--set", "measure.curve_points=7", "--set", "measure.surface_points=5",
+         "--set", "measure.density_steps=4", "--set", "measure.flatness_samples=2"]
 
 
 def run_cli(*args):
@@ -177,7 +178,7 @@ def _needs_files(name):
     return DATASETS[load_study(find_study(name)).data.name].needs_files
 
 
-@pytest.mark.parametrize("name", [n for n in builtin_names() if n != "default"])
+@pytest.mark.parametrize("name", [n for n in builtin_names() if n not in ("default", "measures")])  # measures: test_measures_study
 def test_every_builtin_study_runs_quick(name, tmp_path, monkeypatch, mnist1d_dir):
     """Paper-scale studies on format-exact fake files; the MNIST-1D experiments on the real data."""
     jobs = []

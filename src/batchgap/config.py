@@ -169,7 +169,7 @@ class MeasureConfig:
     trajectory_epochs: list = field(default_factory=list)  # epochs at which to measure sharpness along training
     noise_scale_batches: int = field(default=200, metadata={"min": 0, "doc": "batches of 32 for B_simple; 0 = off"})
     # generalization measures (Jiang et al. 2019; batchgap.landscape.norms, flatness, density)
-    norms: bool = field(default=True, metadata={"doc": "norm and margin measures (no extra data pass but one jvp)"})
+    norms: bool = field(default=True, metadata={"doc": "norm and margin measures (one jvp pass over the geometry data)"})
     average_sigma: float = field(default=0.01, metadata={"min": 0.0, "doc": "average sharpness, u ~ N(0, sigma^2 I); 0 = off"})
     average_sigma_relative: float = field(default=0.1, metadata={"min": 0.0, "doc": "magnitude-aware average sharpness, u_i ~ N(0, sigma^2 w_i^2); 0 = off"})
     flatness_samples: int = field(default=8, metadata={"min": 2, "doc": "Monte Carlo draws of the average sharpness and PAC-Bayes flatness"})

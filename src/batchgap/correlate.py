@@ -42,9 +42,11 @@ LEVEL = 0.95
 N_BOOT = 2000
 EXACT_UP_TO = 7  # seeds: enumerate the exact bootstrap distribution up to here (1716 resamples at 7)
 
-# the training choices a grid can vary; the seed is held fixed inside a group, never an axis
+# the training choices a grid can vary; the seed is held fixed inside a group, never an axis. "settings":
+# every other override a regime makes (momentum, weight_decay, warmup_epochs, ...), so that a group never
+# mixes runs that differ in a choice the run record does not carry; "study": the output a run came from
 AXES = ("batch_size", "lr", "optimizer", "epochs", "remedy", "ghost_batch", "augment", "batch_schedule",
-        "init_from", "study")
+        "init_from", "settings", "study")
 
 TARGETS = {
     "gap": ("generalization gap (train − test accuracy, points)",
@@ -276,8 +278,10 @@ class Correlation:
     points: dict = field(default_factory=dict)  # measure -> [[run, seed, batch_size, lr, value, target], ...]
 
 
-def _hyper(r: RunResult, study: str) -> dict:
-    values = {a: getattr(r, a) for a in AXES if a != "study"}
+def _hyper(r: RunResult, study: str, regimes: dict) -> dict:
+    values = {a: getattr(r, a) for a in AXES if a not in ("settings", "study")}
+    values["settings"] = {k: v for k, v in regimes.get(r.regime, {}).items()
+                          if k not in ("name", "batch_size", *AXES)}
     values["study"] = study
     return {a: v if isinstance(v, (int, float, str)) or v is None else json.dumps(v, sort_keys=True)
             for a, v in values.items()}
@@ -304,7 +308,8 @@ def correlate(results: list[tuple[str, Results]], target: str = "gap", n_boot: i
                 left[f"not fitted (train accuracy < {100 * FITTED:.0f}%)"] += 1
             else:
                 runs.append((name, r))
-    all_hyper = [_hyper(r, name) for name, r in runs]
+    regimes = {name: {g.get("name"): g for g in res.study.get("regimes", [])} for name, res in results}
+    all_hyper = [_hyper(r, name, regimes[name]) for name, r in runs]
     axes = [a for a in AXES if len({h[a] for h in all_hyper}) >= 2]
     seeds = sorted({r.seed for _, r in runs})
     draws = resamples(seeds, n_boot)
@@ -332,7 +337,8 @@ def correlate(results: list[tuple[str, Results]], target: str = "gap", n_boot: i
 
         def interval(vals):
             iv = weighted_interval(vals, probs) if len(seeds) >= 2 else None
-            return Interval(*(iv or (None, None)), LEVEL, how if iv else "one seed: no interval", len(seeds))
+            why = "one seed: no interval" if len(seeds) < 2 else "undefined in every resample: no interval"
+            return Interval(*(iv or (None, None)), LEVEL, how if iv else why, len(seeds))
 
         rows.append(Row(m.key, m.label, m.source, len(pts), None if math.isnan(tau) else tau, interval(boot_tau),
                         psi, interval(boot_psi) if psi is not None else None, per_axis,

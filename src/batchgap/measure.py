@@ -7,6 +7,8 @@ Knows nothing of studies or files: it takes models and data, returns plain dicts
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -161,7 +163,9 @@ def generalization_measures(model: nn.Module, data, mcfg: MeasureConfig, seed: i
     magnitude-aware), PAC-Bayes and worst-case flatness (both variants), the Hessian's spectral density.
 
     PAC-Bayes starts its search where the average sharpness at the same draws predicts the crossing
-    (the rise is quadratic in sigma near a minimum); the start changes only the path, not the result."""
+    (the rise is quadratic in sigma near a minimum); the start changes the search's path, and the result
+    only within its tolerance (2%) where the estimate is monotone in sigma (where it is not, another start
+    can find another crossing; the result's ``monotone`` says which)."""
     out: dict = {}
     if mcfg.norms:
         out["norms"] = norm_measures(model, data, **common).as_dict()
@@ -172,7 +176,7 @@ def generalization_measures(model: nn.Module, data, mcfg: MeasureConfig, seed: i
             a = average_sharpness(model, data, sigma=sigma, magnitude_aware=mag, n_samples=mcfg.flatness_samples,
                                   seed=seed, **common)
             out[key] = a.as_dict()
-            if a.value > 0 and mcfg.pac_bayes_delta:
+            if math.isfinite(a.value) and a.value > 0 and mcfg.pac_bayes_delta:
                 start[mag] = sigma * (mcfg.pac_bayes_delta / a.value) ** 0.5
     if mcfg.pac_bayes_delta:
         for key, mag in (("pac_bayes", False), ("pac_bayes_mag", True)):

@@ -246,7 +246,7 @@ def _data_pass(F: FullDataLoss, loss_fn):
                 if used and used[-1] == "vmap":
                     used.pop()
                 vmap_failed = True  # the loop from here on
-        fr_sq += dirs.detach().to(torch.float64).square().sum()
+        fr_sq += dirs.detach().to(torch.float64).square().sum().cpu()
         if reason is None:
             out = out.detach() if torch.is_tensor(out) else out
             if not is_classification(out, y):

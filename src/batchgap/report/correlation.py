@@ -42,7 +42,7 @@ def verdict(row: Row, n_seeds: int) -> str:
 
 def table(c: Correlation) -> list[str]:
     axes = c.axes
-    head = ("| measure | Ψ | 95% interval | " + " | ".join(f"ψ {a}" for a in axes) + " | τ (all runs) | 95% interval "
+    head = ("| measure | Ψ | 95% interval | " + "".join(f"ψ {a} | " for a in axes) + "τ (all runs) | 95% interval "
             "| runs | reading |")
     lines = [head, "|" + "---|" * (7 + len(axes))]
     for row in c.rows:
@@ -61,27 +61,31 @@ def paragraph(c: Correlation) -> str:
     open_ = [r.label for r in c.rows if r.psi is not None and r.label not in good + bad]
     parts = [f"Over {c.runs_used} fitted runs ({n} seed{'s' * (n != 1)}, axes varied: {', '.join(c.axes) or 'none'}), "
              f"against the {c.target_label}:"]
+    above = "Ψ > 0 in every bootstrap resample of the 2 seeds" if n == 2 else "the 95% interval of Ψ lies above 0"
+    below = "Ψ < 0 in every resample" if n == 2 else "it lies below 0"
     if good:
-        parts.append(f"the 95% interval of Ψ lies above 0 for {', '.join(good)}: "
+        parts.append(f"{above} for {', '.join(good)}: "
                      f"{'these rank' if len(good) > 1 else 'it ranks'} the gap as {'their' if len(good) > 1 else 'its'} "
                      "theory predicts when one training choice changes at a time.")
     if bad:
-        parts.append(f"It lies below 0 for {', '.join(bad)}: larger values went with smaller gaps, the opposite of "
-                     "what the measure's theory predicts.")
+        parts.append(f"{below[0].upper() + below[1:]} for {', '.join(bad)}: larger values went with smaller gaps, the "
+                     "opposite of what the measure's theory predicts.")
     if open_:
-        parts.append(f"For {', '.join(open_)} the interval includes 0: undetermined with {n} seeds, which says "
-                     "nothing either way about the measure.")
-    top = [r for r in c.rows if r.psi is not None]
-    if len(top) >= 2 and top[0].psi_interval and top[0].psi_interval.lo is not None \
-            and top[1].psi_interval and top[1].psi_interval.hi is not None:
-        if top[0].psi_interval.lo > top[1].psi_interval.hi:
-            parts.append(f"{top[0].label} ranks first, and its interval lies above the next measure's.")
+        why = ("with one seed there is no interval" if n == 1 else "the interval includes 0")
+        parts.append(f"For {', '.join(open_)} {why}: undetermined with {n} seed{'s' * (n != 1)}, which says nothing "
+                     "either way about the measure.")
+    top = [r for r in c.rows if r.psi is not None and r.psi_interval is not None and r.psi_interval.lo is not None]
+    if len(top) >= 2:
+        best = max(top, key=lambda r: r.psi)
+        others = [r for r in top if r is not best]
+        if all(best.psi_interval.lo > r.psi_interval.hi for r in others):
+            parts.append(f"{best.label} ranks first: its interval lies above every other measure's.")
         else:
-            parts.append(f"{top[0].label} has the highest Ψ, but its interval overlaps the next measure's "
-                         f"({top[1].label}): the order of the leading measures is not established.")
-    if n <= 2:
-        parts.append(f"With {n} seeds the bootstrap has {n * (n + 1) // 2 if n == 2 else 1} distinct resamples: the "
-                     "interval is the range of what the seeds give alone, not a population interval.")
+            parts.append(f"{best.label} has the highest Ψ, but its interval overlaps another measure's: the order of "
+                         "the leading measures is not established.")
+    if n == 2:
+        parts.append("With 2 seeds the bootstrap has 3 distinct resamples: an interval is the range of what the seeds "
+                     "give alone, not a population interval.")
     return " ".join(parts)
 
 

@@ -62,7 +62,7 @@ def measures_table(res: Results) -> list[str]:
                      f"δ = {w['delta']:g} ({w['max_iter']} solver iterations per box; α an upper estimate)")
     if nm := geo.get("norms"):
         notes.append(f"norms over the weight matrices of {len(nm['layers'])} layers ({nm['conv_norm']}); margin: the "
-                     f"{nm['percentile']:g}th percentile of f_y − max_(j≠y) f_j over the training set"
+                     f"{nm['percentile']:g}th percentile of f_y − max_(j≠y) f_j over the {geo.get('data', 'training set')}"
                      + ("" if nm.get("path_norm") is not None else f"; path norm not defined here ({nm.get('path_norm_reason')})"))
     return head + rows + ["", "; ".join(notes) + ". Every measure is oriented so that larger means more complex "
                           "(a margin enters as 1/margin²); which of them ranks the gap is the correlation's question, "
