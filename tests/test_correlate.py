@@ -3,8 +3,6 @@ exact seed bootstrap, which runs are used, and the command's output and bad inpu
 import itertools
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -172,16 +170,20 @@ def write_output(tmp_path, runs, name="grid"):
     return out
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "batchgap", "correlate", *map(str, args)], capture_output=True,
-                          text=True, timeout=120)
+def cli(capsys, *args):
+    """``batchgap correlate ARGS`` in this process: (exit code, stderr)."""
+    from batchgap.cli import main
+
+    capsys.readouterr()
+    code = main(["correlate", *map(str, args)])
+    return code, capsys.readouterr().err
 
 
-def test_correlate_command_writes_the_table_and_figures(tmp_path):
+def test_correlate_command_writes_the_table_and_figures(tmp_path, capsys):
     runs, _, _ = grid_runs()
     out = write_output(tmp_path, runs)
-    p = cli(out)
-    assert p.returncode == 0, p.stderr
+    code, err = cli(capsys, out)
+    assert code == 0, err
     md = (out / "correlation.md").read_text()
     assert "| Hessian trace | +0.25 |" in md and "ψ batch_size" in md and "ψ lr" in md
     # Psi is 0 on seed 0 alone and 0.5 on seed 1 alone: its interval [0, 0.5] includes 0
@@ -192,17 +194,17 @@ def test_correlate_command_writes_the_table_and_figures(tmp_path):
     assert (out / "figures" / "correlation_scatter.png").stat().st_size > 1000
 
 
-def test_correlate_bad_input_is_one_line(tmp_path):
+def test_correlate_bad_input_is_one_line(tmp_path, capsys):
     runs, _, _ = grid_runs()
     a = write_output(tmp_path, runs, "a")
     b = write_output(tmp_path, runs[:2], "b")
     (tmp_path / "c").mkdir()
     for args, words in [((a, b), "--out"), ((tmp_path / "c",), "no results here"),
                         ((b,), "needs at least 3"), ((tmp_path / "nope",), "no results here")]:
-        p = cli(*args)
-        assert p.returncode == 2, p.stderr
-        assert words in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-        assert "Traceback" not in p.stderr
+        code, err = cli(capsys, *args)
+        assert code == 2, err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+        assert "Traceback" not in err
     assert not (b / "correlation.md").exists()
 
 
