@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from .results import FITTED, Interval, Results, RunResult
+from .results import FITTED, Interval, Results, RunResult, space_label
 
 LEVEL = 0.95
 N_BOOT = 2000
@@ -134,8 +134,6 @@ FIXED_MEASURES = (
 
 def measures_of(runs: list[RunResult]) -> list[Measure]:
     """The measures these runs carry: every eps-sharpness setting they hold, then :data:`FIXED_MEASURES`."""
-    from .results import space_label
-
     settings = []
     for r in runs:
         for e in (r.geometry or {}).get("sharpness", []):

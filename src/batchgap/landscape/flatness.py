@@ -274,8 +274,6 @@ def _crossing(estimate: Callable[[float], float], start: float, bounds: tuple[fl
                                            f"the range, {low:g} ({trace[-1][1]:.6g}): no crossing in range")
             r = predicted(x, g_hi)
             x = max(min(r / half if r else x / 4, x / (1 + rtol)), x / 4, low)
-        if lo is not None and hi is not None:
-            break
     bisect_next = False
     while hi / lo > 1 + rtol:  # close: interpolate in log-log, aim past the prediction, bisect as a safeguard
         width = math.log(hi / lo)

@@ -69,7 +69,12 @@ def measures_table(res: Results) -> list[str]:
                           "not this table's."]
 
 
-def density_figure(res: Results, path: Path) -> Path | None:
+def _densities(res: Results, names: list[str]) -> dict:
+    return {n: [r.geometry["density"] for r in res.runs_of(n) if r.geometry and r.geometry.get("density")] for n in names}
+
+
+def density_figure(res: Results, dens: dict, path: Path) -> Path | None:
+    """One line per run of each regime in ``dens`` (regime -> the runs' density results)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,14 +82,12 @@ def density_figure(res: Results, path: Path) -> Path | None:
 
     from .figures import regime_colors
 
-    names = _regimes(res)
-    dens = {n: [r.geometry["density"] for r in res.runs_of(n) if r.geometry and r.geometry.get("density")] for n in names}
     if not any(dens.values()):
         return None
     colors = regime_colors(res)
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for n in names:
-        for i, d in enumerate(dens[n]):
+    for n, runs in dens.items():
+        for i, d in enumerate(runs):
             grid, phi = np.asarray(d["grid"]), np.asarray(d["density"])
             ax.plot(grid, np.maximum(phi, 1e-12), color=colors.get(n, "k"), lw=1, alpha=0.7, label=n if i == 0 else None)
     ax.set_yscale("log")
@@ -104,7 +107,7 @@ def density_figure(res: Results, path: Path) -> Path | None:
 
 def density_section(res: Results, fig_dir: Path) -> list[str]:
     names = _regimes(res)
-    per = {n: [r.geometry["density"] for r in res.runs_of(n) if r.geometry and r.geometry.get("density")] for n in names}
+    per = _densities(res, names)
     if not all(per.values()):
         return []
     lines = ["| regime | λ_min | λ_max | \\|λ_min\\| / λ_max | mass below −s |", "|---|---|---|---|---|"]
@@ -121,6 +124,6 @@ def density_section(res: Results, fig_dir: Path) -> list[str]:
               + "; ".join(f"{n}: λ_min < 0 in {neg[n]} of {len(per[n])} runs" for n in names)
               + " — a negative λ_min is negative curvature (not a minimum); its size against λ_max says how much. "
               "'Mass below −s' is the spectral weight more than one kernel width s below 0."]
-    if f := density_figure(res, fig_dir / "hessian_density.png"):
+    if f := density_figure(res, per, fig_dir / "hessian_density.png"):
         lines += ["", f"![Hessian spectral density]({'figures'}/{f.name})"]
     return lines
