@@ -37,6 +37,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from .evaluate import BN_MODES, batches, mean_cross_entropy, recompute_bn_statistics
+from .fold import folded_view
 from .params import describe_params, flat, is_batchnorm, named_parameters, preserved, tied_parameters, unflatten
 
 
@@ -61,6 +62,9 @@ def is_classification(out: torch.Tensor, y: torch.Tensor) -> bool:
     return torch.is_tensor(out) and out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
 
 
+GRAPH_BUDGET = 512 << 20  # bytes of saved tensors that hvp keeps between calls (FullDataLoss(graph_budget=...))
+
+
 class FullDataLoss:
     """L(theta) over all of ``data`` for the parameters ``which`` of ``model``. Use inside :func:`session`.
 
@@ -71,8 +75,12 @@ class FullDataLoss:
     """
 
     def __init__(self, model: nn.Module, data, loss_fn: Callable | None = None, batch_size: int = 1000,
-                 which: str = "all"):
+                 which: str = "all", fold: bool = True, graph_budget: int = GRAPH_BUDGET):
         self.model, self.data, self.batch_size, self.which = model, data, batch_size, which
+        # fixed BN statistics (eval, recompute): each (layer, BN) pair evaluated as one layer (fold.py)
+        self.view = folded_view(model) if fold else None
+        self.graph_budget = graph_budget
+        self._graphs: list | None = None  # kept gradient graphs at x0 for hvp (see hvp)
         self.loss_fn = loss_fn or mean_cross_entropy
         named = named_parameters(model, which)
         if not named:
@@ -90,7 +98,16 @@ class FullDataLoss:
         return dict(zip(self.names, unflatten(vector, self.shapes)))
 
     def forward(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, self.as_dict(vector), (x,))
+        return functional_call(self.model if self.view is None else self.view, self.as_dict(vector), (x,))
+
+    @property
+    def folded(self) -> str:
+        """The fold in words, for a result's protocol."""
+        if self.view is None:
+            return "none"
+        pairs = [n for n, m in self.view.named_modules() if type(m).__name__ == "FoldedAway"]
+        return (f"{len(pairs)} BatchNorm layer(s) with fixed statistics folded into the layer before "
+                f"({', '.join(pairs)}): the same function, float rounding differs")
 
     def _batches(self):
         count = 0
@@ -125,6 +142,37 @@ class FullDataLoss:
             total += loss.detach().double() * len(y)
         return float(total / self.n), gsum / self.n
 
+    def _gradient_graphs(self, at: torch.Tensor):
+        """Per data batch ``(leaf, gradient with its graph, |b|)``. At the centre the graphs are kept for
+        the next call while the tensors they save (counted as autograd saves them) stay within
+        ``graph_budget`` bytes; past it, or elsewhere, each is built, used and dropped (memory: one batch's)."""
+        if at is self.x0 and self._graphs:
+            yield from self._graphs
+            return
+        keep = at is self.x0 and self._graphs is None and self.graph_budget > 0
+        kept, used = [], 0
+        for x, y in self._batches():
+            size = [0]
+
+            def pack(t, size=size):
+                size[0] += t.numel() * t.element_size()
+                return t
+
+            leaf = at.detach().requires_grad_(True)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = self.loss_fn(self.forward(leaf, x), y)
+                (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+            used += size[0]
+            if keep and used > self.graph_budget:
+                keep, kept = False, []
+                self._graphs = False  # over budget: never kept for this loss
+            if keep:
+                kept.append((leaf, g, len(y)))
+            yield leaf, g, len(y)
+        if keep:
+            self._graphs = kept
+            self.graph_bytes = used
+
     def hvp(self, vectors: torch.Tensor, at: torch.Tensor | None = None, chunk: int = 8) -> torch.Tensor:
         """Hessian-vector products H v (float64) for ``vectors`` of shape ``(N,)`` or ``(k, N)``.
 
@@ -133,19 +181,20 @@ class FullDataLoss:
         weighted by |b|/n. On the CPU this measured faster than forward-over-reverse
         (``torch.func.jvp`` of ``torch.func.grad``, vmapped over vectors), 1.2x for one vector and
         1.4x for four, at equal values (docs/performance.md); the graph is built once per batch for
-        all the vectors. ``chunk`` is kept for the callers' signature and does not change the result.
+        all the vectors of a call, and at the centre (``at=None``) once for ALL calls while the graphs
+        of all batches fit in ``graph_budget`` bytes of saved tensors (:meth:`_gradient_graphs`), so a
+        Lanczos chain pays one forward and gradient per batch in all. ``chunk`` is kept for the
+        callers' signature and does not change the result.
         """
         at = self.x0 if at is None else at
         single = vectors.dim() == 1
         V = (vectors[None] if single else vectors).to(dtype=at.dtype, device=at.device)
         out = torch.zeros(V.shape, dtype=torch.float64, device=at.device)
-        for x, y in self._batches():
-            leaf = at.detach().requires_grad_(True)
-            loss = self.loss_fn(self.forward(leaf, x), y)
-            (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        for leaf, g, size in self._gradient_graphs(at):
+            keep = at is self.x0 and self._graphs is not False
             for i in range(len(V)):
-                (hv,) = torch.autograd.grad(g @ V[i], leaf, retain_graph=i + 1 < len(V))
-                out[i] += hv.double() * len(y)
+                (hv,) = torch.autograd.grad(g @ V[i], leaf, retain_graph=keep or i + 1 < len(V))
+                out[i] += hv.double() * size
         out /= self.n
         return out[0] if single else out
 

@@ -30,7 +30,9 @@ from .functional import FullDataLoss, session
 from .protocol import Measured, frozen_array, jsonable
 from .sharpness import bn_protocol, loss_fn_name
 
-HVP_METHOD = "reverse-over-reverse HVP: backward of grad . v through the kept gradient graph of functional_call, batch-weighted"
+HVP_METHOD = ("reverse-over-reverse HVP: backward of grad . v through the kept gradient graph of functional_call "
+              "(per batch, built once for all HVPs of the measurement within FullDataLoss.graph_budget), "
+              "batch-weighted")
 
 
 @dataclass(frozen=True)
