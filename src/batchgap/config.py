@@ -167,7 +167,7 @@ class MeasureConfig:
     curve_range: float = field(default=1.0, metadata={"gt": 0.0})
     surface_points: int = field(default=21, metadata={"min": 0, "doc": "0 = no 2-D surface; drawn for the first seed"})
     trajectory_epochs: list = field(default_factory=list)  # epochs at which to measure sharpness along training
-    noise_scale_batches: int = field(default=200, metadata={"min": 0, "doc": "batches of 32 for B_simple; 0 = off"})
+    noise_scale_batches: int = field(default=200, metadata={"min": 0, "doc": "the gradient noise scale B_simple; 0 = off. Exact (every example's gradient) where per-example gradients exist (no BN, running statistics); under batch statistics the number of sampled batches of 32 ghost-batch units"})
     # generalization measures (Jiang et al. 2019; batchgap.landscape.norms, flatness, density)
     norms: bool = field(default=True, metadata={"doc": "norm and margin measures (one jvp pass over the geometry data)"})
     average_sigma: float = field(default=0.01, metadata={"min": 0.0, "doc": "average sharpness, u ~ N(0, sigma^2 I); 0 = off"})

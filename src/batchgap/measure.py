@@ -21,6 +21,7 @@ from .landscape import (
     pac_bayes_flatness, worst_case_flatness,
 )
 from .landscape.evaluate import describe_bn
+from .landscape.noise import exact_gradient_noise_scale, per_example_gradients_exist
 from .landscape.params import distance, named_parameters
 
 
@@ -215,11 +216,18 @@ NOISE_SMALL_BATCH = 32
 
 
 def noise_scale(model: nn.Module, data, mcfg: MeasureConfig, seed: int) -> dict:
-    """The gradient noise scale B_simple (McCandlish et al. 2018) from batches of 32 and the full gradient.
+    """The gradient noise scale B_simple (McCandlish et al. 2018), exact where per-example gradients exist.
 
-    Under BN with batch statistics the estimator's examples are ghost batches of that one size (32, or half
-    the data when smaller), each normalized by itself; ``b_simple`` None (with ``reason``) when not estimated.
+    Where every measured parameter is a Linear's or a running-statistics BatchNorm's (no BN, or ``mcfg.bn``
+    "eval" on a tracking model, or "recompute"): exact, from every example's gradient norm in closed form, one
+    forward and backward pass (:func:`exact_gradient_noise_scale`; ``seed`` unused). Elsewhere sampled:
+    ``mcfg.noise_scale_batches`` batches of 32 against the full gradient (enumerating every example with vmap
+    costs more than the 200 batches on a conv net), under batch statistics the estimator's examples ghost
+    batches of that one size (32, or half the data when smaller), each normalized by itself.
+    ``b_simple`` None (with ``reason``) when not estimated.
     """
+    if per_example_gradients_exist(model, mcfg.bn) == "closed form":
+        return exact_gradient_noise_scale(model, data, batch_size=mcfg.eval_batch_size, bn=mcfg.bn).as_dict()
     return gradient_noise_scale(model, data, small=min(NOISE_SMALL_BATCH, len(data) // 2), big=None,
                                 n_batches=mcfg.noise_scale_batches, seed=seed, batch_size=mcfg.eval_batch_size,
                                 bn=mcfg.bn).as_dict()

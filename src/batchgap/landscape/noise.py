@@ -27,8 +27,12 @@ is not resolved from the noise) ``b_simple`` is None and ``reason`` says which. 
 
 :func:`gradient_noise_scale` samples (errors: each mean's standard error, ddof 1; a delta-method error
 and a percentile bootstrap interval for B_simple); :func:`exact_gradient_noise_scale` enumerates every
-unit gradient. Both vmap ``torch.func.grad``; where vmap cannot trace the model (``nn.GRU``, a float64
-``nn.LSTM``) the same function runs in a loop, and ``grad_path`` says which ran. Dropout off; draws from
+unit gradient. For single examples on models whose measured parameters all sit in ``nn.Linear`` and eval
+BatchNorm layers, the exact method needs no per-example gradients: their squared norms come in closed form
+from each layer's input and output gradient, in ONE forward and backward pass (:mod:`pergrad`; ``grad_path``
+"per-example norms (Linear/BN closed form)"). Otherwise both vmap ``torch.func.grad`` (the exact method's
+``grad_path`` then says why the closed form did not apply); where vmap cannot trace the model (``nn.GRU``, a
+float64 ``nn.LSTM``) the same function runs in a loop, and ``grad_path`` says which ran. Dropout off; draws from
 ``torch.Generator().manual_seed(seed)``; the model restored bit for bit, also on error. Gradients and
 per-chunk norms in the model's dtype, sums across chunks in float64.
 """
@@ -40,11 +44,12 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.func import functional_call, grad, grad_and_value
 
-from .evaluate import batches, model_bn_semantics
+from .evaluate import batches, mean_cross_entropy, model_bn_semantics
 from .functional import FullDataLoss, session
 from .params import describe_params, is_batchnorm
+from .pergrad import CLOSED_FORM_PATH, Mapper, NoClosedForm, closed_form_reason, mean_loss_error, per_example_moments
 from .protocol import Measured
 from .sharpness import bn_protocol, loss_fn_name
 
@@ -134,6 +139,15 @@ def _couples(model: nn.Module, bn: str) -> bool:
     return any(is_batchnorm(m) for m in model.modules()) and (bn == "batch" or model_bn_semantics(model) != "running")
 
 
+def per_example_gradients_exist(model: nn.Module, bn: str, params: str = "all") -> str | None:
+    """How :func:`exact_gradient_noise_scale` would measure every example's gradient under ``bn``: "closed form"
+    (:mod:`pergrad`, one pass), "vmap" (the enumeration), or None (batch statistics couple the examples)."""
+    if _couples(model, bn):
+        return None
+    with session(model, "eval"):  # the modes of "eval" and "recompute" (the statistics do not matter here)
+        return "closed form" if closed_form_reason(model, params) is None else "vmap"
+
+
 def _units(model: nn.Module, bn: str, n: int, ghost_batch: int | None, default: int | None,
            gen: torch.Generator) -> torch.Tensor | None:
     """The ghost batches (N, g) of the seeded partition under batch statistics; None: single examples."""
@@ -146,38 +160,6 @@ def _units(model: nn.Module, bn: str, n: int, ghost_batch: int | None, default: 
     if not 2 <= g <= n // 2:
         raise ValueError(f"ghost_batch must be in [2, n // 2 = {n // 2}] (at least 2 ghost batches), got {g}")
     return torch.randperm(n, generator=gen)[: n // g * g].reshape(-1, g)
-
-
-def _stack(rows: list):
-    """Like pytrees (dicts, tuples, tensors) as one pytree of stacked tensors."""
-    if isinstance(rows[0], dict):
-        return {k: _stack([r[k] for r in rows]) for k in rows[0]}
-    return tuple(_stack(list(c)) for c in zip(*rows)) if isinstance(rows[0], tuple) else torch.stack(rows)
-
-
-class _Mapper:
-    """``map``: vmap over the leading dimension, or a loop over it (the same function, one row at a time).
-    ``run``: where vmap fails to trace the model, switch to the loop for good and compute again."""
-
-    def __init__(self, over: str, use_vmap: bool = True):
-        self.over, self.vmap, self.path = over, use_vmap, "vmap" if use_vmap else f"loop over {over} (forced)"
-
-    def map(self, fn: Callable, theta, *rows):
-        if self.vmap:
-            return vmap(fn, in_dims=(None,) + (0,) * len(rows))(theta, *rows)
-        return _stack([fn(theta, *(r[i] for r in rows)) for i in range(len(rows[0]))])
-
-    def run(self, compute: Callable):
-        try:
-            return compute()
-        except Exception as err:  # noqa: BLE001 - the loop below reraises anything that is not vmap's
-            if not self.vmap:
-                raise
-            self.vmap = False
-            out = compute()  # an error here is the model's or the loss's own, and propagates
-            first = (str(err).splitlines() or [""])[0][:160]
-            self.path = f"loop over {self.over}: vmap could not trace the model ({type(err).__name__}: {first})"
-            return out
 
 
 def _tensor_pair(data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,10 +202,10 @@ def _functional(F: FullDataLoss):
 
 @torch.no_grad()  # torch.func.grad still differentiates; no autograd graph to parameters left out of theta
 def _batch_sq_norms(F: FullDataLoss, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, chunk: int,
-                    mapper: _Mapper | None = None, ghost: bool = False) -> torch.Tensor:
+                    mapper: Mapper | None = None, ghost: bool = False) -> torch.Tensor:
     """|G_B|^2 (float64, on the CPU) for each batch of ``index``: (k, B) examples, or (k, B/g, g) units (the
     mean of the ghost batches' losses, each normalized by itself). ``vmap`` over ``max(1, chunk // B)`` batches."""
-    mapper = mapper or _Mapper("batches")
+    mapper = mapper or Mapper("batches")
     index = (index[..., None] if index.dim() == 2 else index).to(x.device)
     theta, batch_loss = _functional(F)
     grad_fn = grad((lambda p, xb, yb: mapper.map(batch_loss, p, xb, yb).mean()) if ghost else
@@ -251,7 +233,7 @@ def _blocks(data, units: torch.Tensor | None, batch_size: int, chunk: int):
 
 
 @torch.no_grad()  # no autograd graph: parameters outside ``params`` needing grad would keep each chunk's alive
-def _unit_moments(F: FullDataLoss, blocks, mapper: _Mapper, check: bool):
+def _unit_moments(F: FullDataLoss, blocks, mapper: Mapper, check: bool):
     """sum_j h_j ({name: float64}), sum_j |h_j|^2 (float64) and the number N of units in ``blocks``."""
     theta, batch_loss = _functional(F)
     per_unit = grad_and_value(batch_loss)
@@ -334,7 +316,7 @@ def gradient_noise_scale(model: nn.Module, data, small: int = 32, big: int | Non
     if not unit <= small < big_size <= n or small % unit or big_size % unit:
         whole = f", both multiples of ghost_batch = {g}" if g else ""
         raise ValueError(f"need {unit} <= small < big <= n = {n}{whole}, got small={small}, big={big}")
-    mapper = _Mapper("batches", _vmap)
+    mapper = Mapper("batches", _vmap)
     with session(model, bn, (x, y), bn_data, batch_size):
         F = FullDataLoss(model, (x, y), loss_fn, batch_size, params)
 
@@ -381,11 +363,14 @@ def gradient_noise_scale(model: nn.Module, data, small: int = 32, big: int | Non
 
 def exact_gradient_noise_scale(model: nn.Module, data, loss_fn: Callable | None = None, bn: str = "eval",
                                params: str = "all", batch_size: int = 1000, chunk: int = 256, bn_data=None,
-                               ghost_batch: int | None = None, seed: int = 0, _vmap: bool = True) -> NoiseScaleResult:
+                               ghost_batch: int | None = None, seed: int = 0, _vmap: bool = True,
+                               _fast: bool = True) -> NoiseScaleResult:
     """B_simple from every unit gradient h_j (module docstring), no sampling: |G|^2 = |(1/N) sum h_j|^2,
-    tr(Sigma) = g ((1/N) sum |h_j|^2 - |G|^2). ``vmap(grad_and_value)`` over chunks of ``chunk`` examples
-    (memory ``chunk x P``); only the sums are kept. Single examples (no BN, or running statistics): ``data``
-    a tensor pair, a TensorData or an iterable of batches. Batch statistics raise ValueError unless
+    tr(Sigma) = g ((1/N) sum |h_j|^2 - |G|^2). Single examples on a Linear/BatchNorm(eval) model: the squared
+    norms in closed form, one forward and backward pass per eval batch of ``batch_size`` (:mod:`pergrad`);
+    ``_fast=False`` (or any other model, ``grad_path`` says why) ``vmap(grad_and_value)`` over chunks of
+    ``chunk`` examples (memory ``chunk x P``); only the sums are kept. Single examples (no BN, or running
+    statistics): ``data`` a tensor pair, a TensorData or an iterable of batches. Batch statistics raise ValueError unless
     ``ghost_batch`` is given: the units are then the ghost batches of the partition drawn from ``seed``, as
     :func:`gradient_noise_scale` draws it. ``loss_fn`` must return the batch mean: checked on the first chunk."""
     if chunk < 1:
@@ -399,15 +384,24 @@ def exact_gradient_noise_scale(model: nn.Module, data, loss_fn: Callable | None 
     n_all = len(_tensor_pair(data)[1]) if couples else 0
     units = _units(model, bn, n_all, ghost_batch, None, torch.Generator().manual_seed(seed))
     unit = 1 if units is None else units.shape[1]
-    mapper = _Mapper("examples" if units is None else "ghost batches", _vmap)
+    mapper = Mapper("examples" if units is None else "ghost batches", _vmap)
+    closed = units is None and _fast
+    why_not = "per-example closed form off (forced)" if units is None and not _fast else None
     with session(model, bn, data, bn_data, batch_size):
-        F = FullDataLoss(model, data, loss_fn, batch_size, params)
-        grad_sum, sq_sum, count = _unit_moments(F, _blocks(data, units, batch_size, chunk), mapper, check=True)
+        if closed:  # the model itself, hooked: no FullDataLoss (its flat copy of theta) unless it falls back
+            try:
+                grad_sum, sq_sum, count = per_example_moments(model, data, loss_fn or mean_cross_entropy, batch_size,
+                                                              params)
+            except NoClosedForm as err:
+                closed, why_not = False, f"no per-example closed form: {err}"
+        if not closed:
+            F = FullDataLoss(model, data, loss_fn, batch_size, params)
+            grad_sum, sq_sum, count = _unit_moments(F, _blocks(data, units, batch_size, chunk), mapper, check=True)
         n = count * unit
         if count < 2:
             raise ValueError(f"need at least 2 examples, got {n}")
         bn_description = _bn_description(model, bn, batch_size, bn_data, units, n_all)
-        num_params = F.num_params
+        num_params = sum(t.numel() for t in grad_sum.values())
     g2, m1 = float(sum((t / count).pow(2).sum().cpu() for t in grad_sum.values())), float(sq_sum) / count
     trace = (m1 - g2) * unit
     b, reason = _defined(g2, trace)
@@ -417,12 +411,15 @@ def exact_gradient_noise_scale(model: nn.Module, data, loss_fn: Callable | None 
         ci_low=math.nan if b is None else b, ci_high=math.nan if b is None else b,
         confidence=1.0, grad_norm_sq=g2, trace_sigma=trace, small=unit, big=n, n_batches_small=count,
         n_batches_big=1, sq_norm_small=m1, sq_norm_small_stderr=0.0, sq_norm_big=g2, sq_norm_big_stderr=0.0,
-        ghost_batch=g, grad_path=mapper.path, sampling=_sampling(g),
+        ghost_batch=g, sampling=_sampling(g),
+        grad_path=CLOSED_FORM_PATH if closed else mapper.path + (f"; {why_not}" if why_not else ""),
         interval=f"none: exact (every {what} gradient; B_small = {unit} enumerated, B_big = n)",
         seed=None if g is None else seed, n=n, bn=bn, bn_description=bn_description, params=params,
         num_params=num_params, params_measured=describe_params(model, params), batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
-        method=(f"exact {what} gradients: torch.func.grad per unit, in chunks of {chunk} examples; |G|^2 = "
-                f"|mean h_j|^2, tr(Sigma) = {unit} (mean |h_j|^2 - |G|^2) (population covariance)"),
+        method=((f"exact per-example gradients: squared norms in closed form from each Linear/BatchNorm layer's "
+                 f"input and output gradient, G from the same backward (one pass, eval batches of {batch_size})")
+                if closed else f"exact {what} gradients: torch.func.grad per unit, in chunks of {chunk} examples")
+               + f"; |G|^2 = |mean h_j|^2, tr(Sigma) = {unit} (mean |h_j|^2 - |G|^2) (population covariance)",
     )
 
 
@@ -438,11 +435,5 @@ def _check_mean_loss(F: FullDataLoss, batch_loss: Callable, theta: dict, xu: tor
         out = functional_call(F.model, theta, (xu[0],))
         batch_value = float(F.loss_fn(out, yu[0]))
         per = torch.stack([F.loss_fn(out[i : i + 1], yu[0][i : i + 1]) for i in range(len(out))])
-    mean_value = float(per.double().mean())
-    tol = 1000 * torch.finfo(per.dtype).eps * max(1.0, abs(batch_value))
-    if not abs(batch_value - mean_value) <= tol:
-        raise ValueError(
-            f"loss_fn must return the batch mean of per-example losses (and the model must treat examples "
-            f"independently): on {len(per)} examples it gave {batch_value:.6g}, the mean of the per-example "
-            f"losses is {mean_value:.6g}"
-        )
+    if (error := mean_loss_error(batch_value, per)) is not None:
+        raise error

@@ -127,8 +127,10 @@ def hessian_table(res: Results) -> list[str]:
                          f"sharpness solve in {len(capped)} of {len(runs)} runs (lower bounds from fewer iterations)")
     if "noise_scale" in geo:
         n = geo["noise_scale"]
-        notes.append(f"noise scale: B_simple = tr(Σ)/|G|² (McCandlish et al. 2018) from {n['n_batches_small']} batches of "
-                     f"{n['small']} and the full gradient, {n['sampling']}"
+        how = (f"exact, from every one of the {n['n']} examples' gradients (population covariance)"
+               if n["interval"].startswith("none: exact") else
+               f"from {n['n_batches_small']} batches of {n['small']} and the full gradient, {n['sampling']}")
+        notes.append(f"noise scale: B_simple = tr(Σ)/|G|² (McCandlish et al. 2018) {how}"
                      + (f"; BN with batch statistics has no per-example gradients, so the estimator's examples are "
                         f"ghost batches of {n['ghost_batch']} ({n['bn_description']}), B_simple still in examples"
                         if n.get("ghost_batch") else ""))

@@ -84,7 +84,11 @@ def numbers_table(doc: dict) -> list[str]:
         add("Hessian trace", f"{_g(t['value'])} ± {_g(t['stderr'], 3)} ({100 * t['confidence']:g}% interval "
                              f"{_g(t['ci_low'])} to {_g(t['ci_high'])})",
             f"{t['method'].split(';')[0]}, {t['n_probes']} probes; {t['interval']}; seed {t['seed']}")
-    if n := geo.get("noise_scale"):
+    if (n := geo.get("noise_scale")) and n["interval"].startswith("none: exact"):
+        add("gradient noise scale B_simple", f"{_g(n['b_simple'])} (exact)",
+            f"every one of the {n['n']} examples' gradients (McCandlish et al. 2018, population covariance); "
+            f"{n['grad_path']}")
+    elif n:
         add("gradient noise scale B_simple", f"{_g(n['b_simple'])} ({100 * n['confidence']:g}% interval "
                                              f"{_g(n['ci_low'])} to {_g(n['ci_high'])})",
             f"{n['n_batches_small']} random batches of {n['small']} against {n['big']} (McCandlish et al. 2018, "
