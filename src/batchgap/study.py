@@ -38,8 +38,13 @@ from .train import train
 Log = Callable[[str], None]
 
 
+# Bumped when a measurement's method changes its numbers under the same settings, so that a resumed study
+# measures its runs again: 2 = the noise scale exact where per-example norms have a closed form (2026-12-02).
+MEASURE_METHODS = 2
+
+
 def _measure_hash(cfg: StudyConfig) -> str:
-    return config_hash(dataclasses.asdict(cfg.measure))
+    return config_hash([dataclasses.asdict(cfg.measure), MEASURE_METHODS])
 
 
 def _train_run(out: Output, cfg: StudyConfig, ds: Dataset, run: Run, progress: bool | None):
