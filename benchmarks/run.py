@@ -1,7 +1,10 @@
 """batchgap benchmarks: one command, a table of measurements against targets.
 
-    python benchmarks/run.py                 # everything (about 10 minutes on 2 cores)
+    python benchmarks/run.py                 # everything (about 10 minutes on 2 cores, plus about 4 for the peers-*)
     python benchmarks/run.py hvp curves      # some benchmarks by name
+    python benchmarks/run.py peers-curves peers-hessian peers-density
+        # side by side with the real loss-landscapes, PyHessian and curvlinops (benchmarks/peers.py; 3.5
+        # minutes on 2 cores; needs `pip install --no-deps -r benchmarks/requirements-peers.txt`)
 
 Each benchmark measures in this process (or in child processes it starts) and prints rows: what
 was measured, the value, the baseline it is compared with, their ratio, the target, whether it is
@@ -344,7 +347,20 @@ def hvp() -> list[dict]:
         t = interleaved({"ours": lambda: F.hvp(V), "ref": lambda: [double_backward(v) for v in V],
                          "fwd": lambda: [forward_over_reverse(v) for v in V]})
         t1 = interleaved({"ours": lambda: F.hvp(V[0]), "fwd": lambda: forward_over_reverse(V[0])})
+        # one vector per call, as Lanczos asks: the kept graphs and the BN fold against both off (976ebaa's HVP)
+        before = FullDataLoss(model, ds.train, batch_size=1000, fold=False, graph_budget=0)
+        seq = interleaved({"now": lambda: [F.hvp(v) for v in V], "before": lambda: [before.hvp(v) for v in V],
+                           "before_block": lambda: before.hvp(V)})
+        rel_seq = float((torch.stack([F.hvp(v) for v in V]) - before.hvp(V)).norm() / before.hvp(V).norm())
+        kept_mib = F.graph_bytes / 2**20
     r = t["ref"] / t["ours"]
+    rs = seq["before"] / seq["now"]
+    rows.append(row("HVP one vector per call (a Lanczos step): default MLP, full training set, 4 calls",
+                    f"{seq['now'] / 4 * 1e3:.0f} ms/HVP (gradient graphs kept across calls, {kept_mib:.0f} MiB; BN folded)",
+                    f"{seq['before'] / 4 * 1e3:.0f} ms/HVP (976ebaa: graphs rebuilt per call, BN unfolded)",
+                    f"{rs:.2f}x", "faster, same values", rs > 1 and rel_seq < 1e-5,
+                    f"976ebaa with the 4 as one block: {seq['before_block'] / 4 * 1e3:.0f} ms/HVP; relative difference "
+                    f"{rel_seq:.1e}; {load()}"))
     rows.append(row("HVP: default MLP, full training set (4000), 4 vectors",
                     f"{t['ours'] / 4 * 1e3:.0f} ms/HVP (batchgap: reverse-over-reverse, one graph per batch for the 4)",
                     f"{t['ref'] / 4 * 1e3:.0f} ms/HVP (double backward per vector, PyHessian)",
@@ -467,6 +483,40 @@ def generalization() -> list[dict]:
     ]
 
 
+# ------------------------------------------------------------------------------------------ noise scale
+def noise_scale() -> list[dict]:
+    """Issue 16: the study's B_simple, exact from per-example squared norms in closed form (one forward and
+    backward pass), against the former measurement (200 batches of 32 and the exact full gradient) and
+    against enumerating the per-example gradients with vmap; trained default MLP, 1 thread."""
+    from batchgap.config import MeasureConfig
+    from batchgap.landscape import exact_gradient_noise_scale, gradient_noise_scale
+    from batchgap.measure import noise_scale as measured
+
+    _threads(1)
+    ds = _mnist1d()
+    model = _trained_mlp(ds, epochs=10)
+    mcfg, out = MeasureConfig(), {}
+    t = interleaved({
+        "new": lambda: out.__setitem__("new", measured(model, ds.train, mcfg, 0)),
+        "today": lambda: out.__setitem__("today", gradient_noise_scale(
+            model, ds.train, small=32, big=None, n_batches=200, seed=0, batch_size=mcfg.eval_batch_size)),
+        "vmap": lambda: out.__setitem__("vmap", exact_gradient_noise_scale(
+            model, ds.train, batch_size=mcfg.eval_batch_size, _fast=False)),
+    }, repeats=3)
+    new, today, vm = out["new"], out["today"], out["vmap"]
+    agree = max(abs(new[k] / getattr(vm, k) - 1) for k in ("b_simple", "grad_norm_sq", "trace_sigma"))
+    r = t["today"] / t["new"]
+    return [row("noise scale B_simple: trained default MLP (10 epochs), 4000 examples, 1 thread",
+                f"{t['new']:.3f} s (exact: {new['grad_path']})",
+                f"{t['today']:.2f} s (200 batches of 32 + the exact full gradient)", f"{r:.1f}x",
+                ">= 3x faster than today's 200-batch estimate, exact", r >= 3 and new["interval"].startswith("none: exact")
+                and agree < 1e-4,
+                f"exact B_simple {new['b_simple']:.4g} (|G|^2 {new['grad_norm_sq']:.3g}, tr(Sigma) {new['trace_sigma']:.3g}); "
+                f"the 200-batch estimate {today.b_simple:.4g} ({100 * today.confidence:g}% CI {today.ci_low:.4g} to "
+                f"{today.ci_high:.4g}, delta-method stderr {today.b_simple_stderr:.2g}); vmap enumeration "
+                f"{t['vmap']:.2f} s ({t['vmap'] / t['new']:.1f}x the closed form), relative difference {agree:.1e}; {load()}")]
+
+
 # ------------------------------------------------------------------------------------------ curves
 def curves() -> list[dict]:
     import numpy as np
@@ -546,53 +596,94 @@ STUDY_LIMITS_S = {"default": 180}  # issue 6; every other built-in study: 20 min
 EXPERIMENT_STUDIES = ["batch-sweep", "warm-start", "sharpness-trajectory", "remedies", "noise-scale"]
 
 
+def _study_timing(name: str, jobs: int, threads: int, out: Path, data_dir: Path, extra: tuple[str, ...] = (),
+                  code: Path | None = None) -> tuple[float, float, dict, dict]:
+    """Wall seconds, peak resident MiB of the whole process tree, per-process peaks, results.json of
+    `batchgap run NAME --out OUT` (the code under ``code``/src when given: another commit's)."""
+    import threading
+
+    if out.exists():
+        raise RuntimeError(f"{out} exists: a timing must start from an empty output directory")
+    env = {**os.environ, "BATCHGAP_DATA": str(data_dir)}
+    if code is not None:
+        env["PYTHONPATH"] = str(code / "src")
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchgap", "run", name, "--out", str(out), "--jobs", str(jobs), "--threads", str(threads), *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    peak, hwm = [0.0], {}
+
+    def sample():
+        while proc.poll() is None:
+            total, h = _tree_rss(proc.pid)
+            peak[0] = max(peak[0], total)
+            for pid, v in h.items():
+                hwm[pid] = max(hwm.get(pid, 0.0), v)
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    wall = time.perf_counter() - start
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(err)
+    return wall, peak[0], hwm, json.loads((out / "results.json").read_text())
+
+
+def _cached_data(tmp: str) -> Path:
+    data_dir = Path(os.environ.get("BATCHGAP_DATA") or Path(tmp) / "data")
+    # generate MNIST-1D once so the timing is the study's, as on every run after the first
+    subprocess.run([sys.executable, "-c", f"from batchgap.data import load_dataset; load_dataset('mnist1d', data_dir={str(data_dir)!r})"], check=True)
+    return data_dir
+
+
+def _finding(doc: dict) -> str:
+    comp = doc.get("comparison") or {}
+    return (f"gap {100 * comp['test_accuracy_gap']:+.2f} points ({comp['small']} - {comp['large']}), "
+            f"p = {comp['p_value']:.2g}; " if "test_accuracy_gap" in comp else "")
+
+
 def study_run(name: str, jobs: int = 2, threads: int = 1, keep: Path | None = None, extra: tuple[str, ...] = ()) -> dict:
     """The whole `batchgap run NAME` (data cached, report included) in a fresh process tree, with the
     resident memory of all its processes together sampled every 0.1 s. Its output is kept under ``keep``."""
-    import threading
-
     limit = STUDY_LIMITS_S.get(name, 1200)
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = Path(os.environ.get("BATCHGAP_DATA") or Path(tmp) / "data")
-        # generate MNIST-1D once so the timing is the study's, as on every run after the first
-        subprocess.run([sys.executable, "-c", f"from batchgap.data import load_dataset; load_dataset('mnist1d', data_dir={str(data_dir)!r})"], check=True)
+        data_dir = _cached_data(tmp)
         out = (keep or Path(tmp)) / (name + "".join(extra))
-        if out.exists():
-            raise RuntimeError(f"{out} exists: a timing must start from an empty output directory")
-        env = {**os.environ, "BATCHGAP_DATA": str(data_dir)}
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "batchgap", "run", name, "--out", str(out), "--jobs", str(jobs), "--threads", str(threads), *extra],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        peak, hwm = [0.0], {}
-
-        def sample():
-            while proc.poll() is None:
-                total, h = _tree_rss(proc.pid)
-                peak[0] = max(peak[0], total)
-                for pid, v in h.items():
-                    hwm[pid] = max(hwm.get(pid, 0.0), v)
-                time.sleep(0.1)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, err = proc.communicate()
-        wall = time.perf_counter() - start
-        sampler.join()
-        if proc.returncode != 0:
-            raise RuntimeError(err)
-        doc = json.loads((out / "results.json").read_text())
-        comp = doc.get("comparison") or {}
-        finding = (f"gap {100 * comp['test_accuracy_gap']:+.2f} points ({comp['small']} - {comp['large']}), "
-                   f"p = {comp['p_value']:.2g}; " if "test_accuracy_gap" in comp else "")
+        wall, peak, hwm, doc = _study_timing(name, jobs, threads, out, data_dir, extra)
         return row(
             f"study `{name}`, --jobs {jobs} --threads {threads}{''.join(' ' + e for e in extra)} ({len(doc['runs'])} runs)",
-            f"{wall:.1f} s; peak RSS {peak[0]:.0f} MiB all processes together",
-            "", "", f"<= {limit} s, <= 2048 MiB", wall <= limit and peak[0] <= 2048,
+            f"{wall:.1f} s; peak RSS {peak:.0f} MiB all processes together",
+            "", "", f"<= {limit} s, <= 2048 MiB", wall <= limit and peak <= 2048,
             f"{len(hwm)} processes, sum of their own peaks {sum(hwm.values()):.0f} MiB (largest {max(hwm.values()):.0f}); "
-            f"{finding}{load()}",
+            f"{_finding(doc)}{load()}",
         )
+
+
+BASE_COMMIT = "6dd7d34"  # issue 16: the default study >= 1.8x faster than this commit's
+
+
+def default_study_vs_base(jobs: int = 2, threads: int = 1) -> list[dict]:
+    """The default study with this checkout's code and with BASE_COMMIT's (``git archive`` of its src/, run by
+    the same Python), one after the other, from empty output directories, the data cached."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = _cached_data(tmp)
+        base = Path(tmp) / "base"
+        base.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASE_COMMIT, "src"], check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)
+        t = {}
+        for key, code in (("base", base), ("now", None)):
+            t[key] = _study_timing("default", jobs, threads, Path(tmp) / f"out-{key}", data_dir, code=code)
+    (wb, pb, _, db), (wn, pn, _, dn) = t["base"], t["now"]
+    r = wb / wn
+    return [row(f"study `default`, --jobs {jobs} --threads {threads}: this checkout against commit {BASE_COMMIT}",
+                f"{wn:.1f} s; peak RSS {pn:.0f} MiB all processes together ({len(dn['runs'])} runs)",
+                f"{wb:.1f} s; peak RSS {pb:.0f} MiB ({BASE_COMMIT}, {len(db['runs'])} runs)",
+                f"{r:.2f}x", ">= 1.8x, <= 2048 MiB", r >= 1.8 and pn <= 2048,
+                f"now: {_finding(dn)}{BASE_COMMIT}: {_finding(db)}the two run one after the other; {load()}")]
 
 
 BENCHMARKS = {
@@ -602,8 +693,14 @@ BENCHMARKS = {
     "hvp": hvp,
     "sharpness": sharpness,
     "curves": curves,
+    "noise-scale-exact": noise_scale,
     "generalization": generalization,
     "default-study": lambda: [study_run("default")],
+    "default-study-vs-base": default_study_vs_base,
+    # issue 16: the real peer libraries (benchmarks/peers.py, imported on use: it imports this module)
+    "peers-curves": lambda: __import__("peers").curves_rows(),
+    "peers-hessian": lambda: __import__("peers").hessian_rows(),
+    "peers-density": lambda: __import__("peers").density_rows(),
 }
 # Not part of "all" (they take 3-10 minutes each): `python benchmarks/run.py --studies [--keep DIR]`
 STUDIES = {f"study-{n}": n for n in EXPERIMENT_STUDIES}
