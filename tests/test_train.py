@@ -154,3 +154,177 @@ def test_kept_iterates_are_the_weights_after_those_epochs(tmp_path):
     train(two, data, None, TrainConfig(epochs=2), batch_size=16, seed=2)
     e2 = torch.load(tmp_path / "a" / "iterates" / "epoch-2.pt", weights_only=True)
     assert all(torch.equal(e2[k], v) for k, v in two.state_dict().items())
+
+
+# ------------------------------------------------------------------ the chain step (batchgap.step.ChainStep)
+def _history(res):
+    return [{k: v for k, v in h.items() if k != "time_s"} for h in res.history]
+
+
+def _buffers(m):
+    return [b.clone() for b in m.buffers()]
+
+
+def _autograd_train(monkeypatch, *args, **kwargs):
+    import batchgap.train as train_mod
+
+    with monkeypatch.context() as mp:
+        mp.setattr(train_mod, "FAST_STEP", False)
+        return train(*args, **kwargs)
+
+
+@pytest.mark.parametrize("case", [
+    dict(cfg=TrainConfig(epochs=3), bs=16, net={}),
+    dict(cfg=TrainConfig(epochs=2, lr=0.01, warmup_epochs=1.5, weight_decay=1e-3), bs=13, net={}),
+    dict(cfg=TrainConfig(epochs=2, optimizer="sgd", momentum=0.9, weight_decay=1e-4), bs=16, net={}),
+    dict(cfg=TrainConfig(epochs=2), bs=16, net={"bn": "batch"}),
+    dict(cfg=TrainConfig(epochs=2), bs=16, net={"bn": "none"}),
+    dict(cfg=TrainConfig(epochs=2), bs=16, net={"depth": 0}),
+    dict(cfg=TrainConfig(epochs=3), bs="schedule", net={}),
+    dict(cfg=TrainConfig(epochs=2), bs=16, net={}, unfused=True),
+    dict(cfg=TrainConfig(epochs=3, weight_decay=1e-3), bs=16, net={"width": 20}),  # sizes off the vector width
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chain_step_is_bitwise_the_autograd_step(monkeypatch, case, threads):
+    import batchgap.train as train_mod
+    from batchgap.devices import num_threads
+    from batchgap.remedies import switch_schedule
+
+    if case.get("unfused"):
+        monkeypatch.setattr(train_mod, "FUSED_OPTIMIZER", False)
+    calls = []
+
+    class Spy(train_mod.ChainStep):
+        def __call__(self, x, y):
+            calls.append(len(y))
+            return super().__call__(x, y)
+
+    monkeypatch.setattr(train_mod, "ChainStep", Spy)
+    bs = switch_schedule(8, 32, 2) if case["bs"] == "schedule" else case["bs"]
+    data = toy_data()
+    with num_threads(threads):
+        a = init_model("mlp", (6,), 3, 0, **{"width": 16, "depth": 2, **case["net"]})
+        ra = train(a, data, data, case["cfg"], batch_size=bs, seed=4)
+        b = init_model("mlp", (6,), 3, 0, **{"width": 16, "depth": 2, **case["net"]})
+        steps = len(calls)
+        rb = _autograd_train(monkeypatch, b, data, data, case["cfg"], batch_size=bs, seed=4)
+    assert steps == ra.steps and len(calls) == steps  # every step of the first run took the chain step
+    assert torch.equal(params(a), params(b))
+    assert all(torch.equal(u, v) for u, v in zip(_buffers(a), _buffers(b)))  # BN running statistics, counters
+    assert _history(ra) == _history(rb)
+
+
+def test_chain_step_runs_for_mlps_only():
+    import torch.nn.functional as F
+
+    from batchgap.step import ChainStep
+    from batchgap.train import make_optimizer
+
+    def built(m, loss=F.cross_entropy):
+        return ChainStep.build(m, make_optimizer(m, TrainConfig(), 1e-3), loss) is not None
+
+    assert built(model())
+    assert built(init_model("mlp", (6,), 3, 0, bn="none", width=8, depth=0))
+    assert not built(model(), loss=lambda out, y: F.cross_entropy(out, y))
+    assert not built(nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3)))
+    assert not built(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)))
+    assert not built(init_model("cnn1d", (40,), 10, 0, width=4))
+    hooked = model()
+    hooked[1].register_forward_hook(lambda *a: None)
+    assert not built(hooked)
+    frozen = model()
+    frozen[1].linear.weight.requires_grad_(False)
+    assert not built(frozen)
+    shared = nn.Linear(8, 8)
+    assert not built(nn.Sequential(nn.Linear(6, 8), shared, nn.ReLU(), shared, nn.Linear(8, 3)))
+    assert built(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)))
+
+
+def test_chain_step_hands_the_model_back_as_it_came():
+    data = toy_data()
+    m = model()
+    train(m, data, None, TrainConfig(epochs=1), batch_size=16)
+    storages = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    assert len(storages) == len(list(m.parameters()))  # each parameter its own storage again
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in m.parameters())  # the last step's
+
+
+@pytest.mark.parametrize("first_fast", [True, False])
+def test_resume_across_the_two_steps_equals_an_uninterrupted_run(tmp_path, monkeypatch, first_fast):
+    """A checkpoint of one step kind resumed by the other: the optimizer state they write is the same."""
+    import batchgap.train as train_mod
+
+    data = toy_data()
+    full = model()
+    train(full, data, data, TrainConfig(epochs=4), batch_size=16, seed=3)
+    with monkeypatch.context() as mp:
+        mp.setattr(train_mod, "FAST_STEP", first_fast)
+        train(model(), data, data, TrainConfig(epochs=2), batch_size=16, seed=3, run_dir=tmp_path)
+    resumed = model()
+    with monkeypatch.context() as mp:
+        mp.setattr(train_mod, "FAST_STEP", not first_fast)
+        res = train(resumed, data, data, TrainConfig(epochs=4), batch_size=16, seed=3, run_dir=tmp_path)
+    assert res.resumed_from_epoch == 2
+    assert torch.equal(params(full), params(resumed))
+
+
+def test_chain_step_writes_the_files_the_autograd_step_writes(tmp_path, monkeypatch):
+    data = toy_data()
+    cfg = TrainConfig(epochs=2)
+    train(model(), data, data, cfg, batch_size=16, seed=1, run_dir=tmp_path / "a", keep_epochs=(1, 2))
+    _autograd_train(monkeypatch, model(), data, data, cfg, batch_size=16, seed=1, run_dir=tmp_path / "b",
+                    keep_epochs=(1, 2))
+    for name in ("model.pt", "iterates/epoch-1.pt", "iterates/epoch-2.pt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    sa = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
+    for k, v in sb["optimizer"]["state"].items():
+        assert all(torch.equal(v[n], sa["optimizer"]["state"][k][n]) for n in v)
+    assert all(torch.equal(v, sa["model"][k]) for k, v in sb["model"].items())
+
+
+@pytest.mark.parametrize("world, rank", [(1, 0), (2, 0), (2, 1), (4, 3)])
+@pytest.mark.parametrize("augmented", [False, True])
+def test_batches_are_the_per_step_slices(monkeypatch, world, rank, augmented):
+    """Gathered a chunk of batches at a time (a tiny chunk here), the batches of an epoch are the ones
+    that indexing the data step by step gives, each worker's share of each, augmented in the same order."""
+    import batchgap.train as train_mod
+
+    monkeypatch.setattr(train_mod, "GATHER_BYTES", 300)  # a few batches per chunk
+    data = toy_data(n=100)
+    bs = 12
+    local = bs // world
+    augment = (lambda x, g: x + torch.rand(x.shape, generator=g)) if augmented else None
+    perm = torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    got = list(train_mod._batches(data, perm, bs, local, rank, augment, g1))
+    assert len(got) == 100 // bs
+    mine = slice(rank * local, (rank + 1) * local)
+    for b, (x, y) in enumerate(got):
+        idx = perm[b * bs : (b + 1) * bs]
+        if augment is None:
+            idx = idx[mine]
+        ex, ey = data.x[idx], data.y[idx]
+        if augment is not None:
+            ex, ey = augment(ex, g2)[mine], ey[mine]
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+@pytest.mark.parametrize("layers", [
+    lambda: [nn.ReLU(), nn.BatchNorm1d(6), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)],
+    lambda: [nn.Flatten(), nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8, momentum=None), nn.ReLU(),
+             nn.Sequential(nn.Identity(), nn.Linear(8, 3))],
+    lambda: [nn.Linear(6, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(), nn.Linear(8, 3), nn.ReLU()],
+])
+def test_chain_step_equals_autograd_on_other_chains(monkeypatch, layers):
+    data = toy_data()
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(*layers())
+
+    a, b = net(), net()
+    ra = train(a, data, data, TrainConfig(epochs=2), batch_size=16, seed=2)
+    rb = _autograd_train(monkeypatch, b, data, data, TrainConfig(epochs=2), batch_size=16, seed=2)
+    assert torch.equal(params(a), params(b)) and all(torch.equal(u, v) for u, v in zip(_buffers(a), _buffers(b)))
+    assert _history(ra) == _history(rb)
