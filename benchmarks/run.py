@@ -166,6 +166,127 @@ def _synthetic_cifar(n: int):
     return TensorData(torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
 
 
+def _train_976ebaa(model, train_data, test_data, cfg, batch_size, seed=0, augment=None, run_dir=None, loss_fn=None,
+                   step=None, progress=None, desc="train", keep_epochs=()):
+    """The baseline of the training rows: batchgap's ``train()`` as of commit 976ebaa, copied (its helpers
+    imported from batchgap.train, unchanged since): per step a batch gathered by index, the learning rate set,
+    the autograd step (``sgd_step``) and a ``float(loss)``."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from batchgap import devices, distributed
+    from batchgap.rundir import RunDir
+    from batchgap.train import (TrainResult, _epoch_metrics, _parallel, _restore_layout, _resumed_rng,
+                                _seeded_rng_state, lr_at, make_optimizer, scaled_lr, sgd_step)
+    from batchgap.util import progress_bar
+
+    loss_fn = loss_fn or F.cross_entropy
+    step = step or sgd_step
+    n = len(train_data)
+    schedule = batch_size if callable(batch_size) else (lambda epoch, b=batch_size: b)
+    sizes = [schedule(e) for e in range(cfg.epochs)]
+    if not all(1 <= b <= n for b in sizes):
+        raise ValueError(f"batch_size must be in [1, {n}], got {sorted(set(sizes))}")
+    world, rank = distributed.world_size(), distributed.rank()
+    shares = [distributed.local_batch_size(b) for b in sizes]
+    batch_size = sizes[-1]
+    steps_per_epoch = n // sizes[0]
+    peak = scaled_lr(cfg, batch_size)
+    warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
+    layouts = {n: p.is_contiguous() for n, p in model.named_parameters() if p.dim() == 4}
+    devices.fast_layout(model)
+    optimizer = make_optimizer(model, cfg, peak)
+    gen = torch.Generator().manual_seed(seed)
+    result = TrainResult(steps_per_epoch=steps_per_epoch, lr=peak, batch_size=batch_size)
+    if world > 1:
+        result.distributed = distributed.protocol(model, batch_size, cfg.bn_sync)
+    rd = RunDir(run_dir) if run_dir is not None else None
+    writes = rd is not None and rank == 0
+    start_epoch = 0
+    rng_state = _seeded_rng_state(distributed.worker_seed(seed))
+    if rd is not None:
+        state = None
+        if writes:
+            rd.path.mkdir(parents=True, exist_ok=True)
+            state = rd.load_state()
+        state = distributed.broadcast(state)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            result = TrainResult(**state["result"])
+            rng_state = _resumed_rng(state, result, cfg, rd.state)
+            start_epoch = result.epochs_done
+            result.resumed_from_epoch = start_epoch
+    keep = set(keep_epochs)
+    if writes and 0 in keep and start_epoch == 0:
+        rd.save_iterate(0, model.state_dict())
+    t0 = time.perf_counter() - result.wall_time_s
+    gpu = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
+    with torch.random.fork_rng(devices=gpu), _parallel(model, world, cfg.bn_sync) as net:
+        torch.set_rng_state(rng_state)
+        if gpu:
+            torch.cuda.default_generators[gpu[0].index].manual_seed(distributed.worker_seed(seed) + result.epochs_done)
+        bar = progress_bar(range(start_epoch, cfg.epochs), desc=desc, enabled=progress if rank == 0 else False,
+                           initial=start_epoch, total=cfg.epochs)
+        for epoch in bar:
+            if result.diverged_epoch is not None:
+                break
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            total, count = 0.0, 0
+            bs, local = sizes[epoch], shares[epoch]
+            for b in range(n // bs):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(result.steps, peak, warmup_steps)
+                idx = perm[b * bs : (b + 1) * bs]
+                mine = slice(rank * local, (rank + 1) * local)
+                if augment is None:
+                    idx = idx[mine]
+                x, y = train_data.x[idx], train_data.y[idx]
+                if augment is not None:
+                    x, y = augment(x, gen)[mine], y[mine]
+                loss = step(net, optimizer, x, y, loss_fn)
+                result.steps += 1
+                total += float(loss.detach()) * len(y)
+                count += len(y)
+            result.epochs_done = epoch + 1
+            if world > 1:
+                sums = torch.tensor([total, count], dtype=torch.float64, device=loss.device)
+                total, count = distributed.all_reduce_sum(sums).tolist()
+            train_loss = total / count
+            if not math.isfinite(train_loss):
+                result.diverged_epoch = epoch + 1
+            row = {"epoch": epoch + 1, "steps": result.steps, "batch_size": bs, "lr": optimizer.param_groups[0]["lr"],
+                   "batch_loss": train_loss}
+            last = epoch + 1 == cfg.epochs or result.diverged_epoch is not None
+            if ((epoch + 1) % cfg.eval_every == 0 or last) and rank == 0:
+                with distributed.local_bn(model):
+                    row.update(_epoch_metrics(model, train_data, test_data, cfg.eval_batch_size))
+            row["time_s"] = time.perf_counter() - t0
+            result.history.append(row)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_accuracy", "test_accuracy") if k in row})
+            result.wall_time_s = time.perf_counter() - t0
+            if writes:
+                if epoch + 1 in keep:
+                    rd.save_iterate(epoch + 1, model.state_dict())
+                rd.write_history(result.history)
+            every = cfg.checkpoint_every
+            if rd is not None and ((every and (epoch + 1) % every == 0) or last):
+                rngs = distributed.all_gather(torch.get_rng_state())
+                if writes:
+                    rd.save_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "generator": gen.get_state(), "rng": rngs[0], "rngs": rngs,
+                                   "result": result.as_dict()})
+    result.wall_time_s = time.perf_counter() - t0
+    if writes:
+        rd.save_model(model.state_dict())
+    _restore_layout(model, layouts)
+    return result
+
+
 def train_throughput() -> list[dict]:
     import torch
     from torch.utils.data import TensorDataset
@@ -181,16 +302,29 @@ def train_throughput() -> list[dict]:
     cfg = TrainConfig(epochs=E, eval_every=E)
     mlp = lambda: init_model("mlp", (40,), 10, 0)  # noqa: E731
     ref_ds = TensorDataset(ds.train.x, ds.train.y)
-    t = interleaved({
-        "ref": lambda: _reference_loop(mlp(), ref_ds, E, 32, eval_data=ds.train),
+    fns = {
         "ours": lambda: train(mlp(), ds.train, None, cfg, 32, seed=0, progress=False),
-    })
+        "976ebaa": lambda: _train_976ebaa(mlp(), ds.train, None, cfg, 32, seed=0, progress=False),
+        "ref": lambda: _reference_loop(mlp(), ref_ds, E, 32, eval_data=ds.train),
+    }
+    t = interleaved(fns, repeats=5)
+    cpu = interleaved({k: fns[k] for k in ("ours", "976ebaa")}, repeats=5, clock=time.process_time)
     t2 = timed(lambda: _reference_loop(mlp(), ref_ds, E, 32, workers=2, eval_data=ds.train))
     n = E * (len(ds.train) // 32) * 32
+    ratio = t["976ebaa"] / t["ours"]
+    a, b = mlp(), mlp()  # one run of each: the same final weights and running statistics, bit for bit?
+    train(a, ds.train, None, cfg, 32, seed=0, progress=False)
+    _train_976ebaa(b, ds.train, None, cfg, 32, seed=0, progress=False)
+    same = all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
     rows.append(row("training: default MLP, batch 32, MNIST-1D (train())",
-                    f"{n / t['ours']:.0f} ex/s", f"{n / t['ref']:.0f} ex/s (DataLoader, default Adam)",
-                    f"{t['ref'] / t['ours']:.2f}x", ">= 1.5x", t["ref"] / t["ours"] >= 1.5,
-                    f"DataLoader num_workers=2: {n / t2:.0f} ex/s; {load()}"))
+                    f"{n / t['ours']:.0f} ex/s", f"{n / t['976ebaa']:.0f} ex/s (train() as of commit 976ebaa)",
+                    f"{ratio:.2f}x", ">= 1.5x", ratio >= 1.5,
+                    f"{E} epochs and the final evaluation, 1 thread; in CPU time {cpu['976ebaa'] / cpu['ours']:.2f}x; "
+                    f"final weights bitwise equal to 976ebaa's: {'yes' if same else 'NO'} (ChainStep: the autograd "
+                    f"step's aten ops without autograd); "
+                    f"DataLoader reference loop (default Adam): {n / t['ref']:.0f} ex/s, ours {t['ref'] / t['ours']:.2f}x "
+                    f"of it (976ebaa: {t['ref'] / t['976ebaa']:.2f}x); DataLoader num_workers=2: {n / t2:.0f} ex/s; "
+                    f"{load()}"))
     data = _synthetic_cifar(512)
     conv = lambda: init_model("simplevgg", (3, 32, 32), 10, 0, width=16, convs=1)  # noqa: E731
     aug = make_augment("crop-flip")
@@ -363,7 +497,7 @@ def hvp() -> list[dict]:
                     f"{rel_seq:.1e}; {load()}"))
     rows.append(row("HVP: default MLP, full training set (4000), 4 vectors",
                     f"{t['ours'] / 4 * 1e3:.0f} ms/HVP (batchgap: reverse-over-reverse, one graph per batch for the 4)",
-                    f"{t['ref'] / 4 * 1e3:.0f} ms/HVP (double backward per vector, PyHessian)",
+                    f"{t['ref'] / 4 * 1e3:.0f} ms/HVP (our re-implementation of PyHessian's HVP: double backward per vector, graph rebuilt; the library itself: peers-hessian)",
                     f"{r:.2f}x", ">= 1.0x, same values", r >= 1.0 and rel < 1e-5,
                     f"forward-over-reverse (torch.func): {t['fwd'] / 4 * 1e3:.0f} ms/HVP; one vector: ours "
                     f"{t1['ours'] * 1e3:.0f} ms, forward-over-reverse {t1['fwd'] * 1e3:.0f} ms; relative difference "
@@ -560,7 +694,7 @@ def curves() -> list[dict]:
     diff = float(np.abs(out["ours"] - out["ref"]).max())
     r = t["ref"] / t["ours"]
     return [row("loss curve: 21 points, default MLP, full training set",
-                f"{21 / t['ours']:.0f} points/s", f"{21 / t['ref']:.0f} points/s (loss-landscape: set weights, DataLoader pass)",
+                f"{21 / t['ours']:.0f} points/s", f"{21 / t['ref']:.0f} points/s (our re-implementation of loss-landscape's loop: set weights, DataLoader pass; the library itself: peers-curves)",
                 f"{r:.2f}x", ">= 2x", r >= 2,
                 f"our one evaluate() per point: {21 / t['po']:.0f} points/s; max abs(loss difference) {diff:.1e}; {load()}")]
 
@@ -665,9 +799,16 @@ def study_run(name: str, jobs: int = 2, threads: int = 1, keep: Path | None = No
 BASE_COMMIT = "6dd7d34"  # issue 16: the default study >= 1.8x faster than this commit's
 
 
+# the generalization measures issue 15 added to every run (and its report sections), off: 6dd7d34's measuring
+WITHOUT_ISSUE_15 = ("--set", "measure.norms=false", "--set", "measure.average_sigma=0", "--set",
+                    "measure.average_sigma_relative=0", "--set", "measure.pac_bayes_delta=0", "--set",
+                    "measure.density_vectors=0")
+
+
 def default_study_vs_base(jobs: int = 2, threads: int = 1) -> list[dict]:
-    """The default study with this checkout's code and with BASE_COMMIT's (``git archive`` of its src/, run by
-    the same Python), one after the other, from empty output directories, the data cached."""
+    """The default study with BASE_COMMIT's code (``git archive`` of its src/, run by the same Python), with
+    this checkout's, and with this checkout's without issue 15's measures (the work 6dd7d34 did), one after
+    the other, each from an empty output directory, the data cached."""
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = _cached_data(tmp)
         base = Path(tmp) / "base"
@@ -675,15 +816,16 @@ def default_study_vs_base(jobs: int = 2, threads: int = 1) -> list[dict]:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASE_COMMIT, "src"], check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)
         t = {}
-        for key, code in (("base", base), ("now", None)):
-            t[key] = _study_timing("default", jobs, threads, Path(tmp) / f"out-{key}", data_dir, code=code)
-    (wb, pb, _, db), (wn, pn, _, dn) = t["base"], t["now"]
-    r = wb / wn
+        for key, code, extra in (("base", base, ()), ("now", None, ()), ("same", None, WITHOUT_ISSUE_15)):
+            t[key] = _study_timing("default", jobs, threads, Path(tmp) / f"out-{key}", data_dir, extra, code=code)
+    (wb, pb, _, db), (wn, pn, _, dn), (ws, ps, _, ds) = t["base"], t["now"], t["same"]
+    r, rs = wb / wn, wb / ws
     return [row(f"study `default`, --jobs {jobs} --threads {threads}: this checkout against commit {BASE_COMMIT}",
                 f"{wn:.1f} s; peak RSS {pn:.0f} MiB all processes together ({len(dn['runs'])} runs)",
                 f"{wb:.1f} s; peak RSS {pb:.0f} MiB ({BASE_COMMIT}, {len(db['runs'])} runs)",
                 f"{r:.2f}x", ">= 1.8x, <= 2048 MiB", r >= 1.8 and pn <= 2048,
-                f"now: {_finding(dn)}{BASE_COMMIT}: {_finding(db)}the two run one after the other; {load()}")]
+                f"without issue 15's measures (what {BASE_COMMIT} measured): {ws:.1f} s, {rs:.2f}x, peak {ps:.0f} MiB, "
+                f"{_finding(ds)}now: {_finding(dn)}{BASE_COMMIT}: {_finding(db)}run one after the other; {load()}")]
 
 
 BENCHMARKS = {
