@@ -123,3 +123,19 @@ def test_kept_graphs_give_the_same_hvps_and_respect_the_budget():
         elsewhere = kept.x0 + 0.1
         assert not torch.equal(kept.hvp(V[0], at=elsewhere), block[0])
         assert torch.equal(kept.hvp(V[0], at=elsewhere), fresh.hvp(V[0], at=elsewhere))
+
+
+def test_a_sequential_inside_a_custom_forward_is_not_folded():
+    class Custom(nn.Module):  # calls the Sequential's children one by one, with an op between them
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6))
+
+        def forward(self, x):
+            return self.block[1](self.block[0](x) * 2)
+
+    model = _randomize_bn(Custom()).double().eval()
+    assert folded_view(model) is None
+    x = torch.randn(4, 5, dtype=torch.float64)
+    F = FullDataLoss(model, (x, torch.zeros(4, dtype=torch.long)))
+    assert torch.equal(F.forward(F.x0, x), model(x))

@@ -12,7 +12,7 @@ float rounding only (tests/test_landscape_fold.py against the unfolded model; th
 row of ``benchmarks/run.py``).
 
 :func:`folded_view` returns a shallow copy of the model's module tree in which each such pair of
-consecutive children of a plain ``nn.Sequential`` (Linear -> BatchNorm1d, Conv1d/2d/3d ->
+consecutive children of a plain ``nn.Sequential`` reached from the model through plain Sequentials only (Linear -> BatchNorm1d, Conv1d/2d/3d ->
 BatchNorm1d/2d/3d, both of exactly these types, no hooks, the BN in eval mode with running statistics,
 its channels those of the layer) is replaced: the layer by :class:`FoldedLayer` and the BN by
 :class:`FoldedAway` (the identity), which keep the originals' parameter and buffer names, so
@@ -96,9 +96,16 @@ def folded_view(model: nn.Module) -> nn.Module | None:
     uses: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
+    # only Sequentials reached from the root through Sequentials: a module with its own forward may call a
+    # Sequential's children one by one (then the pair is not one layer)
+    chained, todo = [], [model] if type(model) is nn.Sequential else []
+    while todo:
+        seq = todo.pop()
+        chained.append(seq)
+        todo += [c for c in seq._modules.values() if type(c) is nn.Sequential]
     pairs = []
-    for seq in model.modules():
-        if type(seq) is not nn.Sequential or _hooked(seq):
+    for seq in chained:
+        if _hooked(seq):
             continue
         names = list(seq._modules)
         pairs += [(seq, a, b) for a, b in zip(names, names[1:])

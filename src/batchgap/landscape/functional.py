@@ -100,15 +100,6 @@ class FullDataLoss:
     def forward(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model if self.view is None else self.view, self.as_dict(vector), (x,))
 
-    @property
-    def folded(self) -> str:
-        """The fold in words, for a result's protocol."""
-        if self.view is None:
-            return "none"
-        pairs = [n for n, m in self.view.named_modules() if type(m).__name__ == "FoldedAway"]
-        return (f"{len(pairs)} BatchNorm layer(s) with fixed statistics folded into the layer before "
-                f"({', '.join(pairs)}): the same function, float rounding differs")
-
     def _batches(self):
         count = 0
         for x, y in batches(self.data, self.batch_size):
