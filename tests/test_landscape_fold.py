@@ -139,3 +139,27 @@ def test_a_sequential_inside_a_custom_forward_is_not_folded():
     x = torch.randn(4, 5, dtype=torch.float64)
     F = FullDataLoss(model, (x, torch.zeros(4, dtype=torch.long)))
     assert torch.equal(F.forward(F.x0, x), model(x))
+
+
+def test_kept_graphs_are_freed_with_the_loss():
+    """The graphs kept for hvp die with their FullDataLoss: sizing them with a saved_tensors_hooks pack hook
+    that returned the tensors made each graph a reference cycle (120 tensors left here after 3 losses; about
+    50 MiB per Hessian measurement of the default MLP)."""
+    import gc
+
+    from batchgap.landscape.functional import saved_bytes
+
+    def live():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter))
+
+    model, x = _models()[0]
+    y = torch.randint(0, 3, (len(x),), generator=torch.Generator().manual_seed(0))
+    with session(model, "eval"):
+        before = live()
+        for _ in range(3):
+            F = FullDataLoss(model, (x, y), batch_size=5)
+            F.hvp(torch.ones(F.num_params, dtype=torch.float64))
+            assert F.graph_bytes == sum(saved_bytes(g) for _, g, _ in F._graphs) > 0
+            del F
+        assert live() == before

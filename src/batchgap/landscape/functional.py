@@ -62,6 +62,32 @@ def is_classification(out: torch.Tensor, y: torch.Tensor) -> bool:
     return torch.is_tensor(out) and out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
 
 
+def saved_bytes(t: torch.Tensor) -> int:
+    """Bytes of the tensors that the autograd graph behind ``t`` saves for its backward (each storage once).
+
+    Read from the nodes' ``_saved_*`` attributes. Not with ``saved_tensors_hooks``: a pack hook that keeps
+    the tensor itself makes a graph that saves its own outputs a reference cycle that is never freed."""
+    seen, todo, storages = set(), [t.grad_fn], {}
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo += [f for f, _ in node.next_functions]
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # freed, or not a tensor that can be unpacked
+                continue
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                if torch.is_tensor(v) and v.layout == torch.strided:
+                    s = v.untyped_storage()
+                    storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
+    return sum(storages.values())
+
+
 GRAPH_BUDGET = 512 << 20  # bytes of saved tensors that hvp keeps between calls (FullDataLoss(graph_budget=...))
 
 
@@ -143,17 +169,11 @@ class FullDataLoss:
         keep = at is self.x0 and self._graphs is None and self.graph_budget > 0
         kept, used = [], 0
         for x, y in self._batches():
-            size = [0]
-
-            def pack(t, size=size):
-                size[0] += t.numel() * t.element_size()
-                return t
-
             leaf = at.detach().requires_grad_(True)
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = self.loss_fn(self.forward(leaf, x), y)
-                (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
-            used += size[0]
+            loss = self.loss_fn(self.forward(leaf, x), y)
+            (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+            if keep:
+                used += saved_bytes(g)
             if keep and used > self.graph_budget:
                 keep, kept = False, []
                 self._graphs = False  # over budget: never kept for this loss
