@@ -21,6 +21,9 @@ of the first batch against ``torch.autograd.grad`` of each example's loss (which
 outside its layer's call or a batch dimension that is not the first). Hooks: a forward hook per measured
 layer (its input; a tensor hook on its output for delta), removed on leaving, also on error; no ``.grad``
 is written. Norms per layer in the model's dtype, sums over layers and examples in float64.
+
+:class:`Mapper` is the other way, for any model: a per-example (or per-ghost-batch) function mapped with
+``vmap``, or in a loop where vmap cannot trace the model (:mod:`noise`'s enumeration and sampled batches).
 """
 from __future__ import annotations
 
