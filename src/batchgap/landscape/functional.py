@@ -66,7 +66,8 @@ def saved_bytes(t: torch.Tensor) -> int:
     """Bytes of the tensors that the autograd graph behind ``t`` saves for its backward (each storage once).
 
     Read from the nodes' ``_saved_*`` attributes. Not with ``saved_tensors_hooks``: a pack hook that keeps
-    the tensor itself makes a graph that saves its own outputs a reference cycle that is never freed."""
+    the tensor itself makes a graph that saves its own outputs a reference cycle that is never freed. Tensors
+    a custom ``torch.autograd.Function`` keeps on its ``ctx`` are not seen (an undercount for such models)."""
     seen, todo, storages = set(), [t.grad_fn], {}
     while todo:
         node = todo.pop()
