@@ -349,6 +349,20 @@ def load_study(
     ``--paper-scale`` applies the study's ``[paper_scale]`` table: the paper's data set, network and budget
     (hours of GPU time). A key ``regimes`` there replaces the whole list of regimes. The two profiles
     shrink and grow the same study, so they do not combine; shrink a paper-scale study with ``--set``.
+
+    Args:
+        source: the study as a dict (the TOML's tables), or the path of a study file (relative paths of the
+            user's own files in it are read from the file's directory).
+        sets: ``"key=value"`` assignments applied last, as ``--set`` (e.g. ``"train.epochs=5"``).
+        quick: apply the study's smoke-test shrink (``--quick``).
+        paper_scale: apply the study's ``[paper_scale]`` table (``--paper-scale``); not with ``quick``.
+
+    Returns:
+        The validated :class:`StudyConfig` (typed dataclasses), ready for :func:`run_study`.
+
+    Cost:
+        Parsing and validation only (no data, no model); a mistake raises :class:`UserError` with one line
+        naming the field and the allowed values.
     """
     if isinstance(source, dict):
         raw = copy.deepcopy(source)

@@ -126,7 +126,41 @@ def adaptive_sharpness(
     n_points: int = 1024,
     seed: int = 0,
 ) -> AdaptiveSharpnessResult:
-    """n-sharpness (``m=None``) or m-sharpness of the module docstring, with its protocol."""
+    """Adaptive worst-case sharpness (Andriushchenko et al. 2023): n-sharpness or m-sharpness, with its protocol.
+
+        S_rho(w; B) = max_{|delta_i| <= rho |w_i|} L_B(w + delta) - L_B(w)
+
+    n-sharpness (``m=None``): one maximum over all of ``data``. m-sharpness: the mean over K = n_points // m
+    disjoint random batches B_k of m examples of each batch's own maximum, (1/K) sum_k S_rho(w; B_k). Each
+    maximum is solved in the coordinates u = delta / |w| (invariant to a ReLU rescaling) by
+    :func:`boxmax.maximize_in_box`; the best value seen is a lower bound on the true maximum.
+
+    Args:
+        model: the trained model; restored bit for bit, also on error.
+        data: the examples: a tensor pair, a TensorData, a map-style dataset or (n-sharpness only) an iterable
+            of batches.
+        rho: the box's relative half-width; must be > 0.
+        max_iter: L-BFGS-B iterations per maximum (also bounds the corner steps).
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
+        batch_size: examples per evaluation batch (memory only).
+        bn: the BatchNorm protocol for all maxima: ``"eval"``, ``"batch"`` or ``"recompute"`` (once, at w).
+        params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
+        max_fun: the hard cap on loss+gradient evaluations per maximum; None for ``1 + 4 * max_iter``.
+        bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        m: None for n-sharpness, else the batch size of m-sharpness (a positive int, at most the points drawn).
+        n_points: m-sharpness: how many examples are drawn (at most all of ``data``; a remainder is left out).
+        seed: m-sharpness: seeds the ``torch.Generator`` whose ``randperm`` draws the examples.
+
+    Returns:
+        An :class:`AdaptiveSharpnessResult`: ``value`` (n-sharpness, or the mean of the batch maxima),
+        ``value_final``, ``relative`` (value / (1 + L(w)) * 100), ``batch_values``, the solver's iterations,
+        evaluations and stops, ``capped``, and the protocol (variant, m, sampling, seed, BN mode, parameters).
+
+    Cost:
+        n-sharpness: at most ``max_fun`` full-data forward+backward passes (41 for ``max_iter=10``).
+        m-sharpness: at most ``max_fun`` passes over each of the K batches, so about ``max_fun`` passes over
+        the ``K m`` points drawn. Memory of one batch's graph plus a few float64 vectors of the parameters' size.
+    """
     if not rho > 0:
         raise ValueError(f"rho must be > 0, got {rho}")
     max_fun = default_max_fun(max_iter) if max_fun is None else max_fun

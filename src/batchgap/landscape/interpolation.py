@@ -137,9 +137,35 @@ def interpolate(
 ) -> InterpolationResult:
     """Loss and accuracy of theta(alpha) between ``model_a`` (alpha=0) and ``model_b`` (alpha=1).
 
-    ``alphas`` defaults to 25 points in [-1, 2] (the official code's grid). ``data`` is one data set
-    (tensor pair, TensorData, iterable of batches) or a mapping ``{name: data}``. Both models come
-    back bit for bit as they were. See the module docstring for the BN choice.
+        linear:       theta(alpha) = alpha b + (1 - alpha) a
+        curvilinear:  theta(alpha) = sin(alpha pi / 2) b + cos(alpha pi / 2) a
+
+    Keskar et al.'s Figure 3 (a = the SB minimizer, b = the LB minimizer). Each point is set fresh from the
+    endpoints and evaluated by :func:`evaluate`; both models come back bit for bit as they were. See the
+    module docstring for the BN choice.
+
+    Args:
+        model_a: the model at alpha = 0 (it is the one moved along the path, then restored).
+        model_b: the model at alpha = 1, of the same architecture.
+        data: one data set (tensor pair, TensorData, map-style dataset, iterable of batches) or a mapping
+            ``{name: data}`` (e.g. train and test), evaluated at every alpha.
+        alphas: the grid; None for 25 points in [-1, 2] (the official code's grid).
+        path: ``"linear"`` or ``"curvilinear"``.
+        bn: None to pick (``"recompute"`` for models that track running statistics, else ``"eval"``), or
+            ``"eval"`` (buffers interpolated too), ``"batch"`` or ``"recompute"`` (at every alpha).
+        bn_data: the data ``"recompute"`` recomputes the statistics on; None for ``data["train"]`` when
+            ``data`` is a mapping with that key, else the evaluated data.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
+        batch_size: examples per evaluation batch (memory only).
+
+    Returns:
+        An :class:`InterpolationResult`: ``alphas``, ``curves`` (``{name: PathCurve}`` with loss and accuracy
+        per alpha; ``.loss`` and ``.accuracy`` when there is one data set), the path's formula and the
+        protocol (BN mode, buffers, parameters).
+
+    Cost:
+        One forward pass over each data set per alpha, plus one pass per BatchNorm layer over ``bn_data`` per
+        alpha for ``"recompute"``; no backward pass.
     """
     alphas = as_grid(np.linspace(-1.0, 2.0, 25) if alphas is None else alphas, "alphas")
     path_coefficients(0.0, path)  # validates path
