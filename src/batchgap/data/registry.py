@@ -36,6 +36,8 @@ REMOTES: dict[str, Remote] = {r.dataset: r for r in (MNIST_REMOTE, CIFAR10.remot
 
 
 class DatasetRow(NamedTuple):
+    """One row of ``batchgap list``'s data sets."""
+
     name: str
     description: str
     needs_files: bool

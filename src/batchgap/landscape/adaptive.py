@@ -51,6 +51,8 @@ PERTURBATION_SET = "|delta_i| <= rho |w_i| (elementwise adaptive, l_inf); solved
 
 @dataclass(frozen=True)
 class AdaptiveSharpnessResult(Measured):
+    """What :func:`adaptive_sharpness` returns: the value, each batch's maximum, the solver's record, the protocol."""
+
     value: float  # n-sharpness: max L(w + delta) - L(w) (best evaluation); m-sharpness: the mean of the batch maxima
     params_measured: str  # the measured parameters in words: trainable of all, frozen, tied (params.describe_params)
     value_final: float  # the same at the final iterate(s)
@@ -87,7 +89,8 @@ def _pair(data):
         return data[0], data[1]
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:
         return data.tensors
-    if not isinstance(data, TorchDataset) and torch.is_tensor(getattr(data, "x", None)) and torch.is_tensor(getattr(data, "y", None)):
+    if (not isinstance(data, TorchDataset) and torch.is_tensor(getattr(data, "x", None))
+            and torch.is_tensor(getattr(data, "y", None))):
         return data.x, data.y  # a TensorData
     return None
 
@@ -173,7 +176,8 @@ def adaptive_sharpness(
         used = min(n_points, total)
         k = used // m
         if k < 1:
-            raise ValueError(f"m = {m} is larger than the {used} points available (n_points={n_points}, data of {total})")
+            raise ValueError(f"m = {m} is larger than the {used} points available "
+                             f"(n_points={n_points}, data of {total})")
         idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: k * m]
         parts = [_rows(data, idx[j * m : (j + 1) * m]) for j in range(k)]
         sampling = (f"{k} disjoint batches of m = {m}: {k * m} of the {total} examples (n_points = {n_points}"
@@ -206,7 +210,8 @@ def adaptive_sharpness(
         max_iter=max_iter, max_fun=max_fun, nit=sum(r.nit for r in results), nfev=sum(r.nfev for r in results),
         f_x=f_x, f_best=float(np.mean([r.f_best for r in results])),
         f_final=float(np.mean([r.f_final for r in results])), n=n_seen, bn=bn, bn_description=bn_description,
-        params=params, num_params=num_params, params_measured=describe_params(model, params), batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
+        params=params, num_params=num_params, params_measured=describe_params(model, params), batch_size=batch_size,
+        loss_fn=loss_fn_name(loss_fn),
         solver=SOLVER, start=START,
         stop="; ".join(s if c == 1 and len(results) == 1 else f"{c} x [{s}]" for s, c in stops.items()),
         capped=any(r.capped for r in results), capped_batches=sum(r.capped for r in results),

@@ -254,7 +254,8 @@ def direct_driver_ok() -> bool:
     a vertex (checked once)."""
     def same(a, b) -> bool:
         return (a[0] == b[0] and len(a[1]) == len(b[1]) and all(np.array_equal(p, q) for p, q in zip(a[1], b[1]))
-                and len(a[2]) == len(b[2]) and all(np.array_equal(p[0], q[0]) and p[1] == q[1] for p, q in zip(a[2], b[2])))
+                and len(a[2]) == len(b[2])
+                and all(np.array_equal(p[0], q[0]) and p[1] == q[1] for p, q in zip(a[2], b[2])))
     try:
         return all(same(_trace(_scipy, it, fun, c), _trace(_lbfgsb_direct, it, fun, c))
                    for it, fun, c in ((8, 30, False), (50, 12, False), (8, 30, True)))
@@ -269,5 +270,5 @@ def _solve(objective, h, max_iter, max_fun, callback, x0=None) -> str:
 
 SOLVER = ("y = 0, then corner steps y <- h * sign(grad_y f) (the first is the sign-of-gradient corner) while f rises, "
           "at most max_iter; then scipy L-BFGS-B on -f with the exact full-data gradient from the best point, and from "
-          "y = 0 with the iterations a KKT point leaves; ftol = gtol = 0; hard cap on function+gradient evaluations over "
-          "all stages; reported value uses the best f over all evaluations")
+          "y = 0 with the iterations a KKT point leaves; ftol = gtol = 0; hard cap on function+gradient evaluations "
+          "over all stages; reported value uses the best f over all evaluations")

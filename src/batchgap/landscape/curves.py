@@ -44,6 +44,8 @@ from .protocol import as_grid, data_size_name, frozen_array, jsonable
 
 @dataclass(frozen=True)
 class CurveResult:
+    """What :func:`loss_curve` returns: loss and accuracy per alpha, the norms and the protocol."""
+
     alphas: np.ndarray
     loss: np.ndarray  # (len(alphas),)
     accuracy: np.ndarray
@@ -65,6 +67,8 @@ class CurveResult:
 
 @dataclass(frozen=True)
 class SurfaceResult:
+    """What :func:`loss_surface` returns: loss and accuracy on the alphas x betas grid, and the protocol."""
+
     alphas: np.ndarray
     betas: np.ndarray
     loss: np.ndarray  # (len(alphas), len(betas))

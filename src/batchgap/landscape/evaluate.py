@@ -40,6 +40,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class Metrics:
+    """Batch-weighted mean loss, top-1 accuracy (``nan`` when targets are not class indices) and example count."""
+
     loss: float
     accuracy: float
     n: int

@@ -3,10 +3,10 @@
 H is the Hessian of L(theta) = (1/n) sum_b |b| loss_fn(model(x_b; theta), y_b) over all of ``data``
 with respect to the measured parameters (``params``: ``"all"`` trainable or ``"no-bn"``, each tensor
 once: a tied tensor is one block; the result's ``params_measured`` says which), at the model's
-parameters. ``data``: any form :func:`evaluate.batches` accepts. Products H v are reverse-over-reverse (the gradient's graph kept, then a backward pass
-of grad . v), summed over batches with weights |b| / n (:meth:`functional.FullDataLoss.hvp`), in
-float64 accumulation. BN protocol as in :mod:`sharpness` (``"eval"`` default; ``"recompute"`` once at the
-centre). Dropout is off. The model is restored bit for bit.
+parameters. ``data``: any form :func:`evaluate.batches` accepts. Products H v are reverse-over-reverse
+(the gradient's graph kept, then a backward pass of grad . v), summed over batches with weights |b| / n
+(:meth:`functional.FullDataLoss.hvp`), in float64 accumulation. BN protocol as in :mod:`sharpness`
+(``"eval"`` default; ``"recompute"`` once at the centre). Dropout is off. The model is restored bit for bit.
 
 * :func:`hessian_eigenvalues`: the k largest (algebraic) eigenvalues by Lanczos with full
   reorthogonalization from a seeded start vector; stops when every wanted Ritz pair's residual
@@ -37,6 +37,8 @@ HVP_METHOD = ("reverse-over-reverse HVP: backward of grad . v through the kept g
 
 @dataclass(frozen=True)
 class EigenResult(Measured):
+    """What :func:`hessian_eigenvalues` returns: eigenvalues, computed residuals, HVP count and protocol."""
+
     eigenvalues: np.ndarray  # (k,), descending
     residuals: np.ndarray  # ||H v_i - lambda_i v_i||, computed with extra HVPs
     converged: bool
@@ -57,6 +59,8 @@ class EigenResult(Measured):
 
 @dataclass(frozen=True)
 class TraceResult(Measured):
+    """What :func:`hessian_trace` returns: the estimate, its standard error and interval, and the protocol."""
+
     value: float
     stderr: float
     ci_low: float

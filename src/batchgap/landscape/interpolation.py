@@ -14,8 +14,9 @@ interpolating them linearly is a guess, and extrapolated running variances can t
 
 * ``"recompute"`` when the model tracks running statistics: at every alpha the running statistics
   are recomputed exactly (each BN layer's mean and unbiased variance over all of ``bn_data``, layer by
-  layer: :func:`evaluate.recompute_bn_statistics`) on ``bn_data`` (default: ``data["train"]`` when ``data`` is a mapping with a
-  ``"train"`` entry, else the evaluated data itself), then the model is evaluated in eval mode;
+  layer: :func:`evaluate.recompute_bn_statistics`) on ``bn_data`` (default: ``data["train"]`` when
+  ``data`` is a mapping with a ``"train"`` entry, else the evaluated data itself), then the model is
+  evaluated in eval mode;
 * ``"eval"`` otherwise (no BN, or ``track_running_stats=False``: batch statistics, Keskar's mode).
 
 With an explicit ``bn="eval"`` the float buffers (running mean/var) are interpolated with the same
@@ -56,6 +57,8 @@ class PathCurve:
 
 @dataclass(frozen=True)
 class InterpolationResult:
+    """What :func:`interpolate` returns: ``curves`` per data set along ``alphas``, the path and the protocol."""
+
     alphas: np.ndarray
     path: str
     formula: str

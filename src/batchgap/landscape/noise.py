@@ -50,6 +50,8 @@ def _sampling(g: int | None) -> str:
 
 @dataclass(frozen=True)
 class NoiseScaleResult(Measured):
+    """What the noise-scale functions return: B_simple or why not, its errors, both estimates, the protocol."""
+
     b_simple: float | None  # tr(Sigma)_est / |G|^2_est; None when either estimate is <= 0 (see reason)
     params_measured: str  # the measured parameters in words: trainable of all, frozen, tied (params.describe_params)
     reason: str | None  # why b_simple is None; None when it is a number
@@ -248,8 +250,7 @@ def gradient_noise_scale(model: nn.Module, data, small: int = 32, big: int | Non
 
     solved from the mean squared norms m_s, m_b at B_small < B_big (g <= small < big <= n; module docstring).
     ``n_batches`` random batches of ``small`` and of ``big``, or with ``big=None`` the exact full gradient (over
-    eval batches of ``batch_size``; under batch statistics the mean of all ghost-batch gradients). ``data``: a
-    tensor pair or TensorData. ``loss_fn(outputs, targets)`` returns the batch MEAN (default cross-entropy).
+    eval batches of ``batch_size``; under batch statistics the mean of all ghost-batch gradients).
     Under batch statistics the units are ghost batches of ``ghost_batch`` (default ``small``; keep it fixed to
     compare batch-size pairs), ``small`` and ``big`` multiples of it. The partition, then each batch
     (``randperm(N)[:B/g]``), then the bootstrap, all from ``torch.Generator().manual_seed(seed)``; the global
@@ -337,8 +338,8 @@ def gradient_noise_scale(model: nn.Module, data, small: int = 32, big: int | Non
                   f"/ sqrt(k)); ci: percentile bootstrap, {n_boot} resamples of each size's batch values"
                   + (f"; {clipped} resamples had |G|^2_est <= 0 (counted as B_simple = inf) or tr(Sigma)_est "
                      "<= 0 (counted as 0)" if clipped else "")),
-        seed=seed, n=n, bn=bn, bn_description=bn_description, params=params, num_params=num_params, params_measured=describe_params(model, params),
-        batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
+        seed=seed, n=n, bn=bn, bn_description=bn_description, params=params, num_params=num_params,
+        params_measured=describe_params(model, params), batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
         method=(f"two batch sizes (McCandlish et al. 2018, app. A.1, with the finite-population correction): "
                 f"{n_batches} random batches of B_small = {small}; {full}; torch.func.grad per batch"),
     )
@@ -351,12 +352,10 @@ def exact_gradient_noise_scale(model: nn.Module, data, loss_fn: Callable | None 
     """The gradient noise scale B_simple from every unit gradient h_j, no sampling.
 
         |G|^2 = |(1/N) sum_j h_j|^2,    tr(Sigma) = g ((1/N) sum_j |h_j|^2 - |G|^2),    B_simple = tr(Sigma) / |G|^2
-
     (module docstring; g = 1 for single examples). Single examples on a Linear/BatchNorm(eval) model: the squared
     norms in closed form, one forward and backward pass per eval batch of ``batch_size`` (:mod:`pergrad`);
     ``_fast=False`` (or any other model, ``grad_path`` says why) ``vmap(grad_and_value)`` over chunks of
-    ``chunk`` examples (memory ``chunk x P``); only the sums are kept. Single examples (no BN, or running
-    statistics): ``data`` a tensor pair, a TensorData or an iterable of batches. Batch statistics raise ValueError unless
+    ``chunk`` examples (memory ``chunk x P``); only the sums are kept. Batch statistics raise ValueError unless
     ``ghost_batch`` is given: the units are then the ghost batches of the partition drawn from ``seed``, as
     :func:`gradient_noise_scale` draws it. ``loss_fn`` must return the batch mean: checked on the first chunk.
 
@@ -425,7 +424,8 @@ def exact_gradient_noise_scale(model: nn.Module, data, loss_fn: Callable | None 
         grad_path=CLOSED_FORM_PATH if closed else mapper.path + (f"; {why_not}" if why_not else ""),
         interval=f"none: exact (every {what} gradient; B_small = {unit} enumerated, B_big = n)",
         seed=None if g is None else seed, n=n, bn=bn, bn_description=bn_description, params=params,
-        num_params=num_params, params_measured=describe_params(model, params), batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
+        num_params=num_params, params_measured=describe_params(model, params), batch_size=batch_size,
+        loss_fn=loss_fn_name(loss_fn),
         method=((f"exact per-example gradients: squared norms in closed form from each Linear/BatchNorm layer's "
                  f"input and output gradient, G from the same backward (one pass, eval batches of {batch_size})")
                 if closed else f"exact {what} gradients: torch.func.grad per unit, in chunks of {chunk} examples")

@@ -17,6 +17,7 @@ _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
 def is_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm layer (any subclass of torch's ``_BatchNorm``: 1-d to 3-d, synchronized)."""
     return isinstance(module, _BN_TYPES)
 
 
@@ -72,6 +73,7 @@ _SELECTION_WORDS["no-norm"] = _SELECTION_WORDS["no-bn"]
 
 
 def is_normalization(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization layer (``NORM_TYPES``): its parameters are left out by ``"no-bn"``."""
     return isinstance(module, NORM_TYPES)
 
 

@@ -45,6 +45,8 @@ from .protocol import Measured
 
 @dataclass(frozen=True)
 class SharpnessResult(Measured):
+    """What :func:`eps_sharpness` returns: phi, the solver's record and the protocol (fields commented below)."""
+
     value: float  # phi in percent, from the best f over all evaluations
     params_measured: str  # the measured parameters in words: trainable of all, frozen, tied (params.describe_params)
     value_final: float  # phi from the final iterate
@@ -79,6 +81,7 @@ def bn_protocol(model: nn.Module, bn: str, batch_size: int, bn_data) -> str:
 
 
 def loss_fn_name(loss_fn) -> str:
+    """The loss in words for a result: "mean cross-entropy" for the default, else the function's name."""
     return "mean cross-entropy" if loss_fn is None else getattr(loss_fn, "__name__", repr(loss_fn))
 
 
@@ -226,7 +229,8 @@ def eps_sharpness(
         value=phi(r.f_best), value_final=phi(r.f_final), eps=eps, space=space, subspace_dim=p,
         seed=seed, max_iter=max_iter, max_fun=max_fun, nit=r.nit, nfev=r.nfev,
         f_x=r.f0, f_best=r.f_best, f_final=r.f_final, n=n, bn=bn, bn_description=bn_description,
-        params=params, num_params=F.num_params, params_measured=F.params_measured, batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
+        params=params, num_params=F.num_params, params_measured=F.params_measured, batch_size=batch_size,
+        loss_fn=loss_fn_name(loss_fn),
         solver=SOLVER, stop=r.stop, start=START, first_run_start=r.start, f_corner=r.f_corner,
         corner_steps=r.corner_steps, capped=r.capped, subspace_columns=columns, column_norm=column_norm,
     )
