@@ -190,8 +190,8 @@ def loss_curve(model: nn.Module, direction, data, alphas=None, loss_fn=None, bat
         ``direction_norm``, ``center_norm`` and the protocol (BN mode, data size, method, parameters).
 
     Cost:
-        One forward pass over ``data`` per point (batch-outer: one read of the data for all points), plus one
-        pass per BatchNorm layer and point for ``"recompute"``; no backward pass.
+        One forward pass over ``data`` per point (batch-outer: one read of the data for all points), plus, for
+        ``"recompute"``, about (L + 1) / 2 forward passes over ``bn_data`` per point (L BatchNorm layers).
     """
     alphas = as_grid(np.linspace(-1.0, 1.0, 21) if alphas is None else alphas, "alphas")
     d = flat_direction(model, direction)
@@ -239,7 +239,7 @@ def loss_surface(model: nn.Module, d1, d2, data, alphas=None, betas=None, loss_f
 
     Cost:
         One forward pass over ``data`` per grid point (``len(alphas) * len(betas)``; batch-outer: one read of
-        the data for all points), plus one pass per BatchNorm layer and point for ``"recompute"``.
+        the data for all points), plus, for ``"recompute"``, about (L + 1) / 2 passes over ``bn_data`` per point.
     """
     alphas = as_grid(np.linspace(-1.0, 1.0, 11) if alphas is None else alphas, "alphas")
     betas = as_grid(np.linspace(-1.0, 1.0, 11) if betas is None else betas, "betas")

@@ -167,8 +167,8 @@ def interpolate(
         protocol (BN mode, buffers, parameters).
 
     Cost:
-        One forward pass over each data set per alpha, plus one pass per BatchNorm layer over ``bn_data`` per
-        alpha for ``"recompute"``; no backward pass.
+        One forward pass over each data set per alpha, plus, for ``"recompute"``, about (L + 1) / 2 forward
+        passes over ``bn_data`` per alpha (L BatchNorm layers); no backward pass.
     """
     alphas = as_grid(np.linspace(-1.0, 2.0, 25) if alphas is None else alphas, "alphas")
     path_coefficients(0.0, path)  # validates path

@@ -281,8 +281,8 @@ def gradient_noise_scale(model: nn.Module, data, small: int = 32, big: int | Non
 
     Cost:
         ``n_batches`` gradients at B_small and ``n_batches`` at B_big (or one full-data gradient pass), i.e.
-        about ``n_batches (small + big) / n`` passes over the data, each example's gradient by vmap over
-        ``chunk`` examples; memory ``chunk // B`` gradients of P entries.
+        about ``n_batches (small + big) / n`` passes over the data, each batch's gradient by ``torch.func.grad``
+        vmapped over ``chunk // B`` batches at a time; memory ``chunk // B`` gradients of P entries.
     """
     x, y = _tensor_pair(data)
     n_all = len(y)

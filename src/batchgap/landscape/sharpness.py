@@ -173,9 +173,9 @@ def eps_sharpness(
         (data size, BN mode, parameters, subspace and its seed).
 
     Cost:
-        At most ``max_fun`` full-data forward+backward passes (41 for ``max_iter=10``), plus one pass for
-        ``bn="recompute"``; memory of one batch's graph. A random subspace adds the n x p matrix A (4 n p bytes)
-        and its p x p Gram matrix.
+        At most ``max_fun`` full-data forward+backward passes (41 for ``max_iter=10``), plus the recomputation's
+        passes for ``bn="recompute"``; memory of one batch's graph. A random subspace adds the n x p matrix A (in
+        the parameters' dtype) and its p x p float64 Gram matrix.
     """
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
