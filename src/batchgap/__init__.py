@@ -43,7 +43,17 @@ from .study import run_study
 
 
 def write_report(out):
-    """Write ``out/report.md`` and its figures from ``out/results.json`` (imports matplotlib on first use)."""
+    """Write ``out/report.md`` and its figures from ``out/results.json`` (imports matplotlib on first use).
+
+    Args:
+        out: the output directory of a finished (or merged) study.
+
+    Returns:
+        The path of the written ``report.md``.
+
+    Cost:
+        Reading ``results.json`` and drawing the figures (seconds); no training or measurement.
+    """
     from .report import write_report as _write
 
     return _write(out)

@@ -104,6 +104,15 @@ class InitFrom:
 
 @dataclass
 class TrainConfig:
+    """The settings of one training run: a study file's ``[train]`` table, or built directly for :func:`train`.
+
+    ``optimizer`` ("adam" or "sgd") at ``lr``, scaled with the batch size by ``lr_rule`` ("none", "sqrt" or
+    "linear", relative to ``base_batch_size``) after ``warmup_epochs`` of linear warmup; ``epochs`` epochs,
+    evaluated every ``eval_every`` and checkpointed every ``checkpoint_every``; ``remedy`` and its options,
+    ``ghost_batch``, ``augment`` and ``batch_schedule`` for the large-batch remedies. A study validates every
+    field against its allowed values (:class:`UserError`, one line).
+    """
+
     optimizer: str = field(default="adam", metadata=_choice(*OPTIMIZERS))
     lr: float = field(default=1e-3, metadata={"gt": 0.0})
     momentum: float = field(default=0.9, metadata={"min": 0.0})
@@ -182,6 +191,13 @@ class MeasureConfig:
 
 @dataclass
 class StudyConfig:
+    """A validated study (:func:`load_study`): data, model, training, the regimes x seeds, measures, report.
+
+    Each run is one regime (batch size and its overrides of ``train``) with one seed; ``compare`` names the
+    small- and large-batch regimes the report sets side by side; ``measure`` says which measurements each
+    run gets. Plain dataclasses: read them, or change them with ``--set``-style assignments in ``load_study``.
+    """
+
     name: str
     description: str = ""
     seeds: list = field(default_factory=lambda: [0, 1, 2])
@@ -349,6 +365,20 @@ def load_study(
     ``--paper-scale`` applies the study's ``[paper_scale]`` table: the paper's data set, network and budget
     (hours of GPU time). A key ``regimes`` there replaces the whole list of regimes. The two profiles
     shrink and grow the same study, so they do not combine; shrink a paper-scale study with ``--set``.
+
+    Args:
+        source: the study as a dict (the TOML's tables), or the path of a study file (relative paths of the
+            user's own files in it are read from the file's directory).
+        sets: ``"key=value"`` assignments applied last, as ``--set`` (e.g. ``"train.epochs=5"``).
+        quick: apply the study's smoke-test shrink (``--quick``).
+        paper_scale: apply the study's ``[paper_scale]`` table (``--paper-scale``); not with ``quick``.
+
+    Returns:
+        The validated :class:`StudyConfig` (typed dataclasses), ready for :func:`run_study`.
+
+    Cost:
+        Parsing and validation only (no data, no model); a mistake raises :class:`UserError` with one line
+        naming the field and the allowed values.
     """
     if isinstance(source, dict):
         raw = copy.deepcopy(source)

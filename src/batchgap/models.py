@@ -369,6 +369,21 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, bn: s
 
     Construction draws from the global RNG like any ``nn.Module``; seed it yourself or use
     :func:`init_model`. Bad names, options, shapes or ``bn`` raise :class:`UserError`.
+
+    Args:
+        name: a registered model: ``"F1"``, ``"C1"`` to ``"C4"`` (Keskar et al.'s networks), ``"simplevgg"``,
+            ``"mlp"``, ``"cnn1d"`` (``batchgap list`` shows them).
+        input_shape: the shape of one example, e.g. ``(784,)`` or ``(3, 32, 32)``.
+        num_classes: the number of outputs (logits).
+        bn: ``"running"`` (PyTorch's default), ``"batch"`` (batch statistics in eval mode too, as the official
+            Keras code) or ``"none"`` (no BatchNorm layers).
+        **options: the model's own options (e.g. ``width`` and ``depth`` of ``"mlp"``), type-checked.
+
+    Returns:
+        The ``nn.Module``, on the CPU, in training mode.
+
+    Cost:
+        The parameters' memory and one initialization draw; no data pass.
     """
     if name not in MODELS:
         raise one_of("model", name, MODELS)
@@ -396,6 +411,20 @@ def init_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: 
 
     The same seed gives bitwise-identical weights whatever ran before. Models are built on the CPU,
     so only the CPU generator is forked and seeded (``torch.manual_seed`` would also reseed CUDA's).
+
+    Args:
+        name: a registered model (as :func:`build_model`).
+        input_shape: the shape of one example.
+        num_classes: the number of outputs (logits).
+        seed: seeds the CPU generator the initialization draws from.
+        bn: ``"running"``, ``"batch"`` or ``"none"`` (as :func:`build_model`).
+        **options: the model's own options.
+
+    Returns:
+        The ``nn.Module``, on the CPU, in training mode.
+
+    Cost:
+        As :func:`build_model`.
     """
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)

@@ -66,7 +66,8 @@ def kept_epochs(cfg: StudyConfig, regime: Regime) -> tuple[int, ...]:
     """Epochs after which a regime's runs keep their iterate: for the trajectory measures and for the
     regimes that warm-start from it."""
     keep = set(cfg.measure.trajectory_epochs)
-    keep |= {r.train.init_from.epoch for r in cfg.regimes if r.train.init_from and r.train.init_from.regime == regime.name}
+    keep |= {r.train.init_from.epoch for r in cfg.regimes
+             if r.train.init_from and r.train.init_from.regime == regime.name}
     return tuple(sorted(e for e in keep if e <= regime.train.epochs))
 
 
@@ -91,7 +92,8 @@ def _check_batches(cfg: StudyConfig, regime: Regime, bs: int, world_size: int) -
                         "(global-batch statistics or ghost batches)")
 
 
-def plan(cfg: StudyConfig, n_train: int, world_size: int = 1, device: str = "cpu", user: dict | None = None) -> list[Run]:
+def plan(cfg: StudyConfig, n_train: int, world_size: int = 1, device: str = "cpu",
+         user: dict | None = None) -> list[Run]:
     """Every (regime, seed) run of the study in a stable order: the runs that start from x0 (seeds outer,
     regimes inner), then the runs that warm-start from another run's iterate.
 

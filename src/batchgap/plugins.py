@@ -155,7 +155,8 @@ def check_output(model: torch.nn.Module, x: torch.Tensor, num_classes: int, what
         model.train(was)
     if not torch.is_tensor(out) or tuple(out.shape) != (len(x), num_classes):
         got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise UserError(f"{what}: must return logits of shape (batch, num_classes) = ({len(x)}, {num_classes}), got {got}")
+        raise UserError(f"{what}: must return logits of shape (batch, num_classes) = ({len(x)}, {num_classes}), "
+                        f"got {got}")
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -171,7 +172,8 @@ def _arrays_from_file(path: Path, fmt: str) -> dict:
     except Exception as e:
         raise UserError(f"data.path: {path}: not a readable .{fmt} file ({type(e).__name__}: {_line(e)})") from None
     if not isinstance(obj, dict):
-        raise UserError(f"data.path: {path}: expected a dict of tensors {', '.join(ARRAYS)}, got a {type(obj).__name__}")
+        raise UserError(f"data.path: {path}: expected a dict of tensors {', '.join(ARRAYS)}, "
+                        f"got a {type(obj).__name__}")
     return obj
 
 
@@ -198,7 +200,8 @@ def user_dataset(arrays: dict | tuple | list, where: str, label: str, num_classe
         if not t[k].is_floating_point():
             t[k] = t[k].float()
         if t[k].dim() < 2 or len(t[k]) == 0:
-            raise UserError(f"{where}: {k} must have one row per example and at least one example, got shape {tuple(t[k].shape)}")
+            raise UserError(f"{where}: {k} must have one row per example and at least one example, "
+                            f"got shape {tuple(t[k].shape)}")
         if not torch.isfinite(t[k]).all():
             raise UserError(f"{where}: {k} holds NaN or infinite values")
         if t[k].dtype == torch.float64:
@@ -209,7 +212,8 @@ def user_dataset(arrays: dict | tuple | list, where: str, label: str, num_classe
     for k in ("y_train", "y_test"):
         y = t[k]
         if y.is_floating_point() or y.dtype == torch.bool or y.is_complex() or y.dim() != 1:
-            raise UserError(f"{where}: {k} must be a 1-D array of integer class labels, got {y.dtype} of shape {tuple(y.shape)}")
+            raise UserError(f"{where}: {k} must be a 1-D array of integer class labels, "
+                            f"got {y.dtype} of shape {tuple(y.shape)}")
         t[k] = y.long()
     for x, y in (("x_train", "y_train"), ("x_test", "y_test")):
         if len(t[x]) != len(t[y]):
@@ -219,7 +223,8 @@ def user_dataset(arrays: dict | tuple | list, where: str, label: str, num_classe
     low = int(min(t["y_train"].min(), t["y_test"].min()))
     if low < 0 or top > k:
         raise UserError(f"{where}: labels must lie in [0, {k}) (data.num_classes = {k}), found {low} to {top - 1}")
-    info = {"source": label, "sha256": sha256_tensors(t[a] for a in ARRAYS), "num_classes": "given" if num_classes else "inferred"}
+    info = {"source": label, "sha256": sha256_tensors(t[a] for a in ARRAYS),
+            "num_classes": "given" if num_classes else "inferred"}
     return Dataset(label, TensorData(t["x_train"], t["y_train"]), TensorData(t["x_test"], t["y_test"]), k,
                    tuple(t["x_train"].shape[1:]), info)
 

@@ -325,6 +325,28 @@ def run_study(
     ``shard=(I, N)`` runs only shard I of N (:mod:`batchgap.sharding`) and returns ``{"shard", "runs"}``
     without writing results.json (:func:`merge_results` does). In a data-parallel process group every
     worker calls this; rank 0 returns the results, the others None.
+
+    Args:
+        cfg: the study (:func:`load_study`).
+        out: the output directory (created; a killed study resumes in it where it stopped).
+        data_dir: where the data sets' files live; None for ``$BATCHGAP_DATA``, else ``~/.cache/batchgap/data``.
+        download: fetch missing data files first.
+        progress: show progress bars; None for only when output is a terminal.
+        log: called with each line of progress text (default: nothing).
+        command: the command line to record in the results (None: not recorded).
+        jobs: runs side by side in worker processes; None for the cores available over ``train.threads``.
+        shard: ``(I, N)`` to run only shard I of N, or None for all runs.
+        device: where the data, models and measurements live; None for ``$BATCHGAP_DEVICE``, else a GPU when
+            torch sees one, else the CPU.
+        force: make ``out`` this study's even when it holds another study's runs.
+
+    Returns:
+        The :class:`Results` written to ``out/results.json``; with ``shard``, ``{"shard", "runs"}`` instead;
+        None on the ranks other than 0 of a data-parallel group.
+
+    Cost:
+        One training (``cfg.train.epochs`` epochs) and one set of ``measure.*`` measurements per run not yet
+        finished in ``out`` (regimes x seeds); finished runs are read back, not recomputed.
     """
     out = Output(out)
     t0 = time.perf_counter()

@@ -134,6 +134,36 @@ def train(
 
     In a process group of W > 1 workers every worker calls this with the same arguments; ``batch_size``
     is the global batch (W must divide it), rank 0 alone touches ``run_dir`` and evaluates.
+
+    Each epoch is ``n // batch_size`` steps over ``randperm(n)`` from ``torch.Generator().manual_seed(seed)``
+    (the last partial batch left out); the learning rate is ``cfg``'s LR rule at the batch size, after a
+    linear warmup over ``cfg.warmup_epochs`` (no decay schedule).
+
+    Args:
+        model: the ``nn.Module`` to train, in place (on the device of ``train_data``).
+        train_data: the training set as a :class:`TensorData` (held in memory, indexed per batch).
+        test_data: the test set evaluated beside the training set every ``cfg.eval_every`` epochs, or None.
+        cfg: the :class:`TrainConfig`: optimizer, learning rate and its rule, epochs, warmup, schedule, remedy.
+        batch_size: the batch size, or a function from the epoch (from 0) to the batch size.
+        seed: seeds the generator that shuffles the data and drives ``augment``.
+        augment: ``augment(x, generator)`` returning the augmented batch, or None.
+        run_dir: a directory for the history, checkpoints and final model (resumed from), or None.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean (default cross-entropy).
+        step: the function that takes one optimizer step, ``step(model, optimizer, x, y, loss_fn)`` returning
+            the batch's loss (default :func:`batchgap.step.sgd_step`: forward, backward, ``optimizer.step()``).
+        progress: show a progress bar; None for only when output is a terminal.
+        desc: the progress bar's label.
+        keep_epochs: epochs after which the model is saved as ``iterates/epoch-K.pt`` (0 = the start point).
+
+    Returns:
+        A :class:`TrainResult`: ``history`` (one dict per evaluated epoch: train and test loss and accuracy),
+        ``epochs_done``, ``steps``, ``lr``, ``batch_size``, ``diverged_epoch``, ``wall_time_s`` and
+        ``resumed_from_epoch``.
+
+    Cost:
+        ``cfg.epochs`` passes over ``train_data`` of one forward and backward pass each, plus a forward pass over
+        ``train_data`` and ``test_data`` every ``cfg.eval_every`` epochs; memory: the model, the optimizer state
+        and one batch's graph.
     """
     n = len(train_data)
     schedule = batch_size if callable(batch_size) else (lambda epoch, b=batch_size: b)

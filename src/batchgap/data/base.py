@@ -45,6 +45,8 @@ class Dataset:
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """A built-in data set: its name, a line about it, its loader, whether it needs downloaded files."""
+
     name: str
     description: str
     loader: Callable[..., Dataset]  # loader(data_dir: Path, download: bool) -> Dataset

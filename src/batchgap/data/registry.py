@@ -36,6 +36,8 @@ REMOTES: dict[str, Remote] = {r.dataset: r for r in (MNIST_REMOTE, CIFAR10.remot
 
 
 class DatasetRow(NamedTuple):
+    """One row of ``batchgap list``'s data sets."""
+
     name: str
     description: str
     needs_files: bool
@@ -48,7 +50,24 @@ def _spec(name: str) -> DatasetSpec:
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> Dataset:
-    """The data set ``name`` as tensors in memory; its files are fetched first when ``download``."""
+    """The data set ``name`` as tensors in memory; its files are fetched first when ``download``.
+
+    Image pixels are divided by 255 (the paper's only preprocessing); files are checked by md5 before use. An
+    unknown name or missing files raise :class:`UserError` (one line naming the choices or the command).
+
+    Args:
+        name: ``"mnist1d"`` (generated offline, the default study's), ``"mnist"``, ``"cifar10"`` or
+            ``"cifar100"`` (``batchgap list`` shows them).
+        data_dir: where the files live; None for ``$BATCHGAP_DATA``, else ``~/.cache/batchgap/data``.
+        download: fetch missing files from the official mirror first.
+
+    Returns:
+        A :class:`Dataset`: ``train`` and ``test`` as :class:`TensorData`, ``num_classes``, ``input_shape`` and
+        ``info`` (the files and their checksums, or the generator's arguments).
+
+    Cost:
+        One read (and, with ``download``, one fetch) of the files; the whole data set is held in memory.
+    """
     return _spec(name).loader(resolve_data_dir(data_dir), download)
 
 

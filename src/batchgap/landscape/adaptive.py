@@ -51,6 +51,8 @@ PERTURBATION_SET = "|delta_i| <= rho |w_i| (elementwise adaptive, l_inf); solved
 
 @dataclass(frozen=True)
 class AdaptiveSharpnessResult(Measured):
+    """What :func:`adaptive_sharpness` returns: the value, each batch's maximum, the solver's record, the protocol."""
+
     value: float  # n-sharpness: max L(w + delta) - L(w) (best evaluation); m-sharpness: the mean of the batch maxima
     params_measured: str  # the measured parameters in words: trainable of all, frozen, tied (params.describe_params)
     value_final: float  # the same at the final iterate(s)
@@ -87,7 +89,8 @@ def _pair(data):
         return data[0], data[1]
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:
         return data.tensors
-    if not isinstance(data, TorchDataset) and torch.is_tensor(getattr(data, "x", None)) and torch.is_tensor(getattr(data, "y", None)):
+    if (not isinstance(data, TorchDataset) and torch.is_tensor(getattr(data, "x", None))
+            and torch.is_tensor(getattr(data, "y", None))):
         return data.x, data.y  # a TensorData
     return None
 
@@ -126,7 +129,41 @@ def adaptive_sharpness(
     n_points: int = 1024,
     seed: int = 0,
 ) -> AdaptiveSharpnessResult:
-    """n-sharpness (``m=None``) or m-sharpness of the module docstring, with its protocol."""
+    """Adaptive worst-case sharpness (Andriushchenko et al. 2023): n-sharpness or m-sharpness, with its protocol.
+
+        S_rho(w; B) = max_{|delta_i| <= rho |w_i|} L_B(w + delta) - L_B(w)
+
+    n-sharpness (``m=None``): one maximum over all of ``data``. m-sharpness: the mean over K = n_points // m
+    disjoint random batches B_k of m examples of each batch's own maximum, (1/K) sum_k S_rho(w; B_k). Each
+    maximum is solved in the coordinates u = delta / |w| (invariant to a ReLU rescaling) by
+    :func:`boxmax.maximize_in_box`; the best value seen is a lower bound on the true maximum.
+
+    Args:
+        model: the trained model; restored bit for bit, also on error.
+        data: the examples: a tensor pair, a TensorData, a map-style dataset or (n-sharpness only) an iterable
+            of batches.
+        rho: the box's relative half-width; must be > 0.
+        max_iter: L-BFGS-B iterations per maximum (also bounds the corner steps).
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
+        batch_size: examples per evaluation batch (memory only).
+        bn: the BatchNorm protocol for all maxima: ``"eval"``, ``"batch"`` or ``"recompute"`` (once, at w).
+        params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
+        max_fun: the hard cap on loss+gradient evaluations per maximum; None for ``1 + 4 * max_iter``.
+        bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        m: None for n-sharpness, else the batch size of m-sharpness (a positive int, at most the points drawn).
+        n_points: m-sharpness: how many examples are drawn (at most all of ``data``; a remainder is left out).
+        seed: m-sharpness: seeds the ``torch.Generator`` whose ``randperm`` draws the examples.
+
+    Returns:
+        An :class:`AdaptiveSharpnessResult`: ``value`` (n-sharpness, or the mean of the batch maxima),
+        ``value_final``, ``relative`` (value / (1 + L(w)) * 100), ``batch_values``, the solver's iterations,
+        evaluations and stops, ``capped``, and the protocol (variant, m, sampling, seed, BN mode, parameters).
+
+    Cost:
+        n-sharpness: at most ``max_fun`` full-data forward+backward passes (41 for ``max_iter=10``).
+        m-sharpness: at most ``max_fun`` passes over each of the K batches, so about ``max_fun`` passes over
+        the ``K m`` points drawn. Memory of one batch's graph plus a few float64 vectors of the parameters' size.
+    """
     if not rho > 0:
         raise ValueError(f"rho must be > 0, got {rho}")
     max_fun = default_max_fun(max_iter) if max_fun is None else max_fun
@@ -139,7 +176,8 @@ def adaptive_sharpness(
         used = min(n_points, total)
         k = used // m
         if k < 1:
-            raise ValueError(f"m = {m} is larger than the {used} points available (n_points={n_points}, data of {total})")
+            raise ValueError(f"m = {m} is larger than the {used} points available "
+                             f"(n_points={n_points}, data of {total})")
         idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: k * m]
         parts = [_rows(data, idx[j * m : (j + 1) * m]) for j in range(k)]
         sampling = (f"{k} disjoint batches of m = {m}: {k * m} of the {total} examples (n_points = {n_points}"
@@ -172,7 +210,8 @@ def adaptive_sharpness(
         max_iter=max_iter, max_fun=max_fun, nit=sum(r.nit for r in results), nfev=sum(r.nfev for r in results),
         f_x=f_x, f_best=float(np.mean([r.f_best for r in results])),
         f_final=float(np.mean([r.f_final for r in results])), n=n_seen, bn=bn, bn_description=bn_description,
-        params=params, num_params=num_params, params_measured=describe_params(model, params), batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
+        params=params, num_params=num_params, params_measured=describe_params(model, params), batch_size=batch_size,
+        loss_fn=loss_fn_name(loss_fn),
         solver=SOLVER, start=START,
         stop="; ".join(s if c == 1 and len(results) == 1 else f"{c} x [{s}]" for s, c in stops.items()),
         capped=any(r.capped for r in results), capped_batches=sum(r.capped for r in results),

@@ -17,15 +17,10 @@ share one solver. With g(y) = A^T grad f(x + A y), the gradient in y:
    failed line search, the iterations left go to a second L-BFGS-B run from y = 0, the old protocol's
    start, so the result is never below what L-BFGS-B from y = 0 alone reaches with those iterations.
 
-Why: maximizing f is minimizing -f, and where f is locally convex (around any minimum) -f has
-negative curvature; L-BFGS-B then rejects every curvature pair (s^T y < 0), its model stays the
-identity and its trial steps the size of the gradient in y. Near a trained minimum the gradient is
-small, so 10 iterations from y = 0 end inside the box. On a reproduction of the default study's
-146k-parameter MLP (docs/measures.md), adaptive sharpness (rho = 0.01) was 0.015 (SB) and 0.00036
-(LB) from y = 0 against 0.15 and 0.84 after corner steps; from the single sign-of-gradient corner,
-100 L-BFGS-B iterations reached only 0.11 and 0.82. A corner step is scale-free: it moves every
-coordinate to its bound at once. Both stages are local: on a non-convex f they can end at a local
-maximum (docs/measures.md gives the measured fractions of a brute-force maximum).
+Why corner steps first: near a minimum -f has negative curvature, so L-BFGS-B from y = 0 takes steps the size
+of the small gradient and ends inside the box; a corner step moves every coordinate to its bound at once.
+Both stages are local. The measured numbers, and the fractions of a brute-force maximum reached:
+docs/measures.md, "Notes by module".
 
 Stopping: ``max_iter`` L-BFGS-B iterations over both runs (``ftol = gtol = 0`` so that only the
 budgets, a KKT point or a failed line search end a run, as a fixed number of iterations is the
@@ -37,13 +32,10 @@ by a line search). Each evaluation is one full-data forward and backward pass. T
 cap, not the iterations, ends a solve only where the line searches are unusually long.
 ``BoxMax.capped`` says when it did, and the measures carry it into their results and the report.
 
-Speed: ``minimize`` spends about 6 microseconds of Python per coordinate and call on the bounds
-(``Bounds`` to a list of pairs and back, then a loop filling the bound types): 0.8 s per call at the
-default MLP's 146k parameters and about 10 s at C1's 1.7M, more than the full-data passes themselves.
-:func:`_lbfgsb_direct` runs the same L-BFGS-B loop as scipy's ``_minimize_lbfgsb`` over its compiled
-``setulb``, with the bounds built as arrays. It is used only after it has reproduced ``minimize`` bit
-for bit on a small problem in this process (:func:`direct_driver_ok`); on a SciPy whose private
-interface differs, ``minimize`` runs as before.
+Speed: :func:`_lbfgsb_direct` runs scipy's L-BFGS-B loop over its compiled ``setulb`` with the bounds built
+as arrays (``minimize`` spends seconds per call on them at a million parameters), used only after it has
+reproduced ``minimize`` bit for bit in this process (:func:`direct_driver_ok`); else ``minimize`` runs.
+The measured costs: docs/measures.md, "Notes by module".
 
 Reported: the BEST f over all evaluations (a running max inside the objective). Any evaluated point
 is a feasible point of the box, so the best one is a valid lower bound on the true max. The final
@@ -262,7 +254,8 @@ def direct_driver_ok() -> bool:
     a vertex (checked once)."""
     def same(a, b) -> bool:
         return (a[0] == b[0] and len(a[1]) == len(b[1]) and all(np.array_equal(p, q) for p, q in zip(a[1], b[1]))
-                and len(a[2]) == len(b[2]) and all(np.array_equal(p[0], q[0]) and p[1] == q[1] for p, q in zip(a[2], b[2])))
+                and len(a[2]) == len(b[2])
+                and all(np.array_equal(p[0], q[0]) and p[1] == q[1] for p, q in zip(a[2], b[2])))
     try:
         return all(same(_trace(_scipy, it, fun, c), _trace(_lbfgsb_direct, it, fun, c))
                    for it, fun, c in ((8, 30, False), (50, 12, False), (8, 30, True)))
@@ -277,5 +270,5 @@ def _solve(objective, h, max_iter, max_fun, callback, x0=None) -> str:
 
 SOLVER = ("y = 0, then corner steps y <- h * sign(grad_y f) (the first is the sign-of-gradient corner) while f rises, "
           "at most max_iter; then scipy L-BFGS-B on -f with the exact full-data gradient from the best point, and from "
-          "y = 0 with the iterations a KKT point leaves; ftol = gtol = 0; hard cap on function+gradient evaluations over "
-          "all stages; reported value uses the best f over all evaluations")
+          "y = 0 with the iterations a KKT point leaves; ftol = gtol = 0; hard cap on function+gradient evaluations "
+          "over all stages; reported value uses the best f over all evaluations")

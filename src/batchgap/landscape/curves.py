@@ -23,13 +23,8 @@ Two evaluation methods, equal to float rounding (tested):
 * batch-outer (``fast=True``, used for "eval" and "batch"): each data batch is read once and every
   point is evaluated on it with ``torch.func.functional_call`` (no parameter is written), one point
   at a time (``chunk=1``) or ``torch.func.vmap`` over ``chunk`` stacked parameter vectors.
-  ``chunk=None`` picks 1 on the CPU and 16 on an accelerator. Measured on 2 shared CPU cores with
-  the study's MLP (40 -> 3 x 256 BN -> 10, 4000 examples): vmap's batched matmuls and decomposed
-  BatchNorm were up to 2x SLOWER than per-point calls, and per-point calls cost about the same as
-  the point-outer loop below (the forward pass is matmul-bound, so no ordering saves arithmetic).
-  What batch-outer saves is reading the data: one pass over ``data`` for all points, which matters
-  for a stream of batches that is costly to produce (and lets a one-shot generator work); vmap
-  pays off where one point does not fill the device.
+  ``chunk=None`` picks 1 on the CPU and 16 on an accelerator. What batch-outer saves is reading the
+  data: one pass over ``data`` for all points (measured timings: docs/measures.md, "Notes by module").
 * point-outer (``fast=False``, and always for "recompute", whose statistics differ per point): one
   :func:`evaluate.evaluate` per point, the straightforward reference.
 """
@@ -49,6 +44,8 @@ from .protocol import as_grid, data_size_name, frozen_array, jsonable
 
 @dataclass(frozen=True)
 class CurveResult:
+    """What :func:`loss_curve` returns: loss and accuracy per alpha, the norms and the protocol."""
+
     alphas: np.ndarray
     loss: np.ndarray  # (len(alphas),)
     accuracy: np.ndarray
@@ -70,6 +67,8 @@ class CurveResult:
 
 @dataclass(frozen=True)
 class SurfaceResult:
+    """What :func:`loss_surface` returns: loss and accuracy on the alphas x betas grid, and the protocol."""
+
     alphas: np.ndarray
     betas: np.ndarray
     loss: np.ndarray  # (len(alphas), len(betas))
@@ -163,7 +162,37 @@ def _common(model, data, loss_fn, batch_size, bn, bn_data, method):
 
 def loss_curve(model: nn.Module, direction, data, alphas=None, loss_fn=None, batch_size: int = 1000,
                bn: str = "eval", bn_data=None, fast: bool = True, chunk: int | None = None) -> CurveResult:
-    """L(theta* + alpha d) and accuracy for each alpha (default 21 points in [-1, 1]); model restored."""
+    """The loss and accuracy along one direction from the trained parameters theta*.
+
+        L(theta* + alpha d)    for alpha in alphas,    L the full-data, batch-weighted mean loss
+
+    Every point is set fresh from theta*; alpha = 0 is theta* exactly. The model is restored bit for bit.
+
+    Args:
+        model: the trained model (its parameters are theta*).
+        direction: d over the trainable parameters: a dict ``{name: tensor}`` (missing names 0, e.g. a
+            :func:`filter_normalized_direction`), a list aligned with them, or a flat tensor.
+        data: the data the loss is taken over: a tensor pair, a TensorData, a map-style dataset or an iterable
+            of batches.
+        alphas: the grid, which must contain 0 when symmetric; None for 21 points in [-1, 1].
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
+        batch_size: examples per evaluation batch (memory only).
+        bn: the BatchNorm protocol: ``"eval"`` (the centre's statistics), ``"batch"`` or ``"recompute"`` (at
+            every point).
+        bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        fast: evaluate batch-outer (each data batch read once for all points); ``"recompute"`` is always
+            point-outer. Equal values to float rounding.
+        chunk: batch-outer only: points per ``torch.func.vmap`` call; None for 1 on the CPU, 16 on an
+            accelerator.
+
+    Returns:
+        A :class:`CurveResult`: ``alphas``, ``loss`` and ``accuracy`` (each of shape ``(len(alphas),)``),
+        ``direction_norm``, ``center_norm`` and the protocol (BN mode, data size, method, parameters).
+
+    Cost:
+        One forward pass over ``data`` per point (batch-outer: one read of the data for all points), plus, for
+        ``"recompute"``, about (L + 1) / 2 forward passes over ``bn_data`` per point (L BatchNorm layers).
+    """
     alphas = as_grid(np.linspace(-1.0, 1.0, 21) if alphas is None else alphas, "alphas")
     d = flat_direction(model, direction)
     loss, acc, n, method = _grid_values(model, [d], alphas[:, None], data, loss_fn, batch_size, bn, bn_data,
@@ -179,9 +208,38 @@ def loss_curve(model: nn.Module, direction, data, alphas=None, loss_fn=None, bat
 
 def loss_surface(model: nn.Module, d1, d2, data, alphas=None, betas=None, loss_fn=None, batch_size: int = 1000,
                  bn: str = "eval", bn_data=None, fast: bool = True, chunk: int | None = None) -> SurfaceResult:
-    """L(theta* + alpha d1 + beta d2) on the grid alphas x betas (default 11 x 11 in [-1, 1]^2).
+    """The loss and accuracy on a plane through the trained parameters theta*.
 
-    ``loss[i, j]`` is at ``(alphas[i], betas[j])``; the grids may differ in length.
+        L(theta* + alpha d1 + beta d2)    for alpha in alphas, beta in betas
+
+    ``loss[i, j]`` is at ``(alphas[i], betas[j])``; the grids may differ in length. Every point is set fresh
+    from theta*; the model is restored bit for bit.
+
+    Args:
+        model: the trained model (its parameters are theta*).
+        d1: the first direction (the forms :func:`loss_curve` takes).
+        d2: the second direction.
+        data: the data the loss is taken over: a tensor pair, a TensorData, a map-style dataset or an iterable
+            of batches.
+        alphas: the grid along d1; None for 11 points in [-1, 1].
+        betas: the grid along d2; None for 11 points in [-1, 1].
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
+        batch_size: examples per evaluation batch (memory only).
+        bn: the BatchNorm protocol: ``"eval"`` (the centre's statistics), ``"batch"`` or ``"recompute"`` (at
+            every point).
+        bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        fast: evaluate batch-outer (each data batch read once for all points); ``"recompute"`` is always
+            point-outer. Equal values to float rounding.
+        chunk: batch-outer only: points per ``torch.func.vmap`` call; None for 1 on the CPU, 16 on an
+            accelerator.
+
+    Returns:
+        A :class:`SurfaceResult`: ``alphas``, ``betas``, ``loss`` and ``accuracy`` (each of shape
+        ``(len(alphas), len(betas))``), the directions' norms, ``center_norm`` and the protocol.
+
+    Cost:
+        One forward pass over ``data`` per grid point (``len(alphas) * len(betas)``; batch-outer: one read of
+        the data for all points), plus, for ``"recompute"``, about (L + 1) / 2 passes over ``bn_data`` per point.
     """
     alphas = as_grid(np.linspace(-1.0, 1.0, 11) if alphas is None else alphas, "alphas")
     betas = as_grid(np.linspace(-1.0, 1.0, 11) if betas is None else betas, "betas")

@@ -59,11 +59,27 @@ def filter_normalized_direction(
     params: str = "all",
     seed: int = 0,
 ) -> Direction:
-    """A filter-normalized Gaussian direction, ``{name: tensor}`` for every trainable parameter.
+    """A filter-normalized Gaussian direction (Li et al. 2018), ``{name: tensor}`` for every trainable parameter.
 
-    ``generator`` defaults to ``torch.Generator().manual_seed(seed)``; the global RNG is never used.
-    The :class:`Direction` (a dict) is aligned with ``model.named_parameters()`` (same names, shapes, dtypes, devices) and
-    can be passed to :func:`curves.loss_curve` / :func:`curves.loss_surface`.
+        d ~ N(0, I),    d_f <- d_f / ||d_f|| * ||w_f||    for each filter f (module docstring)
+
+    The global RNG is never used. The :class:`Direction` (a dict) is aligned with ``model.named_parameters()``
+    (same names, shapes, dtypes, devices) and can be passed to :func:`curves.loss_curve` /
+    :func:`curves.loss_surface`.
+
+    Args:
+        model: the model whose parameters w set the filters' norms (not changed).
+        generator: the ``torch.Generator`` (CPU) to draw from; None for ``torch.Generator().manual_seed(seed)``.
+        bias_bn: 1-D parameters (biases, BatchNorm affine): ``"zero"`` (direction 0 there, Li et al.'s
+            choice) or ``"filter"`` (each scalar its own filter, d_i <- sign(d_i) |w_i|).
+        params: the perturbed parameters: ``"all"`` trainable, or ``"no-bn"`` (others get a zero direction).
+        seed: the seed of the default generator (unused when ``generator`` is given).
+
+    Returns:
+        A :class:`Direction`: ``{name: tensor}`` with a ``protocol`` string saying how it was drawn.
+
+    Cost:
+        One Gaussian draw of the parameters' size and a norm per filter; no data pass.
     """
     if bias_bn not in BIAS_BN_POLICIES:
         raise ValueError(f"bias_bn must be one of {BIAS_BN_POLICIES}, not {bias_bn!r}")

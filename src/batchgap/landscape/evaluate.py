@@ -40,6 +40,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class Metrics:
+    """Batch-weighted mean loss, top-1 accuracy (``nan`` when targets are not class indices) and example count."""
+
     loss: float
     accuracy: float
     n: int
@@ -243,13 +245,30 @@ def evaluate(
     bn: str = "eval",
     bn_data=None,
 ) -> Metrics:
-    """Batch-weighted mean loss and accuracy of ``model`` over all of ``data``: one pass (plus the BN
-    recomputation's passes for ``bn="recompute"``).
+    """Batch-weighted mean loss and accuracy of ``model`` over all of ``data``.
 
-    ``data``: a tensor pair, TensorData, TensorDataset or other map-style dataset of (input, target)
-    pairs, or an iterable of batches (:func:`batches`). ``loss_fn(outputs, targets)`` must return the
-    mean over the batch (default: cross-entropy, for a model returning logits ``(batch, classes)``).
-    Accuracy is top-1 for class-index targets, ``nan`` when targets are not class indices.
+        loss = (1/n) sum_b |b| loss_fn(model(x_b), y_b),    accuracy = (1/n) #{i : argmax model(x_i) = y_i}
+
+    never a mean of batch means. Accuracy is top-1 for class-index targets, ``nan`` when targets are not
+    class indices. The model is restored bit for bit (modes and buffers included).
+
+    Args:
+        model: the model to evaluate.
+        data: a tensor pair, TensorData, TensorDataset or other map-style dataset of (input, target) pairs,
+            or an iterable of batches (:func:`batches`).
+        loss_fn: ``loss_fn(outputs, targets)`` returning the mean over the batch; None for cross-entropy on
+            logits ``(batch, classes)``.
+        batch_size: examples per evaluation batch (memory only).
+        bn: the BatchNorm mode: ``"eval"`` (running statistics), ``"batch"`` (each batch's statistics, no buffer
+            updates) or ``"recompute"`` (running statistics recomputed exactly on ``bn_data`` first).
+        bn_data: the data ``"recompute"`` recomputes the statistics on; None for ``data``.
+
+    Returns:
+        :class:`Metrics` with ``loss``, ``accuracy`` and ``n``, the number of examples.
+
+    Cost:
+        One forward pass over ``data`` under ``torch.no_grad`` (plus about (L + 1) / 2 passes over ``bn_data``
+        for ``"recompute"`` with L BatchNorm layers).
     """
     loss_fn = loss_fn or mean_cross_entropy
     with preserved(model):

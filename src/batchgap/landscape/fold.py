@@ -12,13 +12,13 @@ float rounding only (tests/test_landscape_fold.py against the unfolded model; th
 row of ``benchmarks/run.py``).
 
 :func:`folded_view` returns a shallow copy of the model's module tree in which each such pair of
-consecutive children of a plain ``nn.Sequential`` reached from the model through plain Sequentials only (Linear -> BatchNorm1d, Conv1d/2d/3d ->
-BatchNorm1d/2d/3d, both of exactly these types, no hooks, the BN in eval mode with running statistics,
-its channels those of the layer) is replaced: the layer by :class:`FoldedLayer` and the BN by
-:class:`FoldedAway` (the identity), which keep the originals' parameter and buffer names, so
-``functional_call(view, {name: tensor})`` takes the model's own names. The view shares every tensor
-with the model and is never trained; it is only valid while the model's modes and BN statistics stay
-as they were when it was made (inside one session). None when there is nothing to fold.
+consecutive children of a plain ``nn.Sequential`` reached from the model through plain Sequentials only
+(Linear -> BatchNorm1d, Conv1d/2d/3d -> BatchNorm1d/2d/3d, both of exactly these types, no hooks, the BN
+in eval mode with running statistics, its channels those of the layer) is replaced: the layer by
+:class:`FoldedLayer` and the BN by :class:`FoldedAway` (the identity), which keep the originals' parameter
+and buffer names, so ``functional_call(view, {name: tensor})`` takes the model's own names. The view shares
+every tensor with the model and is never trained; it is only valid while the model's modes and BN statistics
+stay as they were when it was made (inside one session). None when there is nothing to fold.
 """
 from __future__ import annotations
 

@@ -236,10 +236,10 @@ class FullDataLoss:
             for s in range(0, P, chunk):
                 points = point_fn(rows[s : s + chunk])
                 if chunk == 1:
-                    l, c = one(points[0])
+                    values, c = one(points[0])
                 else:
-                    l, c = vmap(one)(points)
-                loss[s : s + chunk] += l.double().cpu() * len(y)
+                    values, c = vmap(one)(points)
+                loss[s : s + chunk] += values.double().cpu() * len(y)
                 correct[s : s + chunk] += c.double().cpu()
         classify = all(kinds)
         accuracy = correct / self.n if classify else torch.full((P,), float("nan"), dtype=torch.float64)

@@ -3,10 +3,10 @@
 H is the Hessian of L(theta) = (1/n) sum_b |b| loss_fn(model(x_b; theta), y_b) over all of ``data``
 with respect to the measured parameters (``params``: ``"all"`` trainable or ``"no-bn"``, each tensor
 once: a tied tensor is one block; the result's ``params_measured`` says which), at the model's
-parameters. ``data``: any form :func:`evaluate.batches` accepts. Products H v are reverse-over-reverse (the gradient's graph kept, then a backward pass
-of grad . v), summed over batches with weights |b| / n (:meth:`functional.FullDataLoss.hvp`), in
-float64 accumulation. BN protocol as in :mod:`sharpness` (``"eval"`` default; ``"recompute"`` once at the
-centre). Dropout is off. The model is restored bit for bit.
+parameters. ``data``: any form :func:`evaluate.batches` accepts. Products H v are reverse-over-reverse
+(the gradient's graph kept, then a backward pass of grad . v), summed over batches with weights |b| / n
+(:meth:`functional.FullDataLoss.hvp`), in float64 accumulation. BN protocol as in :mod:`sharpness`
+(``"eval"`` default; ``"recompute"`` once at the centre). Dropout is off. The model is restored bit for bit.
 
 * :func:`hessian_eigenvalues`: the k largest (algebraic) eigenvalues by Lanczos with full
   reorthogonalization from a seeded start vector; stops when every wanted Ritz pair's residual
@@ -37,6 +37,8 @@ HVP_METHOD = ("reverse-over-reverse HVP: backward of grad . v through the kept g
 
 @dataclass(frozen=True)
 class EigenResult(Measured):
+    """What :func:`hessian_eigenvalues` returns: eigenvalues, computed residuals, HVP count and protocol."""
+
     eigenvalues: np.ndarray  # (k,), descending
     residuals: np.ndarray  # ||H v_i - lambda_i v_i||, computed with extra HVPs
     converged: bool
@@ -57,6 +59,8 @@ class EigenResult(Measured):
 
 @dataclass(frozen=True)
 class TraceResult(Measured):
+    """What :func:`hessian_trace` returns: the estimate, its standard error and interval, and the protocol."""
+
     value: float
     stderr: float
     ci_low: float
@@ -179,11 +183,37 @@ def hessian_eigenvalues(
     params: str = "all", seed: int = 0, tol: float = 1e-3, max_hvp: int = 100,
     return_eigenvectors: bool = False, bn_data=None,
 ) -> EigenResult:
-    """The k largest Hessian eigenvalues (see module docstring) with residuals and the HVP count.
+    """The k largest (algebraic) eigenvalues of the full-data loss Hessian, with residuals and the HVP count.
 
-    ``max_hvp`` caps the Lanczos steps (k more HVPs check the residuals). ``tol`` is relative:
-    residual estimate <= tol * |lambda|. The start vector is N(0, 1) from ``torch.Generator`` seeded
-    ``seed``.
+        H = d^2/dtheta^2 (1/n) sum_b |b| loss_fn(model(x_b; theta), y_b),    H v_i = lambda_i v_i
+
+    by Lanczos with full reorthogonalization from a seeded N(0, 1) start vector, stopped when every wanted
+    Ritz pair's residual estimate is at most ``tol * |lambda_i|`` or after ``max_hvp`` steps; the returned
+    residuals ||H v_i - lambda_i v_i|| are then computed, not estimated.
+
+    Args:
+        model: the trained model; restored bit for bit, also on error.
+        data: the data the loss is taken over: a tensor pair, a TensorData, a map-style dataset or an iterable
+            of batches.
+        k: how many of the largest eigenvalues (1 <= k <= number of measured parameters).
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
+        batch_size: examples per evaluation batch (memory only).
+        bn: the BatchNorm protocol: ``"eval"``, ``"batch"`` or ``"recompute"`` (once, at the model's parameters).
+        params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
+        seed: seeds the ``torch.Generator`` that draws the start vector.
+        tol: the relative residual at which a Ritz pair counts as converged.
+        max_hvp: the cap on Lanczos steps (raised to k when smaller).
+        return_eigenvectors: also return the k eigenvectors (k x number of parameters, float64).
+        bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+
+    Returns:
+        An :class:`EigenResult`: ``eigenvalues`` (descending), ``residuals``, ``converged``, ``lanczos_steps``,
+        ``hvps`` (all HVPs, the residual checks included), ``eigenvectors`` when asked, and the protocol.
+
+    Cost:
+        At most ``max_hvp + k`` Hessian-vector products over all of ``data``: one forward pass and gradient
+        graph per batch (kept for all products while the graphs fit in ``FullDataLoss.graph_budget``), then
+        per product a backward pass of grad . v; memory: the Lanczos basis, ``steps x P`` float64.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -220,7 +250,7 @@ def hessian_trace(
     batch_size: int = 1000, bn: str = "eval", params: str = "all", confidence: float = 0.95,
     chunk: int = 8, bn_data=None,
 ) -> TraceResult:
-    """tr(H) with a confidence interval; ``n_probes`` HVPs in all, probes from a seeded generator.
+    """tr(H), the trace of the full-data loss Hessian, with a Student-t confidence interval.
 
     * ``"hutchinson"``: z_i Rademacher, tr ~ mean_i z_i^T H z_i; stderr = sample std (ddof 1) / sqrt(m);
       interval mean +- t_{(1+confidence)/2, m-1} stderr.
@@ -232,6 +262,29 @@ def hessian_trace(
     HVPs share one gradient graph per data batch among ``chunk`` probes at a time (memory does not
     grow with ``chunk``: the probes' backward passes run one after another); the result does not
     depend on it.
+
+    Args:
+        model: the trained model; restored bit for bit, also on error.
+        data: the data the loss is taken over: a tensor pair, a TensorData, a map-style dataset or an iterable
+            of batches.
+        n_probes: m, the Hessian-vector products in all (at least 2 for Hutchinson, 5 for Hutch++).
+        method: ``"hutchinson"`` or ``"hutch++"``.
+        seed: seeds the ``torch.Generator`` that draws the Rademacher probes.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
+        batch_size: examples per evaluation batch (memory only).
+        bn: the BatchNorm protocol: ``"eval"``, ``"batch"`` or ``"recompute"`` (once, at the model's parameters).
+        params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
+        confidence: the interval's coverage, e.g. 0.95.
+        chunk: probes sharing one gradient graph per batch (speed only, not the result).
+        bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+
+    Returns:
+        A :class:`TraceResult`: ``value``, ``stderr``, ``ci_low``, ``ci_high`` at ``confidence``, ``hvps``,
+        ``interval`` (what the interval is, in words) and the protocol.
+
+    Cost:
+        ``n_probes`` Hessian-vector products over all of ``data`` (one forward pass and gradient graph per
+        batch, then a backward pass of grad . v per probe); memory: the m x P float64 probes.
     """
     if method not in ("hutchinson", "hutch++"):
         raise ValueError(f"method must be 'hutchinson' or 'hutch++', not {method!r}")

@@ -14,8 +14,9 @@ interpolating them linearly is a guess, and extrapolated running variances can t
 
 * ``"recompute"`` when the model tracks running statistics: at every alpha the running statistics
   are recomputed exactly (each BN layer's mean and unbiased variance over all of ``bn_data``, layer by
-  layer: :func:`evaluate.recompute_bn_statistics`) on ``bn_data`` (default: ``data["train"]`` when ``data`` is a mapping with a
-  ``"train"`` entry, else the evaluated data itself), then the model is evaluated in eval mode;
+  layer: :func:`evaluate.recompute_bn_statistics`) on ``bn_data`` (default: ``data["train"]`` when
+  ``data`` is a mapping with a ``"train"`` entry, else the evaluated data itself), then the model is
+  evaluated in eval mode;
 * ``"eval"`` otherwise (no BN, or ``track_running_stats=False``: batch statistics, Keskar's mode).
 
 With an explicit ``bn="eval"`` the float buffers (running mean/var) are interpolated with the same
@@ -56,6 +57,8 @@ class PathCurve:
 
 @dataclass(frozen=True)
 class InterpolationResult:
+    """What :func:`interpolate` returns: ``curves`` per data set along ``alphas``, the path and the protocol."""
+
     alphas: np.ndarray
     path: str
     formula: str
@@ -137,9 +140,35 @@ def interpolate(
 ) -> InterpolationResult:
     """Loss and accuracy of theta(alpha) between ``model_a`` (alpha=0) and ``model_b`` (alpha=1).
 
-    ``alphas`` defaults to 25 points in [-1, 2] (the official code's grid). ``data`` is one data set
-    (tensor pair, TensorData, iterable of batches) or a mapping ``{name: data}``. Both models come
-    back bit for bit as they were. See the module docstring for the BN choice.
+        linear:       theta(alpha) = alpha b + (1 - alpha) a
+        curvilinear:  theta(alpha) = sin(alpha pi / 2) b + cos(alpha pi / 2) a
+
+    Keskar et al.'s Figure 3 (a = the SB minimizer, b = the LB minimizer). Each point is set fresh from the
+    endpoints and evaluated by :func:`evaluate`; both models come back bit for bit as they were. See the
+    module docstring for the BN choice.
+
+    Args:
+        model_a: the model at alpha = 0 (it is the one moved along the path, then restored).
+        model_b: the model at alpha = 1, of the same architecture.
+        data: one data set (tensor pair, TensorData, map-style dataset, iterable of batches) or a mapping
+            ``{name: data}`` (e.g. train and test), evaluated at every alpha.
+        alphas: the grid; None for 25 points in [-1, 2] (the official code's grid).
+        path: ``"linear"`` or ``"curvilinear"``.
+        bn: None to pick (``"recompute"`` for models that track running statistics, else ``"eval"``), or
+            ``"eval"`` (buffers interpolated too), ``"batch"`` or ``"recompute"`` (at every alpha).
+        bn_data: the data ``"recompute"`` recomputes the statistics on; None for ``data["train"]`` when
+            ``data`` is a mapping with that key, else the evaluated data.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
+        batch_size: examples per evaluation batch (memory only).
+
+    Returns:
+        An :class:`InterpolationResult`: ``alphas``, ``curves`` (``{name: PathCurve}`` with loss and accuracy
+        per alpha; ``.loss`` and ``.accuracy`` when there is one data set), the path's formula and the
+        protocol (BN mode, buffers, parameters).
+
+    Cost:
+        One forward pass over each data set per alpha, plus, for ``"recompute"``, about (L + 1) / 2 forward
+        passes over ``bn_data`` per alpha (L BatchNorm layers); no backward pass.
     """
     alphas = as_grid(np.linspace(-1.0, 2.0, 25) if alphas is None else alphas, "alphas")
     path_coefficients(0.0, path)  # validates path

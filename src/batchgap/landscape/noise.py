@@ -1,40 +1,18 @@
 """Gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish, Kaplan, Amodei et al. 2018, appendix A.1):
 the batch size beyond which larger batches stop paying (their simplified "critical batch size").
 
-Units. With no BatchNorm, or running statistics (``bn="eval"`` on a tracking model, or ``"recompute"``),
-a unit is one example (g = 1). With batch statistics (``bn="batch"``, or ``track_running_stats=False``)
-per-example gradients do not exist (a batch's examples are normalized together): a unit is a GHOST BATCH
-of one fixed size g (``ghost_batch``, default ``small``) normalized by its own statistics (Hoffer et al.
-2017), from one partition: ``randperm(n)`` (the seeded generator's first draw) cut into N = n // g ghost
-batches, the n mod g left over left out (n then counts the N g kept). A batch of B = k g examples is k
-ghost batches, its gradient the mean of theirs; the full gradient the mean over all N. With h_j the
-gradient of unit j's mean loss in theta (``params``: ``"all"`` or ``"no-bn"``), G = (1/N) sum_j h_j and
-Sigma = g (1/N) sum_j (h_j - G)(h_j - G)^T, g times the POPULATION covariance of the unit gradients
-(divisor N): for g = 1 that of the per-example gradients; for independent examples g Cov(h) is that
-again, so B_simple is in examples for every g.
+A unit is one example (g = 1) with no BatchNorm or running statistics; under batch statistics it is a GHOST
+BATCH of g examples (``ghost_batch``) from one seeded partition of the data. With h_j unit j's gradient,
+G = (1/N) sum_j h_j and Sigma = g (1/N) sum_j (h_j - G)(h_j - G)^T, so B_simple is in examples for every g.
+A batch of B examples (B/g distinct units, drawn without replacement) has
 
-Sampling: a batch is k = B/g distinct units drawn uniformly (``randperm(N)[:k]``, as an epoch draws
-them), batches independent. Then exactly E G_B = G and E|G_B|^2 = |G|^2 + c(B) tr(Sigma) with the
-finite-population factor c(B) = (n - B) / (B (n - g)) (McCandlish et al.: 1/B, for B << n); c(n) = 0.
-From the mean squared norms m_s, m_b at two sizes B_small < B_big (:func:`two_batch_estimate`):
+    E|G_B|^2 = |G|^2 + c(B) tr(Sigma),    c(B) = (n - B) / (B (n - g)),
 
-    tr(Sigma)_est = (m_s - m_b) / (c(B_small) - c(B_big)),
-    |G|^2_est     = (c(B_small) m_b - c(B_big) m_s) / (c(B_small) - c(B_big)),    B_simple = their ratio.
-
-Both unbiased; the ratio is not, unless B_big = n (``big=None``: |G|^2 exact). B_simple is a noise scale
-only when both are > 0; else (|G|^2_est is a difference of noisy means, negative when the mean gradient
-is not resolved from the noise) ``b_simple`` is None and ``reason`` says which. Never a negative number.
-
-:func:`gradient_noise_scale` samples (errors: each mean's standard error, ddof 1; a delta-method error
-and a percentile bootstrap interval for B_simple); :func:`exact_gradient_noise_scale` enumerates every
-unit gradient. For single examples on models whose measured parameters all sit in ``nn.Linear`` and eval
-BatchNorm layers, the exact method needs no per-example gradients: their squared norms come in closed form
-from each layer's input and output gradient, in ONE forward and backward pass (:mod:`pergrad`; ``grad_path``
-"per-example norms (Linear/BN closed form)"). Otherwise both vmap ``torch.func.grad`` (the exact method's
-``grad_path`` then says why the closed form did not apply); where vmap cannot trace the model (``nn.GRU``, a
-float64 ``nn.LSTM``) the same function runs in a loop, and ``grad_path`` says which ran. Dropout off; draws from
-``torch.Generator().manual_seed(seed)``; the model restored bit for bit, also on error. Gradients and
-per-chunk norms in the model's dtype, sums across chunks in float64.
+and two batch sizes give unbiased estimates of |G|^2 and tr(Sigma) (:func:`two_batch_estimate`); B_simple is
+their ratio when both are > 0, else None with a ``reason``. :func:`gradient_noise_scale` samples;
+:func:`exact_gradient_noise_scale` enumerates every unit gradient (in closed form for Linear/BatchNorm-eval
+models, :mod:`pergrad`). The full derivation, the ghost-batch units and the gradient paths:
+docs/measures.md, "Notes by module". Dropout off; the model restored bit for bit, also on error.
 """
 from __future__ import annotations
 
@@ -50,6 +28,12 @@ from .evaluate import batches, mean_cross_entropy, model_bn_semantics
 from .functional import FullDataLoss, session
 from .params import describe_params, is_batchnorm
 from .pergrad import CLOSED_FORM_PATH, Mapper, NoClosedForm, closed_form_reason, mean_loss_error, per_example_moments
+from .noise_estimate import (  # re-exported: the estimator's algebra lives there
+    b_simple_stderr as b_simple_stderr,
+    expected_batch_sq_norm as expected_batch_sq_norm,
+    finite_population_factor as finite_population_factor,
+    two_batch_estimate as two_batch_estimate,
+)
 from .protocol import Measured
 from .sharpness import bn_protocol, loss_fn_name
 
@@ -66,6 +50,8 @@ def _sampling(g: int | None) -> str:
 
 @dataclass(frozen=True)
 class NoiseScaleResult(Measured):
+    """What the noise-scale functions return: B_simple or why not, its errors, both estimates, the protocol."""
+
     b_simple: float | None  # tr(Sigma)_est / |G|^2_est; None when either estimate is <= 0 (see reason)
     params_measured: str  # the measured parameters in words: trainable of all, frozen, tied (params.describe_params)
     reason: str | None  # why b_simple is None; None when it is a number
@@ -89,39 +75,6 @@ class NoiseScaleResult(Measured):
     interval: str
     seed: int | None  # None for the exact per-example method (no randomness)
     method: str
-
-
-def finite_population_factor(batch: int, n: int, unit: int = 1) -> float:
-    """c(B) = (n - B) / (B (n - g)): E|G_B|^2 = |G|^2 + c(B) tr(Sigma), B/g of n/g units of g, no replacement."""
-    if n < 2 * unit:
-        raise ValueError(f"need at least 2 units of {unit} examples, got n={n}")
-    if not unit <= batch <= n or batch % unit:
-        raise ValueError(f"batch size must be a multiple of {unit} in [{unit}, {n}], got {batch}")
-    return (n - batch) / (batch * (n - unit))
-
-
-def expected_batch_sq_norm(grad_norm_sq: float, trace_sigma: float, batch: int, n: int, unit: int = 1) -> float:
-    """E|G_B|^2 = |G|^2 + tr(Sigma) (n - B) / (B (n - g)), batches of B/g distinct units of g out of n/g."""
-    return grad_norm_sq + finite_population_factor(batch, n, unit) * trace_sigma
-
-
-def two_batch_estimate(sq_small, sq_big, small: int, big: int, n: int, unit: int = 1):
-    """``(|G|^2_est, tr(Sigma)_est)`` from the mean squared batch-gradient norms at ``small`` < ``big``: solves
-    m = |G|^2 + c(B) tr(Sigma) at the two sizes; elementwise on tensors (the bootstrap) as on floats."""
-    c_s, c_b = finite_population_factor(small, n, unit), finite_population_factor(big, n, unit)
-    if not c_s > c_b:
-        raise ValueError(f"need small < big, got small={small}, big={big}")
-    trace = (sq_small - sq_big) / (c_s - c_b)
-    return (c_s * sq_big - c_b * sq_small) / (c_s - c_b), trace
-
-
-def b_simple_stderr(sq_small: float, se_small: float, sq_big: float, se_big: float,
-                    small: int, big: int, n: int, unit: int = 1) -> float:
-    """Delta-method standard error of B_simple = (m_s - m_b) / D, D = c_s m_b - c_b m_s: dB/dm_s = (c_s - c_b)
-    m_b / D^2, dB/dm_b = -(c_s - c_b) m_s / D^2, so (c_s - c_b) sqrt(m_b^2 se_s^2 + m_s^2 se_b^2) / D^2."""
-    c_s, c_b = finite_population_factor(small, n, unit), finite_population_factor(big, n, unit)
-    d = c_s * sq_big - c_b * sq_small
-    return (c_s - c_b) * math.hypot(sq_big * se_small, sq_small * se_big) / (d * d) if d else math.inf
 
 
 def _defined(g2: float, trace: float) -> tuple[float | None, str | None]:
@@ -291,15 +244,46 @@ def gradient_noise_scale(model: nn.Module, data, small: int = 32, big: int | Non
                          seed: int = 0, loss_fn: Callable | None = None, bn: str = "eval", params: str = "all",
                          batch_size: int = 1000, confidence: float = 0.95, n_boot: int = 2000, chunk: int = 1024,
                          bn_data=None, ghost_batch: int | None = None, _vmap: bool = True) -> NoiseScaleResult:
-    """B_simple from mean squared gradient norms at two batch sizes, g <= small < big <= n (module docstring).
+    """McCandlish et al.'s gradient noise scale B_simple from mean squared gradient norms at two batch sizes.
 
+        B_simple = tr(Sigma) / |G|^2,    E|G_B|^2 = |G|^2 + c(B) tr(Sigma),    c(B) = (n - B) / (B (n - g))
+
+    solved from the mean squared norms m_s, m_b at B_small < B_big (g <= small < big <= n; module docstring).
     ``n_batches`` random batches of ``small`` and of ``big``, or with ``big=None`` the exact full gradient (over
-    eval batches of ``batch_size``; under batch statistics the mean of all ghost-batch gradients). ``data``: a
-    tensor pair or TensorData. ``loss_fn(outputs, targets)`` returns the batch MEAN (default cross-entropy).
+    eval batches of ``batch_size``; under batch statistics the mean of all ghost-batch gradients).
     Under batch statistics the units are ghost batches of ``ghost_batch`` (default ``small``; keep it fixed to
     compare batch-size pairs), ``small`` and ``big`` multiples of it. The partition, then each batch
     (``randperm(N)[:B/g]``), then the bootstrap, all from ``torch.Generator().manual_seed(seed)``; the global
-    RNG untouched. ``chunk`` bounds the examples per vmapped call (memory: ``chunk // B`` gradients)."""
+    RNG untouched. ``chunk`` bounds the examples per vmapped call (memory: ``chunk // B`` gradients).
+
+    Args:
+        model: the trained model; restored bit for bit, also on error.
+        data: a tensor pair ``(inputs, targets)`` or a TensorData (batches are drawn at random).
+        small: B_small in examples (a multiple of the ghost batch under batch statistics).
+        big: B_big in examples, or None for n: the exact full-data gradient.
+        n_batches: random batches drawn at each sampled size (at least 2, for a standard error).
+        seed: seeds the ``torch.Generator`` that draws the partition, the batches and the bootstrap.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch MEAN; None for cross-entropy on logits.
+        bn: the BatchNorm protocol: ``"eval"``, ``"batch"`` or ``"recompute"``; batch statistics make the
+            units ghost batches.
+        params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
+        batch_size: examples per evaluation batch (memory only).
+        confidence: the bootstrap interval's coverage, in (0, 1).
+        n_boot: bootstrap resamples of each size's batch values.
+        chunk: examples per vmapped call (memory only).
+        bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        ghost_batch: under batch statistics, g, the ghost batch size; None for ``small``.
+
+    Returns:
+        A :class:`NoiseScaleResult`: ``b_simple`` (None with a ``reason`` when |G|^2_est or tr(Sigma)_est is
+        <= 0), its delta-method ``b_simple_stderr`` and bootstrap ``ci_low``/``ci_high``, ``grad_norm_sq``,
+        ``trace_sigma``, the two sizes' mean squared norms with standard errors, and the protocol.
+
+    Cost:
+        ``n_batches`` gradients at B_small and ``n_batches`` at B_big (or one full-data gradient pass), i.e.
+        about ``n_batches (small + big) / n`` passes over the data, each batch's gradient by ``torch.func.grad``
+        vmapped over ``chunk // B`` batches at a time; memory ``chunk // B`` gradients of P entries.
+    """
     x, y = _tensor_pair(data)
     n_all = len(y)
     for bad, message in ((n_all < 2, f"need at least 2 examples, got {n_all}"),
@@ -354,8 +338,8 @@ def gradient_noise_scale(model: nn.Module, data, small: int = 32, big: int | Non
                   f"/ sqrt(k)); ci: percentile bootstrap, {n_boot} resamples of each size's batch values"
                   + (f"; {clipped} resamples had |G|^2_est <= 0 (counted as B_simple = inf) or tr(Sigma)_est "
                      "<= 0 (counted as 0)" if clipped else "")),
-        seed=seed, n=n, bn=bn, bn_description=bn_description, params=params, num_params=num_params, params_measured=describe_params(model, params),
-        batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
+        seed=seed, n=n, bn=bn, bn_description=bn_description, params=params, num_params=num_params,
+        params_measured=describe_params(model, params), batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
         method=(f"two batch sizes (McCandlish et al. 2018, app. A.1, with the finite-population correction): "
                 f"{n_batches} random batches of B_small = {small}; {full}; torch.func.grad per batch"),
     )
@@ -365,14 +349,39 @@ def exact_gradient_noise_scale(model: nn.Module, data, loss_fn: Callable | None 
                                params: str = "all", batch_size: int = 1000, chunk: int = 256, bn_data=None,
                                ghost_batch: int | None = None, seed: int = 0, _vmap: bool = True,
                                _fast: bool = True) -> NoiseScaleResult:
-    """B_simple from every unit gradient h_j (module docstring), no sampling: |G|^2 = |(1/N) sum h_j|^2,
-    tr(Sigma) = g ((1/N) sum |h_j|^2 - |G|^2). Single examples on a Linear/BatchNorm(eval) model: the squared
+    """The gradient noise scale B_simple from every unit gradient h_j, no sampling.
+
+        |G|^2 = |(1/N) sum_j h_j|^2,    tr(Sigma) = g ((1/N) sum_j |h_j|^2 - |G|^2),    B_simple = tr(Sigma) / |G|^2
+    (module docstring; g = 1 for single examples). Single examples on a Linear/BatchNorm(eval) model: the squared
     norms in closed form, one forward and backward pass per eval batch of ``batch_size`` (:mod:`pergrad`);
     ``_fast=False`` (or any other model, ``grad_path`` says why) ``vmap(grad_and_value)`` over chunks of
-    ``chunk`` examples (memory ``chunk x P``); only the sums are kept. Single examples (no BN, or running
-    statistics): ``data`` a tensor pair, a TensorData or an iterable of batches. Batch statistics raise ValueError unless
+    ``chunk`` examples (memory ``chunk x P``); only the sums are kept. Batch statistics raise ValueError unless
     ``ghost_batch`` is given: the units are then the ghost batches of the partition drawn from ``seed``, as
-    :func:`gradient_noise_scale` draws it. ``loss_fn`` must return the batch mean: checked on the first chunk."""
+    :func:`gradient_noise_scale` draws it. ``loss_fn`` must return the batch mean: checked on the first chunk.
+
+    Args:
+        model: the trained model; restored bit for bit, also on error.
+        data: a tensor pair, a TensorData or (single examples only) an iterable of batches.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch MEAN; None for cross-entropy on logits.
+        bn: the BatchNorm protocol: ``"eval"``, ``"batch"`` or ``"recompute"``; batch statistics make the
+            units ghost batches.
+        params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
+        batch_size: examples per evaluation batch (memory only).
+        chunk: examples per vmapped call when the closed form does not apply (memory ``chunk x P``).
+        bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        ghost_batch: under batch statistics, g, the ghost batch size (required there; refused otherwise).
+        seed: seeds the ``torch.Generator`` that draws the ghost-batch partition (unused for single examples).
+
+    Returns:
+        A :class:`NoiseScaleResult`: ``b_simple`` (None with a ``reason`` when an estimate is <= 0),
+        ``grad_norm_sq``, ``trace_sigma``, ``grad_path`` (closed form, vmap or loop), an interval of zero width
+        (``confidence`` 1.0: no sampling error) and the protocol.
+
+    Cost:
+        Closed form (Linear/BatchNorm-eval models, single examples): one forward and backward pass over the
+        data. Otherwise one gradient per unit by vmap: about the cost of n single-example backward passes,
+        memory ``chunk x P``.
+    """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if (couples := _couples(model, bn)) and ghost_batch is None:
@@ -415,7 +424,8 @@ def exact_gradient_noise_scale(model: nn.Module, data, loss_fn: Callable | None 
         grad_path=CLOSED_FORM_PATH if closed else mapper.path + (f"; {why_not}" if why_not else ""),
         interval=f"none: exact (every {what} gradient; B_small = {unit} enumerated, B_big = n)",
         seed=None if g is None else seed, n=n, bn=bn, bn_description=bn_description, params=params,
-        num_params=num_params, params_measured=describe_params(model, params), batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
+        num_params=num_params, params_measured=describe_params(model, params), batch_size=batch_size,
+        loss_fn=loss_fn_name(loss_fn),
         method=((f"exact per-example gradients: squared norms in closed form from each Linear/BatchNorm layer's "
                  f"input and output gradient, G from the same backward (one pass, eval batches of {batch_size})")
                 if closed else f"exact {what} gradients: torch.func.grad per unit, in chunks of {chunk} examples")

@@ -17,6 +17,7 @@ _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
 def is_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm layer (any subclass of torch's ``_BatchNorm``: 1-d to 3-d, synchronized)."""
     return isinstance(module, _BN_TYPES)
 
 
@@ -72,6 +73,7 @@ _SELECTION_WORDS["no-norm"] = _SELECTION_WORDS["no-bn"]
 
 
 def is_normalization(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization layer (``NORM_TYPES``): its parameters are left out by ``"no-bn"``."""
     return isinstance(module, NORM_TYPES)
 
 
@@ -147,8 +149,21 @@ def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.
 def distance(model_a: nn.Module, model_b: nn.Module | dict, which: str = "all") -> float:
     """Euclidean distance between two models' parameters (``model_b`` may be a state dict).
 
+        ||theta_a - theta_b||_2 = sqrt(sum_i (theta_a,i - theta_b,i)^2),    summed in float64
+
     Over :func:`named_parameters` ``(model_a, which)``: trainable tensors, a tied tensor counted once
-    (a state dict holds it under every name; the first name is read). Cost: no data pass.
+    (a state dict holds it under every name; the first name is read).
+
+    Args:
+        model_a: the first model; its parameter names select the tensors compared.
+        model_b: the second model, or a state dict holding the same names.
+        which: ``"all"`` trainable parameters, or ``"no-bn"`` (none of a normalization layer's).
+
+    Returns:
+        The distance as a float.
+
+    Cost:
+        One read of both parameter sets; no data pass.
     """
     pa = dict(named_parameters(model_a, which))
     pb = dict(model_b.named_parameters()) if isinstance(model_b, nn.Module) else model_b

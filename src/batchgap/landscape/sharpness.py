@@ -11,24 +11,11 @@ BatchNorm affine included, or ``"no-bn"``), f the full-data, batch-weighted mean
   ``torch.Generator().manual_seed(seed)`` as i.i.d. N(0, 1) entries; ``subspace_columns`` says how
   its columns are scaled (the paper states neither; the choice is recorded with the value):
   ``"normal"`` (default) keeps the N(0, 1) entries, column norms about sqrt(n); ``"unit"`` divides
-  each column of the same draw by its norm. The scale matters: under A -> cA, A+ x -> A+ x / c, so
-  the box in the moved coordinates c y is |c y_i| <= eps (|(A+ x)_i| + c): the "+ 1" makes phi
-  depend on c. With n >> p, |(A+ x)_i| is about ||x|| / n for "normal" and ||x|| / sqrt(n) for
-  "unit", both far below 1, so the box is about +-eps in y either way and the column norm decides
-  how far the parameters move (||A y|| up to about eps sqrt(p n) against eps sqrt(p)). Levels of
-  phi in a subspace are therefore set by that arbitrary scale; only LB/SB ratios compare with the
-  paper, and only at one scale (the reach decides whether the gradient or the curvature term
-  dominates, so the ratio can change with the scale too). "normal" stays the default: besides keeping earlier numbers, it is the
-  reading the paper's tables fit: to first order the full-space max gains eps ||g||_1 ~ eps sqrt(n)
-  ||g|| and the subspace max eps sum_j |a_j^T g| ~ eps p ||g|| (N(0, 1) columns), a ratio of
-  p / sqrt(n): 0.083 for F1 (n ~ 1.46M) and 0.076 for C1 (n ~ 1.75M), against the paper's SB
-  ratios of Table 4 to Table 3 of 0.089 and 0.076; unit columns would predict p / n ~ 1e-4.
-  A+ x is the least-squares solution of A z = x in float64,
-  never an n x n matrix: by the normal equations (A^T A) z = A^T x, with A^T A (p x p) accumulated
-  over row blocks of A so no float64 copy of A is made (for the default study's 146k x 100 A, 117 MB
-  that ``lstsq`` would copy and more it would allocate), when A^T A is well conditioned (condition
-  number <= 1e6, so the solution is accurate to ~1e-10 relative; a Gaussian A with n >> p has ~1);
-  else by ``torch.linalg.lstsq`` (QR based, minimum-norm when A is rank deficient).
+  each column of the same draw by its norm. The scale sets the levels of phi in a subspace (the "+ 1" of
+  the box does not scale with A), so only LB/SB ratios compare with the paper, at one scale. A+ x is the
+  least-squares solution of A z = x in float64, never an n x n matrix: by the normal equations when
+  A^T A is well conditioned, else by ``torch.linalg.lstsq``. Why "normal" is the default (the paper's
+  Table 4 / Table 3 ratios), and the memory and conditioning of A+ x: docs/measures.md, "Notes by module".
 * An explicit ``A`` (n x p tensor) may be passed instead, e.g. A = I to check the subspace code.
 
 The maximization is :func:`boxmax.maximize_in_box`: y = 0, corner steps y <- h sign(grad_y f) while
@@ -58,6 +45,8 @@ from .protocol import Measured
 
 @dataclass(frozen=True)
 class SharpnessResult(Measured):
+    """What :func:`eps_sharpness` returns: phi, the solver's record and the protocol (fields commented below)."""
+
     value: float  # phi in percent, from the best f over all evaluations
     params_measured: str  # the measured parameters in words: trainable of all, frozen, tied (params.describe_params)
     value_final: float  # phi from the final iterate
@@ -92,6 +81,7 @@ def bn_protocol(model: nn.Module, bn: str, batch_size: int, bn_data) -> str:
 
 
 def loss_fn_name(loss_fn) -> str:
+    """The loss in words for a result: "mean cross-entropy" for the default, else the function's name."""
     return "mean cross-entropy" if loss_fn is None else getattr(loss_fn, "__name__", repr(loss_fn))
 
 
@@ -151,7 +141,42 @@ def eps_sharpness(
     bn_data=None,
     subspace_columns: str = "normal",
 ) -> SharpnessResult:
-    """phi_{x,f}(eps, A) of the module docstring, with its protocol."""
+    """Keskar et al.'s eps-sharpness (eq. 3-4), in the full space or a random subspace, with its protocol.
+
+        phi_{x,f}(eps, A) = (max_{y in C_eps} f(x + A y) - f(x)) / (1 + f(x)) * 100,
+        C_eps = { y : |y_i| <= eps (|(A+ x)_i| + 1) }
+
+    x is the flat vector of the measured parameters, f the full-data, batch-weighted mean loss; the max is
+    solved by :func:`boxmax.maximize_in_box` (corner steps, then L-BFGS-B) and is a lower bound on the true one.
+
+    Args:
+        model: the trained model; restored bit for bit, also on error.
+        data: the data f is taken over: a tensor pair ``(inputs, targets)``, a TensorData, a map-style dataset of
+            ``(input, target)`` pairs or an iterable of batches.
+        eps: the box's relative half-width (the paper: 1e-3 and 5e-4); must be > 0.
+        subspace_dim: None for the full space (A = I_n), else p, the columns of a random n x p matrix A.
+        max_iter: L-BFGS-B iterations over the whole solve (the paper: 10); also bounds the corner steps.
+        seed: seeds the ``torch.Generator`` that draws the random subspace A (on the CPU).
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
+        batch_size: examples per evaluation batch (memory only: the result does not depend on it).
+        bn: the BatchNorm protocol for the whole solve: ``"eval"``, ``"batch"`` or ``"recompute"``.
+        params: the measured parameters: ``"all"`` trainable, or ``"no-bn"`` (none of a normalization layer's).
+        A: an explicit n x p matrix instead of a random one (e.g. the identity, to check the subspace code).
+        max_fun: the hard cap on loss+gradient evaluations; None for ``1 + 4 * max_iter``.
+        bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        subspace_columns: the scale of the random A's columns: ``"normal"`` (N(0, 1) entries) or ``"unit"``
+            (each column of the same draw scaled to norm 1).
+
+    Returns:
+        A :class:`SharpnessResult`: ``value`` (phi in percent from the best f seen), ``value_final`` (from the
+        last iterate), f(x), the solver's iterations, evaluations and stop reason, ``capped``, and the protocol
+        (data size, BN mode, parameters, subspace and its seed).
+
+    Cost:
+        At most ``max_fun`` full-data forward+backward passes (41 for ``max_iter=10``), plus the recomputation's
+        passes for ``bn="recompute"``; memory of one batch's graph. A random subspace adds the n x p matrix A (in
+        the parameters' dtype) and its p x p float64 Gram matrix.
+    """
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if subspace_columns not in SUBSPACE_COLUMNS:
@@ -204,7 +229,8 @@ def eps_sharpness(
         value=phi(r.f_best), value_final=phi(r.f_final), eps=eps, space=space, subspace_dim=p,
         seed=seed, max_iter=max_iter, max_fun=max_fun, nit=r.nit, nfev=r.nfev,
         f_x=r.f0, f_best=r.f_best, f_final=r.f_final, n=n, bn=bn, bn_description=bn_description,
-        params=params, num_params=F.num_params, params_measured=F.params_measured, batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
+        params=params, num_params=F.num_params, params_measured=F.params_measured, batch_size=batch_size,
+        loss_fn=loss_fn_name(loss_fn),
         solver=SOLVER, stop=r.stop, start=START, first_run_start=r.start, f_corner=r.f_corner,
         corner_steps=r.corner_steps, capped=r.capped, subspace_columns=columns, column_norm=column_norm,
     )
