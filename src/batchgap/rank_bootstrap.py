@@ -178,7 +178,7 @@ def seed_resamples(n_seeds: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndar
 
 def expanded_levels(n_seeds: int, level: float = LEVEL) -> tuple[float, float]:
     """The percentiles an expanded percentile interval takes (Hesterberg 2015, "What teachers should know
-    about the bootstrap", The American Statistician 69(4), section 4.4).
+    about the bootstrap", The American Statistician 69(4), arXiv:1411.5279; R's resample::ExpandProbs).
 
     q = Phi(-sqrt(S / (S - 1)) t_{S-1, (1 + level)/2}) and 1 - q: a plain percentile interval is as wide as
     a normal interval with the bootstrap's spread, which is sqrt((S - 1)/S) of the estimate's; the

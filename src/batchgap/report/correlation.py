@@ -123,7 +123,7 @@ def ranking_figure(c: Correlation, path: Path) -> Path | None:
     ax.set_xlim(-1.05, 1.05)
     ax.set_xlabel(f"rank correlation with the\n{c.target_label}", fontsize=9)
     n = len(c.seeds)
-    bars = (f"95% bootstrap interval over {n} seeds" if n >= MIN_SEEDS
+    bars = (f"95% expanded percentile bootstrap over {n} seeds" if n >= MIN_SEEDS
             else f"no interval with {n} seed{'s' * (n != 1)}")
     ax.set_title(f"Ψ (dots, {bars})\nand τ over all runs (crosses)", fontsize=9)
     fig.tight_layout()
