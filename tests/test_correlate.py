@@ -166,6 +166,9 @@ def test_psi_under_a_resample_weights_each_set_by_its_seeds_draws():
     # an axis only one seed varies: a resample without that seed averages over the other axis alone
     one_sided = {"batch_size": [(0, 1.0)], "lr": [(0, 0.0), (1, -1.0)]}
     assert psi_of_counts(one_sided, [0, 1], [[0, 2], [1, 1]])[0] == pytest.approx([-1.0, (1.0 - 0.5) / 2])
+    # ... so with 2 seeds the pooled Psi can lie outside what each seed gives alone: 0 and 0, together -0.25
+    outside = {"batch_size": [(0, 0.0), (1, 1.0)], "lr": [(1, -1.0)]}
+    assert psi_of_counts(outside, [0, 1], [[2, 0], [0, 2], [1, 1]])[0] == pytest.approx([0.0, 0.0, -0.25])
     assert row.psi_interval.lo is None and "no interval with 2 seeds" in row.psi_interval.method
 
 
