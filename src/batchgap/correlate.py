@@ -38,8 +38,6 @@ from .rank_bootstrap import (
 )
 from .results import FITTED, Interval, Results, RunResult, space_label
 
-__all__ = ["LEVEL", "MIN_SEEDS", "N_BOOT", "kendall_tau_b", "correlate", "measures_of"]
-
 # the training choices a grid can vary; the seed is held fixed inside a group, never an axis. "settings":
 # every other override a regime makes (momentum, weight_decay, warmup_epochs, ...), so that a group never
 # mixes runs that differ in a choice the run record does not carry; "study": the output a run came from
