@@ -1,5 +1,6 @@
 """batchgap correlate: Kendall's tau against scipy, Psi against a hand computation on a 2 x 2 x 2 grid, the
-exact seed bootstrap, which runs are used, and the command's output and bad input."""
+seed bootstrap's resampled statistics against hand computations, which runs are used, and the command's output
+and bad input. The intervals' coverage: test_correlate_interval.py."""
 import itertools
 import json
 import math
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from batchgap.correlate import (
-    EXACT_UP_TO, correlate, kendall_tau_b, measures_of, resamples, weighted_interval,
+from batchgap.correlate import MIN_SEEDS, correlate, kendall_tau_b, measures_of
+from batchgap.rank_bootstrap import (
+    expanded_levels, expanded_percentile_interval, psi_of_counts, seed_pair_sums, seed_resamples, tau_b_of_counts,
 )
 from batchgap.results import Metrics, Results, RunResult, to_dict
 
@@ -39,26 +41,54 @@ def test_kendall_tau_b_equals_scipy_with_and_without_ties():
             expected = stats.kendalltau(x, y).statistic
             got = kendall_tau_b(x, y)
             assert (math.isnan(expected) and math.isnan(got)) or got == pytest.approx(expected, abs=1e-12)
-            # unit weights with every point its own cluster are the plain statistic
-            assert kendall_tau_b(x, y, np.ones(n), np.arange(n)) == pytest.approx(got, abs=1e-12, nan_ok=True)
+            # the resampling's sums with every seed drawn once are the plain statistic, ties and all
+            sums = seed_pair_sums(x, y, rng.integers(0, 4, n))
+            got_sums = tau_b_of_counts(sums, np.ones(len(sums.seeds)))[0]
+            assert got_sums == pytest.approx(got, abs=1e-12, nan_ok=True)
     assert math.isnan(kendall_tau_b([1, 1, 1], [1, 2, 3]))
 
 
-def test_weighted_tau_counts_pairs_of_distinct_draws():
-    # a resample drawing cluster A twice and B never: A's pairs count c(c-1) = 2 times, B's none
-    x, y = [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 4.0, 3.0]
-    clusters = ["A", "A", "B", "B"]
-    assert kendall_tau_b(x, y, [2, 2, 0, 0], clusters) == pytest.approx(1.0)  # A alone is concordant
-    assert kendall_tau_b(x, y, [0, 0, 2, 2], clusters) == pytest.approx(-1.0)
-    # every point its own cluster, drawn once: all 6 pairs once, the plain statistic
-    assert kendall_tau_b(x, y, [1, 1, 1, 1], [0, 1, 2, 3]) == pytest.approx(stats.kendalltau(x, y).statistic)
-    # each of A and B drawn once: a cluster's own pair needs two draws of it, so only the 4 cross pairs count
-    cross = [np.sign(x[i] - x[j]) * np.sign(y[i] - y[j]) for i in (0, 1) for j in (2, 3)]
-    assert kendall_tau_b(x, y, [1, 1, 1, 1], clusters) == pytest.approx(np.mean(cross))
-    # A drawn twice and B once: A's pair 2 times, each cross pair 2 times
-    within_a, within_b = 1.0, -1.0
-    assert kendall_tau_b(x, y, [2, 2, 1, 1], clusters) == pytest.approx((2 * within_a + 2 * sum(cross)) / 10)
-    assert within_b == -1.0
+def test_resampled_tau_counts_each_draw_as_a_seed_of_its_own():
+    """Against a hand count: a draw's own pairs once per draw, pairs across draws of two seeds once per
+    pair of draws, pairs across two draws of one seed not at all."""
+    x, y = [1.0, 2.0, 3.0, 4.0, 0.5], [1.0, 2.0, 4.0, 3.0, 5.0]
+    seeds = ["A", "A", "B", "B", "C"]
+    sums = seed_pair_sums(x, y, seeds)
+    sign = lambda i, j: np.sign(x[i] - x[j]) * np.sign(y[i] - y[j])  # noqa: E731
+    within_a, within_b = sign(0, 1), sign(2, 3)
+    ab = sum(sign(i, j) for i in (0, 1) for j in (2, 3))
+    ac, bc = sign(0, 4) + sign(1, 4), sign(2, 4) + sign(3, 4)
+    assert (within_a, within_b) == (1.0, -1.0)
+    for counts in ([1, 1, 1], [2, 0, 1], [3, 0, 0], [0, 2, 1], [1, 2, 0]):
+        ca, cb, cc = counts
+        num = ca * within_a + cb * within_b + ca * cb * ab + ca * cc * ac + cb * cc * bc
+        pairs = ca + cb + 4 * ca * cb + 2 * ca * cc + 2 * cb * cc  # no ties here: tau-b is num / pairs
+        assert tau_b_of_counts(sums, counts)[0] == pytest.approx(num / pairs), counts
+    assert tau_b_of_counts(sums, [1, 1, 1])[0] == pytest.approx(stats.kendalltau(x, y).statistic)
+    # a seed without runs in these points (a measure missing there) is a zero column, not an error
+    wider = seed_pair_sums(x, y, seeds, order=("A", "B", "C", "D"))
+    assert tau_b_of_counts(wider, [1, 1, 1, 1])[0] == pytest.approx(tau_b_of_counts(sums, [1, 1, 1])[0])
+    with pytest.raises(ValueError, match="not in order"):
+        seed_pair_sums(x, y, seeds, order=("A", "B"))
+
+
+def test_two_seeds_each_concordant_alone_keep_the_meaning_of_the_point_value():
+    """Issue 24, point 3: each seed alone ranks perfectly (tau = +1), the seeds' offsets run the other way,
+    so tau over all 6 runs is (6 concordant - 9 discordant) / 15 = -0.20. The resample drawing each seed once
+    is the data and must give -0.20 (the distinct-draw weighting gave the 9 cross pairs alone, -1), and with 2
+    seeds there is no interval (it was [-1, +1], sold as "the range of the seeds' own values")."""
+    measure = [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
+    gap = [20.0, 21.0, 22.0, 10.0, 11.0, 12.0]
+    seeds = [0, 0, 0, 1, 1, 1]
+    sums = seed_pair_sums(measure, gap, seeds)
+    assert tau_b_of_counts(sums, [[1, 1], [2, 0], [0, 2]]) == pytest.approx([-0.2, 1.0, 1.0])
+    runs = [run(i, (32, 64, 128)[i % 3], 1e-3, s, 1.0, 1.0 - g / 100, {"hessian_trace": {"value": v}})
+            for i, (v, g, s) in enumerate(zip(measure, gap, seeds))]
+    row = next(r for r in correlate([("two", results(runs))]).rows if r.measure == "hessian_trace")
+    assert row.tau == pytest.approx(-0.2) and row.psi == pytest.approx(1.0)
+    for iv in (row.tau_interval, row.psi_interval):
+        assert iv.lo is None and iv.hi is None
+        assert iv.method == f"no interval with 2 seeds: the bootstrap over seeds needs at least {MIN_SEEDS}"
 
 
 def grid_runs():
@@ -93,34 +123,31 @@ def test_psi_equals_a_hand_computation_on_a_2x2x2_grid():
     assert row.n == 8
 
 
-def test_exact_bootstrap_enumerates_every_resample_with_its_probability():
-    for S in (1, 2, 3, 5):
-        draws = resamples(list(range(S)))
-        assert len(draws) == math.comb(2 * S - 1, S)
-        assert sum(p for _, p in draws) == pytest.approx(1.0)
-        assert all(sum(w.values()) == S for w, _ in draws)
-    # 2 seeds: {0,0} and {1,1} each 1/4, {0,1} 1/2
-    probs = {tuple(sorted(w.items())): p for w, p in resamples([0, 1])}
-    assert probs == {((0, 2),): 0.25, ((1, 2),): 0.25, ((0, 1), (1, 1)): 0.5}
-    # against brute force over all S^S ordered draws for S = 3
-    brute = {}
-    for d in itertools.product(range(3), repeat=3):
-        key = tuple(sorted({s: d.count(s) for s in set(d)}.items()))
-        brute[key] = brute.get(key, 0) + 1 / 27
-    assert {tuple(sorted(w.items())): p for w, p in resamples([0, 1, 2])} == pytest.approx(brute)
-    assert len(resamples(list(range(EXACT_UP_TO + 1)), n_boot=50)) == 50
+def test_seed_resamples_draw_every_seed_with_replacement():
+    draws = seed_resamples(5, n_boot=4000, seed=3)
+    assert draws.shape == (4000, 5) and (draws.sum(axis=1) == 5).all()
+    assert draws.mean(axis=0) == pytest.approx(np.ones(5), abs=0.05)  # each seed drawn once on average
+    assert draws.var(axis=0) == pytest.approx(np.full(5, 0.8), abs=0.08)  # binomial(5, 1/5)
+    assert (seed_resamples(5, 10, seed=3) == draws[:10]).all()  # seeded: the same draws every time
 
 
-def test_weighted_interval_is_the_percentile_of_the_discrete_distribution():
-    assert weighted_interval([0.0, 1.0, 2.0], [0.25, 0.5, 0.25]) == (0.0, 2.0)
-    assert weighted_interval([0.0, 1.0, 2.0], [0.01, 0.98, 0.01]) == (1.0, 1.0)
+def test_expanded_percentile_interval_takes_the_expanded_percentiles():
     v = np.random.default_rng(1).normal(size=4001)
-    lo, hi = weighted_interval(v, np.ones(len(v)))
-    assert lo == pytest.approx(np.quantile(v, 0.025, method="inverted_cdf"))
-    assert hi == pytest.approx(np.quantile(v, 0.975, method="inverted_cdf"))
+    q_lo, q_hi = expanded_levels(10)
+    # q = Phi(-sqrt(S / (S - 1)) t_{S-1, 0.975})
+    assert q_lo == pytest.approx(stats.norm.cdf(-math.sqrt(10 / 9) * stats.t.ppf(0.975, 9))) and q_hi == 1 - q_lo
+    assert expanded_levels(10_000)[0] == pytest.approx(0.025, abs=1e-4)  # the plain percentile interval
+    iv = expanded_percentile_interval(v, 10, "how")
+    assert iv.lo == pytest.approx(np.quantile(v, q_lo, method="inverted_cdf"))
+    assert iv.hi == pytest.approx(np.quantile(v, q_hi, method="inverted_cdf"))
+    assert iv.method.endswith("4001 resamples of the seeds with replacement, a seed's runs drawn together: how")
+    with_nan = expanded_percentile_interval(np.append(v, [np.nan] * 7), 10, "how")
+    assert (with_nan.lo, with_nan.hi) == (iv.lo, iv.hi)
+    assert "7 resamples where it is undefined left out" in with_nan.method
+    assert expanded_percentile_interval([np.nan] * 3, 10, "how").lo is None
 
 
-def test_psi_interval_with_two_seeds_spans_the_seeds_alone():
+def test_psi_under_a_resample_weights_each_set_by_its_seeds_draws():
     runs, m, g = grid_runs()
     c = correlate([("grid", results(runs))])
     row = next(r for r in c.rows if r.measure == "hessian_trace")
@@ -129,8 +156,35 @@ def test_psi_interval_with_two_seeds_spans_the_seeds_alone():
         sub = [r for r in runs if r.seed == s]
         per_seed.append(next(r.psi for r in correlate([("g", results(sub))]).rows if r.measure == "hessian_trace"))
     assert sorted(per_seed) == [0.0, 0.5]
-    assert row.psi_interval.lo == pytest.approx(min(per_seed)) and row.psi_interval.hi == pytest.approx(max(per_seed))
-    assert "exact" in row.psi_interval.method
+    # seed 0 drawn twice is seed 0 alone; each drawn once is the point value
+    sign = lambda a, b: float(np.sign(m[a] - m[b]) * np.sign(g[a] - g[b]))  # noqa: E731
+    parts = {"batch_size": [(s, sign((512, lr, s), (32, lr, s))) for lr in (1e-3, 1e-2) for s in (0, 1)],
+             "lr": [(s, sign((b, 1e-2, s), (b, 1e-3, s))) for b in (32, 512) for s in (0, 1)]}
+    psi, per_axis = psi_of_counts(parts, [0, 1], [[2, 0], [0, 2], [1, 1]])
+    assert psi == pytest.approx([per_seed[0], per_seed[1], row.psi])
+    assert per_axis[2] == pytest.approx([row.psi_axes["batch_size"], row.psi_axes["lr"]])
+    # an axis only one seed varies: a resample without that seed averages over the other axis alone
+    one_sided = {"batch_size": [(0, 1.0)], "lr": [(0, 0.0), (1, -1.0)]}
+    assert psi_of_counts(one_sided, [0, 1], [[0, 2], [1, 1]])[0] == pytest.approx([-1.0, (1.0 - 0.5) / 2])
+    # ... so with 2 seeds the pooled Psi can lie outside what each seed gives alone: 0 and 0, together -0.25
+    outside = {"batch_size": [(0, 0.0), (1, 1.0)], "lr": [(1, -1.0)]}
+    assert psi_of_counts(outside, [0, 1], [[2, 0], [0, 2], [1, 1]])[0] == pytest.approx([0.0, 0.0, -0.25])
+    assert row.psi_interval.lo is None and "no interval with 2 seeds" in row.psi_interval.method
+
+
+def test_intervals_from_the_minimum_number_of_seeds_on():
+    """With MIN_SEEDS seeds every row carries both intervals, around its point value."""
+    runs, i = [], 0
+    for s in range(MIN_SEEDS):
+        for b, lr in itertools.product((32, 512), (1e-3, 1e-2)):
+            value = b / 100 + 10 * lr + np.sin(7 * s + b + 100 * lr)  # deterministic, seed-dependent
+            runs.append(run(i, b, lr, s, 1.0, 1.0 - (b / 20 + s % 3) / 100, {"hessian_trace": {"value": value}}))
+            i += 1
+    row = next(r for r in correlate([("many", results(runs))]).rows if r.measure == "hessian_trace")
+    assert row.tau_interval.lo <= row.tau <= row.tau_interval.hi
+    assert row.psi_interval.lo <= row.psi <= row.psi_interval.hi
+    assert f"over the {MIN_SEEDS} seeds" in row.tau_interval.method and "pairs across" in row.tau_interval.method
+    assert "weighted by the number of draws of its seed" in row.psi_interval.method
 
 
 def test_unfitted_diverged_and_unmeasured_runs_are_left_out_and_counted():
@@ -186,8 +240,10 @@ def test_correlate_command_writes_the_table_and_figures(tmp_path, capsys):
     assert code == 0, err
     md = (out / "correlation.md").read_text()
     assert "| Hessian trace | +0.25 |" in md and "ψ batch_size" in md and "ψ lr" in md
-    # Psi is 0 on seed 0 alone and 0.5 on seed 1 alone: its interval [0, 0.5] includes 0
-    assert "| Hessian trace | +0.25 | [+0.00, +0.50] |" in md and "undetermined with 2 seeds" in md
+    # 2 seeds: no interval, so no claim either way
+    assert "| Hessian trace | +0.25 | n/a |" in md and "undetermined with 2 seeds" in md
+    assert f"no interval with 2 seeds: the bootstrap over seeds needs at least {MIN_SEEDS}" in md
+    assert f"there is no interval with 2 seeds (the seed bootstrap needs at least {MIN_SEEDS})" in md
     doc = json.loads((out / "correlation.json").read_text())
     assert [d["target"] for d in doc] == ["gap", "test_error", "loss_gap"]
     assert (out / "figures" / "correlation_ranking.png").stat().st_size > 1000

@@ -18,16 +18,12 @@ the gap as its theory predicts". Runs that do not fit the training set (train ac
 training loss: a gap among unfitted models is partly an optimization gap. Diverged and unmeasured runs
 are counted too.
 
-Intervals: a percentile bootstrap over seeds (a seed's runs are resampled together: each shares its x0
-and data order). With S <= 7 seeds every one of the C(2S-1, S) distinct resamples is enumerated with its
-multinomial probability (the exact bootstrap distribution; 3 of them for 2 seeds, so the interval then
-spans what the seeds alone give); with more seeds :data:`N_BOOT` random resamples. Psi under a resample
-re-weights its per-(axis, group) taus by the seeds' multiplicities; tau over all runs is recomputed with
-each pair of runs counted once per pair of distinct draws it spans (:func:`kendall_tau_b`'s ``weights``).
+Intervals: an expanded percentile bootstrap over seeds (a seed's runs are resampled together: each shares
+its x0 and data order), tau and Psi recomputed on every resample as :mod:`batchgap.rank_bootstrap` says;
+from :data:`~batchgap.rank_bootstrap.MIN_SEEDS` seeds on, and with fewer seeds "no interval with S seeds".
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from collections import Counter
@@ -36,11 +32,11 @@ from typing import Callable
 
 import numpy as np
 
+from .rank_bootstrap import (
+    LEVEL, MIN_SEEDS, N_BOOT, PSI_RESAMPLED, TAU_RESAMPLED, expanded_percentile_interval, kendall_tau_b,
+    no_interval, psi_of_counts, seed_pair_sums, seed_resamples, tau_b_of_counts,
+)
 from .results import FITTED, Interval, Results, RunResult, space_label
-
-LEVEL = 0.95
-N_BOOT = 2000
-EXACT_UP_TO = 7  # seeds: enumerate the exact bootstrap distribution up to here (1716 resamples at 7)
 
 # the training choices a grid can vary; the seed is held fixed inside a group, never an axis. "settings":
 # every other override a regime makes (momentum, weight_decay, warmup_epochs, ...), so that a group never
@@ -146,32 +142,6 @@ def measures_of(runs: list[RunResult]) -> list[Measure]:
 
 # ------------------------------------------------------------------ rank statistics
 
-def kendall_tau_b(x, y, weights=None, clusters=None) -> float:
-    """Kendall's tau-b of two equal-length sequences: (concordant - discordant) / sqrt((n0 - n1)(n0 - n2)),
-    n0 = n(n-1)/2 pairs, n1 and n2 the pairs tied in x and in y. NaN when either variable is constant.
-
-    ``weights`` and ``clusters`` (a bootstrap resample of clusters, here seeds: the cluster of each point
-    and how often its cluster was drawn): each pair is counted once per pair of DISTINCT draws it spans,
-    c_s c_t times for points of clusters s != t and c_s (c_s - 1) times for two points of one cluster s,
-    never a point with itself. Counting pairs within one draw too (c_s^2) would give a cluster's own pairs
-    (2S - 1) / (S - 1) times their weight on average and bias |tau| upward; with distinct draws every
-    pair keeps its expected weight (the bootstrap of a U-statistic)."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(x) != len(y):
-        raise ValueError(f"x has {len(x)} values, y {len(y)}")
-    iu = np.triu_indices(len(x), 1)
-    dx = np.sign(x[:, None] - x[None, :])[iu]
-    dy = np.sign(y[:, None] - y[None, :])[iu]
-    if weights is None:
-        w = np.ones(len(dx))
-    else:
-        c = np.asarray(weights, dtype=float)
-        same = np.equal.outer(np.asarray(clusters), np.asarray(clusters))
-        w = np.where(same, c[:, None] * (c[:, None] - 1), np.outer(c, c))[iu]
-    denom = math.sqrt(float(np.sum(w * (dx != 0))) * float(np.sum(w * (dy != 0))))
-    return float(np.sum(w * dx * dy) / denom) if denom > 0 else float("nan")
-
-
 @dataclass(frozen=True)
 class Point:
     """One fitted run as the statistics see it."""
@@ -204,45 +174,6 @@ def _psi_parts(points: list[Point], axes: list[str]) -> dict[str, list[tuple[int
                 parts.append((points[idx[0]].seed, tau))
         out[axis] = parts
     return out
-
-
-def _psi(parts: dict[str, list[tuple[int, float]]], weight: dict) -> tuple[float | None, dict]:
-    per_axis = {}
-    for axis, groups in parts.items():
-        w = np.array([weight.get(s, 0) for s, _ in groups], dtype=float)
-        per_axis[axis] = float(np.dot(w, [t for _, t in groups]) / w.sum()) if groups and w.sum() > 0 else None
-    defined = [v for v in per_axis.values() if v is not None]
-    return (float(np.mean(defined)) if defined else None), per_axis
-
-
-def resamples(seeds: list[int], n_boot: int = N_BOOT, seed: int = 0) -> list[tuple[dict, float]]:
-    """Bootstrap resamples of the seeds as ``({seed: multiplicity}, probability)``: all C(2S-1, S) of them
-    with their multinomial probabilities for S <= :data:`EXACT_UP_TO`, else ``n_boot`` random ones."""
-    S = len(seeds)
-    if S <= EXACT_UP_TO:
-        out = []
-        for combo in itertools.combinations_with_replacement(range(S), S):
-            counts = Counter(combo)
-            prob = math.factorial(S) / math.prod(math.factorial(c) for c in counts.values()) / S**S
-            out.append(({seeds[i]: c for i, c in counts.items()}, prob))
-        return out
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, S, (n_boot, S))
-    return [({seeds[i]: c for i, c in Counter(d.tolist()).items()}, 1.0 / n_boot) for d in draws]
-
-
-def weighted_interval(values, probs, level: float = LEVEL) -> tuple[float, float] | None:
-    """The percentile interval of a discrete distribution: the smallest values whose cumulative
-    probability reaches (1 - level)/2 and (1 + level)/2 (NaN values dropped, the rest renormalized)."""
-    v, p = np.asarray(values, dtype=float), np.asarray(probs, dtype=float)
-    keep = np.isfinite(v)
-    if not keep.any():
-        return None
-    v, p = v[keep], p[keep] / p[keep].sum()
-    order = np.argsort(v, kind="stable")
-    v, cdf = v[order], np.cumsum(p[order])
-    lo_q, hi_q = (1 - level) / 2, (1 + level) / 2
-    return float(v[np.searchsorted(cdf, lo_q - 1e-12)]), float(v[min(np.searchsorted(cdf, hi_q - 1e-12), len(v) - 1)])
 
 
 # ------------------------------------------------------------------ the table
@@ -310,7 +241,7 @@ def correlate(results: list[tuple[str, Results]], target: str = "gap", n_boot: i
     all_hyper = [_hyper(r, name, regimes[name]) for name, r in runs]
     axes = [a for a in AXES if len({h[a] for h in all_hyper}) >= 2]
     seeds = sorted({r.seed for _, r in runs})
-    draws = resamples(seeds, n_boot)
+    draws = seed_resamples(len(seeds), n_boot) if len(seeds) >= MIN_SEEDS else None
     rows, points_out = [], {}
     for m in measures_of([r for _, r in runs]):
         pts = [Point(r.id, r.seed, h, r.batch_size, r.lr, float(value_of(r)), float(v))
@@ -321,26 +252,19 @@ def correlate(results: list[tuple[str, Results]], target: str = "gap", n_boot: i
             continue
         tau = kendall_tau_b([p.value for p in pts], [p.target for p in pts])
         parts = _psi_parts(pts, axes)
-        psi, per_axis = _psi(parts, {s: 1 for s in seeds})
-        boot_tau, boot_psi, probs = [], [], []
-        for weight, prob in draws:
-            boot_tau.append(kendall_tau_b([p.value for p in pts], [p.target for p in pts],
-                                          [weight.get(p.seed, 0) for p in pts], [p.seed for p in pts]))
-            b = _psi(parts, weight)[0]
-            boot_psi.append(np.nan if b is None else b)
-            probs.append(prob)
-        how = (f"percentile bootstrap over {len(seeds)} seeds, " +
-               (f"exact: all {len(draws)} distinct resamples weighted by probability" if len(seeds) <= EXACT_UP_TO
-                else f"{n_boot} resamples"))
-
-        def interval(vals):
-            iv = weighted_interval(vals, probs) if len(seeds) >= 2 else None
-            why = "one seed: no interval" if len(seeds) < 2 else "undefined in every resample: no interval"
-            return Interval(*(iv or (None, None)), LEVEL, how if iv else why, len(seeds))
-
-        rows.append(Row(m.key, m.label, m.source, len(pts), None if math.isnan(tau) else tau, interval(boot_tau),
-                        psi, interval(boot_psi) if psi is not None else None, per_axis,
-                        {a: len(g) for a, g in parts.items()}))
+        psi_point, axes_point = psi_of_counts(parts, seeds, np.ones(len(seeds)))
+        psi = None if math.isnan(psi_point[0]) else float(psi_point[0])
+        per_axis = {a: None if math.isnan(v) else float(v) for a, v in zip(parts, axes_point[0])}
+        if draws is None:
+            tau_iv = psi_iv = Interval(None, None, LEVEL, no_interval(len(seeds)), len(seeds))
+        else:
+            # every seed of the fitted runs is a column, also one where this measure is missing on every run
+            sums = seed_pair_sums([p.value for p in pts], [p.target for p in pts], [p.seed for p in pts], seeds)
+            tau_iv = expanded_percentile_interval(tau_b_of_counts(sums, draws), len(seeds), TAU_RESAMPLED)
+            psi_iv = expanded_percentile_interval(psi_of_counts(parts, seeds, draws)[0], len(seeds), PSI_RESAMPLED)
+        rows.append(Row(m.key, m.label, m.source, len(pts), None if math.isnan(tau) else tau,
+                        tau_iv if not math.isnan(tau) else None, psi, psi_iv if psi is not None else None,
+                        per_axis, {a: len(g) for a, g in parts.items()}))
     rows.sort(key=lambda row: (row.psi is None, -(row.psi if row.psi is not None else 0.0)))
     return Correlation(
         target=target, target_label=label, axes=axes, seeds=seeds, runs_total=len(seen), runs_used=len(runs),

@@ -7,12 +7,13 @@ study asks for it (``figures = ["correlation"]``, as the built-in ``measures`` s
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from ..correlate import Correlation, Row
+from ..correlate import MIN_SEEDS, Correlation, Row
 from ..results import FITTED, Interval
 from ..util import atomic_write_text
 
@@ -58,11 +59,12 @@ def paragraph(c: Correlation) -> str:
         return "No measure to correlate: the runs carry no geometry."
     good = [r.label for r in c.rows if verdict(r, n) == "ranks as predicted"]
     bad = [r.label for r in c.rows if verdict(r, n) == "ranks it the other way"]
-    open_ = [r.label for r in c.rows if r.psi is not None and r.label not in good + bad]
+    open_ = [r for r in c.rows if r.psi is not None and r.label not in good + bad]
+    straddle = [r.label for r in open_ if r.psi_interval is not None and r.psi_interval.lo is not None]
+    none = [r.label for r in open_ if r.label not in straddle]
     parts = [f"Over {c.runs_used} fitted runs ({n} seed{'s' * (n != 1)}, axes varied: {', '.join(c.axes) or 'none'}), "
              f"against the {c.target_label}:"]
-    above = "Ψ > 0 in every bootstrap resample of the 2 seeds" if n == 2 else "the 95% interval of Ψ lies above 0"
-    below = "Ψ < 0 in every resample" if n == 2 else "it lies below 0"
+    above, below = "the 95% interval of Ψ lies above 0", "it lies below 0"
     if good:
         parts.append(f"{above} for {', '.join(good)}: "
                      f"{'these rank' if len(good) > 1 else 'it ranks'} the gap as {'their' if len(good) > 1 else 'its'} "
@@ -70,10 +72,13 @@ def paragraph(c: Correlation) -> str:
     if bad:
         parts.append(f"{below[0].upper() + below[1:]} for {', '.join(bad)}: larger values went with smaller gaps, the "
                      "opposite of what the measure's theory predicts.")
-    if open_:
-        why = ("with one seed there is no interval" if n == 1 else "the interval includes 0")
-        parts.append(f"For {', '.join(open_)} {why}: undetermined with {n} seed{'s' * (n != 1)}, which says nothing "
-                     "either way about the measure.")
+    seeds = f"{n} seed{'s' * (n != 1)}"
+    for labels, why in ((straddle, "the interval includes 0"),
+                        (none, f"there is no interval with {seeds} (the seed bootstrap needs at least {MIN_SEEDS})"
+                         if n < MIN_SEEDS else "there is no interval")):
+        if labels:
+            parts.append(f"For {', '.join(labels)} {why}: undetermined with {seeds}, which says nothing either way "
+                         "about the measure.")
     top = [r for r in c.rows if r.psi is not None and r.psi_interval is not None and r.psi_interval.lo is not None]
     if len(top) >= 2:
         best = max(top, key=lambda r: r.psi)
@@ -83,9 +88,6 @@ def paragraph(c: Correlation) -> str:
         else:
             parts.append(f"{best.label} has the highest Ψ, but its interval overlaps another measure's: the order of "
                          "the leading measures is not established.")
-    if n == 2:
-        parts.append("With 2 seeds the bootstrap has 3 distinct resamples: an interval is the range of what the seeds "
-                     "give alone, not a population interval.")
     return " ".join(parts)
 
 
@@ -120,7 +122,10 @@ def ranking_figure(c: Correlation, path: Path) -> Path | None:
     ax.set_yticks(y, [r.label for r in rows], fontsize=8)
     ax.set_xlim(-1.05, 1.05)
     ax.set_xlabel(f"rank correlation with the\n{c.target_label}", fontsize=9)
-    ax.set_title(f"Ψ (dots, 95% bootstrap interval over {len(c.seeds)} seeds)\nand τ over all runs (crosses)", fontsize=9)
+    n = len(c.seeds)
+    bars = (f"95% expanded percentile bootstrap over {n} seeds" if n >= MIN_SEEDS
+            else f"no interval with {n} seed{'s' * (n != 1)}")
+    ax.set_title(f"Ψ (dots, {bars})\nand τ over all runs (crosses)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -169,10 +174,24 @@ def scatter_figure(c: Correlation, path: Path) -> Path | None:
     return path
 
 
+def intervals(c: Correlation) -> str:
+    """What the table's intervals are: the method texts of the first row with a τ and a Ψ interval."""
+    tau = next((r.tau_interval.method for r in c.rows if r.tau_interval is not None), None)
+    psi = next((r.psi_interval.method for r in c.rows if r.psi_interval is not None), None)
+    if tau is None and psi is None:
+        return "Intervals: none."
+    if tau == psi or psi is None or tau is None:
+        return f"Intervals: {tau or psi}."
+    cut = tau.rfind(": ", 0, len(os.path.commonprefix([tau, psi])))  # the shared head: how the seeds were drawn
+    if cut > 0:
+        return f"Intervals: {tau[:cut]}; for τ, {tau[cut + 2:]}; for Ψ, {psi[cut + 2:]}."
+    return f"Intervals of τ: {tau}. Intervals of Ψ: {psi}."
+
+
 def section(c: Correlation, fig_dir: Path, rel: str = "figures") -> list[str]:
     """The markdown lines of the section, its two figures written into ``fig_dir``."""
     md = [f"Rank correlation of each measure with the {c.target_label} over the runs of "
-          f"{', '.join(f'`{s}`' for s in c.sources)}. {c.method}. Intervals: {c.rows[0].psi_interval.method if c.rows and c.rows[0].psi_interval else 'n/a'}.",
+          f"{', '.join(f'`{s}`' for s in c.sources)}. {c.method}. {intervals(c)}",
           "", left_out(c), "", *table(c), "", paragraph(c), ""]
     if f := ranking_figure(c, fig_dir / "correlation_ranking.png"):
         md += [f"![measures ranked by Ψ]({rel}/{f.name})", ""]
