@@ -316,6 +316,7 @@ class ChainStep:
 
     @torch.no_grad()
     def unflatten(self) -> None:
+        """Give every parameter and BatchNorm counter a storage of its own again (the values unchanged)."""
         for p in self.params:
             p.data = p.data.clone()
         if self.counters is not None:
@@ -324,6 +325,9 @@ class ChainStep:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One step on the batch ``x``, ``y``: the update :func:`batchgap.step.sgd_step` makes with
+        ``F.cross_entropy`` (mean over the batch), bit for bit. Returns the batch's mean loss (no graph).
+        Cost: the forward, the backward and the optimizer update of the chain, as autograd runs them."""
         addmm, mm, batch_norm, relu = torch.addmm, torch.mm, torch.native_batch_norm, torch.relu
         nll_loss_forward, nll_loss_backward, batch_norm_backward, relu_backward = _ATEN or _aten()
         program = self.program

@@ -137,6 +137,25 @@ def train(
 
     In a process group of W > 1 workers every worker calls this with the same arguments; ``batch_size``
     is the global batch (W must divide it), rank 0 alone touches ``run_dir`` and evaluates.
+
+    Args:
+        model, train_data, test_data: the network (trained in place) and its data; ``test_data`` may be None.
+        cfg: optimizer, learning rate and its rule, epochs, evaluation and checkpoint intervals.
+        batch_size: examples per step, or a schedule ``epoch -> batch size``.
+        seed: the run's seed (batch order, augmentation, dropout).
+        augment, loss_fn, step: the batch augmentation, the loss, the step (a remedy's, or :func:`sgd_step`).
+        run_dir: where the history and checkpoints go (None: nothing is written, nothing resumed).
+        progress, desc: the progress bar (default: when stderr is a terminal) and its label.
+        keep_epochs: epochs after which the model is kept as an iterate (0 = the start point).
+        fast_step: allow the chain step (above); it changes no number.
+
+    Returns:
+        :class:`TrainResult`: the per-epoch history, epochs and steps done, the peak learning rate,
+        divergence, wall time, the epoch a resume began from, the data-parallel protocol and ``step_kinds``.
+
+    Cost: ``cfg.epochs * (n // batch_size)`` steps (a forward and backward each, more for SAM-like steps)
+    plus an evaluation of both data sets every ``cfg.eval_every`` epochs; a checkpoint write each
+    ``cfg.checkpoint_every`` epochs.
     """
     n = len(train_data)
     schedule = batch_size if callable(batch_size) else (lambda epoch, b=batch_size: b)
