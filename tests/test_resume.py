@@ -93,7 +93,8 @@ sys.exit(main())
 
 
 def strip(runs):
-    return [{k: v for k, v in r.items() if k not in ("wall_time_s", "measure_time_s")} for r in runs]
+    # train_step: the stopper's wrapped step trains its epochs on autograd ("autograd+chainstep"), same bits
+    return [{k: v for k, v in r.items() if k not in ("wall_time_s", "measure_time_s", "train_step")} for r in runs]
 
 
 def history(out, run):

@@ -156,7 +156,7 @@ def test_kept_iterates_are_the_weights_after_those_epochs(tmp_path):
     assert all(torch.equal(e2[k], v) for k, v in two.state_dict().items())
 
 
-# ------------------------------------------------------------------ the chain step (batchgap.step.ChainStep)
+# ------------------------------------------------------------------ the chain step (batchgap.chainstep)
 def _history(res):
     return [{k: v for k, v in h.items() if k != "time_s"} for h in res.history]
 
@@ -166,11 +166,7 @@ def _buffers(m):
 
 
 def _autograd_train(monkeypatch, *args, **kwargs):
-    import batchgap.train as train_mod
-
-    with monkeypatch.context() as mp:
-        mp.setattr(train_mod, "FAST_STEP", False)
-        return train(*args, **kwargs)
+    return train(*args, **kwargs, fast_step=False)
 
 
 @pytest.mark.parametrize("case", [
@@ -186,6 +182,7 @@ def _autograd_train(monkeypatch, *args, **kwargs):
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_chain_step_is_bitwise_the_autograd_step(monkeypatch, case, threads):
+    import batchgap.chainstep as chainstep_mod
     import batchgap.train as train_mod
     from batchgap.devices import num_threads
     from batchgap.remedies import switch_schedule
@@ -194,12 +191,12 @@ def test_chain_step_is_bitwise_the_autograd_step(monkeypatch, case, threads):
         monkeypatch.setattr(train_mod, "FUSED_OPTIMIZER", False)
     calls = []
 
-    class Spy(train_mod.ChainStep):
+    class Spy(chainstep_mod.ChainStep):
         def __call__(self, x, y):
             calls.append(len(y))
             return super().__call__(x, y)
 
-    monkeypatch.setattr(train_mod, "ChainStep", Spy)
+    monkeypatch.setattr(chainstep_mod, "ChainStep", Spy)
     bs = switch_schedule(8, 32, 2) if case["bs"] == "schedule" else case["bs"]
     data = toy_data()
     with num_threads(threads):
@@ -212,12 +209,13 @@ def test_chain_step_is_bitwise_the_autograd_step(monkeypatch, case, threads):
     assert torch.equal(params(a), params(b))
     assert all(torch.equal(u, v) for u, v in zip(_buffers(a), _buffers(b)))  # BN running statistics, counters
     assert _history(ra) == _history(rb)
+    assert ra.step_kinds == ["chainstep"] and rb.step_kinds == ["autograd"]  # each run records its step
 
 
 def test_chain_step_runs_for_mlps_only():
     import torch.nn.functional as F
 
-    from batchgap.step import ChainStep
+    from batchgap.chainstep import ChainStep
     from batchgap.train import make_optimizer
 
     def built(m, loss=F.cross_entropy):
@@ -252,20 +250,55 @@ def test_chain_step_hands_the_model_back_as_it_came():
 @pytest.mark.parametrize("first_fast", [True, False])
 def test_resume_across_the_two_steps_equals_an_uninterrupted_run(tmp_path, monkeypatch, first_fast):
     """A checkpoint of one step kind resumed by the other: the optimizer state they write is the same."""
-    import batchgap.train as train_mod
-
     data = toy_data()
     full = model()
     train(full, data, data, TrainConfig(epochs=4), batch_size=16, seed=3)
-    with monkeypatch.context() as mp:
-        mp.setattr(train_mod, "FAST_STEP", first_fast)
-        train(model(), data, data, TrainConfig(epochs=2), batch_size=16, seed=3, run_dir=tmp_path)
+    train(model(), data, data, TrainConfig(epochs=2), batch_size=16, seed=3, run_dir=tmp_path, fast_step=first_fast)
     resumed = model()
-    with monkeypatch.context() as mp:
-        mp.setattr(train_mod, "FAST_STEP", not first_fast)
-        res = train(resumed, data, data, TrainConfig(epochs=4), batch_size=16, seed=3, run_dir=tmp_path)
+    res = train(resumed, data, data, TrainConfig(epochs=4), batch_size=16, seed=3, run_dir=tmp_path,
+                fast_step=not first_fast)
     assert res.resumed_from_epoch == 2
     assert torch.equal(params(full), params(resumed))
+    kinds = ["chainstep", "autograd"]
+    assert res.step_kinds == (kinds if first_fast else kinds[::-1])  # the record keeps both, in order
+
+
+@pytest.mark.parametrize("version", ["2.14.0", "3.0.0+cpu", "2.1.2"])
+def test_an_untested_torch_trains_with_autograd_and_says_so(monkeypatch, version):
+    """On a torch its bitwise tests did not run on, the chain step is not built: autograd runs (the same
+    numbers, as it is the reference) and the result records it."""
+    import torch.nn.functional as F
+
+    import batchgap.chainstep as chainstep_mod
+    from batchgap.train import make_optimizer
+
+    data = toy_data()
+    fast = model()
+    rf = train(fast, data, data, TrainConfig(epochs=2), batch_size=16, seed=5)
+    assert rf.step_kinds == ["chainstep"]  # on the tested torch (2.13.x), the chain step
+    built = []
+
+    def refuse(self, *a):
+        built.append(a)
+        raise AssertionError("a chain step was built on an untested torch")
+
+    monkeypatch.setattr(chainstep_mod.ChainStep, "__init__", refuse)
+    monkeypatch.setattr(torch, "__version__", version)
+    assert not chainstep_mod.tested()
+    m = model()
+    assert chainstep_mod.build(m, make_optimizer(m, TrainConfig(), 1e-3), F.cross_entropy) is None
+    slow = model()
+    rs = train(slow, data, data, TrainConfig(epochs=2), batch_size=16, seed=5)
+    assert rs.step_kinds == ["autograd"] and not built
+    assert torch.equal(params(fast), params(slow))
+
+
+def test_the_tested_torch_versions_are_matched_on_major_and_minor():
+    from batchgap.chainstep import TESTED_TORCH, tested
+
+    assert all(tested(f"{v}.0") and tested(f"{v}.1+cpu") and tested(f"{v}.0a0+git1234") for v in TESTED_TORCH)
+    assert tested("2.13.0") and tested("2.13.1+cpu")  # the release the bitwise tests ran on
+    assert not tested("2.12.1") and not tested("2.130.0") and not tested("12.13.0") and not tested("nightly")
 
 
 def test_chain_step_writes_the_files_the_autograd_step_writes(tmp_path, monkeypatch):
@@ -328,3 +361,4 @@ def test_chain_step_equals_autograd_on_other_chains(monkeypatch, layers):
     rb = _autograd_train(monkeypatch, b, data, data, TrainConfig(epochs=2), batch_size=16, seed=2)
     assert torch.equal(params(a), params(b)) and all(torch.equal(u, v) for u, v in zip(_buffers(a), _buffers(b)))
     assert _history(ra) == _history(rb)
+    assert ra.step_kinds == ["chainstep"] and rb.step_kinds == ["autograd"]

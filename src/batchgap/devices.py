@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from . import machine
 from .data.base import Dataset
 from .errors import UserError
 
@@ -111,4 +112,5 @@ def environment(device: torch.device | None = None) -> dict:
         "numpy": np.__version__, "scipy": scipy.__version__, "platform": platform.platform(),
         "processor": platform.machine(), "cpu_count": os.cpu_count(), "cores_available": cores(),
         "device": describe(device or torch.device("cpu")),
+        "cpu_model": machine.cpu_model(), "kernels": machine.kernels(device),
     }

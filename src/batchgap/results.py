@@ -138,7 +138,9 @@ class Comparison:
 @dataclass
 class RunResult:
     """One run: how it was trained (``result.json`` holds this once it is finished) and what was measured.
-    Paths (``x0``, ``checkpoint``, ``history``) are relative to the output directory."""
+    Paths (``x0``, ``checkpoint``, ``history``) are relative to the output directory. ``cpu``, ``kernels``,
+    ``threads`` and ``device`` are the machine that trained it (:mod:`batchgap.machine`); a run re-measured
+    elsewhere keeps them."""
     id: str
     regime: str
     batch_size: int
@@ -162,6 +164,10 @@ class RunResult:
     device: str
     threads: int
     distributed: dict | None = None
+    # the machine (batchgap.machine): not part of the run's id; None in the results of an earlier batchgap
+    cpu: str | None = None  # CPU model, e.g. "Intel(R) Xeon(R) Processor @ 2.80GHz"
+    kernels: str | None = None  # kernel family, e.g. "BLAS mkl (MKL 2024.2), ..., fp32 matmul on BLAS, ..."
+    train_step: str | None = None  # the step that trained it: "chainstep", "autograd" (both: "chainstep+autograd")
     train: Metrics | None = None
     test: Metrics | None = None
     eval_protocol: dict | None = None
@@ -186,7 +192,8 @@ class RunResult:
 
 TRAINING_FIELDS = ("id", "regime", "batch_size", "seed", "lr", "lr_rule", "optimizer", "epochs", "steps",
                    "steps_per_epoch", "diverged_epoch", "wall_time_s", "x0", "checkpoint", "history", "remedy",
-                   "ghost_batch", "augment", "batch_schedule", "init_from", "device", "threads", "distributed")
+                   "ghost_batch", "augment", "batch_schedule", "init_from", "device", "threads", "distributed",
+                   "cpu", "kernels", "train_step")
 
 
 @dataclass

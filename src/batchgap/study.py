@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from . import build, devices, distributed, plugins, sharding
+from . import build, devices, distributed, machine, plugins, sharding
 from .build import prepare_data, start_point
 from .config import StudyConfig, config_hash, from_dict
 from .data.base import Dataset
@@ -84,6 +84,7 @@ def _trained(out: Output, cfg: StudyConfig, ds: Dataset, run: Run, res, step, sc
         batch_schedule=schedule.protocol() if schedule else None,
         init_from={**dataclasses.asdict(t.init_from), "run": run.depends_on} if run.depends_on else None,
         device=devices.describe(devices.of(ds)), threads=run.threads, distributed=res.distributed,
+        cpu=machine.cpu_model(), kernels=machine.kernels(devices.of(ds)), train_step="+".join(res.step_kinds) or None,
     )
 
 
@@ -384,6 +385,8 @@ def run_study(
                 return None
             log("trained on every worker; rank 0 measures")
         results = execute_runs(out, cfg, ds, mine, jobs=jobs, data_dir=data_dir, progress=progress, log=log)
+        if line := machine.note(results):  # a resume on another machine: its runs' last digits may differ
+            log(line)
         if shard is not None:
             return {"shard": f"{shard[0]}/{shard[1]}", "runs": results}
         doc = _results(cfg, ds, results, _pairs(out, cfg, ds, results), command, t0, user=runs[0].config.get("user"))

@@ -16,7 +16,8 @@ checkpoint so a resumed run continues bit for bit.
 Per step the loop does no host synchronization: the batch losses are read once per epoch (the logged
 ``batch_loss`` is the same float sum as before), the examples are gathered a chunk of batches at a time,
 and the learning rate is written only when it changes. The plain step of an MLP on the CPU skips autograd
-(:class:`batchgap.step.ChainStep`, ``FAST_STEP``), computing the same bits.
+(:mod:`batchgap.chainstep`, ``train(..., fast_step=True)``, on the torch releases it was tested on), computing
+the same bits; each run records which step trained it (``TrainResult.step_kinds``).
 
 Data-parallel: inside a process group of two or more workers (torchrun), the same loop trains with
 DistributedDataParallel, each worker on its slice of every global batch; see :mod:`batchgap.distributed`.
@@ -34,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import devices, distributed
+from . import chainstep, devices, distributed
 from .config import TrainConfig
 from .data.base import TensorData
 from .errors import UserError
 from .landscape.evaluate import evaluate
-from .step import Augment, ChainStep, LossFn, Step, sgd_step  # noqa: F401  (re-exported: batchgap.train.sgd_step)
+from .step import Augment, LossFn, Step, sgd_step  # noqa: F401  (re-exported: batchgap.train.sgd_step)
 from .rundir import RunDir, read_history  # noqa: F401  (read_history: re-exported)
 from .util import progress_bar
 
@@ -64,12 +65,6 @@ def lr_at(step: int, peak: float, warmup_steps: int) -> float:
 # reproducible from its seed. False restores the unfused update.
 FUSED_OPTIMIZER = True
 
-
-# The plain step of a model that is a chain of Linear, BatchNorm1d and ReLU layers (the MLPs: the default
-# study's, F1, logistic regression) on the CPU runs without autograd (batchgap.step.ChainStep): the same aten
-# operations in the same order, so the same bits, and a batch-32 step of the default MLP about 1.6x faster
-# (`python benchmarks/run.py training`). False restores the autograd step for every model.
-FAST_STEP = True
 
 # The training loop gathers the examples of this many bytes of batches at a time (one index per chunk,
 # the whole epoch for a small data set), then slices each batch from them.
@@ -97,6 +92,7 @@ class TrainResult:
     wall_time_s: float = 0.0
     resumed_from_epoch: int = 0
     distributed: dict | None = None  # data-parallel protocol (world size, BN statistics), None in one process
+    step_kinds: list = field(default_factory=list)  # the steps that ran, in order: "chainstep", "autograd"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -116,6 +112,7 @@ def train(
     progress: bool | None = None,
     desc: str = "train",
     keep_epochs: tuple[int, ...] = (),
+    fast_step: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.epochs`` epochs at ``batch_size``.
 
@@ -128,6 +125,12 @@ def train(
     (dynamic sampling; ``batchgap.remedies.switch_schedule`` / ``geometric_schedule``); the learning-rate
     rule then uses the final epoch's size. ``keep_epochs`` keeps the model after those epochs (0 = the
     start point) as ``iterates/epoch-K.pt`` for warm starts and measurements along training.
+
+    ``fast_step``: the plain step (``step`` is :func:`sgd_step`) of a Linear/BatchNorm1d/ReLU chain on the
+    CPU, in one process, runs as :class:`batchgap.chainstep.ChainStep` (the same aten operations without
+    autograd: the same bits, about 1.6x faster on the default MLP) where torch is a release its bitwise tests
+    ran on (:data:`batchgap.chainstep.TESTED_TORCH`); False runs autograd everywhere. Not part of a run's id,
+    as it changes no number; ``TrainResult.step_kinds`` says which step ran (``"chainstep"``, ``"autograd"``).
 
     A model with 2-D convolutions on the CPU trains in channels_last (:func:`batchgap.devices.fast_layout`:
     the same values, a faster layout for oneDNN) and is handed back in the memory format it came in.
@@ -154,11 +157,13 @@ def train(
         progress: show a progress bar; None for only when output is a terminal.
         desc: the progress bar's label.
         keep_epochs: epochs after which the model is saved as ``iterates/epoch-K.pt`` (0 = the start point).
+        fast_step: allow the chain step (:mod:`batchgap.chainstep`, torch 2.13.x only); it changes no number,
+            so it is not part of a run's id.
 
     Returns:
         A :class:`TrainResult`: ``history`` (one dict per evaluated epoch: train and test loss and accuracy),
-        ``epochs_done``, ``steps``, ``lr``, ``batch_size``, ``diverged_epoch``, ``wall_time_s`` and
-        ``resumed_from_epoch``.
+        ``epochs_done``, ``steps``, ``lr``, ``batch_size``, ``diverged_epoch``, ``wall_time_s``,
+        ``resumed_from_epoch``, the data-parallel protocol and ``step_kinds`` (which training step ran).
 
     Cost:
         ``cfg.epochs`` passes over ``train_data`` of one forward and backward pass each, plus a forward pass over
@@ -207,8 +212,8 @@ def train(
     t0 = time.perf_counter() - result.wall_time_s
     gpu = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
     # the plain step of a Linear/BatchNorm1d/ReLU chain on the CPU, without autograd: the same bits, faster
-    chain = ChainStep.build(model, optimizer, loss_fn) if FAST_STEP and step is sgd_step and world == 1 else None
-    own = _own_storage if chain is not None else (lambda state: state)  # files as the autograd step writes them
+    chain = chainstep.build(model, optimizer, loss_fn) if fast_step and step is sgd_step and world == 1 else None
+    own = chainstep.own_storage if chain is not None else (lambda state: state)  # files as autograd writes them
     lr_set = None
     with torch.random.fork_rng(devices=gpu), _parallel(model, world, cfg.bn_sync) as net:
         torch.set_rng_state(rng_state)
@@ -225,6 +230,9 @@ def train(
             fast = chain if chain is not None and chain.accepts(train_data.x[:1], train_data.y[:1], local) else None
             if fast is not None:
                 fast.enter()
+            kind = chainstep.NAME if fast is not None else "autograd"
+            if kind not in result.step_kinds:
+                result.step_kinds.append(kind)
             losses, count = [], 0
             for x, y in _batches(train_data, perm, bs, local, rank, augment, gen):
                 lr = lr_at(result.steps, peak, warmup_steps)
@@ -292,21 +300,6 @@ def _restore_layout(model: nn.Module, contiguous: dict) -> None:
 def _parallel(model: nn.Module, world: int, bn_sync: bool):
     """The module the steps call: a DDP wrapper in a group of workers, the model itself otherwise."""
     return distributed.data_parallel(model, bn_sync) if world > 1 else contextlib.nullcontext(model)
-
-
-def _own_storage(obj):
-    """``obj`` (a state dict, nested) with each tensor that is a view of a larger buffer copied into a storage
-    of its own: the checkpoint files of a :class:`ChainStep` run are then the files the autograd step writes."""
-    if isinstance(obj, dict):
-        out = type(obj)((k, _own_storage(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):  # a module's state dict: its layers' versions
-            out._metadata = obj._metadata
-        return out
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_own_storage(v) for v in obj)
-    if isinstance(obj, torch.Tensor) and obj.untyped_storage().nbytes() != obj.numel() * obj.element_size():
-        return obj.clone()
-    return obj
 
 
 def _batches(data: TensorData, perm: torch.Tensor, bs: int, local: int, rank: int, augment: Augment | None,

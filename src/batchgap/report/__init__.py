@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..machine import summary
 from ..results import FITTED, Results, Stat, load_results
 from ..stats import mean_std
 from ..util import atomic_write_text
@@ -57,6 +58,15 @@ def _settings(res: Results) -> list[str]:
     if isinstance(sub, dict):
         lines.append(f"| data subset | {json.dumps(sub)} |")
     return lines
+
+
+def _machines(res: Results) -> str:
+    """The header's line of every machine that computed runs (CPU model, kernels, threads, device), with counts."""
+    machines = summary(res.runs)
+    if not machines:
+        return "Machines: no finished runs yet."
+    listed = "; ".join(f"{label}: {n} run{'s' if n != 1 else ''}" for label, n in machines)
+    return f"Machines that computed the runs (CPU model (kernels), torch threads, device: runs): {listed}."
 
 
 def _table2(res: Results) -> list[str]:
@@ -151,6 +161,7 @@ def write_report(out: str | Path) -> Path:
         f"--jobs, so more than the time it took); the last `batchgap` invocation took {res.wall_time_s:.1f} s.",
         "",
     ]
+    md += [_machines(res), ""]
     if res.command:
         md += [f"Command: `{res.command}`", ""]
     md += ["## Settings", "", *_settings(res), ""]
