@@ -119,7 +119,8 @@ def _summary(doc: str) -> str:
 
 
 def _anchor(name: str) -> str:
-    return name.lower().strip("_").replace("_", "-") if name != "__version__" else "version"
+    """GitHub's anchor for the heading ``### `name` ``: lower case, word characters kept (underscores too)."""
+    return name.lower()
 
 
 def entry(name: str, obj) -> list[str]:
