@@ -1,77 +1,37 @@
-"""Flatness under random and worst-case perturbations (Jiang et al. 2019, "Fantastic generalization
-measures": PAC-Bayes flatness was among the best predictors of the generalization gap they found).
+"""Flatness under random and worst-case perturbations: average sharpness, PAC-Bayes flatness, worst-case
+flatness (Jiang et al. 2019, "Fantastic generalization measures"; docs/measures.md, "Flatness", has the full
+analysis: the noise families and their invariance, the draw, the search, the differences from Jiang's code).
 
-L is the full-data, batch-weighted mean loss of :class:`functional.FullDataLoss` (``loss_fn``, default
-mean cross-entropy) as a function of the flat vector w of the measured parameters (``params``: ``"all"``
-trainable or ``"no-bn"``; the result's ``params_measured`` says which). Two noise families:
+L is the full-data, batch-weighted mean loss of :class:`functional.FullDataLoss` (default mean
+cross-entropy), acc the training accuracy, both functions of the flat vector w of the measured parameters
+(``params``). Noise: u = sigma z (plain) or u = sigma |w| z (magnitude-aware, invariant to a ReLU
+rescaling), z_1..z_M ~ N(0, I) the rows of ONE seeded draw :data:`DRAW`, used at every sigma (common random
+numbers).
 
-* plain (``magnitude_aware=False``): u = sigma z, i.e. u ~ N(0, sigma^2 I);
-* magnitude-aware: u = sigma |w| z (elementwise), i.e. u_i ~ N(0, sigma^2 w_i^2); coordinates with
-  w_i = 0 do not move. w + u = w * (1 + sigma sign(w) z), so under a ReLU rescaling of a network without
-  BN (w1 -> c w1, b1 -> c b1, w2 -> w2 / c, c > 0) every perturbed network computes the same function
-  as before the rescaling, for the same z: the magnitude-aware measures are invariant to it (up to float
-  rounding); the plain ones are not.
+* :func:`average_sharpness`: (1/M) sum_j L(w + u_j) - L(w), with its Student-t interval.
+* :func:`pac_bayes_flatness`: 1 / sigma^2 for the largest sigma with g(sigma) <= delta; g the mean loss
+  rise (``target="loss"``, batchgap's variant) or the mean training-accuracy drop (``target="error"``,
+  Jiang et al.'s pacbayes.flatness, eq. 53, and pacbayes.mag.flatness, eq. 61); the bracket search of
+  :func:`bracket.crossing`; no value (and a reason) when g does not cross delta inside ``sigma_range``.
+* :func:`worst_case_flatness`: 1 / alpha^2 for the largest box |u_i| <= alpha (or alpha |w_i|) whose
+  maximum loss rise (:func:`boxmax.maximize_in_box`, a lower bound: alpha is an upper estimate) is <= delta.
 
-z_1..z_M ~ N(0, I) are ONE draw, ``Z = torch.randn(M, N, generator=torch.Generator().manual_seed(seed),
-dtype=<the parameters' dtype>)`` on the CPU (row j is z_j, N the number of measured entries, in
-``params.flat`` order), moved to the parameters' device; Z is held in memory (M x N entries) for the
-whole measurement.
-
-* :func:`average_sharpness`:  E_u[L(w + u)] - L(w), estimated by (1/M) sum_j L(w + u_j) - L(w), with
-  the Student-t interval over the M draws (stderr = std(ddof=1) / sqrt(M)), and ``relative`` =
-  value / (1 + L(w)) * 100 on Keskar's scale.
-* :func:`pac_bayes_flatness`: the largest sigma with g(sigma) <= delta, reported as 1 / sigma^2 (larger =
-  sharper), g the expected rise of the loss (``target="loss"``: E_u[L(w + u)] - L(w)) or the expected drop
-  of the training accuracy (``target="error"``: E_u[acc(w) - acc(w + u)], Jiang et al.'s
-  "pacbayes.flatness", eq. 53, and, magnitude-aware, "pacbayes.mag.flatness", eq. 61). With common random numbers (the same z_j at every sigma) the estimate
-  g(sigma) = (1/M) sum_j L(w + sigma s z_j) - L(w) (s = 1 or |w|) is a deterministic, continuous
-  function of sigma (for the error target a deterministic step function). Search: g at a start sigma (default the geometric mean of ``sigma_range``), then
-  steps toward the crossing the local power law g ~ sigma^2 predicts (at most 4x each), clipped to
-  ``sigma_range``, until g crosses delta; then log-log interpolation of the bracket, safeguarded by
-  bisection in log sigma, until hi / lo <= 1 + rtol (:func:`_crossing`). Reported
-  sigma = lo, the largest sigma tried with g <= delta, and hi, the smallest tried above it. A
-  non-finite g (the loss overflowed) counts as above delta. If g is not monotone in sigma the bracket
-  holds one crossing, not necessarily the first: ``monotone`` says whether g was nondecreasing over
-  the sigmas tried. When g does not cross delta inside ``sigma_range`` (above delta already at the
-  smallest sigma, or at most delta at the largest), ``bracketed`` is False, ``value`` and ``sigma``
-  are None and ``reason`` says which; never a made-up number.
-* :func:`worst_case_flatness`: the largest alpha with max_{|u_i| <= alpha} L(w + u) - L(w) <= delta
-  (magnitude-aware: |u_i| <= alpha |w_i|, solved in u = delta / |w| as :mod:`adaptive` does), each
-  maximum by :func:`boxmax.maximize_in_box` (``max_iter`` iterations, at most ``max_fun`` full-data
-  function+gradient evaluations each), the same bracketing and bisection in log alpha over
-  ``alpha_range``; ``value`` = 1 / alpha^2 (Jiang et al.'s "sharpness.flatness" /
-  "sharpness.mag.flatness"). The solver's maximum is a lower bound on the true maximum, so the
-  reported alpha is an UPPER estimate of the true largest alpha (and 1 / alpha^2 a lower estimate of
-  the flatness value); its maxima need not be monotone in alpha though the true ones are (the boxes
-  are nested). ``capped_solves`` counts the solves the evaluation cap ended.
-
-Evaluation: the M perturbed points at one sigma are one call of
-:meth:`functional.FullDataLoss.values_at_rows` (each data batch read once, ``vmap`` over ``chunk``
-points at a time; ``chunk=1`` one point at a time, the default on the CPU); each point costs one forward pass over the data.
-L(w) is one more pass. Losses are accumulated in float64.
-
-BatchNorm: one protocol for the whole measurement (:func:`functional.session`): ``"eval"`` (running
-statistics, or batch statistics where the model does not track them), ``"batch"`` (each evaluation
-batch's statistics, no buffer updates), ``"recompute"`` (running statistics recomputed ONCE at w on
-``bn_data``, default ``data``, then held fixed for every perturbed point; perturbed points do not get
-their own statistics). Dropout is off. The model is restored bit for bit, also on error.
-
-Differences from Jiang et al.'s code (docs/measures.md): the error target bounds the accuracy DROP (theirs
-the absolute deviation |acc(w + u) - acc(w)|, the same wherever noise does not raise the accuracy); their
-magnitude-aware variance is sigma^2 w_i^2 + 1e-3^2 (not exactly rescaling invariant); they draw fresh
-noise at every sigma and bisect sigma in a fixed range. The loss target is batchgap's variant.
+Each perturbed point costs one forward pass over the data (the M points at one sigma in one read of it,
+:meth:`functional.FullDataLoss.values_at_rows`); float64 accumulation. One BN protocol for the whole
+measurement (:func:`functional.session`; "recompute" once at w). Dropout off; the model is restored bit for
+bit, also on error.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 from scipy import stats
 from torch import nn
 
+from .bracket import crossing, is_monotone
 from .boxmax import SOLVER, START, BoxMax, default_max_fun, maximize_in_box
 from .functional import FullDataLoss, session
 from .hessian import _protocol
@@ -247,80 +207,33 @@ def _accuracy_at_w(F: FullDataLoss) -> float:
     return float(accuracy[0])
 
 
-def _crossing(estimate: Callable[[float], float], start: float, bounds: tuple[float, float], delta: float,
-              rtol: float, name: str, power: float = 2.0):
-    """Bracket, then close the bracket (module docstring). Returns ``(lo, hi, trace, reason)``; lo = hi =
-    None and a reason when there is no crossing inside ``bounds``.
-
-    Steps are guided by the local power law g ~ x^power (a minimum: the rise is quadratic in the
-    perturbation's size): from a point (x, g) the predicted crossing is x (delta / g)^(1/power), and
-    inside a bracket [lo, hi] the log-log interpolation of the endpoints. Each proposal aims a factor
-    (1 + rtol)^(1/2) past the prediction, to the side of the bracket's end it should replace, so an
-    accurate prediction closes the bracket to hi / lo <= 1 + rtol in two evaluations; after a step that did
-    not halve the bracket's log-width the next is the bisection point sqrt(lo hi), so the search takes
-    at most about twice bisection's steps whatever g is."""
-    low, high = bounds
-    trace: list[tuple[float, float]] = []
-    lo = hi = None
-    g_lo = g_hi = None
-    half = math.sqrt(1 + rtol)
-
-    def below(x: float) -> bool:
-        v = float(estimate(x))
-        trace.append((x, v))
-        return math.isfinite(v) and v <= delta
-
-    def predicted(x: float, v: float) -> float | None:
-        return x * (delta / v) ** (1 / power) if math.isfinite(v) and v > 0 else None
-
-    x = min(max(start, low), high)
-    while lo is None or hi is None:  # bracket: move toward the predicted crossing, at most 4x per step
-        if below(x):
-            lo, g_lo = x, trace[-1][1]
-            if lo >= high:
-                return None, None, trace, (f"the rise stays at or below delta = {delta:g} up to the largest {name} "
-                                           f"of the range, {high:g} ({trace[-1][1]:.6g}): no crossing in range")
-            r = predicted(x, g_lo)
-            x = min(max(r * half if r else 4 * x, x * (1 + rtol)), 4 * x, high)
-        else:
-            hi, g_hi = x, trace[-1][1]
-            if hi <= low:
-                return None, None, trace, (f"the rise exceeds delta = {delta:g} already at the smallest {name} of "
-                                           f"the range, {low:g} ({trace[-1][1]:.6g}): no crossing in range")
-            r = predicted(x, g_hi)
-            x = max(min(r / half if r else x / 4, x / (1 + rtol)), x / 4, low)
-    bisect_next = False
-    while hi / lo > 1 + rtol:  # close: interpolate in log-log, aim past the prediction, bisect as a safeguard
-        width = math.log(hi / lo)
-        if not bisect_next and g_lo > 0 and math.isfinite(g_hi) and g_hi > g_lo:
-            t = (math.log(delta) - math.log(g_lo)) / (math.log(g_hi) - math.log(g_lo))
-            r = math.exp(math.log(lo) + t * width)
-            # aim past the prediction, away from the bracket's nearer end, which then stays
-            x = r * half if math.log(r / lo) < math.log(hi / r) else r / half
-            x = min(max(x, lo * (1 + 1e-9)), hi / (1 + 1e-9))
-        else:
-            x = math.sqrt(lo * hi)
-        if below(x):
-            lo, g_lo = x, trace[-1][1]
-        else:
-            hi, g_hi = x, trace[-1][1]
-        bisect_next = math.log(hi / lo) > width / 2  # an interpolation that did not halve the bracket
-    return lo, hi, trace, None
-
-
-def _monotone(trace) -> bool:
-    values = [v if math.isfinite(v) else math.inf for _, v in sorted(trace)]
-    return all(a <= b for a, b in zip(values, values[1:]))
-
-
 def average_sharpness(
     model: nn.Module, data, sigma: float = 0.01, magnitude_aware: bool = False, n_samples: int = 16, seed: int = 0,
     loss_fn=None, batch_size: int = 1000, bn: str = "eval", params: str = "all", confidence: float = 0.95,
     chunk: int | None = None, bn_data=None,
 ) -> AverageSharpnessResult:
-    """E_u[L(w + u)] - L(w) by Monte Carlo over ``n_samples`` draws (module docstring), with its interval.
+    """Average sharpness E_u[L(w + u)] - L(w) by Monte Carlo, with its Student-t interval.
 
-    Cost: ``n_samples + 1`` forward passes over the data, in two reads of it."""
+    Formula: (1/M) sum_j L(w + u_j) - L(w), u_j = sigma z_j (or sigma |w| z_j, ``magnitude_aware``), z_j ~ N(0, I)
+    the M = ``n_samples`` rows of one seeded draw; stderr = std(ddof=1) / sqrt(M). (Neyshabur et al. 2017's
+    expected sharpness; not one of Jiang et al. 2019's measures.)
+
+    Args:
+        model: the network; restored bit for bit.
+        data: the examples (normally the training set).
+        sigma: the noise scale (absolute, or relative to |w_i| when ``magnitude_aware``).
+        magnitude_aware: u_i ~ N(0, sigma^2 w_i^2) instead of N(0, sigma^2).
+        n_samples: draws M (>= 2).
+        seed: seeds the draws.
+        loss_fn, batch_size, bn, params, bn_data: as in :class:`functional.FullDataLoss`.
+        confidence: of the interval.
+        chunk: points per vmap (None: 1 on the CPU, 16 on an accelerator).
+
+    Returns:
+        :class:`AverageSharpnessResult`: value, stderr, interval, ``relative`` = value / (1 + L(w)) * 100, the
+        per-draw rises and the protocol.
+
+    Cost: ``n_samples + 1`` forward passes over the data, in two reads of it; memory M x N for the draws."""
     _check("sigma", sigma)
     _check_common(n_samples, confidence, chunk)
     with session(model, bn, data, bn_data, batch_size):
@@ -412,7 +325,7 @@ def pac_bayes_flatness(
             found[s] = _rises(F, Z, scale, s, base, chunk, target)
             return float(found[s].mean())
 
-        lo, hi, trace, reason = _crossing(estimate, start, bounds, delta, rtol, "sigma")
+        lo, hi, trace, reason = crossing(estimate, start, bounds, delta, rtol, "sigma")
         proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
     if lo is None:
         g = stderr = low = high = samples = None
@@ -425,7 +338,7 @@ def pac_bayes_flatness(
         delta=float(delta), magnitude_aware=bool(magnitude_aware), target=target, bound=TARGETS[target], g=g,
         stderr=stderr, ci_low=low, ci_high=high, confidence=confidence, samples=samples, f_x=f_x, accuracy_x=acc_x,
         n_samples=n_samples, seed=seed, rtol=float(rtol), sigma_range=bounds, sigma_start=start,
-        sigmas=tuple(s for s, _ in trace), g_values=tuple(v for _, v in trace), monotone=_monotone(trace),
+        sigmas=tuple(s for s, _ in trace), g_values=tuple(v for _, v in trace), monotone=is_monotone(trace),
         sigmas_tried=len(trace), points_evaluated=n_samples * len(trace) + 1 + (target == "error"),
         data_passes=len(trace) + 1 + (target == "error"), noise=_noise_words(magnitude_aware), search=SEARCH,
         method=(f"common random numbers: the same {n_samples} draws at every sigma, {DRAW}; Student-t interval over "
@@ -439,10 +352,31 @@ def worst_case_flatness(
     alpha_range: tuple = (1e-6, 1.0), loss_fn=None, batch_size: int = 1000, bn: str = "eval", params: str = "all",
     max_fun: int | None = None, bn_data=None, alpha_start: float | None = None,
 ) -> WorstCaseFlatnessResult:
-    """1 / alpha^2 for the largest alpha whose box maximum rises by at most delta (module docstring).
+    """Worst-case flatness 1 / alpha^2 for the largest alpha whose box maximum rises by at most delta.
 
-    Cost: per alpha tried one box maximization, at most ``max_fun`` (default ``1 + 4 * max_iter``)
-    full-data forward+backward passes."""
+    Formula: alpha* = max { alpha : max_{|u_i| <= alpha s_i} L(w + u) - L(w) <= delta }, s_i = 1 (or |w_i|,
+    ``magnitude_aware``), each inner maximum by :func:`boxmax.maximize_in_box` (a lower bound, so alpha is an
+    upper estimate); value = 1 / alpha^2. The loss-target variant of Jiang et al. 2019's sharpness.flatness
+    (and sharpness.mag.flatness, without its noise floor).
+
+    Args:
+        model: the network; restored bit for bit.
+        data: the examples (normally the training set).
+        delta: the bound on the maximum's loss rise.
+        magnitude_aware: the box |u_i| <= alpha |w_i| instead of |u_i| <= alpha.
+        max_iter: L-BFGS-B iterations per box maximization.
+        rtol: the search stops when alpha_hi / alpha <= 1 + rtol.
+        alpha_range: the (low, high) alphas searched.
+        loss_fn, batch_size, bn, params, bn_data: as in :class:`functional.FullDataLoss`.
+        max_fun: full-data evaluations per maximization (default ``1 + 4 * max_iter``).
+        alpha_start: the search's first alpha (default the geometric mean of ``alpha_range``).
+
+    Returns:
+        :class:`WorstCaseFlatnessResult`: value (None with a ``reason`` when not bracketed), alpha, the
+        bracket, each alpha's rise and whether its solve was capped, solver counts and the protocol.
+
+    Cost: per alpha tried one box maximization, at most ``max_fun`` full-data forward+backward passes
+    (typically 6 to 10 alphas)."""
     _check("delta", delta)
     bounds = _check_range("alpha_range", alpha_range, rtol)
     start = math.sqrt(bounds[0] * bounds[1]) if alpha_start is None else float(alpha_start)
@@ -468,7 +402,7 @@ def worst_case_flatness(
             solved[a] = maximize_in_box(F, apply, apply_t, np.full(F.num_params, a), max_iter, max_fun)
             return solved[a].f_best - solved[a].f0
 
-        lo, hi, trace, reason = _crossing(estimate, start, bounds, delta, rtol, "alpha")
+        lo, hi, trace, reason = crossing(estimate, start, bounds, delta, rtol, "alpha")
         proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
     runs = [solved[a] for a, _ in trace]
     where = ("|u_i| <= alpha |w_i| (elementwise, l_inf); solved in u = delta / |w|" if magnitude_aware
@@ -479,7 +413,7 @@ def worst_case_flatness(
         rise=None if lo is None else solved[lo].f_best - solved[lo].f0,
         f_x=runs[0].f0, rtol=float(rtol), alpha_range=bounds, alpha_start=start,
         alphas=tuple(a for a, _ in trace), rises=tuple(v for _, v in trace), capped_flags=tuple(r.capped for r in runs),
-        monotone=_monotone(trace), solves=len(runs), capped_solves=sum(r.capped for r in runs),
+        monotone=is_monotone(trace), solves=len(runs), capped_solves=sum(r.capped for r in runs),
         capped_at_alpha=None if lo is None else solved[lo].capped, max_iter=max_iter, max_fun=max_fun,
         nit=sum(r.nit for r in runs), nfev=sum(r.nfev for r in runs), perturbation_set=where, solver=SOLVER,
         start=START, search=SEARCH.replace("sigma", "alpha"), **proto,

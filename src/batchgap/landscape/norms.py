@@ -139,6 +139,14 @@ DEFINITIONS = {
 
 @dataclass(frozen=True)
 class NormResult(Measured):
+    """What :func:`norm_measures` returns; every field's formula is in ``definitions`` (and docs/measures.md).
+
+    Jiang et al. 2019's measures, under their names: ``params_norm`` (eq. 42), ``log_prod_of_spec`` (eq. 32),
+    ``sum_of_spec`` (exp of eq. 35), ``log_prod_of_fro`` (eq. 37), ``sum_of_fro`` (exp of eq. 39); the
+    path norm's square (eq. 44) and the margin of inverse.margin (eq. 22). The rest are batchgap's:
+    ``param_norm_all`` (every parameter), the unsquared ``log_prod_*``, the per-layer norms.
+    """
+
     params_measured: str  # the measured parameters in words (params.describe_params)
     layers: tuple[str, ...]  # "<module>.weight" of each Linear/Conv module, in named_modules order
     frobenius: tuple[float, ...]  # ||W_i||_F per layer
