@@ -152,7 +152,8 @@ def test_layer_norms_match_torch_and_numpy_conv_weights_as_reshaped_matrices():
     assert r.log_prod_spectral == pytest.approx(math.log(np.prod(spec)), rel=1e-12)
     assert r.log_prod_frobenius == pytest.approx(math.log(np.prod(frob)), rel=1e-12)
     assert r.params_norm == pytest.approx(sum(f * f for f in frob), rel=1e-12)
-    assert r.param_norm_all == pytest.approx(float(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).norm()))
+    every = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert r.param_norm_all == pytest.approx(float(every.norm()))
     assert r.spectral_margin == pytest.approx(r.margin / np.prod(spec), rel=1e-12)
     assert json.loads(json.dumps(r.as_dict()))["layers"] == list(r.layers)
 

@@ -108,3 +108,18 @@ def test_pac_bayes_target_setting_is_validated_with_its_allowed_values():
     msg = str(e.value)
     assert "measure.pac_bayes_target" in msg and all(v in msg for v in ("loss", "error", "both"))
     assert "\n" not in msg
+
+
+def test_the_report_definitions_give_jiangs_equations_and_the_target():
+    from batchgap.report.definitions import _jiang
+
+    geo = {"norms": {"layers": ["0.weight", "2.weight"], "percentile": 10.0},
+           "pac_bayes": {"target": "loss", "delta": 0.1, "n_samples": 8},
+           "pac_bayes_error": {"target": "error", "delta": 0.1, "n_samples": 8},
+           "density": {"n_vectors": 1, "steps": 20, "trace_ci_low": None}}
+    text = "\n".join(_jiang(geo))
+    for needle in ("params.norm Σ‖W_i‖_F² (eq. 42)", "sum.of.spec d (∏ ‖W_i‖_2²)^(1/d)", "(eq. 22)", "(eq. 44)",
+                   "loss target** (a loss-target variant",
+                   "error target** (Jiang et al. 2019's pacbayes.flatness (eq. 53))",
+                   "training-accuracy drop ≤ δ = 0.1", "no trace (one start vector gives no interval)"):
+        assert needle in text, needle

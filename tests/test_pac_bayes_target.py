@@ -105,4 +105,5 @@ def test_target_is_checked_and_the_error_target_needs_class_logits(linear):
         pac_bayes_flatness(model, data, target="accuracy")
     reg = nn.Linear(3, 1).double()
     with pytest.raises(ValueError, match="target='error' needs"):
-        pac_bayes_flatness(reg, (data[0], data[0][:, 0]), target="error", loss_fn=lambda o, t: ((o[:, 0] - t) ** 2).mean())
+        pac_bayes_flatness(reg, (data[0], data[0][:, 0]), target="error",
+                           loss_fn=lambda o, t: ((o[:, 0] - t) ** 2).mean())

@@ -136,7 +136,8 @@ FIXED_MEASURES = (
     Measure("hessian_trace", "Hessian trace", _geo("hessian_trace"),
             "Hessian-based flatness (Hutchinson's estimator); not one of Jiang et al. 2019's measures"),
     Measure("average_sharpness", "average sharpness σ", _geo("average_sharpness"),
-            "Neyshabur et al. 2017 (expected sharpness, loss rise at fixed σ); not one of Jiang et al. 2019's measures"),
+            "Neyshabur et al. 2017 (expected sharpness, loss rise at fixed σ); "
+            "not one of Jiang et al. 2019's measures"),
     Measure("average_sharpness_mag", "average sharpness σ|w|", _geo("average_sharpness_mag"),
             "Neyshabur et al. 2017's expected sharpness with Jiang et al. 2019's magnitude-aware noise (no ε floor)"),
     Measure("pac_bayes", "PAC-Bayes flatness 1/σ², loss target", _geo("pac_bayes"),
@@ -147,14 +148,16 @@ FIXED_MEASURES = (
             "loss-target variant of Jiang et al. 2019's pacbayes.mag.flatness (eq. 61), without its ε floor"),
     Measure("pac_bayes_mag_error", "PAC-Bayes flatness 1/σ'² (magnitude-aware), error target",
             _geo("pac_bayes_mag_error"),
-            "Jiang et al. 2019 (pacbayes.mag.flatness, eq. 61, without its ε = 1e-3 noise floor): accuracy drop ≤ δ"),
+            "Jiang et al. 2019 (pacbayes.mag.flatness, eq. 61, without its ε = 1e-3 noise floor): "
+            "accuracy drop ≤ δ"),
     Measure("worst_case", "worst-case flatness 1/α², loss target", _geo("worst_case"),
             "loss-target variant of Jiang et al. 2019's sharpness.flatness"),
     Measure("worst_case_mag", "worst-case flatness 1/α'² (magnitude-aware), loss target", _geo("worst_case_mag"),
             "loss-target variant of Jiang et al. 2019's sharpness.mag.flatness, without its ε noise floor"),
     Measure("params_norm", "Σ ‖W_i‖_F² (weight matrices)", _geo("norms", "params_norm"),
             "Jiang et al. 2019 (params.norm, eq. 42)"),
-    Measure("param_norm_all", "‖w‖ (all parameters: weights, biases, normalization)", _geo("norms", "param_norm_all"),
+    Measure("param_norm_all", "‖w‖ (all parameters: weights, biases, normalization)",
+            _geo("norms", "param_norm_all"),
             "ℓ2 norm of every trained parameter; not Jiang et al. 2019's params.norm (weight matrices only)"),
     Measure("log_prod_of_fro", "log ∏ ‖W_i‖_F²", _twice("norms", "log_prod_frobenius"),
             "Jiang et al. 2019 (log.prod.of.fro, eq. 37)"),
@@ -173,7 +176,8 @@ FIXED_MEASURES = (
     Measure("spectral_margin", "log ∏‖W_i‖_2² / margin²", _spectral_complexity,
             "Jiang et al. 2019 (log.prod.of.spec.over.margin, eq. 31); Bartlett et al. 2017"),
     Measure("distance", "‖x* − x0‖ (all parameters)", _distance,
-            "Nagarajan & Kolter 2019; not Jiang et al. 2019's frob.distance (eq. 40: Σ ‖W_i − W_i⁰‖_F², weights)"),
+            "Nagarajan & Kolter 2019; not Jiang et al. 2019's frob.distance "
+            "(eq. 40: Σ ‖W_i − W_i⁰‖_F², weights)"),
 )
 
 

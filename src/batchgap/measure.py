@@ -156,7 +156,8 @@ def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int,
     return out
 
 
-# geometry keys: the loss target keeps the keys results.json has always had; the error target (Jiang et al.'s) adds _error
+# geometry keys: the loss target keeps the keys results.json has always had; the error target (Jiang et al.'s)
+# adds _error
 PAC_BAYES_KEYS = {"loss": "%s", "error": "%s_error"}
 FLATNESS_RTOL = 0.02  # PAC-Bayes sigma to 2%: its Monte Carlo error at 8 draws is larger (a few % of delta in g)
 

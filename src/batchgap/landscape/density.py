@@ -22,7 +22,8 @@ averaging over n_v start vectors estimates phi. Here:
   (< 6e-7) and the trapezoid error (negligible at the default 201 points);
 * lambda_max, lambda_min: the largest and smallest Ritz values over all chains. The extreme Ritz values
   converge first, but they are estimates from inside the spectrum (Ritz values lie in [lambda_min(H),
-  lambda_max(H)]) whose accuracy grows with ``steps``. lambda_min < 0 means negative curvature: the point is not a minimum;
+  lambda_max(H)]) whose accuracy grows with ``steps``. lambda_min < 0 means negative curvature: the point is
+  not a minimum;
   ``min_max_ratio`` = |lambda_min| / lambda_max (nan when lambda_max <= 0);
 * ``negative_weight``: the spectral mass the density resolves below 0, mean over chains of sum_k tau_k
   over theta_k < -s (more than one kernel std below 0): an estimate of the fraction of eigenvalues
@@ -196,7 +197,8 @@ def hessian_density(
         n_vectors=n_vectors, steps=steps, kernel_width=float(kernel_width), sigma=sigma, hvps=chains.hvps,
         seed=seed,
         method=(f"stochastic Lanczos quadrature: {n_vectors} normalized Rademacher start vector"
-                f"{'s' * (n_vectors != 1)}, {steps} steps each, full reorthogonalization, one block HVP per step; Gaussian kernel std "
+                f"{'s' * (n_vectors != 1)}, {steps} steps each, full reorthogonalization, one block HVP per step; "
+                f"Gaussian kernel std "
                 f"{kernel_width:g} x (lambda_max - lambda_min); {HVP_METHOD}"),
         **proto,
     )

@@ -54,8 +54,8 @@ def measures_table(res: Results) -> list[str]:
         if p := geo.get(key):
             bound = ("the training-accuracy drop E[acc(w) − acc(w+u)]" if p.get("target", "loss") == "error"
                      else "the loss rise E[L(w+u)] − L(w)")
-            notes.append(f"PAC-Bayes flatness, {p.get('target', 'loss')} target: 1/σ² for the largest σ with {bound} "
-                         f"≤ δ = {p['delta']:g} ({p['n_samples']} common draws, σ to {100 * p['rtol']:g}%)")
+            notes.append(f"PAC-Bayes flatness, {p.get('target', 'loss')} target: 1/σ² for the largest σ with "
+                         f"{bound} ≤ δ = {p['delta']:g} ({p['n_samples']} common draws, σ to {100 * p['rtol']:g}%)")
     if a := geo.get("average_sharpness"):
         notes.append(f"average sharpness: E[L(w+u)] − L(w), u ~ N(0, {a['sigma']:g}² I)"
                      + (f" and u_i ~ N(0, {geo['average_sharpness_mag']['sigma']:g}² w_i²)" if geo.get("average_sharpness_mag") else "")
