@@ -78,7 +78,8 @@ def _jiang(g: dict) -> list[str]:
                      }.get(key, "a loss-target variant of Jiang et al. 2019's pacbayes measures")
             bound = ("E[acc(w) − acc(w + u)], the training-accuracy drop" if p.get("target", "loss") == "error"
                      else "E[L(w + u)] − L(w), the training-loss rise")
-            out.append(f"- **PAC-Bayes flatness, {p.get('target', 'loss')} target** ({jiang}): 1/σ² for the "
+            kind = " (magnitude-aware)" if "mag" in key else ""
+            out.append(f"- **PAC-Bayes flatness{kind}, {p.get('target', 'loss')} target** ({jiang}): 1/σ² for the "
                        f"largest σ with {bound} ≤ δ = {p['delta']:g}, {words}, {p['n_samples']} draws shared by every σ.")
     if d := g.get("density"):
         trace = ("its trace with a Student-t interval over the start vectors" if d.get("trace_ci_low") is not None
