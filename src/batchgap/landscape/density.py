@@ -42,14 +42,9 @@ A chain whose Krylov space becomes invariant (beta <= 1e-10 of its largest coeff
 its quadrature is then exact, and ``ritz_values`` / ``ritz_weights`` (n_v, m) are padded with nan / 0.
 
 Cost: ``hvps`` = n_vectors * steps Hessian-vector products (fewer only on such breakdowns), in ``steps``
-calls of :meth:`FullDataLoss.hvp` on blocks of n_vectors vectors. One HVP of one vector costs ~4.8
-loss-and-gradient passes over ``data``; in a block the forward pass and the gradient graph of each
-data batch are shared, so each further vector costs one backward pass through that graph (on the CPU,
-146k-parameter MLP, 4000 examples, one thread: a block of 4 took 1.2-1.6x less time than 4 single HVPs
-across runs; the Lanczos arithmetic itself is ~4% of the total at the defaults).
-Memory: the Lanczos bases, n_v * (steps + 1) * N float64 (4 x 31 x 146k x 8 B = 145 MB at the defaults
-on 146k parameters), plus one gradient graph per data batch. PyHessian's ``density`` (its "ESD", Yao et
-al. 2020) is the same method (Rademacher starts, full reorthogonalization, Gaussian smoothing).
+calls of :meth:`FullDataLoss.hvp` on blocks of n_vectors vectors (the forward pass and gradient graph of each
+data batch shared by the block). Memory: the Lanczos bases, n_v * (steps + 1) * N float64, plus one gradient
+graph per data batch. Timings and the comparison with PyHessian: docs/measures.md, "Spectral density: cost".
 """
 from __future__ import annotations
 

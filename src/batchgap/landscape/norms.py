@@ -70,13 +70,8 @@ BN protocol: :func:`functional.session` (``"eval"``, ``"batch"``, ``"recompute"`
 default ``data``). Dropout is off. The model is restored bit for bit.
 
 Cost: the norms need no data pass (one SVD per layer); the path norm one forward of one example; margin and
-Fisher-Rao share ONE jvp pass over ``data`` (the jvp's primal output gives the logits), about three forward
-passes' time (each layer's tangent costs two more matrix products), plus the BN recomputation's passes for
-``"recompute"``. Measured on the study's 146k-parameter BN MLP, 4000 examples, one CPU thread: the jvp pass
-0.07 s against 0.024 s for a ``functional_call`` forward pass and 0.05 s for a loss-and-gradient pass; the
-four SVDs 0.01 s; 0.08-0.1 s in all (the first torch.func call of a process adds a one-time 0.3-2 s). A user
-``loss_fn`` goes through vmap, and vmap of ``F.cross_entropy`` is slow in torch 2.13 (1.0 s there instead of
-0.08 s): for cross-entropy leave ``loss_fn=None``.
+Fisher-Rao share ONE jvp pass over ``data`` (about three forward passes), plus the BN recomputation's passes for
+``"recompute"``. Timings, and why a user ``loss_fn`` is slower: docs/measures.md, "Norm measures: cost".
 """
 from __future__ import annotations
 
@@ -327,7 +322,7 @@ def norm_measures(
         data: any form :func:`evaluate.batches` accepts (the examples of the margin and Fisher-Rao norm,
             normally the training set).
         loss_fn: ``loss_fn(outputs, targets)`` returning a batch mean (default cross-entropy of logits); the
-            Fisher-Rao norm's loss.
+            Fisher-Rao norm's loss. A user loss goes through vmap (slower: for cross-entropy leave None).
         batch_size: evaluation batch size.
         bn: BN protocol (:func:`functional.session`): "eval", "batch" or "recompute".
         params: selects w for ``param_norm_all`` and ``fisher_rao_norm`` ("all" or "no-bn").
