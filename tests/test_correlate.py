@@ -205,13 +205,13 @@ def test_unfitted_diverged_and_unmeasured_runs_are_left_out_and_counted():
 
 
 def test_measures_are_oriented_as_complexities():
-    geo = {"norms": {"margin": 2.0, "log_prod_spectral": 1.0, "param_norm": 3.0},
+    geo = {"norms": {"margin": 2.0, "log_prod_spectral": 1.0, "param_norm_all": 3.0},
            "sharpness": [{"eps": 1e-3, "subspace_dim": None, "value": 5.0}]}
     r = run(0, 32, 1e-3, 0, 1.0, 0.9, geo)
     got = {m.key: m.pick(r) for m in measures_of([r])}
     assert got["inverse_margin"] == pytest.approx(0.25)
     assert got["spectral_margin"] == pytest.approx(2 * 1.0 - 2 * math.log(2.0))
-    assert got["sharpness_full_0.001"] == 5.0 and got["param_norm"] == 3.0 and got["distance"] == 1.0
+    assert got["sharpness_full_0.001"] == 5.0 and got["param_norm_all"] == 3.0 and got["distance"] == 1.0
     assert "path_norm" not in got  # only the measures the runs carry
     r.geometry["norms"]["margin"] = -0.1  # a negative 10th-percentile margin has no inverse square
     assert "inverse_margin" not in {m.key for m in measures_of([r])}

@@ -166,6 +166,25 @@ def test_model_restored_bn_modes_seeds_and_json(tiny):
         a.density[0] = 1.0  # read-only
 
 
+def test_a_trace_is_given_only_with_its_interval(tiny):
+    """Issue 24: one start vector gave a one-probe trace with no error bar. Now the trace comes with the
+    Student-t interval of Hutchinson's estimator over the start vectors (the same probes and interval as
+    hessian_trace with the seed), or not at all; and the study's default density has an interval."""
+    from batchgap.config import MeasureConfig
+
+    model, data, _ = tiny
+    r = hessian_density(model, data, n_vectors=6, steps=8, batch_size=16, seed=2)
+    h = hessian_trace(model, data, n_probes=6, batch_size=16, seed=2)
+    assert r.trace == pytest.approx(h.value, rel=1e-9)
+    assert (r.trace_ci_low, r.trace_ci_high) == pytest.approx((h.ci_low, h.ci_high), rel=1e-7)
+    assert r.trace_confidence == 0.95 and "Student-t" in r.trace_interval
+    one = hessian_density(model, data, n_vectors=1, steps=4).as_dict()
+    assert one["trace"] is None and one["trace_ci_low"] is None and "no interval" in one["trace_interval"]
+    assert MeasureConfig().density_vectors >= 2
+    with pytest.raises(ValueError, match="confidence"):
+        hessian_density(model, data, n_vectors=2, steps=3, confidence=1.5)
+
+
 def test_bad_arguments(tiny):
     model, data, _ = tiny
     for kwargs, match in [(dict(n_vectors=0), "n_vectors"), (dict(steps=1), "steps"),

@@ -268,7 +268,7 @@ def _bisection_evaluations(f, start, bounds, delta, rtol):
 ])
 @pytest.mark.parametrize("start", [1e-3, 1e-2, 0.05])
 def test_crossing_search_brackets_the_crossing_in_fewer_evaluations(name, f, start):
-    from batchgap.landscape.flatness import _crossing
+    from batchgap.landscape.bracket import crossing as _crossing
 
     lo, hi, trace, reason = _crossing(f, start, (1e-6, 10.0), 0.1, 0.01, "sigma")
     assert reason is None and f(lo) <= 0.1 < f(hi) and hi / lo <= 1.01 + 1e-12

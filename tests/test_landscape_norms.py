@@ -151,9 +151,9 @@ def test_layer_norms_match_torch_and_numpy_conv_weights_as_reshaped_matrices():
     np.testing.assert_allclose(r.frobenius, frob, rtol=1e-12)
     assert r.log_prod_spectral == pytest.approx(math.log(np.prod(spec)), rel=1e-12)
     assert r.log_prod_frobenius == pytest.approx(math.log(np.prod(frob)), rel=1e-12)
-    assert r.sum_spectral_sq == pytest.approx(sum(s * s for s in spec), rel=1e-12)
-    assert r.sum_frobenius_sq == pytest.approx(sum(f * f for f in frob), rel=1e-12)
-    assert r.param_norm == pytest.approx(float(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).norm()))
+    assert r.params_norm == pytest.approx(sum(f * f for f in frob), rel=1e-12)
+    every = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert r.param_norm_all == pytest.approx(float(every.norm()))
     assert r.spectral_margin == pytest.approx(r.margin / np.prod(spec), rel=1e-12)
     assert json.loads(json.dumps(r.as_dict()))["layers"] == list(r.layers)
 
@@ -223,7 +223,7 @@ def test_param_norm_counts_a_tied_tensor_once():
     model[2].weight = model[0].weight
     r = norm_measures(model, toy_data(n=6, d=3, classes=3))
     W, b0, b2 = model[0].weight.detach(), model[0].bias.detach(), model[2].bias.detach()
-    assert r.param_norm == pytest.approx(math.sqrt(float((W**2).sum() + (b0**2).sum() + (b2**2).sum())), rel=1e-12)
+    assert r.param_norm_all == pytest.approx(math.sqrt(float((W**2).sum() + (b0**2).sum() + (b2**2).sum())), rel=1e-12)
     assert r.num_params == 15 and "2.weight = 0.weight" in r.params_measured
     assert r.layers == ("0.weight", "2.weight")  # applied twice: two layers
 
@@ -252,5 +252,50 @@ def test_relu_rescaling_keeps_path_norm_margin_and_fisher_rao_but_not_the_froben
     a, b = norm_measures(model, data), norm_measures(scaled, data)
     for key in ("path_norm", "margin", "fisher_rao_norm", "log_prod_frobenius", "log_prod_spectral"):
         assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-9), key
-    assert abs(b.sum_frobenius_sq - a.sum_frobenius_sq) > 0.5 * a.sum_frobenius_sq
-    assert abs(b.param_norm - a.param_norm) > 0.1 * a.param_norm
+    assert abs(b.params_norm - a.params_norm) > 0.5 * a.params_norm
+    assert abs(b.param_norm_all - a.param_norm_all) > 0.1 * a.param_norm_all
+
+
+def jiang_reference(norms):
+    """d * (prod_i n_i^2)^(1/d), written as the formula reads (the oracle; fine for small d)."""
+    d = len(norms)
+    return d * float(np.prod(np.square(norms))) ** (1.0 / d)
+
+
+def test_jiang_sum_forms_equal_the_reference_formula_and_survive_a_relu_rescaling():
+    """Jiang et al.'s sum.of.spec / sum.of.fro are d (prod ||W_i||^2)^(1/d) (eqs. 35 and 39 are their logs), and so
+    unchanged by (3 W1, 3 b1, W2 / 3); the plain sums of squared norms, which batchgap used to present under
+    these names, move. Jiang's params.norm (eq. 42) is the sum of squared Frobenius norms of the weights only."""
+    model = gaussian_(mlp(d=3, hidden=(4, 3), classes=2, bn=False), seed=5)
+    data = toy_data(n=20, d=3, classes=2, seed=5)
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled[0].weight.mul_(3.0), scaled[0].bias.mul_(3.0), scaled[2].weight.div_(3.0)
+    a, b = norm_measures(model, data), norm_measures(scaled, data)
+    weights = [m.weight.detach().double() for m in model if isinstance(m, nn.Linear)]
+    spec = [float(torch.linalg.matrix_norm(w, 2)) for w in weights]
+    frob = [float(torch.linalg.matrix_norm(w, "fro")) for w in weights]
+    assert a.sum_of_spec == pytest.approx(jiang_reference(spec), rel=1e-12)
+    assert a.sum_of_fro == pytest.approx(jiang_reference(frob), rel=1e-12)
+    assert a.log_prod_of_spec == pytest.approx(math.log(np.prod(np.square(spec))), rel=1e-12)
+    assert a.log_prod_of_fro == pytest.approx(math.log(np.prod(np.square(frob))), rel=1e-12)
+    assert a.params_norm == pytest.approx(sum(float((w**2).sum()) for w in weights), rel=1e-12)
+    biases = sum(float((m.bias.detach() ** 2).sum()) for m in model if isinstance(m, nn.Linear))
+    assert a.param_norm_all == pytest.approx(math.sqrt(a.params_norm + biases), rel=1e-12)
+    for key in ("sum_of_spec", "sum_of_fro", "log_prod_of_spec", "log_prod_of_fro"):
+        assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-9), key
+    plain_spec, plain_fro = sum(s * s for s in spec), sum(f * f for f in frob)
+    assert plain_spec >= a.sum_of_spec  # AM-GM: the plain sum is at least as large
+    scaled_w = [m.weight.detach().double() for m in scaled if isinstance(m, nn.Linear)]
+    assert sum(float(torch.linalg.matrix_norm(w, 2)) ** 2 for w in scaled_w) > 2 * plain_spec  # the plain sum moves
+    assert b.params_norm > 2 * plain_fro
+    defs = a.definitions
+    assert "eq. 42" in defs["params_norm"] and "not Jiang" in defs["param_norm_all"]
+    assert "sum.of.spec" in defs["sum_of_spec"] and "eq. 35" in defs["sum_of_spec"]
+
+
+def test_jiang_sum_form_has_no_overflow_for_deep_nets():
+    from batchgap.landscape.norms import jiang_sum_form
+
+    assert jiang_sum_form([10.0] * 400) == pytest.approx(400 * 100.0, rel=1e-12)  # prod 10^800 overflows a float
+    assert jiang_sum_form([2.0, 0.0]) == 0.0

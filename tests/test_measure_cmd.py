@@ -146,10 +146,13 @@ def test_measures_equal_the_notebook_api(work, capsys):
     close(geo["average_sharpness_mag"]["value"], avg.value)
     pac = batchgap.pac_bayes_flatness(model, data, delta=0.1, n_samples=8, seed=0, rtol=0.02, **common)
     assert abs(geo["pac_bayes"]["sigma"] / pac.sigma - 1) <= 0.021  # same crossing; the study starts elsewhere
-    dens = batchgap.hessian_density(model, data, n_vectors=1, steps=20, seed=0, **common)
+    dens = batchgap.hessian_density(model, data, n_vectors=4, steps=20, seed=0, **common)
     close(geo["density"]["lambda_max"], dens.lambda_max)
+    close([geo["density"][k] for k in ("trace", "trace_ci_low", "trace_ci_high")],
+          [dens.trace, dens.trace_ci_low, dens.trace_ci_high])  # the default's 4 vectors: a trace with its interval
     md = (work / "m" / "report.md").read_text()
-    assert "PAC-Bayes flatness 1/σ², δ = 0.1" in md and "Fisher-Rao norm" in md and "Hessian spectrum" in md
+    assert "PAC-Bayes flatness 1/σ², loss target (loss rise ≤ δ = 0.1)" in md and "Fisher-Rao norm" in md
+    assert "Hessian spectrum" in md and "Hessian trace (SLQ start vectors)" in md
     alphas = np.linspace(-1, 1, 5)
     for k in range(2):
         curve = loss_curve(model, filter_normalized_direction(model, seed=k), data, alphas, **common)

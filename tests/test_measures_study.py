@@ -8,8 +8,8 @@ from batchgap.cli import main
 from batchgap.correlate import correlate
 from batchgap.results import load_results
 
-NEW = ("norms", "average_sharpness", "average_sharpness_mag", "pac_bayes", "pac_bayes_mag", "worst_case",
-       "worst_case_mag", "density")
+NEW = ("norms", "average_sharpness", "average_sharpness_mag", "pac_bayes", "pac_bayes_mag", "pac_bayes_error",
+       "pac_bayes_mag_error", "worst_case", "worst_case_mag", "density")
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,13 @@ def test_every_run_carries_every_measure_with_its_protocol(quick):
         assert r.geometry["pac_bayes"]["bracketed"] and r.geometry["pac_bayes"]["value"] > 0
         # magnitude-aware PAC-Bayes uses relative noise: its sigma is on another scale than the plain one
         assert r.geometry["pac_bayes_mag"]["sigma"] > r.geometry["pac_bayes"]["sigma"]
+        for key, target in (("pac_bayes", "loss"), ("pac_bayes_mag", "loss"), ("pac_bayes_error", "error"),
+                            ("pac_bayes_mag_error", "error")):  # the study reports both targets (issue 24)
+            assert r.geometry[key]["target"] == target, (r.id, key)
+        assert r.geometry["pac_bayes_error"]["accuracy_x"] == pytest.approx(r.train.accuracy)
         d = r.geometry["density"]
         assert d["lambda_min"] <= d["lambda_max"] and len(d["grid"]) == len(d["density"])
+        assert d["trace_ci_low"] <= d["trace"] <= d["trace_ci_high"]  # a trace only with its interval
 
 
 def test_report_has_the_correlation_measures_and_density_sections(quick):
@@ -47,6 +52,7 @@ def test_report_has_the_correlation_measures_and_density_sections(quick):
     for fig in ("correlation_ranking.png", "correlation_scatter.png", "hessian_density.png"):
         assert (quick / "figures" / fig).stat().st_size > 1000
     assert "ψ batch_size | ψ lr" in md
+    assert "PAC-Bayes flatness 1/σ², error target" in md and "PAC-Bayes flatness 1/σ², loss target" in md
     # every table row has as many cells as its header (a '|' inside a label would break it)
     for block in md.split("\n\n"):
         rows = [line for line in block.splitlines() if line.startswith("|")]

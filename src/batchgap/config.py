@@ -182,10 +182,17 @@ class MeasureConfig:
     average_sigma: float = field(default=0.01, metadata={"min": 0.0, "doc": "average sharpness, u ~ N(0, sigma^2 I); 0 = off"})
     average_sigma_relative: float = field(default=0.1, metadata={"min": 0.0, "doc": "magnitude-aware average sharpness, u_i ~ N(0, sigma^2 w_i^2); 0 = off"})
     flatness_samples: int = field(default=8, metadata={"min": 2, "doc": "Monte Carlo draws of the average sharpness and PAC-Bayes flatness"})
-    pac_bayes_delta: float = field(default=0.1, metadata={"min": 0.0, "doc": "PAC-Bayes flatness: the largest sigma with E[L(w+u)] - L(w) <= delta; 0 = off"})
+    pac_bayes_delta: float = field(default=0.1, metadata={
+        "min": 0.0, "doc": "PAC-Bayes flatness: the largest sigma whose expected rise (pac_bayes_target) is <= delta; "
+        "0 = off"})
+    pac_bayes_target: str = field(default="loss", metadata=_choice(
+        "loss", "error", "both", doc="what PAC-Bayes flatness bounds: loss = the training-loss rise E[L(w+u)] - L(w) "
+        "(batchgap's variant), error = the training-accuracy drop (Jiang et al. 2019's pacbayes.flatness), both"))
     worst_case_delta: float = field(default=0.0, metadata={"min": 0.0, "doc": "worst-case flatness: the largest box alpha whose maximum rise is <= delta; 0 = off (8 box maximizations per variant)"})
     worst_case_max_iter: int = field(default=5, metadata={"min": 1})
-    density_vectors: int = field(default=1, metadata={"min": 0, "doc": "Hessian spectral density (SLQ): start vectors; 0 = off"})
+    density_vectors: int = field(default=4, metadata={
+        "min": 0, "doc": "Hessian spectral density (SLQ): start vectors, >= 2 for its trace's interval (1: no "
+        "trace); 0 = off. Cost: vectors x steps HVPs in steps block calls"})
     density_steps: int = field(default=20, metadata={"min": 2, "doc": "Lanczos steps per start vector (HVPs = vectors x steps)"})
 
 

@@ -77,12 +77,35 @@ def _inverse_square(key: str, field_: str):
 
 
 def _spectral_complexity(r: RunResult):
-    """log(prod_i ||W_i||_2^2 / margin^2) = 2 log_prod_spectral - 2 log margin (Bartlett et al. 2017's
-    product term, as Jiang et al.'s spectral measures)."""
+    """log(prod_i ||W_i||_2^2 / margin^2) = 2 log_prod_spectral - 2 log margin: Jiang et al. 2019's
+    log.prod.of.spec.over.margin (eq. 31), Bartlett et al. 2017's product term without its reference-matrix
+    factor."""
     g = (r.geometry or {}).get("norms")
     if not g or g.get("margin") is None or g["margin"] <= 0:
         return None
     return 2 * g["log_prod_spectral"] - 2 * math.log(g["margin"])
+
+
+def _twice(key: str, field_: str):
+    """2 x a stored log of a product of norms: the log of the product of the SQUARED norms (Jiang et al.'s
+    eqs. 32 and 37), for results measured before those were stored."""
+    def pick(r: RunResult):
+        g = (r.geometry or {}).get(key)
+        if not g:
+            return None
+        jiang = {"log_prod_spectral": "log_prod_of_spec", "log_prod_frobenius": "log_prod_of_fro"}[field_]
+        if g.get(jiang) is not None:
+            return g[jiang]
+        return None if g.get(field_) is None else 2 * g[field_]
+    return pick
+
+
+def _squared(key: str, field_: str):
+    def pick(r: RunResult):
+        g = (r.geometry or {}).get(key)
+        v = None if g is None else g.get(field_)
+        return None if v is None else v * v
+    return pick
 
 
 def _eig(r: RunResult):
@@ -100,31 +123,57 @@ def _sharp(eps: float, dim: int | None):
     return pick
 
 
+# Sources: Jiang et al. 2019 ("Fantastic generalization measures"), their appendix C equation numbers (as carried
+# by the reference code of Dziugaite et al. 2020); where batchgap's quantity differs from theirs, the label says so.
 FIXED_MEASURES = (
     Measure("adaptive_sharpness", "adaptive sharpness (worst case, ρ|w|)", _geo("adaptive_sharpness"),
             "Andriushchenko et al. 2023"),
     Measure("hessian_top_eigenvalue", "Hessian λ_max", _eig, "Keskar et al. 2017; Jastrzębski et al."),
-    Measure("hessian_trace", "Hessian trace", _geo("hessian_trace"), "Jiang et al. 2019 (curvature)"),
-    Measure("average_sharpness", "average sharpness σ", _geo("average_sharpness"), "Jiang et al. 2019 (sharpness.avg)"),
+    Measure("hessian_trace", "Hessian trace", _geo("hessian_trace"),
+            "Hessian-based flatness (Hutchinson's estimator); not one of Jiang et al. 2019's measures"),
+    Measure("average_sharpness", "average sharpness σ", _geo("average_sharpness"),
+            "Neyshabur et al. 2017 (expected sharpness, loss rise at fixed σ); "
+            "not one of Jiang et al. 2019's measures"),
     Measure("average_sharpness_mag", "average sharpness σ|w|", _geo("average_sharpness_mag"),
-            "Jiang et al. 2019 (magnitude-aware)"),
-    Measure("pac_bayes", "PAC-Bayes flatness 1/σ²", _geo("pac_bayes"), "Jiang et al. 2019 (pacbayes.flatness)"),
-    Measure("pac_bayes_mag", "PAC-Bayes flatness 1/σ'² (magnitude-aware)", _geo("pac_bayes_mag"),
-            "Jiang et al. 2019 (pacbayes.mag.flatness)"),
-    Measure("worst_case", "worst-case flatness 1/α²", _geo("worst_case"), "Jiang et al. 2019 (sharpness.flatness)"),
-    Measure("worst_case_mag", "worst-case flatness 1/α'² (magnitude-aware)", _geo("worst_case_mag"),
-            "Jiang et al. 2019 (sharpness.mag.flatness)"),
-    Measure("param_norm", "parameter norm ‖w‖", _geo("norms", "param_norm"), "Jiang et al. 2019 (params.norm)"),
-    Measure("log_prod_frobenius", "log ∏ ‖W_i‖_F", _geo("norms", "log_prod_frobenius"), "Jiang et al. 2019 (log.prod.of.fro)"),
-    Measure("sum_frobenius_sq", "Σ ‖W_i‖_F²", _geo("norms", "sum_frobenius_sq"), "Jiang et al. 2019 (sum.of.fro)"),
-    Measure("log_prod_spectral", "log ∏ ‖W_i‖_2", _geo("norms", "log_prod_spectral"), "Jiang et al. 2019 (log.prod.of.spec)"),
-    Measure("sum_spectral_sq", "Σ ‖W_i‖_2²", _geo("norms", "sum_spectral_sq"), "Jiang et al. 2019 (sum.of.spec)"),
-    Measure("path_norm", "path norm", _geo("norms", "path_norm"), "Neyshabur et al. 2015; Jiang et al. 2019"),
-    Measure("fisher_rao_norm", "Fisher–Rao norm", _geo("norms", "fisher_rao_norm"), "Liang et al. 2019"),
+            "Neyshabur et al. 2017's expected sharpness with Jiang et al. 2019's magnitude-aware noise (no ε floor)"),
+    Measure("pac_bayes", "PAC-Bayes flatness 1/σ², loss target", _geo("pac_bayes"),
+            "loss-target variant of Jiang et al. 2019's pacbayes.flatness (eq. 53): E[L(w+u)] − L(w) ≤ δ"),
+    Measure("pac_bayes_error", "PAC-Bayes flatness 1/σ², error target", _geo("pac_bayes_error"),
+            "Jiang et al. 2019 (pacbayes.flatness, eq. 53): training-accuracy drop ≤ δ"),
+    Measure("pac_bayes_mag", "PAC-Bayes flatness 1/σ'² (magnitude-aware), loss target", _geo("pac_bayes_mag"),
+            "loss-target variant of Jiang et al. 2019's pacbayes.mag.flatness (eq. 61), without its ε floor"),
+    Measure("pac_bayes_mag_error", "PAC-Bayes flatness 1/σ'² (magnitude-aware), error target",
+            _geo("pac_bayes_mag_error"),
+            "Jiang et al. 2019 (pacbayes.mag.flatness, eq. 61, without its ε = 1e-3 noise floor): "
+            "accuracy drop ≤ δ"),
+    Measure("worst_case", "worst-case flatness 1/α², loss target", _geo("worst_case"),
+            "loss-target variant of Jiang et al. 2019's sharpness.flatness"),
+    Measure("worst_case_mag", "worst-case flatness 1/α'² (magnitude-aware), loss target", _geo("worst_case_mag"),
+            "loss-target variant of Jiang et al. 2019's sharpness.mag.flatness, without its ε noise floor"),
+    Measure("params_norm", "Σ ‖W_i‖_F² (weight matrices)", _geo("norms", "params_norm"),
+            "Jiang et al. 2019 (params.norm, eq. 42)"),
+    Measure("param_norm_all", "‖w‖ (all parameters: weights, biases, normalization)",
+            _geo("norms", "param_norm_all"),
+            "ℓ2 norm of every trained parameter; not Jiang et al. 2019's params.norm (weight matrices only)"),
+    Measure("log_prod_of_fro", "log ∏ ‖W_i‖_F²", _twice("norms", "log_prod_frobenius"),
+            "Jiang et al. 2019 (log.prod.of.fro, eq. 37)"),
+    Measure("sum_of_fro", "d (∏ ‖W_i‖_F²)^(1/d)", _geo("norms", "sum_of_fro"),
+            "Jiang et al. 2019 (sum.of.fro; eq. 39 is its log)"),
+    Measure("log_prod_of_spec", "log ∏ ‖W_i‖_2²", _twice("norms", "log_prod_spectral"),
+            "Jiang et al. 2019 (log.prod.of.spec, eq. 32)"),
+    Measure("sum_of_spec", "d (∏ ‖W_i‖_2²)^(1/d)", _geo("norms", "sum_of_spec"),
+            "Jiang et al. 2019 (sum.of.spec; eq. 35 is its log)"),
+    Measure("path_norm", "path norm² (Σ over paths of ∏ w²)", _squared("norms", "path_norm"),
+            "Jiang et al. 2019 (path.norm, eq. 44); Neyshabur et al. 2015's path norm squared"),
+    Measure("fisher_rao_norm", "Fisher–Rao norm", _geo("norms", "fisher_rao_norm"),
+            "Liang et al. 2019, without the depth constant of Jiang et al. 2019's fisher.rao (eq. 45)"),
     Measure("inverse_margin", "1 / margin² (10th percentile)", _inverse_square("norms", "margin"),
-            "Jiang et al. 2019 (inverse.margin)"),
-    Measure("spectral_margin", "log ∏‖W_i‖_2² / margin²", _spectral_complexity, "Bartlett et al. 2017"),
-    Measure("distance", "‖x* − x0‖", _distance, "Nagarajan & Kolter 2019; Jiang et al. 2019 (dist.init)"),
+            "Jiang et al. 2019 (inverse.margin, eq. 22)"),
+    Measure("spectral_margin", "log ∏‖W_i‖_2² / margin²", _spectral_complexity,
+            "Jiang et al. 2019 (log.prod.of.spec.over.margin, eq. 31); Bartlett et al. 2017"),
+    Measure("distance", "‖x* − x0‖ (all parameters)", _distance,
+            "Nagarajan & Kolter 2019; not Jiang et al. 2019's frob.distance "
+            "(eq. 40: Σ ‖W_i − W_i⁰‖_F², weights)"),
 )
 
 

@@ -156,12 +156,17 @@ def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int,
     return out
 
 
+# geometry keys: the loss target keeps the keys results.json has always had; the error target (Jiang et al.'s)
+# adds _error
+PAC_BAYES_KEYS = {"loss": "%s", "error": "%s_error"}
 FLATNESS_RTOL = 0.02  # PAC-Bayes sigma to 2%: its Monte Carlo error at 8 draws is larger (a few % of delta in g)
 
 
 def generalization_measures(model: nn.Module, data, mcfg: MeasureConfig, seed: int, common: dict) -> dict:
-    """Jiang et al.'s measures the config asks for: norms and margins, average sharpness (plain and
-    magnitude-aware), PAC-Bayes and worst-case flatness (both variants), the Hessian's spectral density.
+    """The generalization measures the config asks for: norms and margins, average sharpness (plain and
+    magnitude-aware), PAC-Bayes flatness (both variants, each for the loss and/or error target as
+    ``mcfg.pac_bayes_target`` says: keys ``pac_bayes``, ``pac_bayes_mag`` for the loss, ``pac_bayes_error``,
+    ``pac_bayes_mag_error`` for the error), worst-case flatness (both variants), the Hessian's spectral density.
 
     PAC-Bayes starts its search where the average sharpness at the same draws predicts the crossing
     (the rise is quadratic in sigma near a minimum); the start changes the search's path, and the result
@@ -180,10 +185,14 @@ def generalization_measures(model: nn.Module, data, mcfg: MeasureConfig, seed: i
             if math.isfinite(a.value) and a.value > 0 and mcfg.pac_bayes_delta:
                 start[mag] = sigma * (mcfg.pac_bayes_delta / a.value) ** 0.5
     if mcfg.pac_bayes_delta:
-        for key, mag in (("pac_bayes", False), ("pac_bayes_mag", True)):
-            out[key] = pac_bayes_flatness(model, data, delta=mcfg.pac_bayes_delta, magnitude_aware=mag,
-                                          n_samples=mcfg.flatness_samples, seed=seed, rtol=FLATNESS_RTOL,
-                                          sigma_start=start.get(mag), **common).as_dict()
+        targets = ("loss", "error") if mcfg.pac_bayes_target == "both" else (mcfg.pac_bayes_target,)
+        for target in targets:
+            for key, mag in (("pac_bayes", False), ("pac_bayes_mag", True)):
+                # the loss-rise prediction of the average sharpness starts the loss target's search only
+                out[PAC_BAYES_KEYS[target] % key] = pac_bayes_flatness(
+                    model, data, delta=mcfg.pac_bayes_delta, magnitude_aware=mag, n_samples=mcfg.flatness_samples,
+                    seed=seed, rtol=FLATNESS_RTOL, sigma_start=start.get(mag) if target == "loss" else None,
+                    target=target, **common).as_dict()
     if mcfg.worst_case_delta:
         for key, mag in (("worst_case", False), ("worst_case_mag", True)):
             out[key] = worst_case_flatness(model, data, delta=mcfg.worst_case_delta, magnitude_aware=mag,

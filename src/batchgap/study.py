@@ -39,8 +39,10 @@ Log = Callable[[str], None]
 
 
 # Bumped when a measurement's method changes its numbers under the same settings, so that a resumed study
-# measures its runs again: 2 = the noise scale exact where per-example norms have a closed form (2026-12-02).
-MEASURE_METHODS = 2
+# measures its runs again: 2 = the noise scale exact where per-example norms have a closed form (2026-12-02);
+# 3 = Jiang et al.'s norm forms (sum_of_spec, params_norm, ...), the PAC-Bayes target, the density's trace only
+# with its interval (issue 24).
+MEASURE_METHODS = 3
 
 
 def _measure_hash(cfg: StudyConfig) -> str:

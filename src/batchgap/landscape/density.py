@@ -22,7 +22,8 @@ averaging over n_v start vectors estimates phi. Here:
   (< 6e-7) and the trapezoid error (negligible at the default 201 points);
 * lambda_max, lambda_min: the largest and smallest Ritz values over all chains. The extreme Ritz values
   converge first, but they are estimates from inside the spectrum (Ritz values lie in [lambda_min(H),
-  lambda_max(H)]) whose accuracy grows with ``steps``. lambda_min < 0 means negative curvature: the point is not a minimum;
+  lambda_max(H)]) whose accuracy grows with ``steps``. lambda_min < 0 means negative curvature: the point is
+  not a minimum;
   ``min_max_ratio`` = |lambda_min| / lambda_max (nan when lambda_max <= 0);
 * ``negative_weight``: the spectral mass the density resolves below 0, mean over chains of sum_k tau_k
   over theta_k < -s (more than one kernel std below 0): an estimate of the fraction of eigenvalues
@@ -32,20 +33,18 @@ averaging over n_v start vectors estimates phi. Here:
   -1.5e-4 lambda_max);
 * ``trace``: N * mean_v sum_k tau_k theta_k = N * mean_v v^T H v (= mean_v z^T H z for the unnormalized
   Rademacher z: Hutchinson's estimate), with ``trace_stderr`` the standard error over the chains
-  (sample std, ddof 1, / sqrt(n_v)); None when n_vectors == 1. The density's mean times N is this trace.
+  (sample std, ddof 1, / sqrt(n_v)) and the Student-t interval ``trace_ci_low``, ``trace_ci_high`` at
+  ``trace_confidence`` (n_v - 1 degrees of freedom). A trace is given only with its interval: with one
+  start vector every trace field is None and ``trace_reason`` says why. The density's mean times N is
+  the trace.
 
 A chain whose Krylov space becomes invariant (beta <= 1e-10 of its largest coefficient) stops early;
 its quadrature is then exact, and ``ritz_values`` / ``ritz_weights`` (n_v, m) are padded with nan / 0.
 
 Cost: ``hvps`` = n_vectors * steps Hessian-vector products (fewer only on such breakdowns), in ``steps``
-calls of :meth:`FullDataLoss.hvp` on blocks of n_vectors vectors. One HVP of one vector costs ~4.8
-loss-and-gradient passes over ``data``; in a block the forward pass and the gradient graph of each
-data batch are shared, so each further vector costs one backward pass through that graph (on the CPU,
-146k-parameter MLP, 4000 examples, one thread: a block of 4 took 1.2-1.6x less time than 4 single HVPs
-across runs; the Lanczos arithmetic itself is ~4% of the total at the defaults).
-Memory: the Lanczos bases, n_v * (steps + 1) * N float64 (4 x 31 x 146k x 8 B = 145 MB at the defaults
-on 146k parameters), plus one gradient graph per data batch. PyHessian's ``density`` (its "ESD", Yao et
-al. 2020) is the same method (Rademacher starts, full reorthogonalization, Gaussian smoothing).
+calls of :meth:`FullDataLoss.hvp` on blocks of n_vectors vectors (the forward pass and gradient graph of each
+data batch shared by the block). Memory: the Lanczos bases, n_v * (steps + 1) * N float64, plus one gradient
+graph per data batch. Timings and the comparison with PyHessian: docs/measures.md, "Spectral density: cost".
 """
 from __future__ import annotations
 
@@ -53,6 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import nn
 
 from .functional import FullDataLoss, session
@@ -74,8 +74,12 @@ class DensityResult(Measured):
     lambda_max: float
     min_max_ratio: float  # |lambda_min| / lambda_max, nan when lambda_max <= 0
     negative_weight: float  # spectral mass below -sigma (resolved negative curvature)
-    trace: float  # N * mean_v v^T H v (Hutchinson, Rademacher)
+    trace: float | None  # N * mean_v v^T H v (Hutchinson, Rademacher); None when n_vectors == 1 (no interval)
     trace_stderr: float | None  # over the chains; None when n_vectors == 1
+    trace_ci_low: float | None  # Student-t interval, n_vectors - 1 degrees of freedom
+    trace_ci_high: float | None
+    trace_confidence: float
+    trace_interval: str  # how the interval is made, or why there is none
     n_vectors: int
     steps: int  # Lanczos steps per chain (capped at N)
     kernel_width: float  # relative to lambda_max - lambda_min
@@ -116,14 +120,34 @@ def smoothed_density(values: np.ndarray, weights: np.ndarray, kernel_width: floa
 def hessian_density(
     model: nn.Module, data, n_vectors: int = 4, steps: int = 30, loss_fn=None, batch_size: int = 1000,
     bn: str = "eval", params: str = "all", seed: int = 0, grid_points: int = 201,
-    kernel_width: float = 0.01, bn_data=None,
+    kernel_width: float = 0.01, bn_data=None, confidence: float = 0.95,
 ) -> DensityResult:
     """The Hessian's spectral density, extreme eigenvalues, negative mass and trace (module docstring).
 
-    ``n_vectors`` Rademacher start vectors, ``steps`` Lanczos steps each (capped at the number of
-    parameters): ``n_vectors * steps`` HVPs in ``steps`` block calls. ``kernel_width`` is the Gaussian
-    kernel's std relative to lambda_max - lambda_min.
+    Formula: phi(t) = (1/n_v) sum_v sum_k tau_{v,k} g_s(t - theta_{v,k}) over the Ritz values theta and
+    Gauss weights tau of ``steps`` Lanczos steps from each of n_v normalized Rademacher start vectors;
+    trace = N mean_v sum_k tau_{v,k} theta_{v,k} with its Student-t interval over the start vectors.
+
+    Args:
+        model: the network; restored bit for bit.
+        data: the examples of the loss (normally the training set).
+        n_vectors: start vectors n_v (>= 1; the trace and its interval need >= 2).
+        steps: Lanczos steps per vector (>= 2, capped at the number of parameters N).
+        loss_fn, batch_size, bn, params, bn_data: as in :class:`functional.FullDataLoss`.
+        seed: seeds the start vectors (the same probes as :func:`hessian.hessian_trace` with this seed).
+        grid_points: points of the density's grid.
+        kernel_width: the Gaussian kernel's std relative to lambda_max - lambda_min.
+        confidence: of the trace's interval.
+
+    Returns:
+        :class:`DensityResult`: grid and density, Ritz values and weights, lambda_min, lambda_max, the
+        negative mass, the trace with its interval (None for one start vector), the HVP count and protocol.
+
+    Cost: ``n_vectors * steps`` HVPs (each ~4.8 loss-and-gradient passes over ``data``) in ``steps`` block
+    calls sharing each batch's forward pass; memory n_v (steps + 1) N float64 for the Lanczos bases.
     """
+    if not (isinstance(confidence, float) and 0 < confidence < 1):
+        raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}")
     if not isinstance(n_vectors, (int, np.integer)) or n_vectors < 1:
         raise ValueError(f"n_vectors must be an integer >= 1, got {n_vectors!r}")
     if not isinstance(steps, (int, np.integer)) or steps < 2:
@@ -150,16 +174,26 @@ def hessian_density(
     lam_min, lam_max = float(np.nanmin(values)), float(np.nanmax(values))
     below = np.where(np.nan_to_num(values, nan=np.inf) < -sigma, weights, 0.0)
     per_chain = N * np.array([float(w @ t) for t, w in quad])
-    stderr = float(per_chain.std(ddof=1) / np.sqrt(n_vectors)) if n_vectors > 1 else None
+    trace = stderr = low = high = None
+    if n_vectors > 1:
+        trace = float(per_chain.mean())
+        stderr = float(per_chain.std(ddof=1) / np.sqrt(n_vectors))
+        half = float(stats.t.ppf((1 + confidence) / 2, n_vectors - 1)) * stderr
+        low, high = trace - half, trace + half
+        how = f"Student-t over the {n_vectors} start vectors' N v^T H v ({n_vectors - 1} degrees of freedom)"
+    else:
+        how = "none: one start vector gives no interval, so no trace (n_vectors >= 2 for one)"
     return DensityResult(
         grid=frozen_array(grid), density=frozen_array(phi), ritz_values=frozen_array(values),
         ritz_weights=frozen_array(weights), lambda_min=lam_min, lambda_max=lam_max,
         min_max_ratio=abs(lam_min) / lam_max if lam_max > 0 else float("nan"),
-        negative_weight=float(below.sum(1).mean()), trace=float(per_chain.mean()), trace_stderr=stderr,
+        negative_weight=float(below.sum(1).mean()), trace=trace, trace_stderr=stderr, trace_ci_low=low,
+        trace_ci_high=high, trace_confidence=float(confidence), trace_interval=how,
         n_vectors=n_vectors, steps=steps, kernel_width=float(kernel_width), sigma=sigma, hvps=chains.hvps,
         seed=seed,
         method=(f"stochastic Lanczos quadrature: {n_vectors} normalized Rademacher start vector"
-                f"{'s' * (n_vectors != 1)}, {steps} steps each, full reorthogonalization, one block HVP per step; Gaussian kernel std "
+                f"{'s' * (n_vectors != 1)}, {steps} steps each, full reorthogonalization, one block HVP per step; "
+                f"Gaussian kernel std "
                 f"{kernel_width:g} x (lambda_max - lambda_min); {HVP_METHOD}"),
         **proto,
     )

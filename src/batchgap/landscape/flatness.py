@@ -1,76 +1,37 @@
-"""Flatness under random and worst-case perturbations (Jiang et al. 2019, "Fantastic generalization
-measures": PAC-Bayes flatness was among the best predictors of the generalization gap they found).
+"""Flatness under random and worst-case perturbations: average sharpness, PAC-Bayes flatness, worst-case
+flatness (Jiang et al. 2019, "Fantastic generalization measures"; docs/measures.md, "Flatness", has the full
+analysis: the noise families and their invariance, the draw, the search, the differences from Jiang's code).
 
-L is the full-data, batch-weighted mean loss of :class:`functional.FullDataLoss` (``loss_fn``, default
-mean cross-entropy) as a function of the flat vector w of the measured parameters (``params``: ``"all"``
-trainable or ``"no-bn"``; the result's ``params_measured`` says which). Two noise families:
+L is the full-data, batch-weighted mean loss of :class:`functional.FullDataLoss` (default mean
+cross-entropy), acc the training accuracy, both functions of the flat vector w of the measured parameters
+(``params``). Noise: u = sigma z (plain) or u = sigma |w| z (magnitude-aware, invariant to a ReLU
+rescaling), z_1..z_M ~ N(0, I) the rows of ONE seeded draw :data:`DRAW`, used at every sigma (common random
+numbers).
 
-* plain (``magnitude_aware=False``): u = sigma z, i.e. u ~ N(0, sigma^2 I);
-* magnitude-aware: u = sigma |w| z (elementwise), i.e. u_i ~ N(0, sigma^2 w_i^2); coordinates with
-  w_i = 0 do not move. w + u = w * (1 + sigma sign(w) z), so under a ReLU rescaling of a network without
-  BN (w1 -> c w1, b1 -> c b1, w2 -> w2 / c, c > 0) every perturbed network computes the same function
-  as before the rescaling, for the same z: the magnitude-aware measures are invariant to it (up to float
-  rounding); the plain ones are not.
+* :func:`average_sharpness`: (1/M) sum_j L(w + u_j) - L(w), with its Student-t interval.
+* :func:`pac_bayes_flatness`: 1 / sigma^2 for the largest sigma with g(sigma) <= delta; g the mean loss
+  rise (``target="loss"``, batchgap's variant) or the mean training-accuracy drop (``target="error"``,
+  Jiang et al.'s pacbayes.flatness, eq. 53, and pacbayes.mag.flatness, eq. 61); the bracket search of
+  :func:`bracket.crossing`; no value (and a reason) when g does not cross delta inside ``sigma_range``.
+* :func:`worst_case_flatness`: 1 / alpha^2 for the largest box |u_i| <= alpha (or alpha |w_i|) whose
+  maximum loss rise (:func:`boxmax.maximize_in_box`, a lower bound: alpha is an upper estimate) is <= delta.
 
-z_1..z_M ~ N(0, I) are ONE draw, ``Z = torch.randn(M, N, generator=torch.Generator().manual_seed(seed),
-dtype=<the parameters' dtype>)`` on the CPU (row j is z_j, N the number of measured entries, in
-``params.flat`` order), moved to the parameters' device; Z is held in memory (M x N entries) for the
-whole measurement.
-
-* :func:`average_sharpness`:  E_u[L(w + u)] - L(w), estimated by (1/M) sum_j L(w + u_j) - L(w), with
-  the Student-t interval over the M draws (stderr = std(ddof=1) / sqrt(M)), and ``relative`` =
-  value / (1 + L(w)) * 100 on Keskar's scale.
-* :func:`pac_bayes_flatness`: the largest sigma with E_u[L(w + u)] - L(w) <= delta, reported as
-  1 / sigma^2 (Jiang et al.'s "pacbayes.flatness" and, magnitude-aware, "pacbayes.mag.flatness";
-  larger = sharper). With common random numbers (the same z_j at every sigma) the estimate
-  g(sigma) = (1/M) sum_j L(w + sigma s z_j) - L(w) (s = 1 or |w|) is a deterministic, continuous
-  function of sigma. Search: g at a start sigma (default the geometric mean of ``sigma_range``), then
-  steps toward the crossing the local power law g ~ sigma^2 predicts (at most 4x each), clipped to
-  ``sigma_range``, until g crosses delta; then log-log interpolation of the bracket, safeguarded by
-  bisection in log sigma, until hi / lo <= 1 + rtol (:func:`_crossing`). Reported
-  sigma = lo, the largest sigma tried with g <= delta, and hi, the smallest tried above it. A
-  non-finite g (the loss overflowed) counts as above delta. If g is not monotone in sigma the bracket
-  holds one crossing, not necessarily the first: ``monotone`` says whether g was nondecreasing over
-  the sigmas tried. When g does not cross delta inside ``sigma_range`` (above delta already at the
-  smallest sigma, or at most delta at the largest), ``bracketed`` is False, ``value`` and ``sigma``
-  are None and ``reason`` says which; never a made-up number.
-* :func:`worst_case_flatness`: the largest alpha with max_{|u_i| <= alpha} L(w + u) - L(w) <= delta
-  (magnitude-aware: |u_i| <= alpha |w_i|, solved in u = delta / |w| as :mod:`adaptive` does), each
-  maximum by :func:`boxmax.maximize_in_box` (``max_iter`` iterations, at most ``max_fun`` full-data
-  function+gradient evaluations each), the same bracketing and bisection in log alpha over
-  ``alpha_range``; ``value`` = 1 / alpha^2 (Jiang et al.'s "sharpness.flatness" /
-  "sharpness.mag.flatness"). The solver's maximum is a lower bound on the true maximum, so the
-  reported alpha is an UPPER estimate of the true largest alpha (and 1 / alpha^2 a lower estimate of
-  the flatness value); its maxima need not be monotone in alpha though the true ones are (the boxes
-  are nested). ``capped_solves`` counts the solves the evaluation cap ended.
-
-Evaluation: the M perturbed points at one sigma are one call of
-:meth:`functional.FullDataLoss.values_at_rows` (each data batch read once, ``vmap`` over ``chunk``
-points at a time; ``chunk=1`` one point at a time, the default on the CPU); each point costs one forward pass over the data.
-L(w) is one more pass. Losses are accumulated in float64.
-
-BatchNorm: one protocol for the whole measurement (:func:`functional.session`): ``"eval"`` (running
-statistics, or batch statistics where the model does not track them), ``"batch"`` (each evaluation
-batch's statistics, no buffer updates), ``"recompute"`` (running statistics recomputed ONCE at w on
-``bn_data``, default ``data``, then held fixed for every perturbed point; perturbed points do not get
-their own statistics). Dropout is off. The model is restored bit for bit, also on error.
-
-Differences from Jiang et al.'s code, stated so numbers are not compared blindly: they search the
-deviation of the training ACCURACY (0.1), not of the loss; their magnitude-aware variance is
-sigma^2 w_i^2 + 1e-3^2 (every coordinate moves, so it is not exactly rescaling invariant); they draw
-fresh noise per sample (3 to 10 samples) and bisect sigma in a fixed range.
+Each perturbed point costs one forward pass over the data (the M points at one sigma in one read of it,
+:meth:`functional.FullDataLoss.values_at_rows`); float64 accumulation. One BN protocol for the whole
+measurement (:func:`functional.session`; "recompute" once at w). Dropout off; the model is restored bit for
+bit, also on error.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 from scipy import stats
 from torch import nn
 
+from .bracket import crossing, is_monotone
 from .boxmax import SOLVER, START, BoxMax, default_max_fun, maximize_in_box
 from .functional import FullDataLoss, session
 from .hessian import _protocol
@@ -119,13 +80,16 @@ class PacBayesResult(Measured):
     reason: str | None  # why there is no value (None when bracketed)
     delta: float
     magnitude_aware: bool
-    g: float | None  # g(sigma): the mean rise over the M draws at the reported sigma
+    target: str  # "loss": g bounds the loss rise; "error": the training-accuracy drop (Jiang et al.'s)
+    bound: str  # the bound in words (TARGETS[target])
+    g: float | None  # g(sigma): the mean rise (loss) or drop (accuracy) over the M draws at the reported sigma
     stderr: float | None  # its Monte Carlo standard error
     ci_low: float | None  # Student-t interval of E_u[L(w + u)] - L(w) at the reported sigma
     ci_high: float | None
     confidence: float
-    samples: tuple | None  # L(w + u_j) - L(w) at the reported sigma, in draw order
-    f_x: float
+    samples: tuple | None  # L(w + u_j) - L(w), or acc(w) - acc(w + u_j), at the reported sigma, in draw order
+    f_x: float  # L(w)
+    accuracy_x: float | None  # acc(w), the training accuracy (error target; None for the loss target)
     n_samples: int
     seed: int
     rtol: float
@@ -220,82 +184,27 @@ def _draw(F: FullDataLoss, n_samples: int, seed: int) -> torch.Tensor:
     return Z.to(F.x0.device)
 
 
-def _rises(F: FullDataLoss, Z: torch.Tensor, scale: torch.Tensor | None, sigma: float, f_x: float,
-           chunk: int) -> np.ndarray:
-    """L(w + sigma s z_j) - L(w) for every row z_j of Z (s = 1, or ``scale`` = |w|), float64."""
+def _rises(F: FullDataLoss, Z: torch.Tensor, scale: torch.Tensor | None, sigma: float, base: float,
+           chunk: int, target: str = "loss") -> np.ndarray:
+    """Per row z_j of Z, at w + sigma s z_j (s = 1, or ``scale`` = |w|), float64: the loss rise
+    L(w + u_j) - L(w) (``target`` "loss", ``base`` = L(w)) or the training-accuracy drop
+    acc(w) - acc(w + u_j) (``target`` "error", ``base`` = acc(w))."""
     step = sigma if scale is None else sigma * scale
 
     def point(rows: torch.Tensor) -> torch.Tensor:
         return F.x0 + step * rows
 
-    loss, _, _ = F.values_at_rows(point, Z, chunk)
-    return loss.numpy() - f_x
+    loss, accuracy, _ = F.values_at_rows(point, Z, chunk)
+    return base - accuracy.numpy() if target == "error" else loss.numpy() - base
 
 
-def _crossing(estimate: Callable[[float], float], start: float, bounds: tuple[float, float], delta: float,
-              rtol: float, name: str, power: float = 2.0):
-    """Bracket, then close the bracket (module docstring). Returns ``(lo, hi, trace, reason)``; lo = hi =
-    None and a reason when there is no crossing inside ``bounds``.
-
-    Steps are guided by the local power law g ~ x^power (a minimum: the rise is quadratic in the
-    perturbation's size): from a point (x, g) the predicted crossing is x (delta / g)^(1/power), and
-    inside a bracket [lo, hi] the log-log interpolation of the endpoints. Each proposal aims a factor
-    (1 + rtol)^(1/2) past the prediction, to the side of the bracket's end it should replace, so an
-    accurate prediction closes the bracket to hi / lo <= 1 + rtol in two evaluations; after a step that did
-    not halve the bracket's log-width the next is the bisection point sqrt(lo hi), so the search takes
-    at most about twice bisection's steps whatever g is."""
-    low, high = bounds
-    trace: list[tuple[float, float]] = []
-    lo = hi = None
-    g_lo = g_hi = None
-    half = math.sqrt(1 + rtol)
-
-    def below(x: float) -> bool:
-        v = float(estimate(x))
-        trace.append((x, v))
-        return math.isfinite(v) and v <= delta
-
-    def predicted(x: float, v: float) -> float | None:
-        return x * (delta / v) ** (1 / power) if math.isfinite(v) and v > 0 else None
-
-    x = min(max(start, low), high)
-    while lo is None or hi is None:  # bracket: move toward the predicted crossing, at most 4x per step
-        if below(x):
-            lo, g_lo = x, trace[-1][1]
-            if lo >= high:
-                return None, None, trace, (f"the rise stays at or below delta = {delta:g} up to the largest {name} "
-                                           f"of the range, {high:g} ({trace[-1][1]:.6g}): no crossing in range")
-            r = predicted(x, g_lo)
-            x = min(max(r * half if r else 4 * x, x * (1 + rtol)), 4 * x, high)
-        else:
-            hi, g_hi = x, trace[-1][1]
-            if hi <= low:
-                return None, None, trace, (f"the rise exceeds delta = {delta:g} already at the smallest {name} of "
-                                           f"the range, {low:g} ({trace[-1][1]:.6g}): no crossing in range")
-            r = predicted(x, g_hi)
-            x = max(min(r / half if r else x / 4, x / (1 + rtol)), x / 4, low)
-    bisect_next = False
-    while hi / lo > 1 + rtol:  # close: interpolate in log-log, aim past the prediction, bisect as a safeguard
-        width = math.log(hi / lo)
-        if not bisect_next and g_lo > 0 and math.isfinite(g_hi) and g_hi > g_lo:
-            t = (math.log(delta) - math.log(g_lo)) / (math.log(g_hi) - math.log(g_lo))
-            r = math.exp(math.log(lo) + t * width)
-            # aim past the prediction, away from the bracket's nearer end, which then stays
-            x = r * half if math.log(r / lo) < math.log(hi / r) else r / half
-            x = min(max(x, lo * (1 + 1e-9)), hi / (1 + 1e-9))
-        else:
-            x = math.sqrt(lo * hi)
-        if below(x):
-            lo, g_lo = x, trace[-1][1]
-        else:
-            hi, g_hi = x, trace[-1][1]
-        bisect_next = math.log(hi / lo) > width / 2  # an interpolation that did not halve the bracket
-    return lo, hi, trace, None
-
-
-def _monotone(trace) -> bool:
-    values = [v if math.isfinite(v) else math.inf for _, v in sorted(trace)]
-    return all(a <= b for a, b in zip(values, values[1:]))
+def _accuracy_at_w(F: FullDataLoss) -> float:
+    """Training accuracy at w (one pass); ValueError where the outputs are not classification logits."""
+    _, accuracy, classify = F.values_at_rows(lambda rows: F.x0 + 0.0 * rows, F.x0[None], 1)
+    if not classify:
+        raise ValueError("target='error' needs (batch, classes) logits with class-index targets (an accuracy); "
+                         "use target='loss' for this model")
+    return float(accuracy[0])
 
 
 def average_sharpness(
@@ -303,9 +212,28 @@ def average_sharpness(
     loss_fn=None, batch_size: int = 1000, bn: str = "eval", params: str = "all", confidence: float = 0.95,
     chunk: int | None = None, bn_data=None,
 ) -> AverageSharpnessResult:
-    """E_u[L(w + u)] - L(w) by Monte Carlo over ``n_samples`` draws (module docstring), with its interval.
+    """Average sharpness E_u[L(w + u)] - L(w) by Monte Carlo, with its Student-t interval.
 
-    Cost: ``n_samples + 1`` forward passes over the data, in two reads of it."""
+    Formula: (1/M) sum_j L(w + u_j) - L(w), u_j = sigma z_j (or sigma |w| z_j, ``magnitude_aware``), z_j ~ N(0, I)
+    the M = ``n_samples`` rows of one seeded draw; stderr = std(ddof=1) / sqrt(M). (Neyshabur et al. 2017's
+    expected sharpness; not one of Jiang et al. 2019's measures.)
+
+    Args:
+        model: the network; restored bit for bit.
+        data: the examples (normally the training set).
+        sigma: the noise scale (absolute, or relative to |w_i| when ``magnitude_aware``).
+        magnitude_aware: u_i ~ N(0, sigma^2 w_i^2) instead of N(0, sigma^2).
+        n_samples: draws M (>= 2).
+        seed: seeds the draws.
+        loss_fn, batch_size, bn, params, bn_data: as in :class:`functional.FullDataLoss`.
+        confidence: of the interval.
+        chunk: points per vmap (None: 1 on the CPU, 16 on an accelerator).
+
+    Returns:
+        :class:`AverageSharpnessResult`: value, stderr, interval, ``relative`` = value / (1 + L(w)) * 100, the
+        per-draw rises and the protocol.
+
+    Cost: ``n_samples + 1`` forward passes over the data, in two reads of it; memory M x N for the draws."""
     _check("sigma", sigma)
     _check_common(n_samples, confidence, chunk)
     with session(model, bn, data, bn_data, batch_size):
@@ -313,7 +241,7 @@ def average_sharpness(
         f_x = F.value(F.x0)
         Z = _draw(F, n_samples, seed)
         chunk = _chunk(chunk, F)
-        samples = _rises(F, Z, F.x0.abs() if magnitude_aware else None, sigma, f_x, chunk)
+        samples = _rises(F, Z, F.x0.abs() if magnitude_aware else None, sigma, f_x, chunk, "loss")
         proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
     mean, stderr, low, high = _interval(samples, confidence)
     how = "one point at a time" if chunk == 1 else f"vmap over {chunk} points"
@@ -328,15 +256,56 @@ def average_sharpness(
     )
 
 
+TARGETS = {
+    "loss": "E_u[L(w + u)] - L(w) <= delta: the rise of the training loss (a variant of Jiang et al.'s measure)",
+    "error": ("E_u[acc(w) - acc(w + u)] <= delta: the drop of the training accuracy (Jiang et al. 2019's "
+              "pacbayes.flatness, eq. 53, and pacbayes.mag.flatness, eq. 61)"),
+}
+
+
 def pac_bayes_flatness(
     model: nn.Module, data, delta: float = 0.1, magnitude_aware: bool = False, n_samples: int = 16, seed: int = 0,
     rtol: float = 0.01, sigma_range: tuple = (1e-5, 10.0), loss_fn=None, batch_size: int = 1000, bn: str = "eval",
     params: str = "all", confidence: float = 0.95, chunk: int | None = None, bn_data=None, sigma_start: float | None = None,
+    target: str = "loss",
 ) -> PacBayesResult:
-    """1 / sigma^2 for the largest sigma with E_u[L(w + u)] - L(w) <= delta (module docstring).
+    """PAC-Bayes flatness 1 / sigma^2 for the largest sigma whose expected rise stays within delta.
 
-    Common random numbers: the same ``n_samples`` draws z_j at every sigma. Cost: ``n_samples`` forward
-    passes per sigma tried (``sigmas_tried``), + 1 for L(w)."""
+    Formula: with u = sigma z (or u = sigma |w| z, ``magnitude_aware``), z ~ N(0, I), the rise is
+    g(sigma) = E_u[L(w + u)] - L(w) for ``target="loss"`` and g(sigma) = E_u[acc(w) - acc(w + u)] (the
+    drop of the training accuracy, in [0, 1]) for ``target="error"``, Jiang et al.'s choice with delta
+    = 0.1; value = 1 / sigma^2 for the largest sigma with g(sigma) <= delta (larger = sharper). E_u is
+    estimated by the mean over ``n_samples`` draws z_j, the SAME draws at every sigma (common random
+    numbers: the estimate is a deterministic function of sigma and its search converges).
+
+    Args:
+        model: the network; restored bit for bit.
+        data: the examples (normally the training set), any form :func:`evaluate.batches` accepts.
+        delta: the bound on g (Jiang et al.: 0.1 of accuracy).
+        magnitude_aware: u_i ~ N(0, sigma^2 w_i^2) instead of N(0, sigma^2) (no epsilon floor: exactly
+            invariant to a ReLU rescaling).
+        n_samples: the Monte Carlo draws M (>= 2, for the interval).
+        seed: seeds the draws (``torch.Generator``).
+        rtol: the search stops when sigma_hi / sigma <= 1 + rtol.
+        sigma_range: the (low, high) sigmas searched.
+        loss_fn, batch_size, bn, params, bn_data: the loss, evaluation batch size, BN protocol, measured
+            parameters and BN recomputation data, as in :class:`functional.FullDataLoss`.
+        confidence: of the Student-t interval of g at the reported sigma.
+        chunk: points per vmap (None: 1 on the CPU, 16 on an accelerator).
+        sigma_start: the search's first sigma (default the geometric mean of ``sigma_range``).
+        target: "loss" or "error" (needs classification logits with class-index targets).
+
+    Returns:
+        :class:`PacBayesResult`: ``value`` = 1 / sigma^2 (None with a ``reason`` when g does not cross delta
+        inside ``sigma_range``), sigma, the bracket, g with its interval and per-draw samples, every sigma
+        tried, ``target`` and the protocol.
+
+    Cost: ``n_samples`` forward passes over ``data`` per sigma tried (``sigmas_tried``, typically 4 to 12),
+    in one read of the data per sigma, + 1 pass for L(w) (and 1 for acc(w) with the error target); memory
+    ``n_samples x N`` for the draws.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(repr(t) for t in TARGETS)}, got {target!r}")
     _check("delta", delta)
     _check_common(n_samples, confidence, chunk)
     bounds = _check_range("sigma_range", sigma_range, rtol)
@@ -346,15 +315,17 @@ def pac_bayes_flatness(
     with session(model, bn, data, bn_data, batch_size):
         F = FullDataLoss(model, data, loss_fn, batch_size, params)
         f_x = F.value(F.x0)
+        acc_x = _accuracy_at_w(F) if target == "error" else None
         Z = _draw(F, n_samples, seed)
         chunk = _chunk(chunk, F)
         scale = F.x0.abs() if magnitude_aware else None
+        base = f_x if target == "loss" else acc_x
 
         def estimate(s: float) -> float:
-            found[s] = _rises(F, Z, scale, s, f_x, chunk)
+            found[s] = _rises(F, Z, scale, s, base, chunk, target)
             return float(found[s].mean())
 
-        lo, hi, trace, reason = _crossing(estimate, start, bounds, delta, rtol, "sigma")
+        lo, hi, trace, reason = crossing(estimate, start, bounds, delta, rtol, "sigma")
         proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
     if lo is None:
         g = stderr = low = high = samples = None
@@ -364,11 +335,12 @@ def pac_bayes_flatness(
     how = "one point at a time" if chunk == 1 else f"vmap over {chunk} points"
     return PacBayesResult(
         value=None if lo is None else 1.0 / lo**2, sigma=lo, sigma_hi=hi, bracketed=lo is not None, reason=reason,
-        delta=float(delta), magnitude_aware=bool(magnitude_aware), g=g, stderr=stderr, ci_low=low, ci_high=high,
-        confidence=confidence, samples=samples, f_x=f_x, n_samples=n_samples, seed=seed, rtol=float(rtol),
-        sigma_range=bounds, sigma_start=start, sigmas=tuple(s for s, _ in trace), g_values=tuple(v for _, v in trace),
-        monotone=_monotone(trace), sigmas_tried=len(trace), points_evaluated=n_samples * len(trace) + 1,
-        data_passes=len(trace) + 1, noise=_noise_words(magnitude_aware), search=SEARCH,
+        delta=float(delta), magnitude_aware=bool(magnitude_aware), target=target, bound=TARGETS[target], g=g,
+        stderr=stderr, ci_low=low, ci_high=high, confidence=confidence, samples=samples, f_x=f_x, accuracy_x=acc_x,
+        n_samples=n_samples, seed=seed, rtol=float(rtol), sigma_range=bounds, sigma_start=start,
+        sigmas=tuple(s for s, _ in trace), g_values=tuple(v for _, v in trace), monotone=is_monotone(trace),
+        sigmas_tried=len(trace), points_evaluated=n_samples * len(trace) + 1 + (target == "error"),
+        data_passes=len(trace) + 1 + (target == "error"), noise=_noise_words(magnitude_aware), search=SEARCH,
         method=(f"common random numbers: the same {n_samples} draws at every sigma, {DRAW}; Student-t interval over "
                 f"the draws at the reported sigma; each data batch read once per sigma ({how}); float64 accumulation"),
         **proto,
@@ -380,10 +352,31 @@ def worst_case_flatness(
     alpha_range: tuple = (1e-6, 1.0), loss_fn=None, batch_size: int = 1000, bn: str = "eval", params: str = "all",
     max_fun: int | None = None, bn_data=None, alpha_start: float | None = None,
 ) -> WorstCaseFlatnessResult:
-    """1 / alpha^2 for the largest alpha whose box maximum rises by at most delta (module docstring).
+    """Worst-case flatness 1 / alpha^2 for the largest alpha whose box maximum rises by at most delta.
 
-    Cost: per alpha tried one box maximization, at most ``max_fun`` (default ``1 + 4 * max_iter``)
-    full-data forward+backward passes."""
+    Formula: alpha* = max { alpha : max_{|u_i| <= alpha s_i} L(w + u) - L(w) <= delta }, s_i = 1 (or |w_i|,
+    ``magnitude_aware``), each inner maximum by :func:`boxmax.maximize_in_box` (a lower bound, so alpha is an
+    upper estimate); value = 1 / alpha^2. The loss-target variant of Jiang et al. 2019's sharpness.flatness
+    (and sharpness.mag.flatness, without its noise floor).
+
+    Args:
+        model: the network; restored bit for bit.
+        data: the examples (normally the training set).
+        delta: the bound on the maximum's loss rise.
+        magnitude_aware: the box |u_i| <= alpha |w_i| instead of |u_i| <= alpha.
+        max_iter: L-BFGS-B iterations per box maximization.
+        rtol: the search stops when alpha_hi / alpha <= 1 + rtol.
+        alpha_range: the (low, high) alphas searched.
+        loss_fn, batch_size, bn, params, bn_data: as in :class:`functional.FullDataLoss`.
+        max_fun: full-data evaluations per maximization (default ``1 + 4 * max_iter``).
+        alpha_start: the search's first alpha (default the geometric mean of ``alpha_range``).
+
+    Returns:
+        :class:`WorstCaseFlatnessResult`: value (None with a ``reason`` when not bracketed), alpha, the
+        bracket, each alpha's rise and whether its solve was capped, solver counts and the protocol.
+
+    Cost: per alpha tried one box maximization, at most ``max_fun`` full-data forward+backward passes
+    (typically 6 to 10 alphas)."""
     _check("delta", delta)
     bounds = _check_range("alpha_range", alpha_range, rtol)
     start = math.sqrt(bounds[0] * bounds[1]) if alpha_start is None else float(alpha_start)
@@ -409,7 +402,7 @@ def worst_case_flatness(
             solved[a] = maximize_in_box(F, apply, apply_t, np.full(F.num_params, a), max_iter, max_fun)
             return solved[a].f_best - solved[a].f0
 
-        lo, hi, trace, reason = _crossing(estimate, start, bounds, delta, rtol, "alpha")
+        lo, hi, trace, reason = crossing(estimate, start, bounds, delta, rtol, "alpha")
         proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
     runs = [solved[a] for a, _ in trace]
     where = ("|u_i| <= alpha |w_i| (elementwise, l_inf); solved in u = delta / |w|" if magnitude_aware
@@ -420,7 +413,7 @@ def worst_case_flatness(
         rise=None if lo is None else solved[lo].f_best - solved[lo].f0,
         f_x=runs[0].f0, rtol=float(rtol), alpha_range=bounds, alpha_start=start,
         alphas=tuple(a for a, _ in trace), rises=tuple(v for _, v in trace), capped_flags=tuple(r.capped for r in runs),
-        monotone=_monotone(trace), solves=len(runs), capped_solves=sum(r.capped for r in runs),
+        monotone=is_monotone(trace), solves=len(runs), capped_solves=sum(r.capped for r in runs),
         capped_at_alpha=None if lo is None else solved[lo].capped, max_iter=max_iter, max_fun=max_fun,
         nit=sum(r.nit for r in runs), nfev=sum(r.nfev for r in runs), perturbation_set=where, solver=SOLVER,
         start=START, search=SEARCH.replace("sigma", "alpha"), **proto,

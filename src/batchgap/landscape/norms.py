@@ -3,7 +3,7 @@ and where to find them"), each defined exactly here and in :attr:`NormResult.def
 
 Parameters. ``w`` is the flat vector of the measured parameters (``params``: ``"all"`` trainable, or
 ``"no-bn"`` = ``"no-norm"``; :func:`params.named_parameters`: each tied tensor once), used by
-``param_norm`` and ``fisher_rao_norm``. The layer measures and the path norm describe the function, so
+``param_norm_all`` and ``fisher_rao_norm``. The layer measures and the path norm describe the function, so
 they read every weight of the model (trainable or frozen), whatever ``params`` says.
 
 Layers. Every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` module (``model.named_modules()``, each module once;
@@ -14,11 +14,18 @@ no layer). A conv weight (out, in/groups, *kernel) is RESHAPED to the matrix (ou
 its norms are that matrix's norms, not the norms of the convolution as an operator on its input (whose
 spectral norm differs in general; Sedghi et al. 2019 compute that one). All norms in float64.
 
-* ``param_norm`` = ||w||_2.
+* ``param_norm_all`` = ||w||_2 over every measured parameter (weights, biases, normalization affine
+  parameters): not one of Jiang et al.'s measures.
 * ``frobenius[i]`` = ||W_i||_F, ``spectral[i]`` = ||W_i||_2 (largest singular value,
-  ``torch.linalg.matrix_norm(ord=2)``); ``log_prod_frobenius`` = sum_i log ||W_i||_F, ``sum_frobenius_sq``
-  = sum_i ||W_i||_F^2, ``log_prod_spectral`` = sum_i log ||W_i||_2, ``sum_spectral_sq`` = sum_i ||W_i||_2^2.
-  Products are reported as logs of products (sums of logs) so that deep nets do not overflow or underflow.
+  ``torch.linalg.matrix_norm(ord=2)``); ``log_prod_frobenius`` = sum_i log ||W_i||_F and ``log_prod_spectral``
+  = sum_i log ||W_i||_2 (logs of products, so that deep nets do not overflow or underflow).
+* Jiang et al. 2019's forms over the d layers (their appendix C numbering, as in the reference code of
+  Dziugaite et al. 2020), each with the SQUARED layer norms: ``params_norm`` = sum_i ||W_i||_F^2 (eq. 42,
+  params.norm: weight matrices only); ``log_prod_of_fro`` = sum_i log ||W_i||_F^2 (eq. 37);
+  ``log_prod_of_spec`` = sum_i log ||W_i||_2^2 (eq. 32); ``sum_of_fro`` = d (prod_i ||W_i||_F^2)^(1/d) and
+  ``sum_of_spec`` = d (prod_i ||W_i||_2^2)^(1/d) (sum.of.fro and sum.of.spec; eqs. 39 and 35 are their logs),
+  computed as d exp(mean_i log ||W_i||^2). The sum forms are d times the geometric mean of the squared norms,
+  unchanged by a rescaling of one layer by c and the next by 1/c; a plain sum of squared norms is not.
 * ``path_norm`` (Neyshabur et al. 2015; Jiang et al.'s measure is its square) = sqrt( sum over all
   input-to-output paths of the product of the squared weights on the path ), a bias being the weight of a
   path that starts at a constant unit 1. Computed as sqrt(sum of the outputs of the network with every
@@ -55,20 +62,16 @@ spectral norm differs in general; Sedghi et al. 2019 compute that one). All norm
   1 / spectral_margin^2.
 
 Invariance: under a ReLU rescaling (W1, b1, W2) -> (c W1, c b1, W2 / c) the function is unchanged and so
-are path_norm, margin, fisher_rao_norm and the products of norms, but param_norm and the sums of squared
-norms change: these measures are not all reparameterization-invariant.
+are path_norm, margin, fisher_rao_norm, the products of norms and Jiang's sum forms (sum_of_spec,
+sum_of_fro), but param_norm_all and params_norm change: these measures are not all
+reparameterization-invariant.
 
 BN protocol: :func:`functional.session` (``"eval"``, ``"batch"``, ``"recompute"`` once on ``bn_data``,
 default ``data``). Dropout is off. The model is restored bit for bit.
 
 Cost: the norms need no data pass (one SVD per layer); the path norm one forward of one example; margin and
-Fisher-Rao share ONE jvp pass over ``data`` (the jvp's primal output gives the logits), about three forward
-passes' time (each layer's tangent costs two more matrix products), plus the BN recomputation's passes for
-``"recompute"``. Measured on the study's 146k-parameter BN MLP, 4000 examples, one CPU thread: the jvp pass
-0.07 s against 0.024 s for a ``functional_call`` forward pass and 0.05 s for a loss-and-gradient pass; the
-four SVDs 0.01 s; 0.08-0.1 s in all (the first torch.func call of a process adds a one-time 0.3-2 s). A user
-``loss_fn`` goes through vmap, and vmap of ``F.cross_entropy`` is slow in torch 2.13 (1.0 s there instead of
-0.08 s): for cross-entropy leave ``loss_fn=None``.
+Fisher-Rao share ONE jvp pass over ``data`` (about three forward passes), plus the BN recomputation's passes for
+``"recompute"``. Timings, and why a user ``loss_fn`` is slower: docs/measures.md, "Norm measures: cost".
 """
 from __future__ import annotations
 
@@ -104,13 +107,19 @@ MARGIN_INTERPOLATION = ("numpy.percentile, method='linear': the order statistics
                         "p/100 (n-1), linearly interpolated")
 
 DEFINITIONS = {
-    "param_norm": "||w||_2 over the measured parameters w (params), each tied tensor once",
+    "param_norm_all": ("||w||_2 over every measured parameter w (params: weights, biases, normalization affine), "
+                       "each tied tensor once; not Jiang et al.'s params.norm"),
+    "params_norm": "sum_i ||W_i||_F^2 over the layers' weight matrices (Jiang et al. 2019, eq. 42, params.norm)",
     "frobenius": "||W_i||_F per layer W_i (Linear/Conv weight; conv reshaped to (out, in/groups*prod(kernel)))",
     "spectral": "||W_i||_2 per layer: the largest singular value of the (reshaped) weight matrix",
     "log_prod_frobenius": "sum_i log ||W_i||_F  (log of prod_i ||W_i||_F)",
-    "sum_frobenius_sq": "sum_i ||W_i||_F^2",
     "log_prod_spectral": "sum_i log ||W_i||_2  (log of prod_i ||W_i||_2)",
-    "sum_spectral_sq": "sum_i ||W_i||_2^2",
+    "log_prod_of_fro": "sum_i log ||W_i||_F^2 (Jiang et al. 2019, eq. 37, log.prod.of.fro)",
+    "log_prod_of_spec": "sum_i log ||W_i||_2^2 (Jiang et al. 2019, eq. 32, log.prod.of.spec)",
+    "sum_of_fro": ("d (prod_i ||W_i||_F^2)^(1/d), d layers (Jiang et al. 2019, sum.of.fro; eq. 39, log.sum.of.fro, "
+                   "is its log)"),
+    "sum_of_spec": ("d (prod_i ||W_i||_2^2)^(1/d), d layers (Jiang et al. 2019, sum.of.spec; eq. 35, log.sum.of.spec, "
+                    "is its log)"),
     "path_norm": ("sqrt(sum over input-to-output paths of prod of squared weights on the path, biases as paths "
                   "from a constant unit) = sqrt(sum of outputs of the network with squared parameters on an "
                   "all-ones input); Jiang et al.'s path-norm measure is its square"),
@@ -125,17 +134,28 @@ DEFINITIONS = {
 
 @dataclass(frozen=True)
 class NormResult(Measured):
+    """What :func:`norm_measures` returns; every field's formula is in ``definitions`` (and docs/measures.md).
+
+    Jiang et al. 2019's measures, under their names: ``params_norm`` (eq. 42), ``log_prod_of_spec`` (eq. 32),
+    ``sum_of_spec`` (exp of eq. 35), ``log_prod_of_fro`` (eq. 37), ``sum_of_fro`` (exp of eq. 39); the
+    path norm's square (eq. 44) and the margin of inverse.margin (eq. 22). The rest are batchgap's:
+    ``param_norm_all`` (every parameter), the unsquared ``log_prod_*``, the per-layer norms.
+    """
+
     params_measured: str  # the measured parameters in words (params.describe_params)
     layers: tuple[str, ...]  # "<module>.weight" of each Linear/Conv module, in named_modules order
     frobenius: tuple[float, ...]  # ||W_i||_F per layer
     spectral: tuple[float, ...]  # ||W_i||_2 per layer
     conv_norm: str  # conv weights are reshaped matrices (CONV_NORM)
     other_parameters: tuple[str, ...]  # parameters in no layer: biases, normalization affine, other modules
-    param_norm: float
-    log_prod_frobenius: float
-    sum_frobenius_sq: float
-    log_prod_spectral: float
-    sum_spectral_sq: float
+    param_norm_all: float  # ||w||_2 over every measured parameter (biases, normalization included)
+    params_norm: float  # sum_i ||W_i||_F^2, Jiang et al.'s eq. 42
+    log_prod_frobenius: float  # sum_i log ||W_i||_F
+    log_prod_spectral: float  # sum_i log ||W_i||_2
+    log_prod_of_fro: float  # sum_i log ||W_i||_F^2, Jiang et al.'s eq. 37
+    log_prod_of_spec: float  # sum_i log ||W_i||_2^2, Jiang et al.'s eq. 32
+    sum_of_fro: float  # d (prod_i ||W_i||_F^2)^(1/d), Jiang et al.'s sum.of.fro
+    sum_of_spec: float  # d (prod_i ||W_i||_2^2)^(1/d), Jiang et al.'s sum.of.spec
     path_norm: float | None
     path_norm_reason: str | None  # why path_norm is None
     fisher_rao_norm: float
@@ -151,6 +171,27 @@ class NormResult(Measured):
 
     def as_dict(self) -> dict:
         return jsonable(self)
+
+
+def jiang_sum_form(norms) -> float:
+    """d (prod_i n_i^2)^(1/d) for the d layer norms n_i, as d exp((2/d) sum_i log n_i) (no overflow).
+
+    Jiang et al. 2019's sum.of.spec (n_i = ||W_i||_2) and sum.of.fro (n_i = ||W_i||_F); eqs. 35 and 39 are
+    its log. By the AM-GM inequality it is at most sum_i n_i^2, with equality when all n_i are equal.
+
+    Args:
+        norms: the d layer norms (nonnegative floats).
+
+    Returns:
+        The value as a float; 0.0 when a norm is 0, nan when there is no layer (d = 0).
+
+    Cost: O(d).
+    """
+    n = np.asarray(list(norms), dtype=np.float64)
+    if len(n) == 0:
+        return float("nan")
+    with np.errstate(divide="ignore"):
+        return float(len(n) * np.exp(2.0 * np.mean(np.log(n))))
 
 
 def layer_matrices(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -270,10 +311,30 @@ def norm_measures(
 ) -> NormResult:
     """The norm- and margin-based measures of the module docstring, on one BN protocol.
 
-    ``data``: any form :func:`evaluate.batches` accepts (the examples of the margin and Fisher-Rao norm,
-    normally the training set). ``loss_fn(outputs, targets)`` returns a batch mean (default: cross-entropy
-    of logits); it is the loss of the Fisher-Rao norm. ``params`` selects w for ``param_norm`` and
-    ``fisher_rao_norm``. ``percentile`` in [0, 100] is the margin's (Jiang et al.: 10).
+    Formulas (W_i the d layers' weight matrices, w the measured parameters, gamma_i example i's margin):
+    params_norm = sum_i ||W_i||_F^2; sum_of_spec = d (prod_i ||W_i||_2^2)^(1/d), sum_of_fro likewise;
+    log_prod_of_spec = sum_i log ||W_i||_2^2; param_norm_all = ||w||_2; fisher_rao_norm =
+    sqrt((1/n) sum_i <w, grad l_i>^2); margin = the percentile-th percentile of gamma_i (each field's
+    definition is in ``NormResult.definitions`` and docs/measures.md).
+
+    Args:
+        model: the network; restored bit for bit.
+        data: any form :func:`evaluate.batches` accepts (the examples of the margin and Fisher-Rao norm,
+            normally the training set).
+        loss_fn: ``loss_fn(outputs, targets)`` returning a batch mean (default cross-entropy of logits); the
+            Fisher-Rao norm's loss. A user loss goes through vmap (slower: for cross-entropy leave None).
+        batch_size: evaluation batch size.
+        bn: BN protocol (:func:`functional.session`): "eval", "batch" or "recompute".
+        params: selects w for ``param_norm_all`` and ``fisher_rao_norm`` ("all" or "no-bn").
+        percentile: in [0, 100], the margin's percentile (Jiang et al.: 10).
+        bn_data: the data of the "recompute" statistics (default ``data``).
+
+    Returns:
+        :class:`NormResult`: every measure above, the per-layer norms, the protocol, and a reason in place
+        of each measure that is not defined here (path norm, margin).
+
+    Cost: one SVD per layer, one forward of one example (path norm), one forward-mode jvp pass over
+    ``data`` (about three forward passes), plus the BN recomputation's passes for "recompute".
     """
     if not 0.0 <= float(percentile) <= 100.0:
         raise ValueError(f"percentile must be in [0, 100], got {percentile}")
@@ -291,7 +352,7 @@ def norm_measures(
         proto = dict(n=F.n, bn=bn, bn_description=bn_protocol(model, bn, batch_size, bn_data), params=params,
                      num_params=F.num_params, params_measured=F.params_measured, batch_size=batch_size,
                      loss_fn=loss_fn_name(loss_fn))
-        param_norm = float(F.x0.to(torch.float64).norm())
+        param_norm_all = float(F.x0.to(torch.float64).norm())
     margin = fraction = spectral_margin = log_spectral_margin = None
     if margins is not None:
         margin = float(np.percentile(margins, float(percentile)))
@@ -301,9 +362,10 @@ def norm_measures(
         log_spectral_margin = math.log(margin) - log_spec if margin > 0 else None
     return NormResult(
         layers=tuple(n for n, _ in layers), frobenius=tuple(frob), spectral=tuple(spec), conv_norm=CONV_NORM,
-        other_parameters=other, param_norm=param_norm, log_prod_frobenius=log_frob,
-        sum_frobenius_sq=float(sum(f * f for f in frob)), log_prod_spectral=log_spec,
-        sum_spectral_sq=float(sum(s * s for s in spec)), path_norm=path, path_norm_reason=path_reason,
+        other_parameters=other, param_norm_all=param_norm_all, params_norm=float(sum(f * f for f in frob)),
+        log_prod_frobenius=log_frob, log_prod_spectral=log_spec, log_prod_of_fro=2 * log_frob,
+        log_prod_of_spec=2 * log_spec, sum_of_fro=jiang_sum_form(frob), sum_of_spec=jiang_sum_form(spec),
+        path_norm=path, path_norm_reason=path_reason,
         fisher_rao_norm=math.sqrt(float(fr_sq) / F.n), fisher_rao_method=fr_method, percentile=float(percentile),
         margin=margin, margin_fraction_negative=fraction, margin_reason=margin_reason,
         margin_interpolation=MARGIN_INTERPOLATION, spectral_margin=spectral_margin,

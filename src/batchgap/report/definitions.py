@@ -47,6 +47,7 @@ def definitions(res: Results) -> list[str]:
     if n := g.get("noise_scale"):
         out.append(f"- **Gradient noise scale** B_simple = tr(Σ)/|G|² (McCandlish et al. 2018), in examples: "
                    f"{n['method']}; BatchNorm: {n['bn_description']}.")
+    out += _jiang(g)
     if c := g.get("curves"):
         out.append(f"- **Loss curves**: f(x + α d) along {c['protocol']['directions']} filter-normalized random "
                    "directions d per run (Li et al. 2018), α in units of the filters' norms; the figure draws the "
@@ -55,6 +56,36 @@ def definitions(res: Results) -> list[str]:
                "comes with a 95% percentile-bootstrap interval over seeds, paired by seed (the SB and LB runs of a seed "
                "share x0); the gap with Welch's t interval and test.")
     out += _second_order(res)
+    return out
+
+
+def _jiang(g: dict) -> list[str]:
+    """Which of Jiang et al. 2019's measures (appendix C, their equation numbers) the generalization rows are."""
+    out = []
+    if nm := g.get("norms"):
+        out.append(f"- **Norm measures** over the weight matrices W_i of the d = {len(nm['layers'])} Linear/Conv layers "
+                   "(Jiang et al. 2019's equation numbers): params.norm Σ‖W_i‖_F² (eq. 42); log.prod.of.spec "
+                   "Σ log ‖W_i‖_2² (eq. 32); sum.of.spec d (∏ ‖W_i‖_2²)^(1/d) (eq. 35 is its log); log.prod.of.fro and "
+                   "sum.of.fro the same with Frobenius norms (eqs. 37, 39); inverse.margin 1/γ², γ the "
+                   f"{nm['percentile']:g}th-percentile margin (eq. 22); log.prod.of.spec.over.margin (eq. 31); path.norm, "
+                   "the squared network's output sum (eq. 44), where defined. ‖w‖ over all parameters (biases and "
+                   "normalization included) is batchgap's, not params.norm.")
+    for key, words in (("pac_bayes", "u ~ N(0, σ²I)"), ("pac_bayes_mag", "u_i ~ N(0, σ²w_i²)"),
+                       ("pac_bayes_error", "u ~ N(0, σ²I)"), ("pac_bayes_mag_error", "u_i ~ N(0, σ²w_i²)")):
+        if p := g.get(key):
+            jiang = {"pac_bayes_error": "Jiang et al. 2019's pacbayes.flatness (eq. 53)",
+                     "pac_bayes_mag_error": "Jiang et al. 2019's pacbayes.mag.flatness (eq. 61) without its ε floor",
+                     }.get(key, "a loss-target variant of Jiang et al. 2019's pacbayes measures")
+            bound = ("E[acc(w) − acc(w + u)], the training-accuracy drop" if p.get("target", "loss") == "error"
+                     else "E[L(w + u)] − L(w), the training-loss rise")
+            kind = " (magnitude-aware)" if "mag" in key else ""
+            out.append(f"- **PAC-Bayes flatness{kind}, {p.get('target', 'loss')} target** ({jiang}): 1/σ² for the "
+                       f"largest σ with {bound} ≤ δ = {p['delta']:g}, {words}, {p['n_samples']} draws shared by every σ.")
+    if d := g.get("density"):
+        trace = ("its trace with a Student-t interval over the start vectors" if d.get("trace_ci_low") is not None
+                 else "no trace (one start vector gives no interval)")
+        out.append(f"- **Hessian spectral density** (Ghorbani et al. 2019): {d['n_vectors']} start vector(s) x "
+                   f"{d['steps']} Lanczos steps; {trace}.")
     return out
 
 

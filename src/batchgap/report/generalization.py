@@ -13,7 +13,7 @@ from . import text
 
 # shown in the curvature table already (report.geometry), or a log: no ratio
 _ELSEWHERE = {"adaptive_sharpness", "hessian_top_eigenvalue", "hessian_trace", "distance"}
-_LOGS = {"log_prod_frobenius", "log_prod_spectral", "spectral_margin"}
+_LOGS = {"log_prod_of_fro", "log_prod_of_spec", "spectral_margin"}
 
 
 def _regimes(res: Results) -> list[str]:
@@ -50,9 +50,12 @@ def measures_table(res: Results) -> list[str]:
     head = [f"| measure | {names[0]} | {names[1]} | {names[1]}/{names[0]} (95% interval over seeds) |", "|---|---|---|---|"]
     geo = next(r.geometry for n in names for r in runs[n])
     notes = []
-    if p := geo.get("pac_bayes"):
-        notes.append(f"PAC-Bayes flatness: 1/σ² for the largest σ with E[L(w+u)] − L(w) ≤ δ = {p['delta']:g} "
-                     f"({p['n_samples']} common draws, σ to {100 * p['rtol']:g}%)")
+    for key in ("pac_bayes", "pac_bayes_error"):
+        if p := geo.get(key):
+            bound = ("the training-accuracy drop E[acc(w) − acc(w+u)]" if p.get("target", "loss") == "error"
+                     else "the loss rise E[L(w+u)] − L(w)")
+            notes.append(f"PAC-Bayes flatness, {p.get('target', 'loss')} target: 1/σ² for the largest σ with "
+                         f"{bound} ≤ δ = {p['delta']:g} ({p['n_samples']} common draws, σ to {100 * p['rtol']:g}%)")
     if a := geo.get("average_sharpness"):
         notes.append(f"average sharpness: E[L(w+u)] − L(w), u ~ N(0, {a['sigma']:g}² I)"
                      + (f" and u_i ~ N(0, {geo['average_sharpness_mag']['sigma']:g}² w_i²)" if geo.get("average_sharpness_mag") else "")

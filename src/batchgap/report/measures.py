@@ -99,22 +99,37 @@ def numbers_table(doc: dict) -> list[str]:
                                                                 f"{_g(a['ci_low'])} to {_g(a['ci_high'])})",
                 f"{a['noise']}; {a['n_samples']} draws; seed {a['seed']}")
     for key, words in (("pac_bayes", "1/σ²"), ("pac_bayes_mag", "1/σ'² (magnitude-aware)"),
+                       ("pac_bayes_error", "1/σ²"), ("pac_bayes_mag_error", "1/σ'² (magnitude-aware)"),
                        ("worst_case", "worst-case 1/α²"), ("worst_case_mag", "worst-case 1/α'² (magnitude-aware)")):
         if f := geo.get(key):
             size = f.get("sigma", f.get("alpha"))
-            add(f"{'PAC-Bayes flatness ' if key.startswith('pac') else 'flatness, '}{words}, δ = {f['delta']:g}",
+            target = f.get("target", "loss")
+            bound = ("training-accuracy drop" if target == "error" else "loss rise")
+            add(f"{'PAC-Bayes flatness ' if key.startswith('pac') else 'flatness, '}{words}, {target} target "
+                f"({bound} ≤ δ = {f['delta']:g})",
                 _g(f["value"]) if f["value"] is not None else f"n/a ({f['reason']})",
                 f"{'σ' if key.startswith('pac') else 'α'} = {_g(size) if size is not None else 'n/a'}; {f['search']}")
     if nm := geo.get("norms"):
-        for field, words in (("param_norm", "parameter norm ‖w‖"), ("log_prod_spectral", "log ∏ spectral norms"),
-                             ("sum_frobenius_sq", "Σ squared Frobenius norms"), ("path_norm", "path norm"),
-                             ("fisher_rao_norm", "Fisher-Rao norm"), ("margin", f"margin ({nm['percentile']:g}th percentile)")):
+        for field, words in (("params_norm", "Σ ‖W_i‖_F² (Jiang's params.norm, eq. 42)"),
+                             ("param_norm_all", "‖w‖, all parameters"),
+                             ("sum_of_spec", "d (∏ ‖W_i‖_2²)^(1/d) (Jiang's sum.of.spec)"),
+                             ("sum_of_fro", "d (∏ ‖W_i‖_F²)^(1/d) (Jiang's sum.of.fro)"),
+                             ("log_prod_of_spec", "log ∏ ‖W_i‖_2² (Jiang's eq. 32)"),
+                             ("path_norm", "path norm"), ("fisher_rao_norm", "Fisher-Rao norm"),
+                             ("margin", f"margin ({nm['percentile']:g}th percentile)")):
+            if field not in nm and f"{field}_reason" not in nm:
+                continue  # measured before this field existed
             value = nm.get(field)
             reason = nm.get(f"{field}_reason")
             add(words, _g(value) if value is not None else f"n/a ({reason})", nm["definitions"].get(field, ""))
     if d := geo.get("density"):
         add("Hessian spectrum: λ_min, λ_max (SLQ)", f"{_g(d['lambda_min'])}, {_g(d['lambda_max'])}",
             f"{d['method'].split(';')[0]}; mass below −s: {_g(d['negative_weight'], 3)}; seed {d['seed']}")
+        if d.get("trace") is not None and d.get("trace_ci_low") is not None:  # a trace only with its interval
+            add("Hessian trace (SLQ start vectors)",
+                f"{_g(d['trace'])} ± {_g(d['trace_stderr'], 3)} ({100 * d['trace_confidence']:g}% interval "
+                f"{_g(d['trace_ci_low'])} to {_g(d['trace_ci_high'])})",
+                f"{d['n_vectors']} Rademacher start vectors; {d['trace_interval']}; seed {d['seed']}")
     if p := doc.get("parametric"):
         proto = p["protocol"]
         for alpha, name in ((0.0, "A"), (1.0, "B")):
