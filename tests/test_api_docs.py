@@ -23,10 +23,6 @@ def _load_script():
 
 api_docs = _load_script()
 
-# Rewritten by another engineer now (issue 24, the generalization measures): their docstrings gain Args/Returns
-# with that change. Expected to fail until it is merged; the lead empties this list then (a pending name that
-# passes fails the suite, strict xfail, so the list cannot go stale).
-PENDING = {"norm_measures", "pac_bayes_flatness", "average_sharpness", "worst_case_flatness", "hessian_density"}
 
 SECTION = re.compile(r"^([A-Z][A-Za-z ]*):\s*$")  # a Google-style section header: "Args:", "Returns:", "Cost:"
 ARG = re.compile(r"^ {4}\*{0,2}(\w+)( \([^)]*\))?:")  # "    name: ..." or "    name (type): ..." under Args:
@@ -128,10 +124,6 @@ def test_the_docstring_check_sees_what_is_missing():
                                             "parameter 'x' not under Args"]
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="rewritten in another branch; see PENDING"))
-    if name in PENDING else name
-    for name in sorted(public_functions())
-])
+@pytest.mark.parametrize("name", sorted(public_functions()))
 def test_public_function_documents_args_and_returns(name):
     assert undocumented(public_functions()[name]) == []

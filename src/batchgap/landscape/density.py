@@ -133,7 +133,11 @@ def hessian_density(
         data: the examples of the loss (normally the training set).
         n_vectors: start vectors n_v (>= 1; the trace and its interval need >= 2).
         steps: Lanczos steps per vector (>= 2, capped at the number of parameters N).
-        loss_fn, batch_size, bn, params, bn_data: as in :class:`functional.FullDataLoss`.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
+        batch_size: examples per evaluation batch (memory only).
+        bn: the BatchNorm protocol: ``"eval"``, ``"batch"`` or ``"recompute"`` (once, at the model's parameters).
+        params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
+        bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
         seed: seeds the start vectors (the same probes as :func:`hessian.hessian_trace` with this seed).
         grid_points: points of the density's grid.
         kernel_width: the Gaussian kernel's std relative to lambda_max - lambda_min.

@@ -225,7 +225,11 @@ def average_sharpness(
         magnitude_aware: u_i ~ N(0, sigma^2 w_i^2) instead of N(0, sigma^2).
         n_samples: draws M (>= 2).
         seed: seeds the draws.
-        loss_fn, batch_size, bn, params, bn_data: as in :class:`functional.FullDataLoss`.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
+        batch_size: examples per evaluation batch (memory only).
+        bn: the BatchNorm protocol: ``"eval"``, ``"batch"`` or ``"recompute"`` (once, at the model's parameters).
+        params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
+        bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
         confidence: of the interval.
         chunk: points per vmap (None: 1 on the CPU, 16 on an accelerator).
 
@@ -288,8 +292,11 @@ def pac_bayes_flatness(
         seed: seeds the draws (``torch.Generator``).
         rtol: the search stops when sigma_hi / sigma <= 1 + rtol.
         sigma_range: the (low, high) sigmas searched.
-        loss_fn, batch_size, bn, params, bn_data: the loss, evaluation batch size, BN protocol, measured
-            parameters and BN recomputation data, as in :class:`functional.FullDataLoss`.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
+        batch_size: examples per evaluation batch (memory only).
+        bn: the BatchNorm protocol: ``"eval"``, ``"batch"`` or ``"recompute"`` (once, at the model's parameters).
+        params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
+        bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
         confidence: of the Student-t interval of g at the reported sigma.
         chunk: points per vmap (None: 1 on the CPU, 16 on an accelerator).
         sigma_start: the search's first sigma (default the geometric mean of ``sigma_range``).
@@ -367,7 +374,11 @@ def worst_case_flatness(
         max_iter: L-BFGS-B iterations per box maximization.
         rtol: the search stops when alpha_hi / alpha <= 1 + rtol.
         alpha_range: the (low, high) alphas searched.
-        loss_fn, batch_size, bn, params, bn_data: as in :class:`functional.FullDataLoss`.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
+        batch_size: examples per evaluation batch (memory only).
+        bn: the BatchNorm protocol: ``"eval"``, ``"batch"`` or ``"recompute"`` (once, at the model's parameters).
+        params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
+        bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
         max_fun: full-data evaluations per maximization (default ``1 + 4 * max_iter``).
         alpha_start: the search's first alpha (default the geometric mean of ``alpha_range``).
 
