@@ -70,3 +70,24 @@ def test_run_directories_are_laid_out_in_one_place():
     assert builders == ["batchgap.rundir"]
     for m in ("batchgap.train", "batchgap.study", "batchgap.report.figures"):
         assert "batchgap.rundir" in imports(m)
+
+
+def private_imports(module: str) -> list[str]:
+    """``from .other import _name`` in ``module``: a private name taken across a module border."""
+    tree = ast.parse(MODULES[module].read_text())
+    return [f"{module}: from {'.' * node.level}{node.module or ''} import {alias.name}"
+            for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level
+            for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+
+
+def test_no_private_name_crosses_a_module_border_inside_landscape():
+    """What landscape/'s modules share, they share under public names (issue 24/25)."""
+    found = [line for m in MODULES if m.startswith("batchgap.landscape") for line in private_imports(m)]
+    assert found == []
+
+
+def test_the_private_import_check_sees_one(tmp_path, monkeypatch):
+    planted = tmp_path / "planted.py"
+    planted.write_text("from .hessian import _secret, public\nfrom . import __version__\n")
+    monkeypatch.setitem(MODULES, "batchgap.landscape.planted", planted)
+    assert private_imports("batchgap.landscape.planted") == ["batchgap.landscape.planted: from .hessian import _secret"]

@@ -56,7 +56,7 @@ from scipy import stats
 from torch import nn
 
 from .functional import FullDataLoss, session
-from .hessian import HVP_METHOD, _protocol, _rademacher, lanczos_block
+from .hessian import HVP_METHOD, lanczos_block, measured_protocol, rademacher
 from .protocol import Measured, frozen_array, jsonable
 
 BREAKDOWN = 1e-10  # a chain stops when beta <= BREAKDOWN x its largest |alpha|, beta: invariant subspace
@@ -164,9 +164,9 @@ def hessian_density(
     with session(model, bn, data, bn_data, batch_size):
         F = FullDataLoss(model, data, loss_fn, batch_size, params)
         N = F.num_params
-        V0 = _rademacher(n_vectors, N, gen, F.x0.device)
+        V0 = rademacher(n_vectors, N, gen, F.x0.device)
         chains = lanczos_block(F.hvp, V0, steps, breakdown=BREAKDOWN)
-        proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+        proto = measured_protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
     steps = min(steps, N)
     quad = [ritz(a, b) for a, b in zip(chains.alphas, chains.betas)]
     m = max(len(t) for t, _ in quad)

@@ -34,7 +34,7 @@ from torch import nn
 from .bracket import crossing, is_monotone
 from .boxmax import SOLVER, START, BoxMax, default_max_fun, maximize_in_box
 from .functional import FullDataLoss, session
-from .hessian import _protocol
+from .hessian import measured_protocol
 from .protocol import Measured
 
 DRAW = ("Z = torch.randn(M, N, generator=torch.Generator().manual_seed(seed), dtype=parameter dtype) on the CPU, "
@@ -246,7 +246,7 @@ def average_sharpness(
         Z = _draw(F, n_samples, seed)
         chunk = _chunk(chunk, F)
         samples = _rises(F, Z, F.x0.abs() if magnitude_aware else None, sigma, f_x, chunk, "loss")
-        proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+        proto = measured_protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
     mean, stderr, low, high = _interval(samples, confidence)
     how = "one point at a time" if chunk == 1 else f"vmap over {chunk} points"
     return AverageSharpnessResult(
@@ -333,7 +333,7 @@ def pac_bayes_flatness(
             return float(found[s].mean())
 
         lo, hi, trace, reason = crossing(estimate, start, bounds, delta, rtol, "sigma")
-        proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+        proto = measured_protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
     if lo is None:
         g = stderr = low = high = samples = None
     else:
@@ -414,7 +414,7 @@ def worst_case_flatness(
             return solved[a].f_best - solved[a].f0
 
         lo, hi, trace, reason = crossing(estimate, start, bounds, delta, rtol, "alpha")
-        proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+        proto = measured_protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
     runs = [solved[a] for a, _ in trace]
     where = ("|u_i| <= alpha |w_i| (elementwise, l_inf); solved in u = delta / |w|" if magnitude_aware
              else "|u_i| <= alpha (l_inf box)")

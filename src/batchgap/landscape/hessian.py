@@ -74,7 +74,9 @@ class TraceResult(Measured):
     params_measured: str  # params in words with the counts: trainable of all tensors and entries, tied names
 
 
-def _protocol(model, F: FullDataLoss, bn, bn_data, batch_size, params, loss_fn) -> dict:
+def measured_protocol(model, F: FullDataLoss, bn, bn_data, batch_size, params, loss_fn) -> dict:
+    """The :class:`protocol.Measured` fields of a full-data measurement through ``F`` (shared by the Hessian,
+    density and flatness measures)."""
     return dict(n=F.n, bn=bn, bn_description=bn_protocol(model, bn, batch_size, bn_data), params=params,
                 num_params=F.num_params, params_measured=F.params_measured, batch_size=batch_size,
                 loss_fn=loss_fn_name(loss_fn))
@@ -232,7 +234,7 @@ def hessian_eigenvalues(
         Hv = F.hvp(vectors)
         count[0] += len(vectors)
         residuals = (Hv - torch.as_tensor(values.copy(), device=Hv.device)[:, None] * vectors).norm(dim=1)
-        proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+        proto = measured_protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
     return EigenResult(
         eigenvalues=frozen_array(values), residuals=frozen_array(residuals.cpu().numpy()),
         converged=converged, k=k, tol=tol, lanczos_steps=steps, hvps=count[0], seed=seed,
@@ -241,7 +243,9 @@ def hessian_eigenvalues(
     )
 
 
-def _rademacher(m: int, N: int, gen: torch.Generator, device) -> torch.Tensor:
+def rademacher(m: int, N: int, gen: torch.Generator, device) -> torch.Tensor:
+    """``m`` Rademacher probes of length ``N`` (entries +-1, float64) drawn from ``gen``, on ``device``: the
+    probes of Hutchinson's trace and the start vectors of the spectral density, the same for the same seed."""
     return (torch.randint(0, 2, (m, N), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1).to(device)
 
 
@@ -296,16 +300,16 @@ def hessian_trace(
         F = FullDataLoss(model, data, loss_fn, batch_size, params)
         dev, N = F.x0.device, F.num_params
         if method == "hutchinson":
-            Z = _rademacher(n_probes, N, gen, dev)
+            Z = rademacher(n_probes, N, gen, dev)
             samples = (Z * F.hvp(Z, chunk=chunk)).sum(dim=1)
             exact, hvps = 0.0, n_probes
             interval = "Student-t over the m Rademacher probe values z^T H z"
         else:
             s = n_probes // 3
-            S = _rademacher(s, N, gen, dev)
+            S = rademacher(s, N, gen, dev)
             Q, _ = torch.linalg.qr(F.hvp(S, chunk=chunk).T)  # (N, s)
             exact = float(torch.trace(Q.T @ F.hvp(Q.T, chunk=chunk).T))
-            G = _rademacher(n_probes - 2 * s, N, gen, dev)
+            G = rademacher(n_probes - 2 * s, N, gen, dev)
             G = G - (G @ Q) @ Q.T
             samples = (G * F.hvp(G, chunk=chunk)).sum(dim=1)
             hvps = n_probes
@@ -316,7 +320,7 @@ def hessian_trace(
         mean = float(samples.mean())
         stderr = float(samples.std(ddof=1) / np.sqrt(m))
         half = float(stats.t.ppf((1 + confidence) / 2, m - 1)) * stderr
-        proto = _protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+        proto = measured_protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
     value = exact + mean
     return TraceResult(
         value=value, stderr=stderr, ci_low=value - half, ci_high=value + half, confidence=confidence,
