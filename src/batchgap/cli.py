@@ -269,12 +269,18 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"run": _cmd_run, "report": _report, "show": _cmd_show, "measure": _cmd_measure, "correlate": _cmd_correlate,
                "list": _cmd_list,
                "data": _cmd_data}[args.command]
+    from .lifecycle import EXIT_TERMINATED, Terminated, terminate_as_interrupt
+
     try:
-        return handler(args)
+        with terminate_as_interrupt():  # SIGTERM (Slurm's time limit, scancel) stops as Ctrl-C does
+            return handler(args)
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # data-parallel workers all stop; rank 0 says why
             print(f"batchgap: error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    except Terminated:
+        print("batchgap: terminated (SIGTERM); run the same command again to resume", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("batchgap: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

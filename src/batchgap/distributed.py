@@ -160,6 +160,9 @@ def start_worker(device: torch.device) -> tuple[torch.device, str | None]:
     started it (for the record). Outside torchrun: ``(device, None)``."""
     if not launched():
         return device, None
+    from . import lifecycle  # a rank ends with the torchrun agent that started it, however that ends
+
+    lifecycle.die_with_parent(int(os.environ.get(lifecycle.PARENT_ENV) or os.getppid()))
     if device.type == "cuda":
         init_from_env("nccl")
         device = torch.device("cuda", torch.cuda.current_device())
@@ -172,15 +175,28 @@ def start_worker(device: torch.device) -> tuple[torch.device, str | None]:
 
 def launch(argv: list[str], nproc: int) -> int:
     """``batchgap ... --nproc N``: the same command, less ``--nproc``, under torchrun with N workers on
-    this machine; each worker goes on as a data-parallel worker. Returns torchrun's exit code."""
+    this machine; each worker goes on as a data-parallel worker. Returns torchrun's exit code.
+
+    torchrun is bound to this process (:mod:`batchgap.lifecycle`): killed, this process takes torchrun and
+    its ranks with it; interrupted or terminated (SIGTERM), it passes SIGTERM on and waits for them."""
     import subprocess
     import sys
 
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "batchgap.lifecycle", str(os.getpid()),  # bound to this process, then torchrun
+           sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "batchgap", *_without_nproc(argv)]
-    return subprocess.run(cmd, env=env).returncode
+    with subprocess.Popen(cmd, env=env) as proc:
+        try:
+            return proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM here: torchrun ends its ranks on SIGTERM
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
