@@ -122,18 +122,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _threads(args) -> list[str]:
-    """``--threads N`` (else ``$BATCHGAP_THREADS``) as the setting it is: ``train.threads=N``."""
-    n = args.threads
+    """``--threads N`` (else ``$BATCHGAP_THREADS``) as the setting it is: ``train.threads=N``; each refusal
+    names the one the user gave."""
+    n, name = args.threads, "--threads"
     if n is None:
         env = os.environ.get("BATCHGAP_THREADS", "").strip()
         if not env:
             return []
         if not env.isdigit():
             raise UserError(f"BATCHGAP_THREADS: expected a positive integer, got {env!r}")
-        n = int(env)
+        n, name = int(env), "BATCHGAP_THREADS"
     if n < 1:
-        raise UserError(f"--threads: must be at least 1, got {n}")
+        raise UserError(f"{name}: must be at least 1, got {n}")
     return [f"train.threads={n}"]
+
+
+def _warn_threads(threads: int, log) -> None:
+    """One line when a run's torch threads outnumber the cores this process may use: they then share
+    cores and spin-wait on each other (BATCHGAP_THREADS=999 on 2 cores trained 31 times slower). A warning,
+    not a refusal: the thread count is part of a run's id and its float rounding, so reproducing or resuming
+    a run made on a larger machine needs that count, slow or not."""
+    from .devices import cores
+
+    if threads > cores():
+        log(f"batchgap: warning: {threads} torch threads per run on {cores()} available core(s): usually far slower "
+            f"than {cores()} (set by --threads, BATCHGAP_THREADS or train.threads; part of each run's id, so kept)")
 
 
 def _cmd_run(args) -> int:
@@ -149,6 +162,8 @@ def _cmd_run(args) -> int:
     out = args.out or Path("runs") / (cfg.name + ("-quick" if args.quick else "-paper" if args.paper_scale else ""))
     command = "batchgap " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if os.environ.get("RANK", "0") == "0" and "BATCHGAP_PARENT_PID" not in os.environ:  # once, not per rank
+        _warn_threads(max(r.train.threads for r in cfg.regimes), log)
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs: must be at least 1, got {args.jobs}")
     shard = parse_shard(args.shard) if args.shard is not None else None
@@ -202,6 +217,8 @@ def _cmd_show(args) -> int:
 
 def _cmd_measure(args) -> int:
     from .measure_cmd import measure, prepare
+
+    _warn_threads(args.threads, lambda s: print(s, file=sys.stderr, flush=True))
 
     job = prepare(args.checkpoint, args.out, model=args.model, options=args.options, bn=args.bn, data=args.data,
                   num_classes=args.num_classes, data_dir=args.data_dir, download=args.download, compare=args.compare,
