@@ -241,6 +241,10 @@ def _cmd_correlate(args) -> int:
     if args.out is None and len(args.outs) > 1:
         raise UserError("correlate: several outputs need --out DIR for the correlation files")
     loaded = [(str(o), load_results(o)) for o in args.outs]  # each a one-line error when it is not a study output
+    unfinished = {name: list(res.unfinished) for name, res in loaded if res.unfinished}
+    for name, ids in unfinished.items():
+        print(f"batchgap: {name}: {len(ids)} unfinished run(s) left out of the correlation ({', '.join(ids)}); "
+              f"finish them and run `batchgap report {name}` to include them", file=sys.stderr)
     tables = [correlate(loaded, target) for target in TARGETS]
     if tables[0].runs_used < 3:
         left = ", ".join(f"{k}: {v}" for k, v in tables[0].left_out.items()) or "none left out"
@@ -248,7 +252,8 @@ def _cmd_correlate(args) -> int:
                         "a rank correlation needs at least 3")
     from .report.correlation import write  # matplotlib: only when drawing
 
-    print(write(tables, args.out or args.outs[0], command="batchgap " + " ".join(shlex.quote(a) for a in args.argv)))
+    print(write(tables, args.out or args.outs[0], command="batchgap " + " ".join(shlex.quote(a) for a in args.argv),
+                unfinished=unfinished))
     return 0
 
 
