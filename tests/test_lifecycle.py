@@ -35,15 +35,16 @@ import os, threading
 gate = os.environ.get("STOP_GATE")
 if gate:
     import batchgap.study as study
-    real_geometry = study.geometry
-    def geometry(*a, **k):
+    name = os.environ.get("STOP_IN", "geometry")  # geometry: a run trained, about to be measured
+    real = getattr(study, name)
+    def stop(*a, **k):
         print("STOPPED", os.getpid(), flush=True)
         done = threading.Event()
         for _ in range(2400):  # two minutes at most, so no process outlives a failed test for long
             if os.path.exists(gate) or done.wait(0.05):
                 break
-        return real_geometry(*a, **k)
-    study.geometry = geometry
+        return real(*a, **k)
+    setattr(study, name, stop)
     if os.environ.get("STOP_NO_PDEATHSIG"):
         try:
             import batchgap.lifecycle as lifecycle
@@ -97,20 +98,20 @@ def wait_until(condition, deadline_s: float = 10.0) -> bool:
 class Stopped:
     """``batchgap run --jobs 2`` started through the hook and held with both workers at their measures."""
 
-    def __init__(self, tmp_path: Path, mnist1d_dir, bound: bool = True):
+    def __init__(self, tmp_path: Path, mnist1d_dir, bound: bool = True, argv=("--jobs", "2"), stop_in="geometry"):
         hooks = tmp_path / "hooks"
         hooks.mkdir()
         (hooks / "sitecustomize.py").write_text(HOOK)
         self.out, self.gate = tmp_path / "out", tmp_path / "gate"
         env = {**os.environ, "BATCHGAP_DATA": str(mnist1d_dir), "OMP_NUM_THREADS": "1", "STOP_GATE": str(self.gate),
                "PYTHONPATH": os.pathsep.join([str(hooks), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        env["STOP_IN"] = stop_in
         if not bound:
             env["STOP_NO_PDEATHSIG"] = "1"
         self.err = tmp_path / "stderr.txt"
         with open(self.err, "w") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "batchgap", "run", "default", "--out", str(self.out),
-                                          *SETTINGS, "--jobs", "2"], stdout=subprocess.PIPE, stderr=err, text=True,
-                                         env=env)
+                                          *SETTINGS, *argv], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         self.workers = []
         for line in self.proc.stdout:
             if line.startswith("STOPPED"):
@@ -136,7 +137,7 @@ class Stopped:
 @pytest.fixture
 def stopped(tmp_path, mnist1d_dir):
     made = []
-    yield lambda bound=True: made.append(Stopped(tmp_path, mnist1d_dir, bound)) or made[-1]
+    yield lambda **k: made.append(Stopped(tmp_path, mnist1d_dir, **k)) or made[-1]
     for s in made:
         s.close()
 
@@ -163,6 +164,26 @@ def test_sigterm_stops_the_workers_as_ctrl_c_does_and_exits_143(stopped):
     assert "stopped: 0 of 2 runs finished and kept" in err and err.rstrip().endswith(
         "batchgap: terminated (SIGTERM); run the same command again to resume")
     assert "Traceback" not in err and not (s.out / ".lock").exists()
+    s.open_gate()
+    assert s.finished_runs() == []
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+def test_the_torchrun_agent_and_ranks_of_nproc_end_with_a_sigkilled_parent(stopped):
+    s = stopped(argv=("--nproc", "2"), stop_in="train")  # both ranks inside their first run's training
+    agents = {_ppid(pid) for pid in s.workers}
+    assert len(agents) == 1 and None not in agents and agents != {s.proc.pid}
+    s.workers += list(agents)  # closed with the rest if the test fails
+    s.proc.send_signal(signal.SIGKILL)
+    s.proc.wait()
+    assert wait_until(lambda: all(gone(pid) for pid in s.workers)), "torchrun or its ranks outlived the parent"
     s.open_gate()
     assert s.finished_runs() == []
 
