@@ -24,7 +24,14 @@ CHOICES = "auto, cpu, cuda or cuda:N"
 
 def resolve(spec: str | torch.device | None = None) -> torch.device:
     """The device ``spec`` names (default: ``$BATCHGAP_DEVICE``, else ``auto``), checked to exist here.
-    A refusal names where the spec came from: ``--device``, or the environment variable."""
+
+    Args:
+        spec: auto, cpu, cuda or cuda:N (as ``--device`` gives it), a ``torch.device`` (returned as it is), or
+            None for ``$BATCHGAP_DEVICE``.
+
+    Returns:
+        the device; a one-line :class:`UserError` for one that cannot be used here, naming where the spec came
+        from (``--device``, or ``BATCHGAP_DEVICE``). Cost: a CUDA query when a GPU is named."""
     if isinstance(spec, torch.device):
         return spec
     env = not spec and bool(os.environ.get("BATCHGAP_DEVICE", "").strip())

@@ -45,7 +45,9 @@ def _on_sigterm(signum, frame) -> None:
 def terminate_as_interrupt():
     """Inside, SIGTERM to this process raises :class:`Terminated` in its main thread (as SIGINT raises
     ``KeyboardInterrupt``); the handler before is restored after. Outside the main thread: nothing changes.
-    Cost: none."""
+
+    Returns:
+        a context manager. Cost: two ``signal.signal`` calls."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -102,13 +104,23 @@ def die_with_parent(parent: int, sig: int = signal.SIGKILL, every_s: float = 0.5
 
 
 def orphaned() -> bool:
-    """Whether :func:`die_with_parent` was called and that parent is gone (False in any other process)."""
+    """Whether this process was bound to a parent by :func:`die_with_parent` and that parent is gone.
+
+    Returns:
+        ``os.getppid() != parent`` after :func:`die_with_parent`; False in a process never bound. Cost: one
+        system call."""
     return _expected_parent is not None and os.getppid() != _expected_parent
 
 
 def start_time(pid: int) -> int | None:
-    """The start time of process ``pid`` (clock ticks since boot, ``/proc/PID/stat`` field 22); None where
-    there is no /proc or no such process. Two processes with one pid never share it."""
+    """The start time of process ``pid``: field 22 of ``/proc/PID/stat``, in clock ticks since boot. Two
+    processes given one pid in turn never share it.
+
+    Args:
+        pid: a process id.
+
+    Returns:
+        the start time, or None where there is no /proc or no such process. Cost: one small file read."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return int(f.read().rsplit(b")", 1)[1].split()[19])
@@ -117,8 +129,15 @@ def start_time(pid: int) -> int | None:
 
 
 def alive(pid: int, started: int | None = None) -> bool:
-    """Whether process ``pid`` exists (a zombie counts as gone) and, when ``started`` is given and /proc
-    can say, is the process that started then rather than a later one given the same pid."""
+    """Whether process ``pid`` lives: it exists, is no zombie, and (when ``started`` is given and /proc can
+    say) :func:`start_time` of it equals ``started``, so a later process given the same pid is not taken for it.
+
+    Args:
+        pid: a process id.
+        started: its start time when it was recorded, or None (then the pid alone decides).
+
+    Returns:
+        True or False; a process of another user counts as alive. Cost: ``kill(pid, 0)`` and one file read."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -75,12 +75,24 @@ def lock_name(shard: tuple[int, int] | None) -> str:
 
 
 def alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (see :func:`batchgap.lifecycle.alive`)."""
+    """Whether process ``pid`` exists and is no zombie (:func:`batchgap.lifecycle.alive` without a start time).
+
+    Args:
+        pid: a process id.
+
+    Returns:
+        True or False. Cost: one system call and one small file read."""
     return lifecycle.alive(pid)
 
 
 def read_lock(path: Path) -> tuple[int, list[str]] | None:
-    """(pid, what it does) from a lock file; None when unreadable. A bare pid means "run"."""
+    """The holder of a lock file: its first line, ``PID WHAT...`` (a bare pid means "run").
+
+    Args:
+        path: the lock file.
+
+    Returns:
+        (pid, what it does as words), or None when unreadable. Cost: one small file read."""
     try:
         words = path.read_text().splitlines()[0].split()
         return int(words[0]), words[1:] or ["run"]
@@ -89,7 +101,13 @@ def read_lock(path: Path) -> tuple[int, list[str]] | None:
 
 
 def lock_processes(path: Path) -> list[tuple[int, int | None]]:
-    """Every process a lock file names, as (pid, start time or None): its holder, then the ``proc`` lines."""
+    """Every process a lock file names: its holder, then each ``proc PID START`` line (its workers).
+
+    Args:
+        path: the lock file.
+
+    Returns:
+        [(pid, start time or None)], the holder first; [] when unreadable. Cost: one small file read."""
     try:
         lines = path.read_text().splitlines()
         procs = [(int(lines[0].split()[0]), None)]
@@ -103,7 +121,15 @@ def lock_processes(path: Path) -> list[tuple[int, int | None]]:
 
 
 def live_process(path: Path) -> int | None:
-    """The pid of a live process that the lock at ``path`` names (its holder first), or None: stale."""
+    """A live process among those the lock at ``path`` names, each checked with its start time
+    (:func:`batchgap.lifecycle.alive`), so a reused pid does not hold the lock.
+
+    Args:
+        path: the lock file.
+
+    Returns:
+        the first live pid (the holder's when it lives), or None: the lock is stale. Cost: two small file
+        reads per process named."""
     procs = lock_processes(path)
     started = {pid: start for pid, start in procs if start is not None}
     for pid, _ in procs:
@@ -126,7 +152,12 @@ _HELD: list["OutputLock"] = []  # the locks this process holds
 def record_processes(pids) -> None:
     """Name the processes ``pids`` (the workers this process started) in every lock this process holds,
     beside itself, so that no lock is taken over while one of them lives (a worker outliving its parent).
-    Cost: one small atomic file write per lock."""
+
+    Args:
+        pids: process ids; they replace the workers any earlier call named.
+
+    Returns:
+        None. Cost: one small atomic file write per lock held."""
     pids = list(pids)
     for lock in _HELD:
         tmp = lock.path.with_name(f"{lock.path.name}.{os.getpid()}.tmp")
@@ -203,7 +234,14 @@ class OutputLock:
 
 
 def refuse(path: Path) -> None:
-    """A one-line UserError when the lock at ``path`` is held by a live process (its holder or a worker)."""
+    """Refuse a lock held by a live process, its holder or one of its workers (:func:`live_process`).
+
+    Args:
+        path: the lock file (absent: nothing to refuse).
+
+    Returns:
+        None; raises a one-line :class:`UserError` naming the holder (and the live worker). Cost: as
+        :func:`live_process`."""
     lock, pid = read_lock(path), live_process(path)
     if lock is not None and pid is not None:
         who = "" if pid == lock[0] else f", its worker process {pid} still running"

@@ -182,7 +182,13 @@ def section(c: Correlation, fig_dir: Path, rel: str = "figures") -> list[str]:
 
 
 def unfinished_runs(unfinished: dict) -> list[str]:
-    """Markdown naming the unfinished runs of each output read (none: no lines)."""
+    """Markdown naming the unfinished runs of each output read.
+
+    Args:
+        unfinished: output directory -> ids of its runs not finished.
+
+    Returns:
+        markdown lines ([] when every run finished). Cost: none."""
     if not unfinished:
         return []
     md = ["**Unfinished runs, not in this correlation** (each output's `results.json` lists them):", ""]
