@@ -188,6 +188,18 @@ def test_the_torchrun_agent_and_ranks_of_nproc_end_with_a_sigkilled_parent(stopp
     assert s.finished_runs() == []
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+def test_sigterm_to_the_parent_of_nproc_stops_torchrun_and_its_ranks_and_exits_143(stopped):
+    s = stopped(argv=("--nproc", "2"), stop_in="train")
+    s.workers += list({_ppid(pid) for pid in s.workers})
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(timeout=60) == 143
+    assert wait_until(lambda: all(gone(pid) for pid in s.workers)), "torchrun or its ranks outlived the parent"
+    assert s.err.read_text().rstrip().endswith("batchgap: terminated (SIGTERM); run the same command again to resume")
+    s.open_gate()
+    assert s.finished_runs() == [] and not (s.out / ".lock").exists()
+
+
 def test_a_worker_outliving_its_parent_holds_the_lock_and_writes_no_finished_run(
         stopped, reference, mnist1d_dir, monkeypatch, capsys):
     s = stopped(bound=False)  # the workers not signalled: the lock and the last check must hold alone
