@@ -214,6 +214,7 @@ def test_bad_nproc_is_one_line_before_anything_is_launched(argv, needle, tmp_pat
 
     monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("launched torchrun"))
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("launched torchrun"))  # launch() uses it
     sets = [a for s in STUDY for a in ("--set", s)]
     assert main(["run", "default", "--out", str(tmp_path / "out"), *sets, *argv]) == 2
     err = capsys.readouterr().err

@@ -122,18 +122,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _threads(args) -> list[str]:
-    """``--threads N`` (else ``$BATCHGAP_THREADS``) as the setting it is: ``train.threads=N``."""
-    n = args.threads
+    """``--threads N`` (else ``$BATCHGAP_THREADS``) as the setting it is: ``train.threads=N``; each refusal
+    names the one the user gave."""
+    n, name = args.threads, "--threads"
     if n is None:
         env = os.environ.get("BATCHGAP_THREADS", "").strip()
         if not env:
             return []
         if not env.isdigit():
             raise UserError(f"BATCHGAP_THREADS: expected a positive integer, got {env!r}")
-        n = int(env)
+        n, name = int(env), "BATCHGAP_THREADS"
     if n < 1:
-        raise UserError(f"--threads: must be at least 1, got {n}")
+        raise UserError(f"{name}: must be at least 1, got {n}")
     return [f"train.threads={n}"]
+
+
+def _warn_threads(threads: int, log) -> None:
+    """One line when a run's torch threads outnumber the cores this process may use: they then share
+    cores and spin-wait on each other (BATCHGAP_THREADS=999 on 2 cores trained 31 times slower). A warning,
+    not a refusal: the thread count is part of a run's id and its float rounding, so reproducing or resuming
+    a run made on a larger machine needs that count, slow or not."""
+    from .devices import cores
+
+    if threads > cores():
+        log(f"batchgap: warning: {threads} torch threads per run on {cores()} available core(s): usually far slower "
+            f"than {cores()} (set by --threads, BATCHGAP_THREADS or train.threads; part of each run's id, so kept)")
 
 
 def _cmd_run(args) -> int:
@@ -149,6 +162,8 @@ def _cmd_run(args) -> int:
     out = args.out or Path("runs") / (cfg.name + ("-quick" if args.quick else "-paper" if args.paper_scale else ""))
     command = "batchgap " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if os.environ.get("RANK", "0") == "0" and "BATCHGAP_PARENT_PID" not in os.environ:  # once, not per rank
+        _warn_threads(max(r.train.threads for r in cfg.regimes), log)
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs: must be at least 1, got {args.jobs}")
     shard = parse_shard(args.shard) if args.shard is not None else None
@@ -203,6 +218,8 @@ def _cmd_show(args) -> int:
 def _cmd_measure(args) -> int:
     from .measure_cmd import measure, prepare
 
+    _warn_threads(args.threads, lambda s: print(s, file=sys.stderr, flush=True))
+
     job = prepare(args.checkpoint, args.out, model=args.model, options=args.options, bn=args.bn, data=args.data,
                   num_classes=args.num_classes, data_dir=args.data_dir, download=args.download, compare=args.compare,
                   sets=args.sets, seed=args.seed, trust_pickle=args.trust_pickle, threads=args.threads,
@@ -224,6 +241,10 @@ def _cmd_correlate(args) -> int:
     if args.out is None and len(args.outs) > 1:
         raise UserError("correlate: several outputs need --out DIR for the correlation files")
     loaded = [(str(o), load_results(o)) for o in args.outs]  # each a one-line error when it is not a study output
+    unfinished = {name: list(res.unfinished) for name, res in loaded if res.unfinished}
+    for name, ids in unfinished.items():
+        print(f"batchgap: {name}: {len(ids)} unfinished run(s) left out of the correlation ({', '.join(ids)}); "
+              f"finish them and run `batchgap report {name}` to include them", file=sys.stderr)
     tables = [correlate(loaded, target) for target in TARGETS]
     if tables[0].runs_used < 3:
         left = ", ".join(f"{k}: {v}" for k, v in tables[0].left_out.items()) or "none left out"
@@ -231,7 +252,8 @@ def _cmd_correlate(args) -> int:
                         "a rank correlation needs at least 3")
     from .report.correlation import write  # matplotlib: only when drawing
 
-    print(write(tables, args.out or args.outs[0], command="batchgap " + " ".join(shlex.quote(a) for a in args.argv)))
+    print(write(tables, args.out or args.outs[0], command="batchgap " + " ".join(shlex.quote(a) for a in args.argv),
+                unfinished=unfinished))
     return 0
 
 
@@ -269,12 +291,18 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"run": _cmd_run, "report": _report, "show": _cmd_show, "measure": _cmd_measure, "correlate": _cmd_correlate,
                "list": _cmd_list,
                "data": _cmd_data}[args.command]
+    from .lifecycle import EXIT_TERMINATED, Terminated, terminate_as_interrupt
+
     try:
-        return handler(args)
+        with terminate_as_interrupt():  # SIGTERM (Slurm's time limit, scancel) stops as Ctrl-C does
+            return handler(args)
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # data-parallel workers all stop; rank 0 says why
             print(f"batchgap: error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    except Terminated:
+        print("batchgap: terminated (SIGTERM); run the same command again to resume", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("batchgap: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -24,25 +24,36 @@ CHOICES = "auto, cpu, cuda or cuda:N"
 
 
 def resolve(spec: str | torch.device | None = None) -> torch.device:
-    """The device ``spec`` names (default: ``$BATCHGAP_DEVICE``, else ``auto``), checked to exist here."""
+    """The device ``spec`` names (default: ``$BATCHGAP_DEVICE``, else ``auto``), checked to exist here.
+
+    Args:
+        spec: auto, cpu, cuda or cuda:N (as ``--device`` gives it), a ``torch.device`` (returned as it is), or
+            None for ``$BATCHGAP_DEVICE``.
+
+    Returns:
+        the device; a one-line :class:`UserError` for one that cannot be used here, naming where the spec came
+        from (``--device``, or ``BATCHGAP_DEVICE``). Cost: a CUDA query when a GPU is named."""
     if isinstance(spec, torch.device):
         return spec
+    env = not spec and bool(os.environ.get("BATCHGAP_DEVICE", "").strip())
     spec = (spec or os.environ.get("BATCHGAP_DEVICE") or "auto").strip()
+    name, given = ("BATCHGAP_DEVICE", f"BATCHGAP_DEVICE={spec}") if env else ("--device", f"--device {spec}")
     if spec == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise UserError(f"--device: unknown device {spec!r}; expected {CHOICES}") from None
+        raise UserError(f"{name}: unknown device {spec!r}; expected {CHOICES}") from None
     if device.type == "cpu":
         return torch.device("cpu")
     if device.type != "cuda":
-        raise UserError(f"--device: {spec!r} is not supported; expected {CHOICES}")
+        raise UserError(f"{name}: {spec!r} is not supported; expected {CHOICES}")
     if not torch.cuda.is_available():
-        raise UserError(f"--device {spec}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+        use = "unset BATCHGAP_DEVICE or set it to cpu" if env else "use --device cpu"
+        raise UserError(f"{given}: this torch ({torch.__version__}) sees no CUDA GPU; {use}")
     index = torch.cuda.current_device() if device.index is None else device.index
     if index >= torch.cuda.device_count():
-        raise UserError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+        raise UserError(f"{given}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0")
     return torch.device("cuda", index)
 
 

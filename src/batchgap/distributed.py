@@ -155,11 +155,21 @@ def local_batch_size(batch_size: int) -> int:
 
 
 def start_worker(device: torch.device) -> tuple[torch.device, str | None]:
-    """In a process torchrun started: join its process group (nccl with each worker on GPU ``LOCAL_RANK``
-    when ``device`` is a GPU, else gloo); return the worker's device and the torchrun command line that
-    started it (for the record). Outside torchrun: ``(device, None)``."""
+    """In a process torchrun started: end with the torchrun agent that started it, whatever ends that
+    (:func:`batchgap.lifecycle.die_with_parent`), and join its process group (nccl with each worker on GPU
+    ``LOCAL_RANK`` when ``device`` is a GPU, else gloo).
+
+    Args:
+        device: the device the study asked for.
+
+    Returns:
+        (the worker's device, the torchrun command line that started it, for the record); outside torchrun
+        ``(device, None)``. Cost: the process group's rendezvous."""
     if not launched():
         return device, None
+    from . import lifecycle  # a rank ends with the torchrun agent that started it, however that ends
+
+    lifecycle.die_with_parent(int(os.environ.get(lifecycle.PARENT_ENV) or os.getppid()))
     if device.type == "cuda":
         init_from_env("nccl")
         device = torch.device("cuda", torch.cuda.current_device())
@@ -172,15 +182,36 @@ def start_worker(device: torch.device) -> tuple[torch.device, str | None]:
 
 def launch(argv: list[str], nproc: int) -> int:
     """``batchgap ... --nproc N``: the same command, less ``--nproc``, under torchrun with N workers on
-    this machine; each worker goes on as a data-parallel worker. Returns torchrun's exit code."""
+    this machine; each worker goes on as a data-parallel worker.
+
+    torchrun is bound to this process (:mod:`batchgap.lifecycle`): killed, this process takes torchrun and
+    its ranks with it; interrupted or terminated (SIGTERM), it passes SIGTERM on and waits for them (60 s,
+    then SIGKILL) before the interrupt goes on.
+
+    Args:
+        argv: this process's command line (after the program name).
+        nproc: the number of workers.
+
+    Returns:
+        torchrun's exit code. Cost: the whole data-parallel run."""
     import subprocess
     import sys
 
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "batchgap.lifecycle", str(os.getpid()),  # bound to this process, then torchrun
+           sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "batchgap", *_without_nproc(argv)]
-    return subprocess.run(cmd, env=env).returncode
+    with subprocess.Popen(cmd, env=env) as proc:
+        try:
+            return proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM here: torchrun ends its ranks on SIGTERM
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

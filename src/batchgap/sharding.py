@@ -11,15 +11,17 @@ finished) and writes no ``results.json``: the pairwise measures (the parametric 
 both of its runs) and the merged ``results.json`` and report come from ``batchgap report OUT``, which
 gathers whatever has finished by then and lists the runs that have not.
 
-Locks, each a file holding the pid of its process and what it does::
+Locks, each a file holding the pid of its process and what it does, then one line ``proc PID START`` for
+each process of the holder (itself and its ``--jobs`` workers, with their start times from /proc)::
 
     OUT/.lock                  an unsharded ``batchgap run``, or ``batchgap report`` merging
     OUT/.lock-shard-I-of-N     shard I of N (with a hash of the runs it plans)
 
-A lock whose process is gone is stale and taken over. Refused, with one line: a second process for
-the same lock; a shard while an unsharded run writes there (it would train the same runs); an
-unsharded run while shards are running; shards splitting the study a different number of ways or
-planning other runs (another study, other ``--set`` or ``--nproc``).
+A lock is stale, and taken over, only when every process it names is gone: a worker that outlived its
+parent holds it too; a pid given to a new process since counts as gone (its start time differs).
+Refused, with one line: a second process for the same lock; a shard while an unsharded run writes there
+(it would train the same runs); an unsharded run while shards are running; shards splitting the study a
+different number of ways or planning other runs (another study, other ``--set`` or ``--nproc``).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import re
 from pathlib import Path
 from typing import Callable, Hashable, Sequence, TypeVar
 
+from . import lifecycle
 from .errors import UserError
 
 T = TypeVar("T")
@@ -72,22 +75,94 @@ def lock_name(shard: tuple[int, int] | None) -> str:
 
 
 def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Whether process ``pid`` exists and is no zombie (:func:`batchgap.lifecycle.alive` without a start time).
+
+    Args:
+        pid: a process id.
+
+    Returns:
+        True or False. Cost: one system call and one small file read."""
+    return lifecycle.alive(pid)
 
 
 def read_lock(path: Path) -> tuple[int, list[str]] | None:
-    """(pid, what it does) from a lock file; None when unreadable. A bare pid means "run"."""
+    """The holder of a lock file: its first line, ``PID WHAT...`` (a bare pid means "run").
+
+    Args:
+        path: the lock file.
+
+    Returns:
+        (pid, what it does as words), or None when unreadable. Cost: one small file read."""
     try:
-        words = path.read_text().split()
+        words = path.read_text().splitlines()[0].split()
         return int(words[0]), words[1:] or ["run"]
     except (OSError, ValueError, IndexError):
         return None
+
+
+def lock_processes(path: Path) -> list[tuple[int, int | None]]:
+    """Every process a lock file names: its holder, then each ``proc PID START`` line (its workers).
+
+    Args:
+        path: the lock file.
+
+    Returns:
+        [(pid, start time or None)], the holder first; [] when unreadable. Cost: one small file read."""
+    try:
+        lines = path.read_text().splitlines()
+        procs = [(int(lines[0].split()[0]), None)]
+        for line in lines[1:]:
+            word = line.split()
+            if len(word) == 3 and word[0] == "proc":
+                procs.append((int(word[1]), None if word[2] == "-" else int(word[2])))
+    except (OSError, ValueError, IndexError):
+        return []
+    return procs
+
+
+def live_process(path: Path) -> int | None:
+    """A live process among those the lock at ``path`` names, each checked with its start time
+    (:func:`batchgap.lifecycle.alive`), so a reused pid does not hold the lock.
+
+    Args:
+        path: the lock file.
+
+    Returns:
+        the first live pid (the holder's when it lives), or None: the lock is stale. Cost: two small file
+        reads per process named."""
+    procs = lock_processes(path)
+    started = {pid: start for pid, start in procs if start is not None}
+    for pid, _ in procs:
+        if lifecycle.alive(pid, started.get(pid)):
+            return pid
+    return None
+
+
+def _lock_text(what: str, pids: list[int]) -> str:
+    lines = [f"{os.getpid()} {what}"]
+    for pid in [os.getpid(), *pids]:
+        start = lifecycle.start_time(pid)
+        lines.append(f"proc {pid} {'-' if start is None else start}")
+    return "\n".join(lines) + "\n"
+
+
+_HELD: list["OutputLock"] = []  # the locks this process holds
+
+
+def record_processes(pids) -> None:
+    """Name the processes ``pids`` (the workers this process started) in every lock this process holds,
+    beside itself, so that no lock is taken over while one of them lives (a worker outliving its parent).
+
+    Args:
+        pids: process ids; they replace the workers any earlier call named.
+
+    Returns:
+        None. Cost: one small atomic file write per lock held."""
+    pids = list(pids)
+    for lock in _HELD:
+        tmp = lock.path.with_name(f"{lock.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(_lock_text(lock.what, pids))
+        os.replace(tmp, lock.path)
 
 
 def describe(what: list[str]) -> str:
@@ -103,10 +178,10 @@ def check_conflicts(out: Path, shard: tuple[int, int] | None, key: str) -> None:
     """
     own = out / lock_name(shard)
     for path in sorted(out.glob(".lock*")):
-        held = read_lock(path)
-        if path == own or path.suffix == ".tmp" or held is None or held[0] == os.getpid() or not alive(held[0]):
+        lock = read_lock(path)
+        if path == own or path.suffix == ".tmp" or lock is None or lock[0] == os.getpid() or live_process(path) is None:
             continue
-        pid, what = held
+        pid, what = lock
         if shard is None:
             if what[0] == "shard":
                 raise UserError(f"{out}: batchgap {describe(what)} (pid {pid}) is running there; run the other shards "
@@ -137,34 +212,47 @@ class OutputLock:
 
     def __enter__(self) -> "OutputLock":
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(f"{os.getpid()} {self.what}")
+        tmp.write_text(_lock_text(self.what, []))
         try:
             for _ in range(2):
                 try:
                     os.link(tmp, self.path)
                 except FileExistsError:
-                    held = read_lock(self.path)
-                    if held is not None and alive(held[0]):
-                        raise UserError(f"{self.path.parent}: another batchgap {describe(held[1])} (pid {held[0]}) "
-                                        "is writing there; wait for it or use another --out") from None
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    refuse(self.path)
+                    self.path.unlink(missing_ok=True)  # stale: every process it names is gone
                     continue
+                _HELD.append(self)
                 return self
         finally:
             tmp.unlink(missing_ok=True)
         raise UserError(f"{self.path}: cannot take the output lock")
 
     def __exit__(self, *exc) -> None:
+        if self in _HELD:
+            _HELD.remove(self)
         self.path.unlink(missing_ok=True)
+
+
+def refuse(path: Path) -> None:
+    """Refuse a lock held by a live process, its holder or one of its workers (:func:`live_process`).
+
+    Args:
+        path: the lock file (absent: nothing to refuse).
+
+    Returns:
+        None; raises a one-line :class:`UserError` naming the holder (and the live worker). Cost: as
+        :func:`live_process`."""
+    lock, pid = read_lock(path), live_process(path)
+    if lock is not None and pid is not None:
+        who = "" if pid == lock[0] else f", its worker process {pid} still running"
+        raise UserError(f"{path.parent}: another batchgap {describe(lock[1])} (pid {lock[0]}{who}) "
+                        "is writing there; wait for it or use another --out")
 
 
 def check_free(out: Path, shard: tuple[int, int] | None, key: str) -> None:
     """What :func:`take` would refuse, checked without taking the lock (before launching workers).
     ``key`` identifies the planned runs."""
-    held = read_lock(Path(out) / lock_name(shard))
-    if held is not None and alive(held[0]):
-        raise UserError(f"{out}: another batchgap {describe(held[1])} (pid {held[0]}) is writing there; "
-                        "wait for it or use another --out")
+    refuse(Path(out) / lock_name(shard))
     check_conflicts(Path(out), shard, key)
 
 

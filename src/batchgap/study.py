@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import signal
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from . import build, devices, distributed, machine, plugins, sharding
+from . import build, devices, distributed, lifecycle, machine, plugins, sharding
 from .build import prepare_data, start_point
 from .config import StudyConfig, config_hash, from_dict
 from .data.base import Dataset
@@ -121,6 +122,8 @@ def execute_run(out: Output, cfg: StudyConfig, ds: Dataset, run: Run, progress: 
             result.measure_time_s = time.perf_counter() - t0
     result.measure_hash = measure_key
     result.complete = True
+    if lifecycle.orphaned():  # a --jobs worker whose parent died: a rerun may own the directory now
+        os._exit(lifecycle.EXIT_TERMINATED)
     rd.write_result(result)
     return result
 
@@ -136,7 +139,8 @@ def _log_result(log: Log, r: RunResult) -> None:
 _WORKER: dict = {}
 
 
-def _worker_init(cfg: StudyConfig, data_dir, device: torch.device) -> None:
+def _worker_init(cfg: StudyConfig, data_dir, device: torch.device, parent: int) -> None:
+    lifecycle.die_with_parent(parent)  # the parent killed (OOM, SIGKILL) or gone: this worker ends with it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to answer: it stops the workers
     try:  # a worker loads the data itself (the parent's tensors are not shipped to it)
         _WORKER["cfg"], _WORKER["ds"] = cfg, devices.place(prepare_data(cfg, data_dir), device)
@@ -183,10 +187,11 @@ def execute_runs(out: Output, cfg: StudyConfig, ds: Dataset, runs: list[Run], jo
 
     threads = ", ".join(sorted({str(r.threads) for r in todo}))
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init, initargs=(cfg, data_dir, devices.of(ds)))
+                               initializer=_worker_init, initargs=(cfg, data_dir, devices.of(ds), os.getpid()))
     finished = 0
     try:
         pending = {pool.submit(_worker_run, str(out.path), run) for run in todo}
+        sharding.record_processes(p.pid for p in getattr(pool, "_processes", {}).values())  # the lock names them
         log(f"{len(todo)} runs on {min(jobs, len(todo))} worker processes, {threads} thread(s) each")
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -195,7 +200,7 @@ def execute_runs(out: Output, cfg: StudyConfig, ds: Dataset, runs: list[Run], jo
                 by_id[r.id], finished = r, finished + 1
                 log(f"[{finished}/{len(todo)}] done")
                 _log_result(log, r)
-    except BaseException:  # Ctrl-C, or a run that failed: stop the other workers now, not after their runs
+    except BaseException:  # Ctrl-C, SIGTERM or a failed run: stop the other workers now, not after their runs
         _stop(pool)
         log(f"stopped: {finished} of {len(todo)} runs finished and kept; the others resume where their last "
             "checkpoint left them when the same command runs again")

@@ -200,21 +200,50 @@ def section(c: Correlation, fig_dir: Path, rel: str = "figures") -> list[str]:
     return md
 
 
-def write(correlations: list[Correlation], out: Path, command: str | None = None) -> Path:
-    """``out/correlation.md``, ``out/correlation.json`` and ``out/figures/correlation_*.png``."""
+def unfinished_runs(unfinished: dict) -> list[str]:
+    """Markdown naming the unfinished runs of each output read.
+
+    Args:
+        unfinished: output directory -> ids of its runs not finished.
+
+    Returns:
+        markdown lines ([] when every run finished). Cost: none."""
+    if not unfinished:
+        return []
+    md = ["**Unfinished runs, not in this correlation** (each output's `results.json` lists them):", ""]
+    md += [f"- `{name}`: {len(ids)} run(s): {', '.join(f'`{i}`' for i in ids)}" for name, ids in unfinished.items()]
+    return [*md, ""]
+
+
+def write(correlations: list[Correlation], out: Path, command: str | None = None,
+          unfinished: dict | None = None) -> Path:
+    """``out/correlation.md``, ``out/correlation.json`` and ``out/figures/correlation_*.png``.
+
+    Args:
+        correlations: one per target, in the order of the sections.
+        out: the directory written.
+        command: the command line, for the record.
+        unfinished: output directory -> the ids of its runs not finished (left out of every correlation);
+            named at the top of the markdown and under ``"unfinished"`` in each JSON entry.
+
+    Returns:
+        the path of ``correlation.md``. Cost: two figures drawn; no measurement."""
+    unfinished = {k: list(v) for k, v in (unfinished or {}).items()}
     out.mkdir(parents=True, exist_ok=True)
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
     md = ["# Which measure ranks the generalization gap", ""]
     if command:
         md += [f"Command: `{command}`", ""]
+    md += unfinished_runs(unfinished)
     for i, c in enumerate(correlations):
         md += [f"## Against the {c.target_label}", ""]
         if i == 0:
             md += section(c, fig_dir)
         else:
             md += [left_out(c), "", *table(c), "", paragraph(c), ""]
-    atomic_write_text(out / "correlation.json", json.dumps([asdict(c) for c in correlations], indent=1))
+    doc = [{**asdict(c), "unfinished": unfinished} for c in correlations]
+    atomic_write_text(out / "correlation.json", json.dumps(doc, indent=1))
     path = out / "correlation.md"
     atomic_write_text(path, "\n".join(md))
     return path
