@@ -133,13 +133,15 @@ def compare(small: str, large: str, runs: list[RunResult], summary: list[RegimeS
 
     def ratio(key: str, mine: Stat | None, theirs: Stat | None, eps=None, dim=None) -> Ratio:
         value = _geometry_value(key, eps, dim)
-        return Ratio(key, _ratio(mine, theirs), eps, dim, ratio_interval(_per_seed(lb_runs, value), _per_seed(sb_runs, value)))
+        return Ratio(key, _ratio(mine, theirs), eps, dim,
+                     ratio_interval(_per_seed(lb_runs, value), _per_seed(sb_runs, value)))
 
     if s and lg:
         for key in MEASURES:
             if key == "sharpness":
                 for ls in lg.sharpness:
-                    out.large_over_small.append(ratio(key, ls.stat, s.sharp(ls.eps, ls.subspace_dim), ls.eps, ls.subspace_dim))
+                    out.large_over_small.append(
+                        ratio(key, ls.stat, s.sharp(ls.eps, ls.subspace_dim), ls.eps, ls.subspace_dim))
             elif getattr(s, key) and getattr(lg, key):
                 out.large_over_small.append(ratio(key, getattr(lg, key), getattr(s, key)))
     d_sb = _per_seed(sb_runs, lambda r: r.distance_from_init["value"])

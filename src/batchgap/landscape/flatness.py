@@ -276,8 +276,8 @@ TARGETS = {
 def pac_bayes_flatness(
     model: nn.Module, data, delta: float = 0.1, magnitude_aware: bool = False, n_samples: int = 16, seed: int = 0,
     rtol: float = 0.01, sigma_range: tuple = (1e-5, 10.0), loss_fn=None, batch_size: int = 1000, bn: str = "eval",
-    params: str = "all", confidence: float = 0.95, chunk: int | None = None, bn_data=None, sigma_start: float | None = None,
-    target: str = "loss",
+    params: str = "all", confidence: float = 0.95, chunk: int | None = None, bn_data=None,
+    sigma_start: float | None = None, target: str = "loss",
 ) -> PacBayesResult:
     """PAC-Bayes flatness 1 / sigma^2 for the largest sigma whose expected rise stays within delta.
 
