@@ -322,7 +322,8 @@ def train_throughput() -> list[dict]:
                     f"{E} epochs and the final evaluation, 1 thread; in CPU time {cpu['976ebaa'] / cpu['ours']:.2f}x; "
                     f"final weights bitwise equal to 976ebaa's: {'yes' if same else 'NO'} (ChainStep: the autograd "
                     f"step's aten ops without autograd); "
-                    f"DataLoader reference loop (default Adam): {n / t['ref']:.0f} ex/s, ours {t['ref'] / t['ours']:.2f}x "
+                    f"DataLoader reference loop (default Adam): {n / t['ref']:.0f} ex/s, "
+                    f"ours {t['ref'] / t['ours']:.2f}x "
                     f"of it (976ebaa: {t['ref'] / t['976ebaa']:.2f}x); DataLoader num_workers=2: {n / t2:.0f} ex/s; "
                     f"{load()}"))
     data = _synthetic_cifar(512)
@@ -354,7 +355,8 @@ def train_throughput() -> list[dict]:
                     f"{n / t['ours']:.0f} img/s", f"{n / t['ref']:.0f} img/s (DataLoader, per-sample crop+flip)",
                     f"{t['ref'] / t['ours']:.2f}x", ">= 1.5x", t["ref"] / t["ours"] >= 1.5,
                     f"train() without channels_last (NCHW, as before): {n / t['nchw']:.0f} img/s, "
-                    f"{t['ref'] / t['nchw']:.2f}x; the reference's data path alone takes {100 * share:.0f}% of its time, so removing it "
+                    f"{t['ref'] / t['nchw']:.2f}x; the reference's data path alone takes {100 * share:.0f}% "
+                    f"of its time, so removing it "
                     f"entirely gives at most {1 / max(1 - share, 1e-9):.2f}x; the rest is the model's "
                     f"arithmetic (see the MFU rows); {load()}"))
     return rows
@@ -421,10 +423,12 @@ def mfu(with_compile: bool = False) -> list[dict]:
             compile_s = time.perf_counter() - t0
             t = interleaved({"eager": lambda: step(m, opt, True), "compiled": lambda: step(m, opt, True, compiled)})
             note = (f"torch.compile (inductor, 1 thread): {flops / t['compiled'] / 1e9:.1f} GFLOP/s against eager "
-                    f"{flops / t['eager'] / 1e9:.1f}, {t['eager'] / t['compiled']:.2f}x, after {compile_s:.0f} s of compiling")
+                    f"{flops / t['eager'] / 1e9:.1f}, {t['eager'] / t['compiled']:.2f}x, "
+                    f"after {compile_s:.0f} s of compiling")
         except Exception as e:  # no compiler, or inductor fails on this platform
             note = f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        rows.append(row(f"MFU: {name}, torch.compile", note.split(":")[1].split(",")[0].strip() if "failed" not in note else "-",
+        rows.append(row(f"MFU: {name}, torch.compile",
+                        note.split(":")[1].split(",")[0].strip() if "failed" not in note else "-",
                         "", "", "reported", True, note + f"; {load()}"))
     return rows
 
@@ -476,7 +480,8 @@ def hvp() -> list[dict]:
             return out / F.n
 
         V = torch.randn(4, F.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        a, b, c = F.hvp(V), torch.stack([double_backward(v) for v in V]), torch.stack([forward_over_reverse(v) for v in V])
+        a, b, c = (F.hvp(V), torch.stack([double_backward(v) for v in V]),
+                   torch.stack([forward_over_reverse(v) for v in V]))
         rel = float(max((a - b).norm() / b.norm(), (c - b).norm() / b.norm()))
         t = interleaved({"ours": lambda: F.hvp(V), "ref": lambda: [double_backward(v) for v in V],
                          "fwd": lambda: [forward_over_reverse(v) for v in V]})
@@ -490,14 +495,16 @@ def hvp() -> list[dict]:
     r = t["ref"] / t["ours"]
     rs = seq["before"] / seq["now"]
     rows.append(row("HVP one vector per call (a Lanczos step): default MLP, full training set, 4 calls",
-                    f"{seq['now'] / 4 * 1e3:.0f} ms/HVP (gradient graphs kept across calls, {kept_mib:.0f} MiB; BN folded)",
+                    f"{seq['now'] / 4 * 1e3:.0f} ms/HVP (gradient graphs kept across calls, "
+                    f"{kept_mib:.0f} MiB; BN folded)",
                     f"{seq['before'] / 4 * 1e3:.0f} ms/HVP (976ebaa: graphs rebuilt per call, BN unfolded)",
                     f"{rs:.2f}x", "faster, same values", rs > 1 and rel_seq < 1e-5,
                     f"976ebaa with the 4 as one block: {seq['before_block'] / 4 * 1e3:.0f} ms/HVP; relative difference "
                     f"{rel_seq:.1e}; {load()}"))
     rows.append(row("HVP: default MLP, full training set (4000), 4 vectors",
                     f"{t['ours'] / 4 * 1e3:.0f} ms/HVP (batchgap: reverse-over-reverse, one graph per batch for the 4)",
-                    f"{t['ref'] / 4 * 1e3:.0f} ms/HVP (our re-implementation of PyHessian's HVP: double backward per vector, graph rebuilt; the library itself: peers-hessian)",
+                    f"{t['ref'] / 4 * 1e3:.0f} ms/HVP (our re-implementation of PyHessian's HVP: double backward "
+                    "per vector, graph rebuilt; the library itself: peers-hessian)",
                     f"{r:.2f}x", ">= 1.0x, same values", r >= 1.0 and rel < 1e-5,
                     f"forward-over-reverse (torch.func): {t['fwd'] / 4 * 1e3:.0f} ms/HVP; one vector: ours "
                     f"{t1['ours'] * 1e3:.0f} ms, forward-over-reverse {t1['fwd'] * 1e3:.0f} ms; relative difference "
@@ -545,7 +552,8 @@ def sharpness() -> list[dict]:
     model = _trained_mlp(ds)
     res = {}
     t = interleaved({
-        "epoch": lambda: train(init_model("mlp", (40,), 10, 0), ds.train, None, TrainConfig(epochs=1), 32, progress=False),
+        "epoch": lambda: train(init_model("mlp", (40,), 10, 0), ds.train, None, TrainConfig(epochs=1), 32,
+                               progress=False),
         "full": lambda: res.__setitem__("full", eps_sharpness(model, ds.train, eps=1e-3, max_iter=10)),
         "sub": lambda: res.__setitem__("sub", eps_sharpness(model, ds.train, eps=1e-3, subspace_dim=100, max_iter=10)),
     }, repeats=2)
@@ -568,13 +576,15 @@ def sharpness() -> list[dict]:
             res[key] = eps_sharpness(model, ds.train, eps=1e-3, max_iter=10)
         finally:
             boxmax._solve = direct_solve
-    t = interleaved({"direct": lambda: using(direct_solve, "direct"), "minimize": lambda: using(with_minimize, "minimize")},
+    t = interleaved({"direct": lambda: using(direct_solve, "direct"),
+                     "minimize": lambda: using(with_minimize, "minimize")},
                     repeats=3)
     same = all(getattr(res["direct"], k) == getattr(res["minimize"], k) for k in ("value", "nit", "nfev", "stop"))
     rows.append(row("eps-sharpness (full space) call: L-BFGS-B loop over scipy's setulb, array bounds",
                     f"{t['direct']:.2f} s", f"{t['minimize']:.2f} s (scipy.optimize.minimize, Bounds)",
                     f"{t['minimize'] / t['direct']:.2f}x", "faster, same result", same and t["direct"] < t["minimize"],
-                    f"same value, iterations, evaluations and stop: {same}; used: {boxmax.direct_driver_ok()}; {load()}"))
+                    f"same value, iterations, evaluations and stop: {same}; used: {boxmax.direct_driver_ok()}; "
+                    f"{load()}"))
     return rows
 
 
@@ -605,7 +615,8 @@ def generalization() -> list[dict]:
     tried = f"PAC-Bayes sigmas tried {g['pac_bayes']['sigmas_tried']}/{g['pac_bayes_mag']['sigmas_tried']}"
     return [
         row("generalization measures a default run adds (norms, average sharpness x2, PAC-Bayes x2, SLQ 1x20)",
-            f"{t['new']:.2f} s", f"the default run's other measurements (no surface: seeds after the first) {t['before']:.2f} s",
+            f"{t['new']:.2f} s",
+            f"the default run's other measurements (no surface: seeds after the first) {t['before']:.2f} s",
             f"{t['new'] / t['before']:.2f}", "<= 0.50", t["new"] <= 0.5 * t["before"],
             f"{tried}; density {g['density']['hvps']} HVPs in {g['density']['steps']} block HVP calls "
             f"(hessian.lanczos_block, the engine of hessian_eigenvalues); {load()}"),
@@ -643,12 +654,14 @@ def noise_scale() -> list[dict]:
     return [row("noise scale B_simple: trained default MLP (10 epochs), 4000 examples, 1 thread",
                 f"{t['new']:.3f} s (exact: {new['grad_path']})",
                 f"{t['today']:.2f} s (200 batches of 32 + the exact full gradient)", f"{r:.1f}x",
-                ">= 3x faster than today's 200-batch estimate, exact", r >= 3 and new["interval"].startswith("none: exact")
-                and agree < 1e-4,
-                f"exact B_simple {new['b_simple']:.4g} (|G|^2 {new['grad_norm_sq']:.3g}, tr(Sigma) {new['trace_sigma']:.3g}); "
+                ">= 3x faster than today's 200-batch estimate, exact",
+                r >= 3 and new["interval"].startswith("none: exact") and agree < 1e-4,
+                f"exact B_simple {new['b_simple']:.4g} (|G|^2 {new['grad_norm_sq']:.3g}, "
+                f"tr(Sigma) {new['trace_sigma']:.3g}); "
                 f"the 200-batch estimate {today.b_simple:.4g} ({100 * today.confidence:g}% CI {today.ci_low:.4g} to "
                 f"{today.ci_high:.4g}, delta-method stderr {today.b_simple_stderr:.2g}); vmap enumeration "
-                f"{t['vmap']:.2f} s ({t['vmap'] / t['new']:.1f}x the closed form), relative difference {agree:.1e}; {load()}")]
+                f"{t['vmap']:.2f} s ({t['vmap'] / t['new']:.1f}x the closed form), relative difference {agree:.1e}; "
+                f"{load()}")]
 
 
 # ------------------------------------------------------------------------------------------ curves
@@ -694,9 +707,12 @@ def curves() -> list[dict]:
     diff = float(np.abs(out["ours"] - out["ref"]).max())
     r = t["ref"] / t["ours"]
     return [row("loss curve: 21 points, default MLP, full training set",
-                f"{21 / t['ours']:.0f} points/s", f"{21 / t['ref']:.0f} points/s (our re-implementation of loss-landscape's loop: set weights, DataLoader pass; the library itself: peers-curves)",
+                f"{21 / t['ours']:.0f} points/s",
+                f"{21 / t['ref']:.0f} points/s (our re-implementation of loss-landscape's loop: set weights, "
+                "DataLoader pass; the library itself: peers-curves)",
                 f"{r:.2f}x", ">= 2x", r >= 2,
-                f"our one evaluate() per point: {21 / t['po']:.0f} points/s; max abs(loss difference) {diff:.1e}; {load()}")]
+                f"our one evaluate() per point: {21 / t['po']:.0f} points/s; max abs(loss difference) {diff:.1e}; "
+                f"{load()}")]
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -743,7 +759,8 @@ def _study_timing(name: str, jobs: int, threads: int, out: Path, data_dir: Path,
         env["PYTHONPATH"] = str(code / "src")
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "batchgap", "run", name, "--out", str(out), "--jobs", str(jobs), "--threads", str(threads), *extra],
+        [sys.executable, "-m", "batchgap", "run", name, "--out", str(out), "--jobs", str(jobs),
+         "--threads", str(threads), *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     peak, hwm = [0.0], {}
@@ -769,7 +786,9 @@ def _study_timing(name: str, jobs: int, threads: int, out: Path, data_dir: Path,
 def _cached_data(tmp: str) -> Path:
     data_dir = Path(os.environ.get("BATCHGAP_DATA") or Path(tmp) / "data")
     # generate MNIST-1D once so the timing is the study's, as on every run after the first
-    subprocess.run([sys.executable, "-c", f"from batchgap.data import load_dataset; load_dataset('mnist1d', data_dir={str(data_dir)!r})"], check=True)
+    subprocess.run([sys.executable, "-c",
+                    f"from batchgap.data import load_dataset; load_dataset('mnist1d', data_dir={str(data_dir)!r})"],
+                   check=True)
     return data_dir
 
 
@@ -779,7 +798,8 @@ def _finding(doc: dict) -> str:
             f"p = {comp['p_value']:.2g}; " if "test_accuracy_gap" in comp else "")
 
 
-def study_run(name: str, jobs: int = 2, threads: int = 1, keep: Path | None = None, extra: tuple[str, ...] = ()) -> dict:
+def study_run(name: str, jobs: int = 2, threads: int = 1, keep: Path | None = None,
+              extra: tuple[str, ...] = ()) -> dict:
     """The whole `batchgap run NAME` (data cached, report included) in a fresh process tree, with the
     resident memory of all its processes together sampled every 0.1 s. Its output is kept under ``keep``."""
     limit = STUDY_LIMITS_S.get(name, 1200)
@@ -788,10 +808,12 @@ def study_run(name: str, jobs: int = 2, threads: int = 1, keep: Path | None = No
         out = (keep or Path(tmp)) / (name + "".join(extra))
         wall, peak, hwm, doc = _study_timing(name, jobs, threads, out, data_dir, extra)
         return row(
-            f"study `{name}`, --jobs {jobs} --threads {threads}{''.join(' ' + e for e in extra)} ({len(doc['runs'])} runs)",
+            f"study `{name}`, --jobs {jobs} --threads {threads}{''.join(' ' + e for e in extra)} "
+            f"({len(doc['runs'])} runs)",
             f"{wall:.1f} s; peak RSS {peak:.0f} MiB all processes together",
             "", "", f"<= {limit} s, <= 2048 MiB", wall <= limit and peak <= 2048,
-            f"{len(hwm)} processes, sum of their own peaks {sum(hwm.values()):.0f} MiB (largest {max(hwm.values()):.0f}); "
+            f"{len(hwm)} processes, sum of their own peaks {sum(hwm.values()):.0f} MiB "
+            f"(largest {max(hwm.values()):.0f}); "
             f"{_finding(doc)}{load()}",
         )
 
@@ -813,7 +835,8 @@ def default_study_vs_base(jobs: int = 2, threads: int = 1) -> list[dict]:
         data_dir = _cached_data(tmp)
         base = Path(tmp) / "base"
         base.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASE_COMMIT, "src"], check=True, capture_output=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASE_COMMIT, "src"], check=True,
+                                 capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)
         t = {}
         for key, code, extra in (("base", base, ()), ("now", None, ()), ("same", None, WITHOUT_ISSUE_15)):
@@ -854,20 +877,22 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", choices=[*BENCHMARKS, *EXTRA, *STUDIES, []], metavar="NAME",
                    help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)}); also {', '.join(EXTRA)} "
-                        f"(torch.compile), and {', '.join(STUDIES)}: the experiment studies end to end, each at its default size")
+                        f"(torch.compile), and {', '.join(STUDIES)}: the experiment studies end to end, "
+                        "each at its default size")
     p.add_argument("--studies", action="store_true", help="time every experiment study (about 25 minutes on 2 cores)")
     p.add_argument("--keep", type=Path, help="keep the studies' output directories here (to read their reports)")
     args = p.parse_args()
     names = args.names or ([] if args.studies else list(BENCHMARKS))
     if args.studies:
         names += [n for n in STUDIES if n not in names]
-    benchmarks = {**BENCHMARKS, **EXTRA, **{k: (lambda n=n: [study_run(n, keep=args.keep)]) for k, n in STUDIES.items()}}
+    benchmarks = {**BENCHMARKS, **EXTRA,
+                  **{k: (lambda n=n: [study_run(n, keep=args.keep)]) for k, n in STUDIES.items()}}
     if args.keep:
         benchmarks["default-study"] = lambda: [study_run("default", keep=args.keep)]
     import torch
 
-    print(f"# {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}, "
-          f"{load()}")
+    print(f"# {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"torch {torch.__version__}, {load()}")
     print("| benchmark | measured | baseline | ratio | target | met | note |")
     print("|---|---|---|---|---|---|---|")
     ok = True

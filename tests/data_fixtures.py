@@ -175,7 +175,8 @@ def cifar_members(layout: CifarLayout, a: FakeArrays) -> dict[str, bytes]:
     return members
 
 
-def write_fake_cifar(layout: CifarLayout, data_dir: str | os.PathLike, n_train: int, n_test: int, seed: int = 0) -> list[Path]:
+def write_fake_cifar(layout: CifarLayout, data_dir: str | os.PathLike, n_train: int, n_test: int,
+                     seed: int = 0) -> list[Path]:
     a = fake_cifar_arrays(layout.num_classes, n_train, n_test, seed)
     (name,) = layout.remote.filenames
     return [write_tar_gz(layout.remote.directory(Path(data_dir)) / name, cifar_members(layout, a))]
@@ -186,7 +187,8 @@ def write_fake_cifar10(data_dir: str | os.PathLike, n_train: int = 50, n_test: i
     return write_fake_cifar(CIFAR10, data_dir, n_train, n_test, seed)
 
 
-def write_fake_cifar100(data_dir: str | os.PathLike, n_train: int = 200, n_test: int = 100, seed: int = 0) -> list[Path]:
+def write_fake_cifar100(data_dir: str | os.PathLike, n_train: int = 200, n_test: int = 100,
+                        seed: int = 0) -> list[Path]:
     """``data_dir/cifar100/cifar-100-python.tar.gz``; returns [path]."""
     return write_fake_cifar(CIFAR100, data_dir, n_train, n_test, seed)
 

@@ -49,7 +49,8 @@ def test_names():
     assert make_augment("none") is None
     assert make_augment("paper") is paper_augment and make_augment("crop-flip") is crop_flip_augment
     assert make_augment("shift-1d") is shift_1d_augment
-    with pytest.raises(UserError, match=r"augment: unknown value 'crop_flip' \(did you mean \"crop-flip\"\?\); allowed: crop-flip, none, paper, shift-1d"):
+    with pytest.raises(UserError, match=r"augment: unknown value 'crop_flip' \(did you mean \"crop-flip\"\?\); "
+                                        r"allowed: crop-flip, none, paper, shift-1d"):
         make_augment("crop_flip")
 
 
@@ -58,7 +59,8 @@ def test_check_augment_refuses_image_augmentations_on_vectors():
     check_augment("paper", (3, 32, 32))
     check_augment("crop-flip", (1, 28, 28))
     for name in ("paper", "crop-flip"):
-        with pytest.raises(UserError, match=rf'augment: "{name}" transforms images .* shape \(40,\); use augment = "none"'):
+        with pytest.raises(UserError,
+                           match=rf'augment: "{name}" transforms images .* shape \(40,\); use augment = "none"'):
             check_augment(name, (40,))
     with pytest.raises(UserError, match="unknown value 'flips'"):
         check_augment("flips", (3, 32, 32))
@@ -68,7 +70,8 @@ def test_check_augment_takes_shift_1d_for_signals_only():
     check_augment("shift-1d", (40,))
     check_augment("shift-1d", (1, 40))
     for name in ("paper", "crop-flip"):  # image augmentations on signals: refused, shift-1d suggested
-        with pytest.raises(UserError, match=rf'"{name}" transforms images .* shape \(1, 40\); use augment = "none" or "shift-1d"$'):
+        with pytest.raises(UserError, match=rf'"{name}" transforms images .* shape \(1, 40\); '
+                                            r'use augment = "none" or "shift-1d"$'):
             check_augment(name, (1, 40))
     for shape in [(3, 32, 32), (1, 28, 28)]:
         with pytest.raises(UserError) as info:
@@ -83,7 +86,8 @@ def test_shift_1d_refuses_images():
         shift_1d_augment(images(), gen(0))
 
 
-@pytest.mark.parametrize("fn", [paper_augment, crop_flip_augment, lambda x, g: crop(x, *torch.zeros(2, len(x), dtype=torch.long))])
+@pytest.mark.parametrize("fn", [paper_augment, crop_flip_augment,
+                                lambda x, g: crop(x, *torch.zeros(2, len(x), dtype=torch.long))])
 def test_image_functions_refuse_vectors(fn):
     with pytest.raises(ValueError, match=r"expected a float batch of images \(N, C, H, W\)"):
         fn(torch.zeros(4, 40), gen(0))
@@ -208,7 +212,8 @@ def test_crop_at_the_centre_offset_is_the_identity_and_corner_offsets_shift_in_z
     four = torch.full((2,), 4)
     assert torch.equal(crop(x, four, four), x)
     out = crop(x, torch.zeros(2, dtype=torch.long), torch.full((2,), 8))  # window at the left, bottom
-    assert torch.equal(out[..., :4, 4:], x[..., 4:, :6]) and torch.all(out[..., 4:, :] == 0) and torch.all(out[..., :4] == 0)
+    assert (torch.equal(out[..., :4, 4:], x[..., 4:, :6]) and torch.all(out[..., 4:, :] == 0)
+            and torch.all(out[..., :4] == 0))
 
 
 def test_crop_flip_matches_its_sampled_parameters():

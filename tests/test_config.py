@@ -18,7 +18,8 @@ def study(**changes):
 
 def test_minimal_study_fills_defaults_and_inherits_train_per_regime():
     cfg = from_dict({**MINIMAL, "train": {"epochs": 7, "lr": 0.01},
-                     "regimes": [{"name": "SB", "batch_size": 8}, {"name": "LB", "batch_size": "25%", "lr_rule": "sqrt"}]})
+                     "regimes": [{"name": "SB", "batch_size": 8},
+                                 {"name": "LB", "batch_size": "25%", "lr_rule": "sqrt"}]})
     assert cfg.regime("SB").train.epochs == 7 and cfg.regime("LB").train.epochs == 7
     assert cfg.regime("LB").train.lr_rule == "sqrt" and cfg.regime("SB").train.lr_rule == "none"
     assert cfg.compare == ["SB", "LB"]
@@ -39,12 +40,14 @@ def test_minimal_study_fills_defaults_and_inherits_train_per_regime():
     ({**MINIMAL, "regimes": []}, "regimes: expected at least one"),
     ({**MINIMAL, "regimes": [{"name": "SB"}]}, "regimes.SB.batch_size: missing"),
     ({**MINIMAL, "regimes": [{"name": "SB", "batch_size": 0}]}, "regimes.SB.batch_size: must be at least 1"),
-    ({**MINIMAL, "regimes": [{"name": "SB", "batch_size": "150%"}]}, "regimes.SB.batch_size: expected a positive integer or a percentage"),
+    ({**MINIMAL, "regimes": [{"name": "SB", "batch_size": "150%"}]},
+     "regimes.SB.batch_size: expected a positive integer or a percentage"),
     ({**MINIMAL, "regimes": [{"name": "SB", "batch_size": 8, "btach": 1}]}, "regimes.SB.btach: unknown key"),
     ({**MINIMAL, "regimes": [{"name": "A", "batch_size": 8}, {"name": "A", "batch_size": 9}]}, "repeated regime name"),
     ({**MINIMAL, "compare": ["SB", "XL"]}, "compare: unknown regime 'XL'"),
     ({**MINIMAL, "measure": {"interpolation_range": [2, 1]}}, "measure.interpolation_range"),
-    ({**MINIMAL, "measure": {"hessian_trace_probes": 1}}, "measure.hessian_trace_probes: expected 0 (off) or at least 2"),
+    ({**MINIMAL, "measure": {"hessian_trace_probes": 1}},
+     "measure.hessian_trace_probes: expected 0 (off) or at least 2"),
     ({**MINIMAL, "measure": {"hessian_max_hvp": 0}}, "measure.hessian_max_hvp: must be at least 1"),
     ({**MINIMAL, "sedes": [1]}, 'sedes: unknown key (did you mean "seeds"?)'),
     ({**MINIMAL, "name": "has space"}, "name: expected a study name"),
@@ -90,7 +93,8 @@ def test_quick_does_not_hide_a_mistake_in_the_study_file(tmp_path, capsys):
 def test_typed_sub_tables():
     """batch_schedule and init_from are dataclasses checked field by field; to_dict round-trips."""
     cfg = study(regimes=[{"name": "SB", "batch_size": 8},
-                         {"name": "LB", "batch_size": 16, "batch_schedule": {"kind": "switch", "small": 8, "switch_epoch": 2}},
+                         {"name": "LB", "batch_size": 16,
+                          "batch_schedule": {"kind": "switch", "small": 8, "switch_epoch": 2}},
                          {"name": "W", "batch_size": 16, "init_from": {"regime": "SB", "epoch": 1}}])
     assert cfg.regime("LB").train.batch_schedule.switch_epoch == 2 and cfg.regime("W").train.init_from.epoch == 1
     assert from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
@@ -101,7 +105,8 @@ def test_typed_sub_tables():
         with pytest.raises(UserError, match=needle):
             study(regimes=[{"name": "SB", "batch_size": 8, "batch_schedule": bad}])
     with pytest.raises(UserError, match="init_from.epoch: expected an integer"):
-        study(regimes=[{"name": "SB", "batch_size": 8}, {"name": "W", "batch_size": 8, "init_from": {"regime": "SB", "epoch": "1"}}])
+        study(regimes=[{"name": "SB", "batch_size": 8},
+                       {"name": "W", "batch_size": 8, "init_from": {"regime": "SB", "epoch": "1"}}])
 
 
 def test_choices_come_from_the_registries():

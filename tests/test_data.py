@@ -82,7 +82,8 @@ def test_registry_names_and_rows():
 
 @pytest.mark.parametrize("call", [data.load_dataset, data.download])
 def test_unknown_dataset_is_a_user_error_listing_choices(call, tmp_path):
-    with pytest.raises(UserError, match=r"dataset: unknown value 'cifar'.*cifar10.*allowed: cifar10, cifar100, mnist, mnist1d"):
+    with pytest.raises(UserError,
+                       match=r"dataset: unknown value 'cifar'.*cifar10.*allowed: cifar10, cifar100, mnist, mnist1d"):
         call("cifar", tmp_path)
 
 
@@ -222,7 +223,8 @@ def test_cifar_pixels_are_channel_major():
 def test_cifar_batches_pickled_by_python3_also_load():
     """Protocol 2 from Python 3 rebuilds bytes with _codecs.encode; the allowlist accepts that too."""
     images = np.arange(2 * 3072, dtype=np.uint64).reshape(2, 3072).astype(np.uint8)
-    for raw in (pickle.dumps({b"data": images, b"labels": [0, 9]}, protocol=2), py2_pickle({b"data": images, b"labels": [0, 9]})):
+    for raw in (pickle.dumps({b"data": images, b"labels": [0, 9]}, protocol=2),
+                py2_pickle({b"data": images, b"labels": [0, 9]})):
         x, y = cifar.parse_batch(raw, b"labels", 10)
         assert np.array_equal(x.reshape(2, -1), images) and y.tolist() == [0, 9]
     assert b"_codecs" in pickle.dumps({b"data": images}, protocol=2) and b"_codecs" not in py2_pickle({b"data": images})
@@ -236,7 +238,8 @@ def test_cifar_unpickler_refuses_code(tmp_path, monkeypatch):
     path = tmp_path / "cifar10" / "cifar-10-python.tar.gz"
     write_tar_gz(path, {m: pickle.dumps(Evil()) for m in (*cifar.CIFAR10.train_members, *cifar.CIFAR10.test_members)})
     trust_files(monkeypatch, [path])
-    with pytest.raises(UserError, match=r"is corrupt \(cifar-10-batches-py/data_batch_1: pickle references (posix|nt).system"):
+    with pytest.raises(UserError,
+                       match=r"is corrupt \(cifar-10-batches-py/data_batch_1: pickle references (posix|nt).system"):
         data.load_dataset("cifar10", tmp_path)
 
 
@@ -272,7 +275,8 @@ def _batch(data_: np.ndarray, labels: list[int]) -> bytes:
          r"labels outside 0..9"),
         (lambda p: write_tar_gz(p, _cifar_members(data_batch_2=pickle.dumps([1, 2]))), "must be a dict"),
     ],
-    ids=["truncated", "bad-gzip", "not-tar", "no-member", "bad-pickle", "label-count", "dtype", "label-range", "not-dict"],
+    ids=["truncated", "bad-gzip", "not-tar", "no-member", "bad-pickle", "label-count", "dtype", "label-range",
+         "not-dict"],
 )
 def test_malformed_cifar_with_matching_checksum_is_corrupt(tmp_path, monkeypatch, damage, reason):
     (path,) = write_fake_cifar10(tmp_path, n_train=10, n_test=5)
@@ -285,7 +289,8 @@ def test_malformed_cifar_with_matching_checksum_is_corrupt(tmp_path, monkeypatch
 
 
 def test_cifar_checksum_mismatch_and_missing_archive(tmp_path):
-    with pytest.raises(UserError, match=r"cifar-100-python.tar.gz not found in .*cifar100; get it with `batchgap data download cifar100`"):
+    with pytest.raises(UserError, match=r"cifar-100-python.tar.gz not found in .*cifar100; "
+                                        r"get it with `batchgap data download cifar100`"):
         data.load_dataset("cifar100", tmp_path)
     write_fake_cifar100(tmp_path, n_train=5, n_test=5)
     with pytest.raises(UserError, match=r"corrupt \(md5 [0-9a-f]{32}, expected eb9058c3a382ffc7106e4002c42a8d85\)"):
@@ -390,7 +395,8 @@ def test_download_then_load_equals_served_data(tmp_path, monkeypatch, served):
 def test_load_with_download_fetches_missing_files(tmp_path, monkeypatch, served):
     root, url, requests = served
     _serve_fake(root, write_fake_cifar10, monkeypatch, n_train=10, n_test=5)
-    monkeypatch.setattr(cifar, "CIFAR10", replace(cifar.CIFAR10, remote=replace(cifar.CIFAR10.remote, base_url=url + "cifar10/")))
+    monkeypatch.setattr(cifar, "CIFAR10",
+                        replace(cifar.CIFAR10, remote=replace(cifar.CIFAR10.remote, base_url=url + "cifar10/")))
     ds = data.load_dataset("cifar10", tmp_path / "data", download=True)
     assert len(ds.train) == 10 and requests == ["/cifar10/cifar-10-python.tar.gz"]
 
@@ -400,7 +406,8 @@ def test_download_with_wrong_checksum_leaves_nothing(tmp_path, monkeypatch, serv
     (path,) = _serve_fake(root, write_fake_cifar100, monkeypatch, n_train=5, n_test=5)
     monkeypatch.setitem(files.CHECKSUMS, path.name, "f" * 32)
     target = tmp_path / "data"
-    with pytest.raises(UserError, match=r"cifar100: download of .* has md5 [0-9a-f]{32}, expected f{32}; nothing was saved"):
+    with pytest.raises(UserError,
+                       match=r"cifar100: download of .* has md5 [0-9a-f]{32}, expected f{32}; nothing was saved"):
         data.download("cifar100", target, base_url=url + "cifar100/")
     assert list((target / "cifar100").iterdir()) == []
 
@@ -408,7 +415,8 @@ def test_download_with_wrong_checksum_leaves_nothing(tmp_path, monkeypatch, serv
 def test_download_of_a_missing_url_is_a_user_error(tmp_path, served):
     _, url, _ = served
     target = tmp_path / "data"
-    with pytest.raises(UserError, match=r"cifar10: could not download http://127.0.0.1:\d+/nowhere/cifar-10-python.tar.gz: HTTP 404"):
+    with pytest.raises(UserError, match=r"cifar10: could not download "
+                                        r"http://127.0.0.1:\d+/nowhere/cifar-10-python.tar.gz: HTTP 404"):
         data.download("cifar10", target, base_url=url + "nowhere")
     assert list((target / "cifar10").iterdir()) == []
 

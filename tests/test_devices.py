@@ -80,7 +80,8 @@ def test_training_a_conv_net_channels_last_follows_the_plain_layout(monkeypatch)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 3, 8, 8, generator=g)
     data = TensorData(x, (x[:, 0].mean((1, 2)) > 0).long() + 2 * (x[:, 1].mean((1, 2)) > 0).long())
-    cfg = TrainConfig(epochs=3, lr=0.05, optimizer="sgd")  # Adam would turn rounding in near-zero gradients into full steps
+    # Adam would turn rounding in near-zero gradients into full steps
+    cfg = TrainConfig(epochs=3, lr=0.05, optimizer="sgd")
     fast = _conv_net()
     seen, real = [], devices.fast_layout
     monkeypatch.setattr(devices, "fast_layout", lambda m: seen.append(real(m)) or m)

@@ -108,14 +108,16 @@ def test_the_report_names_the_variant_it_shows():
     model = linear_classifier()
     full = "full training set (50 examples)"
     n_sharp = {"data": full, "sharpness": [], "adaptive_sharpness": adaptive_sharpness(model, DATA, rho=0.2).as_dict()}
-    text = "\n".join(hessian_table(report_of({"SB": n_sharp, "LB": n_sharp})) + reading(report_of({"SB": n_sharp, "LB": n_sharp})))
+    text = "\n".join(hessian_table(report_of({"SB": n_sharp, "LB": n_sharp}))
+                     + reading(report_of({"SB": n_sharp, "LB": n_sharp})))
     assert "| adaptive sharpness (n-sharpness, full training set) |" in text
     assert "adaptive sharpness (n-sharpness, full training set), is not decisive: LB/SB = 2×" in text
     assert "one max L(w + δ) − L(w) over the whole data" in text
     sub = dict(n_sharp, data="training subset of 40 examples (seed 10000)")
     assert "adaptive sharpness (n-sharpness, training subset of 40 examples (seed 10000))" in "\n".join(
         hessian_table(report_of({"SB": sub, "LB": sub})))
-    m_sharp = dict(n_sharp, adaptive_sharpness=adaptive_sharpness(model, DATA, rho=0.2, m=8, n_points=40, seed=4).as_dict())
+    m_sharp = dict(n_sharp,
+                   adaptive_sharpness=adaptive_sharpness(model, DATA, rho=0.2, m=8, n_points=40, seed=4).as_dict())
     capped = dict(n_sharp, adaptive_sharpness=adaptive_sharpness(model, DATA, rho=0.2, m=8, n_points=40, seed=4,
                                                                  max_fun=2).as_dict())
     text = "\n".join(hessian_table(report_of({"SB": m_sharp, "LB": capped})))

@@ -60,7 +60,8 @@ def brute_force_max(scale, half, grid=7, starts=20):
         return -f.item(), -g.numpy()
     rng = np.random.default_rng(0)
     for _ in range(starts):
-        r = minimize(neg, rng.uniform(-h.numpy(), h.numpy()), jac=True, method="L-BFGS-B", bounds=list(zip(-h.numpy(), h.numpy())))
+        r = minimize(neg, rng.uniform(-h.numpy(), h.numpy()), jac=True, method="L-BFGS-B",
+                     bounds=list(zip(-h.numpy(), h.numpy())))
         best = max(best, -r.fun)
     return best, float(loss_at(w, x, y))
 

@@ -87,7 +87,8 @@ def test_what_is_not_folded():
     hooked[0].register_forward_hook(lambda m, i, o: None)  # the hook must see the layer's own output
     assert folded_view(hooked) is None
     shared = nn.Linear(5, 6)
-    twice = nn.Sequential(nn.Sequential(shared, nn.BatchNorm1d(6)), nn.Sequential(nn.Linear(6, 5), nn.ReLU(), shared)).eval()
+    twice = nn.Sequential(nn.Sequential(shared, nn.BatchNorm1d(6)),
+                          nn.Sequential(nn.Linear(6, 5), nn.ReLU(), shared)).eval()
     assert folded_view(twice) is None  # the layer is used elsewhere without the BN
 
 

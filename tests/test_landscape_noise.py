@@ -524,7 +524,8 @@ def test_the_report_and_the_summary_carry_ghost_batches_and_a_missing_estimate()
 
     def results(sb_noise, lb_noise):
         one = Stat(1.0, 0.0, 1)
-        rows = [RegimeSummary(name, batch, 0.1, 1, 0, one, one, one, one, one, one, noise_scale=mean_std([v["b_simple"]]))
+        rows = [RegimeSummary(name, batch, 0.1, 1, 0, one, one, one, one, one, one,
+                              noise_scale=mean_std([v["b_simple"]]))
                 for name, batch, v in (("SB", 4, sb_noise), ("LB", 20, lb_noise))]
         runs = [SimpleNamespace(regime=name, geometry={"data": "all", "noise_scale": v})
                 for name, v in (("SB", sb_noise), ("LB", lb_noise))]

@@ -33,12 +33,12 @@ def brute_force_path_norm(layers):
         for k, (W, _) in enumerate(layers):
             prod *= W[units[k + 1], units[k]] ** 2
         total += prod
-    for l, (_, b) in enumerate(layers):  # paths from the bias unit of layer l
+    for layer, (_, b) in enumerate(layers):  # paths from the bias unit of each layer
         if b is None:
             continue
-        for units in itertools.product(*(range(w) for w in widths[l + 1 :])):
+        for units in itertools.product(*(range(w) for w in widths[layer + 1 :])):
             prod = b[units[0]] ** 2
-            for k, (W, _) in enumerate(layers[l + 1 :]):
+            for k, (W, _) in enumerate(layers[layer + 1 :]):
                 prod *= W[units[k + 1], units[k]] ** 2
             total += prod
     return math.sqrt(total)
@@ -57,8 +57,8 @@ def per_example_fisher_rao(model, data, loss_fn, which="all", bn_train=False, ba
     if bn_train:  # per-example losses of each batch's batch-statistics forward
         for s in range(0, len(y), batch_size):
             losses = nn.functional.cross_entropy(model(x[s : s + batch_size]), y[s : s + batch_size], reduction="none")
-            for l in losses:
-                g = torch.autograd.grad(l, w, retain_graph=True)
+            for loss in losses:
+                g = torch.autograd.grad(loss, w, retain_graph=True)
                 sq.append(float(sum((gi * wi.detach()).sum() for gi, wi in zip(g, w))) ** 2)
     else:
         for i in range(len(y)):

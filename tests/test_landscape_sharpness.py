@@ -229,7 +229,8 @@ def test_the_direct_l_bfgs_b_driver_is_the_one_in_use_and_reproduces_minimize(bn
     fast = [eps_sharpness(model, data, eps=1e-2, seed=1, **k) for k in kinds]
     n_runs = len(calls)
     assert n_runs >= 3  # every solve ran L-BFGS-B, some twice (from the best corner, then from y = 0)
-    monkeypatch.setattr(boxmax, "_solve", lambda objective, h, it, fun, cb, x0=None: boxmax._scipy(objective, h, it, fun, cb, x0=x0))
+    monkeypatch.setattr(boxmax, "_solve",
+                        lambda objective, h, it, fun, cb, x0=None: boxmax._scipy(objective, h, it, fun, cb, x0=x0))
     slow = [eps_sharpness(model, data, eps=1e-2, seed=1, **k) for k in kinds]
     assert len(calls) == n_runs
     for a, b in zip(fast, slow):
@@ -286,7 +287,8 @@ def pinv_times_x(model, A):
 
 
 def unequal_columns():
-    """A 12 x 6 matrix, neither identity nor orthonormal: column norms from ~0.5 to ~30, columns 0 and 1 at ~40 degrees."""
+    """A 12 x 6 matrix, neither identity nor orthonormal: column norms from ~0.5 to ~30, columns 0 and 1 at
+    ~40 degrees."""
     A = torch.randn(12, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     A = A * torch.tensor([0.2, 0.5, 1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
     A[:, 1] += 0.8 * A[:, 0]
@@ -337,7 +339,8 @@ def test_scaling_A_by_c_changes_phi_as_the_plus_one_predicts(c):
     ratio = scaled.value / base.value
     assert (ratio > 5) if c > 1 else (ratio < 0.3)
     G = torch.randn(12, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    unit, normal = (eps_sharpness(model, data, eps=eps, subspace_dim=6, seed=5, subspace_columns=k) for k in ("unit", "normal"))
+    unit, normal = (eps_sharpness(model, data, eps=eps, subspace_dim=6, seed=5, subspace_columns=k)
+                    for k in ("unit", "normal"))
     D = G / G.norm(dim=0)
     assert unit.f_best == pytest.approx(vertex_max(model, data, D, eps * (pinv_times_x(model, D).abs() + 1)), rel=1e-10)
     assert normal.value > 2 * unit.value  # column norms ~ sqrt(12): the normal draw moves the weights further
@@ -396,7 +399,8 @@ def test_table_4_text_names_the_column_scale_and_says_only_ratios_compare_and_fl
     text = "\n".join(sharpness_table(report_of({"SB": {"data": "full training set (40 examples)", "sharpness": entries},
                                                 "LB": {"data": "full training set (40 examples)", "sharpness": capped}},
                                                paper)))
-    assert "levels depend on the scale of A's columns (here A: N(0,1) i.i.d. columns scaled to unit norm, mean column norm 1" in text
+    assert ("levels depend on the scale of A's columns (here A: N(0,1) i.i.d. columns scaled to unit norm, "
+            "mean column norm 1" in text)
     assert "which the paper does not give: only the LB/SB ratios" in text and "not their levels" in text
     assert "| ε-sharpness, subspace-6 ε = 0.0005 |" in text
     assert text.count("not reported") == 2  # the paper has no random-subspace row at eps = 5e-4

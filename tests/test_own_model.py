@@ -15,8 +15,8 @@ from batchgap.cli import main
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "own-model"
 SMALL = [a for s in ("seeds=[0, 1]", "measure.curve_directions=1", "measure.surface_points=0",
-                     "measure.hessian_trace_probes=0", "measure.noise_scale_batches=0", "measure.interpolation_points=3",
-                     "measure.pac_bayes_delta=0", "measure.density_vectors=0")
+                     "measure.hessian_trace_probes=0", "measure.noise_scale_batches=0",
+                     "measure.interpolation_points=3", "measure.pac_bayes_delta=0", "measure.density_vectors=0")
          for a in ("--set", s)]
 
 
@@ -44,7 +44,8 @@ def test_the_example_runs_end_to_end_and_names_its_sources(example, reference):
     doc = json.loads((reference / "results.json").read_text())
     assert [r["regime"] for r in doc["runs"]] == ["SB", "LB", "SB", "LB"] and doc["pairs"]
     assert doc["user"]["model"]["spec"] == "nets.py:small_cnn" and len(doc["user"]["model"]["source_sha256"]) == 64
-    assert doc["user"]["data"]["file_sha256"] == __import__("hashlib").sha256((example / "data.npz").read_bytes()).hexdigest()
+    assert (doc["user"]["data"]["file_sha256"]
+            == __import__("hashlib").sha256((example / "data.npz").read_bytes()).hexdigest())
     report = (reference / "report.md").read_text()
     assert "`nets.py:small_cnn`" in report and "BatchNorm as the model builds it" in report
     # the model is the user's: its parameters are those of nets.small_cnn, seeded per seed
@@ -56,7 +57,8 @@ def test_the_example_runs_end_to_end_and_names_its_sources(example, reference):
     state = torch.load(reference / doc["runs"][0]["x0"], weights_only=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        assert all(torch.equal(a, b) for a, b in zip(nets.small_cnn((1, 8, 8), 4, width=8).state_dict().values(), state.values()))
+        assert all(torch.equal(a, b)
+                   for a, b in zip(nets.small_cnn((1, 8, 8), 4, width=8).state_dict().values(), state.values()))
 
 
 def test_jobs_give_the_same_numbers(example, reference, tmp_path):
@@ -97,7 +99,8 @@ sys.exit(main(sys.argv[1:]))
 def test_killed_and_resumed_gives_the_same_numbers(example, reference, tmp_path):
     out = tmp_path / "out"
     args = ["run", str(example / "study.toml"), "--quick", "--out", str(out), "--jobs", "1", *SMALL]
-    proc = subprocess.Popen([sys.executable, "-c", KILLER, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", KILLER, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
     try:
         assert proc.stdout.readline().startswith("STOPPED")
         proc.send_signal(signal.SIGKILL)
@@ -161,10 +164,13 @@ BAD = {
                      "must return logits of shape (batch, num_classes) = (2, 3), got (2, 7)"),
     "missing file": ({"data.path": '"nothere.npz"'}, "nothere.npz: no such file"),
     "missing array": ({"data": {"y_test": None}}, "missing y_test"),
-    "float labels": ({"data": {"y_train": np.zeros(40, dtype=np.float32)}}, "y_train must be a 1-D array of integer class labels"),
+    "float labels": ({"data": {"y_train": np.zeros(40, dtype=np.float32)}},
+                     "y_train must be a 1-D array of integer class labels"),
     "labels out of range": ({"data": {"y_test": np.full(20, 5)}, "data.num_classes": "3"}, "labels must lie in [0, 3)"),
-    "nan inputs": ({"data": {"x_test": np.full((20, 6), np.nan, dtype=np.float32)}}, "x_test holds NaN or infinite values"),
-    "shapes differ": ({"data": {"x_test": np.zeros((20, 5), dtype=np.float32)}}, "train and test inputs differ in shape"),
+    "nan inputs": ({"data": {"x_test": np.full((20, 6), np.nan, dtype=np.float32)}},
+                   "x_test holds NaN or infinite values"),
+    "shapes differ": ({"data": {"x_test": np.zeros((20, 5), dtype=np.float32)}},
+                      "train and test inputs differ in shape"),
     "bn not honoured": ({"model.bn": '"batch"'}, "model.bn = 'batch' cannot be honoured"),
 }
 

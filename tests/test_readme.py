@@ -97,7 +97,11 @@ def test_each_experiment_study_page_has_its_question_command_time_and_figure():
 
 def test_the_default_study_table_is_the_same_in_the_readme_and_on_its_page():
     """The README's findings table is the default study page's, number for number."""
-    table = lambda text: ("| | SB (batch 32)" + text.split("| | SB (batch 32)", 1)[1].split("\n\n", 1)[0]).splitlines()
+
+    def table(text):
+        """The rows of the findings table in ``text``."""
+        return ("| | SB (batch 32)" + text.split("| | SB (batch 32)", 1)[1].split("\n\n", 1)[0]).splitlines()
+
     readme_rows = table(README.split("## What the default study shows", 1)[1])
     assert len(readme_rows) == 9 and readme_rows == table((STUDIES / "default.md").read_text(encoding="utf8"))
     assert "![" in README.split("## What the default study shows", 1)[1].split("\n## ", 1)[0]
@@ -128,7 +132,11 @@ def test_the_own_model_example_in_the_docs_is_the_example_directory():
     ns, file_ns = {}, {}
     exec(compile(nets_block, "docs/own-model.md", "exec"), ns)
     exec(compile((example / "nets.py").read_text(), str(example / "nets.py"), "exec"), file_ns)
-    shapes = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items()]
+
+    def shapes(m):
+        """The parameter and buffer shapes of model ``m``, by name."""
+        return [(k, tuple(v.shape)) for k, v in m.state_dict().items()]
+
     assert shapes(ns["small_cnn"]((1, 8, 8), 4, width=8)) == shapes(file_ns["small_cnn"]((1, 8, 8), 4, width=8))
     for text in (README, page):
         assert "python examples/own-model/make_data.py" in text and "batchgap run examples/own-model/study.toml" in text

@@ -632,7 +632,8 @@ def test_registry_errors_name_the_problem():
     for name, bad, option in [("sam", {"rho": -1}, "rho"), ("asam", {"eta": float("nan")}, "eta"),
                               ("fgsm", {"eps": -0.1}, "eps"), ("fgsm", {"eps": 0.1, "mix": 1.5}, "mix"),
                               ("proximal", {"inner_steps": 0}, "inner_steps"), ("proximal", {"lam": "big"}, "lam"),
-                              ("fgsm", {"eps": 0.1, "clamp": (1, 0)}, "clamp"), ("sam", {"adaptive": "yes"}, "adaptive")]:
+                              ("fgsm", {"eps": 0.1, "clamp": (1, 0)}, "clamp"),
+                              ("sam", {"adaptive": "yes"}, "adaptive")]:
         with pytest.raises(UserError, match=f"^remedy {name}: option {option} "):
             make_step(name, **bad)
 

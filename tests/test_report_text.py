@@ -10,7 +10,8 @@ from batchgap.results import Comparison, Interval, Ratio, RegimeSummary, Results
 
 
 def iv(lo, hi, n=5):
-    return Interval(lo, hi, 0.95, "paired percentile bootstrap", n) if lo is not None else Interval(None, None, 0.95, "one seed: no interval", 1)
+    return (Interval(lo, hi, 0.95, "paired percentile bootstrap", n) if lo is not None
+            else Interval(None, None, 0.95, "one seed: no interval", 1))
 
 
 CASES = {  # interval -> verdict
@@ -36,8 +37,8 @@ def results(sharp, adaptive, fitted=True, n=5):
 
     def row(name, s, train):
         return RegimeSummary(name, 32, 1e-3, n, 0, Stat(train, 0.001, n), Stat(0.7, 0.01, n), Stat(0.01, 0.0, n),
-                             Stat(1.0, 0.1, n), Stat(3.0, 0.1, n), Stat(5.0, 1.0, n), [SharpnessStat(0.001, None, stat(s))],
-                             stat(0.1 * s), stat(5.0), None, None)
+                             Stat(1.0, 0.1, n), Stat(3.0, 0.1, n), Stat(5.0, 1.0, n),
+                             [SharpnessStat(0.001, None, stat(s))], stat(0.1 * s), stat(5.0), None, None)
     run = RunResult(id="SB-s0", regime="SB", batch_size=32, seed=0, lr=1e-3, lr_rule="none", optimizer="adam", epochs=1,
                     steps=1, steps_per_epoch=1, diverged_epoch=None, wall_time_s=1.0, x0="", checkpoint="", history="",
                     remedy={}, ghost_batch=None, augment="none", batch_schedule=None, init_from=None, device="cpu",
@@ -46,19 +47,22 @@ def results(sharp, adaptive, fitted=True, n=5):
     comp = Comparison("SB", "LB", 0.05, 3.0, 0.01, "Welch", [
         Ratio("sharpness", sharp[2], 0.001, None, iv(*sharp[:2], n=n)),
         Ratio("adaptive_sharpness", adaptive[2], None, None, iv(*adaptive[:2], n=n))], 2.5, n_small=n, n_large=n)
-    return Results({}, {}, {}, None, [run], [], [row("SB", 10.0, 1.0), row("LB", 10.0 * sharp[2], 1.0 if fitted else 0.9)],
-                   comp, 1.0)
+    return Results({}, {}, {}, None, [run], [],
+                   [row("SB", 10.0, 1.0), row("LB", 10.0 * sharp[2], 1.0 if fitted else 0.9)], comp, 1.0)
 
 
 TABLE = [  # (eps-sharpness interval, adaptive interval, fitted) -> what the paragraph must and must not say
-    (((5, 80, 20), (2, 9, 4), True), ["LB solutions are **sharper**", "agrees with the raw measure"], ["flatter", "Caveat"]),
+    (((5, 80, 20), (2, 9, 4), True), ["LB solutions are **sharper**", "agrees with the raw measure"],
+     ["flatter", "Caveat"]),
     (((5, 80, 20), (0.01, 0.5, 0.1), True), ["**sharper**", "disagrees with the raw measure (finds them flatter)"], []),
     (((0.1, 0.5, 0.2), (0.05, 0.6, 0.2), True), ["LB solutions are **flatter**", "agrees"], ["sharper"]),
-    (((0.5, 3, 1.2), (0.01, 0.5, 0.1), True), ["is **undetermined with 5 seeds**", "finds them flatter where the raw measure is not decisive"],
+    (((0.5, 3, 1.2), (0.01, 0.5, 0.1), True),
+     ["is **undetermined with 5 seeds**", "finds them flatter where the raw measure is not decisive"],
      ["**sharper**", "**flatter**"]),
     (((0.9, 1.1, 1.0), (0.5, 4, 1.0), True), ["**about as sharp**", "is not decisive"], ["sharper"]),
     (((5, 80, 20), (2, 9, 4), False), ["Caveat: LB did not fit the training set", "**sharper**"], []),
-    (((None, None, 20), (None, None, 4), True), ["**undetermined with 1 seed**", "no interval: one seed"], ["**sharper**", "agrees"]),
+    (((None, None, 20), (None, None, 4), True), ["**undetermined with 1 seed**", "no interval: one seed"],
+     ["**sharper**", "agrees"]),
 ]
 
 

@@ -28,7 +28,8 @@ def prepare_data(cfg: StudyConfig, data_dir=None, download: bool = False) -> Dat
             gen = torch.Generator().manual_seed(cfg.data.subset_seed + (0 if split == "train" else 1))
             idx = torch.randperm(len(part), generator=gen)[:k].sort().values
             setattr(ds, split, part.subset(idx))
-            subset[split] = {"n": k, "of": len(part), "seed": cfg.data.subset_seed, "indices_sha": config_hash(idx.tolist())}
+            subset[split] = {"n": k, "of": len(part), "seed": cfg.data.subset_seed,
+                             "indices_sha": config_hash(idx.tolist())}
     if subset:
         ds.info = {**ds.info, "subset": subset}
     augment(cfg, cfg.data.augment, ds.input_shape)

@@ -57,7 +57,8 @@ def distance_from_init(model: nn.Module, x0_state: dict) -> dict:
 
 
 def parametric_plot(
-    model_sb: nn.Module, model_lb: nn.Module, dataset: Dataset, mcfg: MeasureConfig, names: tuple[str, str] = ("SB", "LB")
+    model_sb: nn.Module, model_lb: nn.Module, dataset: Dataset, mcfg: MeasureConfig,
+    names: tuple[str, str] = ("SB", "LB"),
 ) -> dict:
     """f(alpha x_LB + (1 - alpha) x_SB) on the full train and test sets (paper Figure 3).
 
@@ -125,7 +126,8 @@ def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int,
         out["hessian_eigenvalues"] = hessian_eigenvalues(
             model, data, k=mcfg.hessian_top_k, max_hvp=mcfg.hessian_max_hvp, seed=seed, **common).as_dict()
     if mcfg.hessian_trace_probes:
-        out["hessian_trace"] = hessian_trace(model, data, n_probes=mcfg.hessian_trace_probes, seed=seed, **common).as_dict()
+        out["hessian_trace"] = hessian_trace(
+            model, data, n_probes=mcfg.hessian_trace_probes, seed=seed, **common).as_dict()
     if mcfg.noise_scale_batches:
         out["noise_scale"] = noise_scale(model, data, mcfg, seed)
     if mcfg.hessian_top_k and sharp:

@@ -32,7 +32,8 @@ def parse_set(assignment: str) -> tuple[str, Any]:
     key, sep, text = assignment.partition("=")
     key = key.strip()
     if not sep or not re.fullmatch(r"[A-Za-z0-9_+-]+(\.[A-Za-z0-9_.+-]+)*", key):
-        raise UserError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=5 or regimes.LB.batch_size=\"5%\"")
+        raise UserError(f"--set {assignment!r}: expected KEY=VALUE, "
+                        "e.g. train.epochs=5 or regimes.LB.batch_size=\"5%\"")
     text = text.strip()
     if not text:
         raise UserError(f"--set {assignment!r}: missing value after '='")
@@ -41,7 +42,8 @@ def parse_set(assignment: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         if re.fullmatch(r"[A-Za-z0-9_.%+/-]+", text):
             return key, text  # a bare word: a name, a path, a percentage
-        raise UserError(f"--set {assignment!r}: cannot read the value {text!r} (use TOML syntax, e.g. \"text\", 3, [1, 2])") from None
+        raise UserError(f"--set {assignment!r}: cannot read the value {text!r} "
+                        "(use TOML syntax, e.g. \"text\", 3, [1, 2])") from None
 
 
 def apply_set(raw: dict, key: str, value: Any) -> None:
@@ -54,7 +56,8 @@ def apply_set(raw: dict, key: str, value: Any) -> None:
             if isinstance(r, dict) and r.get("name") == parts[1]:
                 _set_path(r, parts[2:], value, key)
                 return
-        raise UserError(f"--set {key}: no regime named {parts[1]!r}{closest(parts[1], names)}; regimes: {', '.join(map(str, names))}")
+        raise UserError(f"--set {key}: no regime named {parts[1]!r}{closest(parts[1], names)}; "
+                        f"regimes: {', '.join(map(str, names))}")
     _set_path(raw, parts, value, key)
 
 

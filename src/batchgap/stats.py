@@ -129,19 +129,21 @@ def compare(small: str, large: str, runs: list[RunResult], summary: list[RegimeS
         if out.p_value is not None:
             ci = stats.ttest_ind(sb, lb, equal_var=False).confidence_interval(LEVEL)
             out.gap_interval = Interval(float(ci.low), float(ci.high), LEVEL, "Welch's t interval", len(sb) + len(lb))
-    s, l = by.get(small), by.get(large)
+    s, lg = by.get(small), by.get(large)
 
     def ratio(key: str, mine: Stat | None, theirs: Stat | None, eps=None, dim=None) -> Ratio:
         value = _geometry_value(key, eps, dim)
-        return Ratio(key, _ratio(mine, theirs), eps, dim, ratio_interval(_per_seed(lb_runs, value), _per_seed(sb_runs, value)))
+        return Ratio(key, _ratio(mine, theirs), eps, dim,
+                     ratio_interval(_per_seed(lb_runs, value), _per_seed(sb_runs, value)))
 
-    if s and l:
+    if s and lg:
         for key in MEASURES:
             if key == "sharpness":
-                for ls in l.sharpness:
-                    out.large_over_small.append(ratio(key, ls.stat, s.sharp(ls.eps, ls.subspace_dim), ls.eps, ls.subspace_dim))
-            elif getattr(s, key) and getattr(l, key):
-                out.large_over_small.append(ratio(key, getattr(l, key), getattr(s, key)))
+                for ls in lg.sharpness:
+                    out.large_over_small.append(
+                        ratio(key, ls.stat, s.sharp(ls.eps, ls.subspace_dim), ls.eps, ls.subspace_dim))
+            elif getattr(s, key) and getattr(lg, key):
+                out.large_over_small.append(ratio(key, getattr(lg, key), getattr(s, key)))
     d_sb = _per_seed(sb_runs, lambda r: r.distance_from_init["value"])
     d_lb = _per_seed(lb_runs, lambda r: r.distance_from_init["value"])
     if d_sb and d_lb:

@@ -65,6 +65,8 @@ TAILS = 5.0  # the grid extends this many kernel stds beyond the extreme Ritz va
 
 @dataclass(frozen=True)
 class DensityResult(Measured):
+    """What :func:`hessian_density` returns: the smoothed spectral density, its Ritz values and weights, protocol."""
+
     params_measured: str  # params in words with the counts: trainable of all tensors and entries, tied names
     grid: np.ndarray  # (grid_points,)
     density: np.ndarray  # (grid_points,) phi on the grid, integrates to 1

@@ -53,6 +53,8 @@ def _noise_words(magnitude_aware: bool) -> str:
 
 @dataclass(frozen=True)
 class AverageSharpnessResult(Measured):
+    """What :func:`average_sharpness` returns: the Monte Carlo estimate, its interval, the samples, the protocol."""
+
     value: float  # (1/M) sum_j L(w + u_j) - L(w), the Monte Carlo estimate of E_u[L(w + u)] - L(w)
     params_measured: str
     stderr: float  # std(samples, ddof=1) / sqrt(M)
@@ -72,6 +74,8 @@ class AverageSharpnessResult(Measured):
 
 @dataclass(frozen=True)
 class PacBayesResult(Measured):
+    """What :func:`pac_bayes_flatness` returns: 1 / sigma^2 or why not, the sigma search's record, the protocol."""
+
     value: float | None  # 1 / sigma^2; None when not bracketed
     params_measured: str
     sigma: float | None  # the largest sigma tried with g(sigma) <= delta (None when not bracketed)
@@ -108,6 +112,8 @@ class PacBayesResult(Measured):
 
 @dataclass(frozen=True)
 class WorstCaseFlatnessResult(Measured):
+    """What :func:`worst_case_flatness` returns: 1 / alpha^2 or why not, the alpha search's record, the protocol."""
+
     value: float | None  # 1 / alpha^2; None when not bracketed
     params_measured: str
     alpha: float | None  # the largest alpha tried whose box maximum rose by <= delta (an upper estimate)
@@ -270,8 +276,8 @@ TARGETS = {
 def pac_bayes_flatness(
     model: nn.Module, data, delta: float = 0.1, magnitude_aware: bool = False, n_samples: int = 16, seed: int = 0,
     rtol: float = 0.01, sigma_range: tuple = (1e-5, 10.0), loss_fn=None, batch_size: int = 1000, bn: str = "eval",
-    params: str = "all", confidence: float = 0.95, chunk: int | None = None, bn_data=None, sigma_start: float | None = None,
-    target: str = "loss",
+    params: str = "all", confidence: float = 0.95, chunk: int | None = None, bn_data=None,
+    sigma_start: float | None = None, target: str = "loss",
 ) -> PacBayesResult:
     """PAC-Bayes flatness 1 / sigma^2 for the largest sigma whose expected rise stays within delta.
 

@@ -48,7 +48,8 @@ def table(c: Correlation) -> list[str]:
     lines = [head, "|" + "---|" * (7 + len(axes))]
     for row in c.rows:
         per_axis = " | ".join(_num(row.psi_axes.get(a)) for a in axes)
-        lines.append(f"| {row.label.replace('|', chr(92) + '|')} | {_num(row.psi)} | {_iv(row.psi_interval)} | {per_axis}{' | ' if axes else ''}"
+        lines.append(f"| {row.label.replace('|', chr(92) + '|')} | {_num(row.psi)} | {_iv(row.psi_interval)} | "
+                     f"{per_axis}{' | ' if axes else ''}"
                      f"{_num(row.tau)} | {_iv(row.tau_interval)} | {row.n} | {verdict(row, len(c.seeds))} |")
     return lines
 
@@ -67,7 +68,8 @@ def paragraph(c: Correlation) -> str:
     above, below = "the 95% interval of Ψ lies above 0", "it lies below 0"
     if good:
         parts.append(f"{above} for {', '.join(good)}: "
-                     f"{'these rank' if len(good) > 1 else 'it ranks'} the gap as {'their' if len(good) > 1 else 'its'} "
+                     f"{'these rank' if len(good) > 1 else 'it ranks'} the gap as "
+                     f"{'their' if len(good) > 1 else 'its'} "
                      "theory predicts when one training choice changes at a time.")
     if bad:
         parts.append(f"{below[0].upper() + below[1:]} for {', '.join(bad)}: larger values went with smaller gaps, the "

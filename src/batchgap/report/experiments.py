@@ -17,8 +17,8 @@ from matplotlib.ticker import MaxNLocator
 
 from ..results import Results, RunResult, Stat
 from ..rundir import read_history
-from .figures import (_protocol_note, arithmetic_stats, batch_ticks, did_not_fit, errorbar, geometric_stats, place_labels,
-                      plain_log, plt, regime_colors, spread_note, spreads, unfitted_handle, value_ticks)
+from .figures import (_protocol_note, arithmetic_stats, batch_ticks, did_not_fit, errorbar, geometric_stats,
+                      place_labels, plain_log, plt, regime_colors, spread_note, spreads, unfitted_handle, value_ticks)
 
 EPS_STYLES = ["-", "--", ":", "-."]
 
@@ -103,7 +103,8 @@ def batch_sweep(res: Results, path: Path) -> Path | None:
     for eps, style in zip(_eps_list(res), EPS_STYLES):
         rows = [[r.sharpness(eps) for r in _runs(res, n)] for n in regimes]
         if all(v is not None for row in rows for v in row):
-            sharp.append(errorbar(ax2, sizes, rows, log=True, hollow=hollow, color="tab:red", ls=style, label=f"ε = {eps:g}"))
+            sharp.append(errorbar(ax2, sizes, rows, log=True, hollow=hollow, color="tab:red", ls=style,
+                                  label=f"ε = {eps:g}"))
     extra = [unfitted_handle()] if any(hollow) else []
     for ax, handles in ((ax1, acc), (ax2, sharp)):
         ax.set_xlabel("batch size run (log scale)")
@@ -118,7 +119,8 @@ def batch_sweep(res: Results, path: Path) -> Path | None:
     fig.subplots_adjust(bottom=0.3, wspace=0.28)
     for ax in (ax1, ax2):
         batch_ticks(ax, sizes)
-    longer = [f"{n}: {r.epochs} epochs, {r.steps} updates" for n in regimes for r in _runs(res, n)[:1] if r.epochs != epochs]
+    longer = [f"{n}: {r.epochs} epochs, {r.steps} updates" for n in regimes for r in _runs(res, n)[:1]
+              if r.epochs != epochs]
     moved = renamed(res)
     _protocol_note(fig, f"Each batch size trained {epochs} epochs" + (f" ({'; '.join(longer)})" if longer else "")
                         + " from the same x0 per seed; x: the batch each regime ran"
@@ -192,11 +194,12 @@ def warm_start(res: Results, out: Path, path: Path) -> Path | None:
     for ax in (ax1, ax2):
         value_ticks(ax, ks)
     lb_epochs = Counter(r.epochs for n in names for r in _runs(res, n)).most_common(1)[0][0]
-    _protocol_note(fig, f"Each LB run trains {lb_epochs} epochs from the {src} iterate after k epochs (fresh optimizer); "
-                        f"sharpness on the training set. {spread_note(n_seeds, ('accuracy', False), ('sharpness', True))}"
+    _protocol_note(fig, f"Each LB run trains {lb_epochs} epochs from the {src} iterate after k epochs "
+                        "(fresh optimizer); sharpness on the training set. "
+                        f"{spread_note(n_seeds, ('accuracy', False), ('sharpness', True))}"
                         + ("; hollow: did not fit the training set (< 99%)" if extra else "")
-                        + (f". Steepest fall (ε = {drop[0]:g}): from k = {drop[1]} to k = {drop[2]}, {_num(drop[3])} to "
-                           f"{_num(drop[4])} (×{drop[5]:.2f} per epoch of k)" if drop else "") + ".")
+                        + (f". Steepest fall (ε = {drop[0]:g}): from k = {drop[1]} to k = {drop[2]}, "
+                           f"{_num(drop[3])} to {_num(drop[4])} (×{drop[5]:.2f} per epoch of k)" if drop else "") + ".")
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
@@ -252,7 +255,8 @@ def describe(regime: dict, batch_size: int | None = None) -> str:
     """A regime's remedy in a few words, from its settings."""
     parts = []
     if regime.get("remedy", "plain") != "plain":
-        opts = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in regime.get("remedy_options", {}).items())
+        opts = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in regime.get("remedy_options", {}).items())
         name = _REMEDY_NAMES.get(regime["remedy"], regime["remedy"])
         parts.append(f"{name} ({opts})" if opts else name)
     if regime.get("augment"):
@@ -268,7 +272,8 @@ def describe(regime: dict, batch_size: int | None = None) -> str:
     if regime.get("batch_schedule"):
         s = regime["batch_schedule"]
         parts.append(f"batch {s['small']} → {batch_size or regime['batch_size']}, "
-                     + (f"switch at epoch {s['switch_epoch']}" if s["kind"] == "switch" else f"geometric over {s['epochs']} epochs"))
+                     + (f"switch at epoch {s['switch_epoch']}" if s["kind"] == "switch"
+                        else f"geometric over {s['epochs']} epochs"))
     if regime.get("init_from"):
         parts.append(f"from {regime['init_from']['regime']} after {regime['init_from']['epoch']} epochs")
     return "; ".join(parts) or "baseline"
@@ -363,8 +368,9 @@ def remedies(res: Results, path: Path) -> Path | None:
     place_labels(ax, xy, names, colors, segments=bars)
     bars_note = spread_note(n_seeds, ("sharpness (x)", True), ("test accuracy (y)", False))
     _protocol_note(fig, f"Each point one regime; sharpness on the training set. {bars_note}; grey lines: the {sb} and "
-                        f"{lb} mean test accuracy" + ("; hollow: mean training accuracy below 99% (not fitted: a gap "
-                                                      "against it is partly one of optimization)" if any(hollows) else "")
+                        f"{lb} mean test accuracy"
+                        + ("; hollow: mean training accuracy below 99% (not fitted: a gap against it is partly one of "
+                           "optimization)" if any(hollows) else "")
                         + ".")
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -396,7 +402,8 @@ def noise_scale(res: Results, path: Path) -> Path | None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("gradient noise scale B_simple = tr(Σ)/|G|² (log scale)")
-    ax.set_title(f"{res.study['name']}: the batch size beyond which large batches stop paying ({_seeds(res)})", fontsize=10)
+    ax.set_title(f"{res.study['name']}: the batch size beyond which large batches stop paying ({_seeds(res)})",
+                 fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.subplots_adjust(bottom=0.2)

@@ -199,7 +199,8 @@ def place_labels(ax, xy, texts, colors, fontsize: float = 7.5, segments=()) -> l
     taken = [(x - r_dot, y - r_dot, x + r_dot, y + r_dot) for x, y in pts]
     for a, b in segments:  # an error bar as a thin box, its caps included
         (x0, y0), (x1, y1) = ax.transData.transform([a, b])
-        taken.append((min(x0, x1) - 3 * scale, min(y0, y1) - 3 * scale, max(x0, x1) + 3 * scale, max(y0, y1) + 3 * scale))
+        taken.append((min(x0, x1) - 3 * scale, min(y0, y1) - 3 * scale,
+                      max(x0, x1) + 3 * scale, max(y0, y1) + 3 * scale))
     rings = [(r, math.radians(a)) for r in (7, 14, 24, 36, 50, 66, 84)
              for a in (20, -20, 160, 200, 60, -60, 120, 240, 90, 270, 0, 180)]
     out = []
@@ -290,7 +291,8 @@ def parametric_plot(res: Results, path: Path) -> Path | None:
     log_scale = bool(np.nanmax(losses) > 10 * np.nanmin(losses) > 0)  # log only when the loss spans a decade
     for split, style in (("train", "-"), ("test", "--")):
         _band(ax, alphas, [p[split]["loss"] for p in pairs], "tab:blue", style, f"{split} cross-entropy", log=log_scale)
-        _band(ax2, alphas, [[100 * a for a in p[split]["accuracy"]] for p in pairs], "tab:red", style, f"{split} accuracy")
+        _band(ax2, alphas, [[100 * a for a in p[split]["accuracy"]] for p in pairs], "tab:red", style,
+              f"{split} accuracy")
     if log_scale:
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -308,7 +310,8 @@ def parametric_plot(res: Results, path: Path) -> Path | None:
     labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
     fig.legend(lines, labels, fontsize=8, loc="lower center", ncol=4, bbox_to_anchor=(0.5, 0.075), frameon=False)
     proto = pairs[0]["protocol"]
-    ax.set_title(f"{res.study['name']}: f({proto['formula']}), {len(pairs)} seed{'s' if len(pairs) != 1 else ''}", fontsize=10)
+    ax.set_title(f"{res.study['name']}: f({proto['formula']}), {len(pairs)} seed{'s' if len(pairs) != 1 else ''}",
+                 fontsize=10)
     fig.subplots_adjust(bottom=0.25, left=0.11, right=0.89)
     n = len(pairs)
     band = spread_note(n, ("cross-entropy", log_scale), ("accuracy", False), kind="band")
@@ -397,7 +400,8 @@ def loss_surfaces(res: Results, path: Path) -> Path | None:
     names = [n for n in ((comp.small, comp.large) if comp else ()) if n]
     surfaces = []
     for name in names:
-        s = next((r.geometry["surface"] for r in res.runs if r.regime == name and (r.geometry or {}).get("surface")), None)
+        s = next((r.geometry["surface"] for r in res.runs if r.regime == name and (r.geometry or {}).get("surface")),
+                 None)
         if s is not None:
             surfaces.append((name, s))
     if not surfaces:

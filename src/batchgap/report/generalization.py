@@ -43,11 +43,13 @@ def measures_table(res: Results) -> list[str]:
             lo_mean = np.mean(list(per[names[0]].values()))
             value = np.mean(list(per[names[1]].values())) / lo_mean if lo_mean else None
             iv = ratio_interval(per[names[1]], per[names[0]])
-            last = "n/a" if value is None else f"{value:.3g}×" + (f" [{iv.lo:.3g}, {iv.hi:.3g}]" if iv.lo is not None else "")
+            last = ("n/a" if value is None
+                    else f"{value:.3g}×" + (f" [{iv.lo:.3g}, {iv.hi:.3g}]" if iv.lo is not None else ""))
         rows.append(f"| {m.label.replace('|', chr(92) + '|')} | " + " | ".join(cells) + f" | {last} |")
     if not rows:
         return []
-    head = [f"| measure | {names[0]} | {names[1]} | {names[1]}/{names[0]} (95% interval over seeds) |", "|---|---|---|---|"]
+    head = [f"| measure | {names[0]} | {names[1]} | {names[1]}/{names[0]} (95% interval over seeds) |",
+            "|---|---|---|---|"]
     geo = next(r.geometry for n in names for r in runs[n])
     notes = []
     for key in ("pac_bayes", "pac_bayes_error"):
@@ -58,22 +60,26 @@ def measures_table(res: Results) -> list[str]:
                          f"{bound} ≤ δ = {p['delta']:g} ({p['n_samples']} common draws, σ to {100 * p['rtol']:g}%)")
     if a := geo.get("average_sharpness"):
         notes.append(f"average sharpness: E[L(w+u)] − L(w), u ~ N(0, {a['sigma']:g}² I)"
-                     + (f" and u_i ~ N(0, {geo['average_sharpness_mag']['sigma']:g}² w_i²)" if geo.get("average_sharpness_mag") else "")
+                     + (f" and u_i ~ N(0, {geo['average_sharpness_mag']['sigma']:g}² w_i²)"
+                        if geo.get("average_sharpness_mag") else "")
                      + f", {a['n_samples']} draws")
     if w := geo.get("worst_case"):
         notes.append(f"worst-case flatness: 1/α² for the largest box |u_i| ≤ α (or α|w_i|) whose maximum rise is ≤ "
                      f"δ = {w['delta']:g} ({w['max_iter']} solver iterations per box; α an upper estimate)")
     if nm := geo.get("norms"):
         notes.append(f"norms over the weight matrices of {len(nm['layers'])} layers ({nm['conv_norm']}); margin: the "
-                     f"{nm['percentile']:g}th percentile of f_y − max_(j≠y) f_j over the {geo.get('data', 'training set')}"
-                     + ("" if nm.get("path_norm") is not None else f"; path norm not defined here ({nm.get('path_norm_reason')})"))
+                     f"{nm['percentile']:g}th percentile of f_y − max_(j≠y) f_j over the "
+                     f"{geo.get('data', 'training set')}"
+                     + ("" if nm.get("path_norm") is not None
+                        else f"; path norm not defined here ({nm.get('path_norm_reason')})"))
     return head + rows + ["", "; ".join(notes) + ". Every measure is oriented so that larger means more complex "
                           "(a margin enters as 1/margin²); which of them ranks the gap is the correlation's question, "
                           "not this table's."]
 
 
 def _densities(res: Results, names: list[str]) -> dict:
-    return {n: [r.geometry["density"] for r in res.runs_of(n) if r.geometry and r.geometry.get("density")] for n in names}
+    return {n: [r.geometry["density"] for r in res.runs_of(n) if r.geometry and r.geometry.get("density")]
+            for n in names}
 
 
 def density_figure(res: Results, dens: dict, path: Path) -> Path | None:
@@ -92,7 +98,8 @@ def density_figure(res: Results, dens: dict, path: Path) -> Path | None:
     for n, runs in dens.items():
         for i, d in enumerate(runs):
             grid, phi = np.asarray(d["grid"]), np.asarray(d["density"])
-            ax.plot(grid, np.maximum(phi, 1e-12), color=colors.get(n, "k"), lw=1, alpha=0.7, label=n if i == 0 else None)
+            ax.plot(grid, np.maximum(phi, 1e-12), color=colors.get(n, "k"), lw=1, alpha=0.7,
+                    label=n if i == 0 else None)
     ax.set_yscale("log")
     ax.set_ylim(bottom=max(1e-8, ax.get_ylim()[0]))
     ax.axvline(0, color="k", lw=0.6)

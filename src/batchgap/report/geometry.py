@@ -62,22 +62,25 @@ def sharpness_table(res: Results) -> list[str]:
         lines.append(row)
     s0 = geo["sharpness"][0]
     sub = next((e for e in geo["sharpness"] if e.get("subspace_dim")), None)
-    lines += ["", f"Keskar's φ (paper eq. 3-4, in the paper's units): {s0['solver']}, at most {s0['max_iter']} iterations "
-              f"and {s0['max_fun']} evaluations; data: {geo['data']}; BN: {s0['bn_description']}; parameters: {s0['params']} "
-              f"({s0['num_params']} entries)." + (f" Random subspace: {sub['space']}, drawn from the run's seed." if sub else "")]
+    lines += ["", f"Keskar's φ (paper eq. 3-4, in the paper's units): {s0['solver']}, at most {s0['max_iter']} "
+              f"iterations and {s0['max_fun']} evaluations; data: {geo['data']}; BN: {s0['bn_description']}; "
+              f"parameters: {s0['params']} ({s0['num_params']} entries)."
+              + (f" Random subspace: {sub['space']}, drawn from the run's seed." if sub else "")]
     if sub:
         norm = f", mean column norm {sub['column_norm']:.3g}" if sub.get("column_norm") else ""
-        lines.append(f"The random-subspace levels depend on the scale of A's columns (here {sub['space'].split(', ', 1)[-1]}"
-                     f"{norm}: the box ε(|(A⁺x)ᵢ| + 1) is about ±ε whatever that scale, so the column norm sets how far "
-                     "the parameters move), which the paper does not give: only the LB/SB ratios of the subspace rows, not "
-                     "their levels, are comparable with the paper, and only at one column scale (the reach decides "
-                     "whether the gradient or the curvature dominates, so the ratio can change with it too).")
+        lines.append(f"The random-subspace levels depend on the scale of A's columns "
+                     f"(here {sub['space'].split(', ', 1)[-1]}{norm}: the box ε(|(A⁺x)ᵢ| + 1) is about ±ε whatever "
+                     "that scale, so the column norm sets how far the parameters move), which the paper does not give: "
+                     "only the LB/SB ratios of the subspace rows, not their levels, are comparable with the paper, and "
+                     "only at one column scale (the reach decides whether the gradient or the curvature dominates, so "
+                     "the ratio can change with it too).")
     solves = [e for r in res.runs if r.geometry for e in r.geometry.get("sharpness", [])]
     if capped := [e for e in solves if e.get("capped")]:
         lines.append(f"The evaluation cap, not the {s0['max_iter']} iterations, ended {len(capped)} of {len(solves)} "
                      "ε-sharpness solves (their values are lower bounds from fewer iterations).")
     if paper:
-        lines.append(f"Paper columns: {paper_all.get('network', 'the paper')}, mean ± std over 5 trials (Tables 3 and 4).")
+        lines.append(f"Paper columns: {paper_all.get('network', 'the paper')}, "
+                     "mean ± std over 5 trials (Tables 3 and 4).")
     return lines
 
 
@@ -106,14 +109,16 @@ def hessian_table(res: Results) -> list[str]:
     lines = ["| measure | " + " | ".join(row.name for row in regimes) + " | LB/SB (95% interval over seeds) |",
              "|" + "---|" * (len(regimes) + 2)]
     for label, key, _ in rows:
-        lines.append(f"| {label} | " + " | ".join(_pm(getattr(row, key)) for row in regimes) + f" | {_cell(res, key)} |")
+        lines.append(f"| {label} | " + " | ".join(_pm(getattr(row, key)) for row in regimes)
+                     + f" | {_cell(res, key)} |")
     notes = []
     if "hessian_eigenvalues" in geo:
         e = geo["hessian_eigenvalues"]
         notes.append(f"Eigenvalue: {e['method']}, tolerance {e['tol']}, residual ‖Hv − λv‖ reported per run")
     if "hessian_trace" in geo:
         t = geo["hessian_trace"]
-        notes.append(f"trace: {t['method']} with {t['n_probes']} probes, {int(100 * t['confidence'])}% interval per run ({t['interval']})")
+        notes.append(f"trace: {t['method']} with {t['n_probes']} probes, "
+                     f"{int(100 * t['confidence'])}% interval per run ({t['interval']})")
     if "adaptive_sharpness" in geo:
         a = geo["adaptive_sharpness"]
         kind = ("the mean over the batches of each batch's max L_B(w + δ) − L_B(w), " + a["sampling"]
@@ -137,7 +142,8 @@ def hessian_table(res: Results) -> list[str]:
         unset = [r.geometry["noise_scale"] for r in res.runs
                  if r.geometry and "noise_scale" in r.geometry and r.geometry["noise_scale"].get("b_simple") is None]
         if unset:
-            notes.append(f"B_simple not estimated on {len(unset)} run(s), left out of the means ({unset[0].get('reason')})")
+            notes.append(f"B_simple not estimated on {len(unset)} run(s), left out of the means "
+                         f"({unset[0].get('reason')})")
     lines += ["", "; ".join(notes) + f". Data: {geo['data']}."]
     return lines
 
@@ -148,7 +154,8 @@ def _fitted_caveat(res: Results, names: tuple[str, str]) -> str:
            and row.train_accuracy.mean < FITTED]
     if not low:
         return ""
-    return (f"Caveat: {' and '.join(low)} did not fit the training set (below {100 * FITTED:.0f}% training accuracy), so "
+    return (f"Caveat: {' and '.join(low)} did not fit the training set "
+            f"(below {100 * FITTED:.0f}% training accuracy), so "
             "what follows compares solutions of unequal training, not the paper's setting of two fitted minima. ")
 
 
@@ -175,28 +182,32 @@ def reading(res: Results) -> list[str]:
         out.append(f"By Keskar's ε-sharpness ({space_label(main.eps, None)}) "
                    + what.get(raw, f"whether the {lb} solutions are sharper than the {sb} ones is **{raw}**"))
         out[-1] += (f": LB/SB = {text.ratio_text(main)}; {_pm(res.regime(lb).sharp(main.eps))} against "
-                    f"{_pm(res.regime(sb).sharp(main.eps))} (the paper's Table 3 ratios at ε = 1e-3 run from {paper_range} "
-                    "across its six networks).")
+                    f"{_pm(res.regime(sb).sharp(main.eps))} (the paper's Table 3 ratios at ε = 1e-3 run from "
+                    f"{paper_range} across its six networks).")
     sub = [r for r in sharp if r.subspace_dim is not None and r.value]
     if sub:
-        out.append(f"In random subspaces ({space_label(sub[0].eps, sub[0].subspace_dim)}) LB/SB = {text.ratio_text(sub[0])}: "
+        out.append(f"In random subspaces ({space_label(sub[0].eps, sub[0].subspace_dim)}) "
+                   f"LB/SB = {text.ratio_text(sub[0])}: "
                    f"{text.verdict(sub[0], 'sharper', 'flatter')}.")
     for name, label in (("hessian_top_eigenvalue", "top Hessian eigenvalue"), ("hessian_trace", "Hessian trace")):
         if (r := comp.ratio_of(name)) and r.value:
-            out.append(f"The {label} of {lb} over that of {sb}: {text.ratio_text(r)}, {text.verdict(r, 'larger', 'smaller')}.")
+            out.append(f"The {label} of {lb} over that of {sb}: {text.ratio_text(r)}, "
+                       f"{text.verdict(r, 'larger', 'smaller')}.")
     if (r := comp.ratio_of("adaptive_sharpness")) and r.value:
         scale = text.verdict(r, "sharper", "flatter")
         decided = {"sharper", "flatter", "about the same"}
         agree = ("is not decisive" if scale not in decided else
                  f"finds them {scale} where the raw measure is not decisive" if raw not in decided else
-                 "agrees with the raw measure" if raw == scale else f"disagrees with the raw measure (finds them {scale})")
+                 "agrees with the raw measure" if raw == scale else
+                 f"disagrees with the raw measure (finds them {scale})")
         out.append(f"The scale-aware measure, adaptive sharpness ({_adaptive_label(_first_geometry(res))}), {agree}: "
                    f"LB/SB = {text.ratio_text(r)} ({scale}).")
     noise = {n: res.regime(n).noise_scale for n in (sb, lb)}
     if all(v and v.mean for v in noise.values()):
         b = noise[sb].mean
         lb_size = res.regime(lb).batch_size
-        out.append(f"The gradient noise scale at the {sb} solutions is B_simple ≈ {b:.0f} (at {lb}: {noise[lb].mean:.0f}): "
+        out.append(f"The gradient noise scale at the {sb} solutions is B_simple ≈ {b:.0f} "
+                   f"(at {lb}: {noise[lb].mean:.0f}): "
                    f"McCandlish et al. predict that batches much larger than that stop paying in steps saved; "
                    f"{lb}'s batch of {lb_size} is {lb_size / b:.2g}× it."
                    + (f" (Batch statistics: measured over ghost batches of {g}, normalized each by its own statistics.)"
@@ -207,6 +218,7 @@ def reading(res: Results) -> list[str]:
         out.append(f"The gradient noise scale B_simple is not estimated at the {' and '.join(unset)} solutions"
                    + (f" ({why})." if why else "."))
     if dist := comp.distance_ratio:
-        out.append(f"{sb} travels {dist:.2f}× as far from x0 as {lb} ({text.interval(comp.distance_interval, '.2f', '×')}; "
+        out.append(f"{sb} travels {dist:.2f}× as far from x0 as {lb} "
+                   f"({text.interval(comp.distance_interval, '.2f', '×')}; "
                    "the paper: 3 to 10).")
     return [" ".join(out)]

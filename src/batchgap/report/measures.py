@@ -42,7 +42,8 @@ def _g(v, digits: int = 4) -> str:
 
 def _common(geo: dict) -> list[str]:
     """What the geometry rows share, stated once: data, BatchNorm, parameters, batch, loss, solver."""
-    found = [geo[k] for k in ("adaptive_sharpness", "hessian_eigenvalues", "hessian_trace", "noise_scale") if geo.get(k)]
+    found = [geo[k] for k in ("adaptive_sharpness", "hessian_eigenvalues", "hessian_trace", "noise_scale")
+             if geo.get(k)]
     found = geo.get("sharpness", []) + found
     if not found:
         return []
@@ -72,7 +73,8 @@ def numbers_table(doc: dict) -> list[str]:
     geo = doc["geometry"]
     for s in geo.get("sharpness", []):
         add(f"ε-sharpness φ (%), {space_label(s['eps'], s['subspace_dim'])}", _g(s["value"]),
-            f"{s['space']}; {s['nit']} of at most {s['max_iter']} iterations, {s['nfev']} evaluations; seed {s['seed']}")
+            f"{s['space']}; {s['nit']} of at most {s['max_iter']} iterations, {s['nfev']} evaluations; "
+            f"seed {s['seed']}")
     if a := geo.get("adaptive_sharpness"):
         add(f"adaptive sharpness, ρ = {a['rho']:g}", f"{_g(a['value'])} (relative {_g(a['relative'])}%)",
             f"{a['perturbation_set']}; {a['nit']} of at most {a['max_iter']} iterations")
@@ -95,8 +97,8 @@ def numbers_table(doc: dict) -> list[str]:
             f"finite-population correction); seed {n['seed']}")
     for key, words in (("average_sharpness", "σ"), ("average_sharpness_mag", "σ|w| (magnitude-aware)")):
         if a := geo.get(key):
-            add(f"average sharpness, {words} = {a['sigma']:g}", f"{_g(a['value'])} ({100 * a['confidence']:g}% interval "
-                                                                f"{_g(a['ci_low'])} to {_g(a['ci_high'])})",
+            add(f"average sharpness, {words} = {a['sigma']:g}",
+                f"{_g(a['value'])} ({100 * a['confidence']:g}% interval {_g(a['ci_low'])} to {_g(a['ci_high'])})",
                 f"{a['noise']}; {a['n_samples']} draws; seed {a['seed']}")
     for key, words in (("pac_bayes", "1/σ²"), ("pac_bayes_mag", "1/σ'² (magnitude-aware)"),
                        ("pac_bayes_error", "1/σ²"), ("pac_bayes_mag_error", "1/σ'² (magnitude-aware)"),
@@ -208,7 +210,8 @@ def parametric_figure(doc: dict, path: Path) -> Path | None:
     ax2 = ax.twinx()
     for split, style in (("train", "-"), ("test", "--")):
         ax.plot(alphas, p[split]["loss"], style, color="tab:blue", lw=1.8, label=f"{split} cross-entropy")
-        ax2.plot(alphas, [100 * a for a in p[split]["accuracy"]], style, color="tab:red", lw=1.8, label=f"{split} accuracy")
+        ax2.plot(alphas, [100 * a for a in p[split]["accuracy"]], style, color="tab:red", lw=1.8,
+                 label=f"{split} accuracy")
     losses = np.asarray(p["train"]["loss"] + p["test"]["loss"], dtype=float)
     if np.nanmax(losses) > 10 * np.nanmin(losses) > 0:
         ax.set_yscale("log")
