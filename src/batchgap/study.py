@@ -192,10 +192,11 @@ def execute_runs(out: Output, cfg: StudyConfig, ds: Dataset, runs: list[Run], jo
                 by_id[r.id], finished = r, finished + 1
                 log(f"[{finished}/{len(todo)}] done")
                 _log_result(log, r)
-    except BaseException:  # Ctrl-C, or a run that failed: stop the other workers now, not after their runs
+    except BaseException as e:  # Ctrl-C, or a run that failed: stop the other workers now, not after their runs
         _stop(pool)
-        log(f"stopped: {finished} of {len(todo)} runs finished and kept; the others resume where their last "
-            "checkpoint left them when the same command runs again")
+        if not isinstance(e, UserError):  # a worker's UserError (a full disk, ...) is one line of its own
+            log(f"stopped: {finished} of {len(todo)} runs finished and kept; the others resume where their last "
+                "checkpoint left them when the same command runs again")
         raise
     pool.shutdown()
     return [by_id[run.id] for run in runs]
