@@ -58,6 +58,12 @@ def _atomic(path: Path, data: bytes) -> str:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where a directory should be (mkdir names no cause an error message can use)
+        where = next((p for p in [path.parent, *path.parent.parents] if p.exists() and not p.is_dir()), path.parent)
+        raise FileWriteError(f"{where}: cannot write {path.name} under it: it is a file, not a directory") from None
+    except OSError as e:
+        raise write_error(path, e) from None
+    try:
         fd, tmp = _create_temp(path)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
