@@ -27,22 +27,6 @@ from batchgap.train import train
 from batchgap.util import FileWriteError, atomic_save_torch, atomic_write_json, atomic_write_text, sha256_file
 from test_resume import SETTINGS, strip
 
-# The study's CLI with os.fsync raising ENOSPC at its $FAIL_AT-th call (the moment a full disk is found)
-FULL_DISK = r'''
-import errno, os, sys
-calls, real = [0], os.fsync
-def fsync(fd):
-    calls[0] += 1
-    if calls[0] == int(os.environ["FAIL_AT"]):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    return real(fd)
-os.fsync = fsync
-from batchgap.cli import main
-sys.argv = ["batchgap", *sys.argv[1:]]
-sys.exit(main())
-'''
-
-
 class Planted:
     """Unpickling this touches ``path``: a stand-in for the code a crafted checkpoint would run."""
 
@@ -69,16 +53,15 @@ def env(mnist1d_dir):
             "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
 
 
-def batchgap(env, *argv, script=None, extra=None):
-    """``batchgap ARGV`` in a subprocess: (exit code, stderr lines)."""
-    head = ["-c", script] if script else ["-m", "batchgap"]
-    proc = subprocess.run([sys.executable, *head, *argv], env={**env, **(extra or {})}, capture_output=True,
-                          text=True, timeout=600)
+def batchgap(env, *argv):
+    """``batchgap ARGV`` in a subprocess, as a user runs it: (exit code, stderr lines)."""
+    proc = subprocess.run([sys.executable, "-m", "batchgap", *argv], env=env, capture_output=True, text=True,
+                          timeout=600)
     return proc.returncode, proc.stderr.splitlines()
 
 
-def run(env, out, *more, **kw):
-    return batchgap(env, "run", "default", "--out", str(out), *SETTINGS, *more, **kw)
+def run(env, out, *more):
+    return batchgap(env, "run", "default", "--out", str(out), *SETTINGS, *more)
 
 
 def same_results(out, reference):
@@ -113,7 +96,8 @@ def test_resume_refuses_a_state_pt_that_would_run_code_and_trains_from_scratch(r
     torch.save({"model": Planted(marker)}, sb / "state.pt")
     (sb / "state.pt.sha256").write_text(f"{sha256_file(sb / 'state.pt')}  state.pt\n")  # a hash is no defence
     rc, lines = run(env, out)
-    assert rc == 0 and not marker.exists()
+    assert not marker.exists(), "the planted pickle ran"
+    assert rc == 0, lines
     told = [line for line in lines if "state.pt" in line]
     assert len(told) == 1 and str(sb / "state.pt") in told[0] and "will not unpickle" in told[0], lines
     assert "trains from scratch" in told[0]
@@ -203,39 +187,60 @@ def test_a_damaged_history_is_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------- items 3 and 4: OS errors, one line, resumable
-def test_a_full_disk_is_one_line_exit_2_no_temporary_left_and_resumes(reference, tmp_path, env):
-    out = tmp_path / "out"
-    rc, lines = run(env, out, script=FULL_DISK, extra={"FAIL_AT": "9"})  # inside the first run's training
+def cli(out, capsys, *more):
+    """``batchgap run`` in this process (its --jobs workers are processes of their own): (exit code, stderr lines)."""
+    capsys.readouterr()
+    rc = main(["run", "default", "--out", str(out), *SETTINGS, *more])
+    return rc, capsys.readouterr().err.splitlines()
+
+
+def test_a_full_disk_is_one_line_exit_2_no_temporary_left_and_resumes(reference, tmp_path, mnist1d_dir, capsys,
+                                                                      monkeypatch):
+    monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
+    out, calls, real = tmp_path / "out", [], os.fsync
+
+    def fsync(fd):  # the 9th file written (inside the first run's training) finds the disk full
+        calls.append(fd)
+        if len(calls) == 9:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    rc, lines = cli(out, capsys)
     [err] = errors_of(lines)
     assert rc == 2 and "No space left on device" in err and str(out) in err, lines
     assert not list(out.rglob("*.tmp")) and list((out / "runs").iterdir())
-    rc, lines = run(env, out)
+    monkeypatch.setattr(os, "fsync", real)  # space freed
+    rc, lines = cli(out, capsys)
     assert rc == 0 and same_results(out, reference), lines
 
 
-def test_a_full_file_system_in_worker_processes_is_one_line_and_resumes(reference, tmp_path, env):
-    out = tmp_path / "small"
-    out.mkdir()
-    mount("-t", "tmpfs", "-o", "size=2600k", "tmpfs", str(out))  # about half of what the study writes
+def test_a_full_file_system_in_worker_processes_is_one_line_and_resumes(reference, tmp_path, mnist1d_dir, capsys,
+                                                                        monkeypatch):
+    monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
+    small = tmp_path / "small"
+    small.mkdir()
+    mount("-t", "tmpfs", "-o", "size=2600k", "tmpfs", str(small))  # about half of what the study writes
     try:
-        rc, lines = run(env, out / "out", "--jobs", "2")
+        rc, lines = cli(small / "out", capsys, "--jobs", "2")  # the error is raised in a worker process
         [err] = errors_of(lines)
-        assert rc == 2 and "No space left on device" in err and str(out) in err, lines
+        assert rc == 2 and "No space left on device" in err and str(small) in err, lines
         assert not any(line.startswith("stopped:") for line in lines)
-        mount("-o", "remount,size=64m", str(out))  # space freed
-        rc, lines = run(env, out / "out", "--jobs", "2")
-        assert rc == 0 and same_results(out / "out", reference), lines
-        assert not list((out / "out").rglob("*.tmp"))
+        mount("-o", "remount,size=64m", str(small))  # space freed
+        rc, lines = cli(small / "out", capsys, "--jobs", "2")
+        assert rc == 0 and same_results(small / "out", reference), lines
+        assert not list((small / "out").rglob("*.tmp"))
     finally:
-        subprocess.run(["umount", str(out)], capture_output=True)
+        subprocess.run(["umount", str(small)], capture_output=True)
 
 
-def test_an_unwritable_run_directory_is_one_line_as_root_too(reference, tmp_path, env):
+def test_an_unwritable_run_directory_is_one_line_as_root_too(reference, tmp_path, mnist1d_dir, capsys, monkeypatch):
+    monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
     out = tmp_path / "out"
     run_dir = out / "runs" / run_ids(reference)[1]  # SB: the plan's first run
     run_dir.parent.mkdir(parents=True)
     run_dir.write_text("")  # a file where the run's directory goes: no chmod stops root, this does
-    rc, lines = run(env, out)
+    rc, lines = cli(out, capsys)
     [err] = errors_of(lines)
     assert rc == 2 and str(run_dir) in err and "not a directory" in err, lines
     run_dir.unlink()
@@ -243,12 +248,12 @@ def test_an_unwritable_run_directory_is_one_line_as_root_too(reference, tmp_path
     mount("--bind", str(run_dir), str(run_dir))
     try:
         mount("-o", "remount,bind,ro", str(run_dir))  # read-only, as a mount or an admin would make it
-        rc, lines = run(env, out)
+        rc, lines = cli(out, capsys)
         [err] = errors_of(lines)
         assert rc == 2 and str(run_dir) in err and "Read-only file system" in err, lines
     finally:
         subprocess.run(["umount", str(run_dir)], capture_output=True)
-    rc, lines = run(env, out)
+    rc, lines = cli(out, capsys)
     assert rc == 0 and same_results(out, reference), lines
 
 

@@ -104,8 +104,8 @@ def read_checkpoint(source: str | Path, trust_pickle: bool = False, where: str =
             obj, fmt = torch.load(source, map_location="cpu", weights_only=True), "state_dict"
     except Exception as e:
         if "Unsupported global" not in str(e):  # damaged, truncated or not torch's: torch's advice is not ours
-            raise UserError(f"{where} {source}: not a torch checkpoint, or a damaged one (truncated, altered or another "
-                            f"format; {type(e).__name__}); nothing in it was unpickled") from None
+            raise UserError(f"{where} {source}: not a torch checkpoint, or a damaged one (truncated, altered or "
+                            f"another format; {type(e).__name__}); nothing in it was unpickled") from None
         if not trust_pickle:
             raise UserError(f"{where} {source}: holds pickled Python objects (a whole nn.Module?), and unpickling runs "
                             "code from the file; pass --trust-pickle to load it if you trust its source, or save "
