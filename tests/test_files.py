@@ -22,7 +22,8 @@ from batchgap.config import TrainConfig
 from batchgap.data.base import TensorData
 from batchgap.measure_cmd import read_checkpoint
 from batchgap.models import init_model
-from batchgap.rundir import DamagedFile, RunDir, checkpoint_problem, load_checkpoint, save_checkpoint
+from batchgap.rundir import (DamagedFile, RunDir, checkpoint_problem, load_checkpoint, recorded_checksums,
+                             save_checkpoint)
 from batchgap.train import train
 from batchgap.util import FileWriteError, atomic_save_torch, atomic_write_json, atomic_write_text, sha256_file
 from test_resume import SETTINGS, strip
@@ -129,6 +130,28 @@ def test_checkpoints_are_verified_against_the_sha256_recorded_when_written(tmp_p
     path.with_name("c.pt.sha256").unlink()  # no record (an older output): a weights-only load decides
     assert "unreadable" in checkpoint_problem(path)
     assert checkpoint_problem(tmp_path / "none.pt") == "missing"
+
+
+@pytest.mark.parametrize("killed_at", [1, 2, 3])
+def test_a_kill_at_any_moment_of_a_checkpoint_write_leaves_a_file_its_record_names(tmp_path, monkeypatch, killed_at):
+    path = tmp_path / "state.pt"
+    save_checkpoint({"w": torch.zeros(3)}, path)
+    real, calls = os.replace, []
+
+    def replace(src, dst):  # the sidecar's first record, the file, the sidecar's last record
+        calls.append(dst)
+        if len(calls) == killed_at:
+            raise SystemExit("killed")  # as a SIGKILL there: nothing after it happens
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(SystemExit):
+        save_checkpoint({"w": torch.ones(3)}, path)
+    monkeypatch.setattr(os, "replace", real)
+    assert checkpoint_problem(path) is None, killed_at
+    assert float(load_checkpoint(path)["w"].sum()) == (0.0 if killed_at <= 2 else 3.0)
+    save_checkpoint({"w": torch.full((3,), 2.0)}, path)  # and the next write after the kill
+    assert recorded_checksums(path) == [sha256_file(path)] and float(load_checkpoint(path)["w"][0]) == 2.0
 
 
 def test_a_damaged_model_pt_is_reported_then_recovered_to_the_same_numbers(reference, tmp_path, env):

@@ -66,26 +66,51 @@ def checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def recorded_checksums(path: Path) -> list[str]:
+    """The sha256s the sidecar of ``path`` records (one, or two while a new version replaces the old); [] if none."""
+    try:
+        return [line.split()[0] for line in checksum_path(path).read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
 def save_checkpoint(obj: Any, path: str | Path) -> None:
-    """``torch.save`` ``obj`` atomically into ``path``, then record its sha256 in ``path.sha256`` (atomically).
+    """``torch.save`` ``obj`` atomically into ``path``, its sha256 recorded in ``path.sha256``.
+
+    The record names the new sha256 beside the old one before the rename and the new one alone after it, so a
+    kill at any moment leaves a file its record names (never a false "damaged").
 
     Args:
         obj: tensors and plain data only (dicts, lists, tuples, numbers, strings, None): it is read back with
             ``weights_only``.
         path: the checkpoint file.
 
-    Cost: one serialization, two atomic writes (the file and its 80-byte sidecar), one sha256 pass.
+    Cost: one serialization, three atomic writes (the file and twice its sidecar of under 200 bytes), one
+    sha256 pass.
     """
     path = Path(path)
-    sha = atomic_save_torch(obj, path)
-    atomic_write_text(checksum_path(path), f"{sha}  {path.name}\n")
+    side = checksum_path(path)
+    old = recorded_checksums(path) if path.is_file() else []
+    if len(old) > 1:  # a kill between the two records left both: keep the one of the file that is there
+        current = sha256_file(path)
+        old = [h for h in old if h == current]
+
+    def record(sha: str) -> None:
+        atomic_write_text(side, "".join(f"{h}  {path.name}\n" for h in dict.fromkeys([sha, *old])))
+
+    sha = atomic_save_torch(obj, path, before_replace=record)
+    if old:
+        atomic_write_text(side, f"{sha}  {path.name}\n")
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
     """Why the checkpoint at ``path`` cannot be used, or None when it can.
 
-    The sha256 of the file must equal the one its sidecar recorded at writing. Without a sidecar (written by
-    an older batchgap, or a kill between the file's rename and its sidecar's) a weights-only load decides.
+    The sha256 of the file must be one its sidecar recorded at writing. Without a sidecar (written by an
+    older batchgap) a weights-only load decides.
+
+    Args:
+        path: the checkpoint file.
 
     Returns:
         None, or a short reason ("missing", "damaged: ...", "unreadable (...)").
@@ -95,14 +120,13 @@ def checkpoint_problem(path: str | Path) -> str | None:
     path = Path(path)
     if not path.is_file():
         return "missing"
-    try:
-        recorded = checksum_path(path).read_text().split()[:1] if checksum_path(path).is_file() else None
-        if recorded is not None:
-            if recorded != [sha256_file(path)]:
-                return "damaged: its sha256 is not the one recorded when it was written"
-            return None
-    except OSError as e:
-        return f"unreadable ({e.strerror})"
+    recorded = recorded_checksums(path)
+    if recorded:
+        try:
+            actual = sha256_file(path)
+        except OSError as e:
+            return f"unreadable ({e.strerror})"
+        return None if actual in recorded else "damaged: its sha256 is not the one recorded when it was written"
     try:
         _load(path)
     except DamagedFile as e:
@@ -127,6 +151,12 @@ def _load(path: Path) -> Any:
 
 def load_checkpoint(path: str | Path) -> Any:
     """A checkpoint written by :func:`save_checkpoint`, verified against its recorded sha256, loaded weights-only.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        What was saved (tensors and plain data).
 
     Raises:
         DamagedFile: missing, damaged, unreadable, or holding pickled objects (one line; nothing is run).

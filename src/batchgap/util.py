@@ -11,7 +11,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -51,9 +51,9 @@ def _create_temp(path: Path) -> tuple[int, Path]:
     raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path.parent))
 
 
-def _atomic(path: Path, data: bytes) -> str:
-    """Write ``data`` to a temporary file beside ``path``, fsync, rename; returns the sha256 of ``data``.
-    Any OS error becomes a :class:`FileWriteError` (one line), with the temporary file removed."""
+def _atomic(path: Path, data: bytes, before_replace: Callable[[str], None] | None = None) -> str:
+    """Write ``data`` to a temporary file beside ``path``, fsync, ``before_replace(sha256)``, rename; returns the
+    sha256 of ``data``. Any OS error becomes a :class:`FileWriteError` (one line), the temporary file removed."""
     path = Path(path)
     tmp = None
     try:
@@ -69,6 +69,8 @@ def _atomic(path: Path, data: bytes) -> str:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(hashlib.sha256(data).hexdigest())
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
@@ -139,8 +141,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> str:
     return atomic_write_text(path, to_json(obj))
 
 
-def atomic_save_torch(obj: Any, path: str | Path) -> str:
+def atomic_save_torch(obj: Any, path: str | Path, before_replace: Callable[[str], None] | None = None) -> str:
     """``torch.save(obj)`` into ``path`` atomically, as :func:`atomic_write_bytes`; returns its sha256.
+
+    ``before_replace(sha256)`` runs once the temporary file holds every byte, before it replaces ``path``
+    (:func:`batchgap.rundir.save_checkpoint` records the new checksum there, so that no kill finds a file
+    that its record does not name).
 
     Serialized in memory first, so that a full disk is one ``OSError`` from the write (torch's zip writer
     turns it into an ``unexpected pos`` RuntimeError) and the hash is of exactly the bytes written.
@@ -149,7 +155,7 @@ def atomic_save_torch(obj: Any, path: str | Path) -> str:
     """
     buf = io.BytesIO()
     torch.save(obj, buf)
-    return _atomic(Path(path), buf.getvalue())
+    return _atomic(Path(path), buf.getvalue(), before_replace)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
