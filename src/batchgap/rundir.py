@@ -40,7 +40,7 @@ from .errors import UserError
 from .results import SCHEMA, RunResult, from_dict, to_dict
 from .util import atomic_save_torch, atomic_write_json, atomic_write_text, sha256_file
 
-log = logging.getLogger("batchgap")  # without a handler of the user's, Python prints its warnings to stderr
+logger = logging.getLogger("batchgap")  # without a handler of the user's, Python prints its warnings to stderr
 _told: set = set()  # (path, size, mtime) already reported in this process: one line per damaged file
 
 
@@ -58,7 +58,7 @@ def tell(path: Path, message: str) -> None:
         key = (str(path), None, None, message)
     if key not in _told:
         _told.add(key)
-        log.warning(message)
+        logger.warning(message)
 
 
 def checksum_path(path: Path) -> Path:
@@ -223,17 +223,19 @@ class RunDir:
         except UserError:
             return None
 
-    def finished(self, run_id: str, measure_hash: str | None = None) -> RunResult | None:
+    def finished(self, run_id: str, measure_hash: str | None = None, say: bool = True) -> RunResult | None:
         """The result when the run is trained (and, given ``measure_hash``, measured with those settings) and its
-        checkpoints are intact: a damaged ``model.pt`` or kept iterate makes it unfinished (said in one line)."""
+        checkpoints are intact: a damaged ``model.pt`` or kept iterate makes it unfinished (said in one line,
+        unless ``say`` is False). Cost: a read of result.json and of each checkpoint (:meth:`damaged`)."""
         done = self.read_result(run_id)
         if done is None:
             return None
         damaged = self.damaged()
         if damaged:
             path, why = damaged
-            tell(path, f"{path}: {why}; run {run_id} is not finished any more: `batchgap run` trains it again "
-                       "from its intact files")
+            if say:
+                tell(path, f"{path}: {why}; run {run_id} is not finished any more: `batchgap run` trains it again "
+                           "from its intact files")
             return None
         if measure_hash is None or done.measure_hash == measure_hash or done.diverged_epoch:
             return done

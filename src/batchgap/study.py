@@ -93,7 +93,7 @@ def execute_run(out: Output, cfg: StudyConfig, ds: Dataset, run: Run, progress: 
     rd = out.run(run.id)
     measure_key = _measure_hash(cfg)
     with devices.num_threads(run.threads):
-        done = rd.finished(run.id)
+        done = rd.finished(run.id, say=False)  # a damaged checkpoint was said by execute_runs
         if done is not None:
             if done.measure_hash == measure_key or done.diverged_epoch:
                 return done
