@@ -62,7 +62,7 @@ def test_remedies_change_training_and_are_recorded(tmp_path, mnist1d_dir):
     hist = [json.loads(line) for line in (out / runs["LB-grow"]["history"]).read_text().splitlines()]
     assert [h["batch_size"] for h in hist] == [16, 36, 80]  # geometric 16 -> 80 over 2 epochs, then 80
     # LB kept its iterate after epoch 2 for the warm start, and only what was asked
-    assert sorted(p.name for p in (out / "runs" / runs["LB"]["id"] / "iterates").iterdir()) == ["epoch-2.pt"]
+    assert sorted(p.name for p in (out / "runs" / runs["LB"]["id"] / "iterates").glob("*.pt")) == ["epoch-2.pt"]
 
 
 def test_trajectory_measures_each_kept_iterate(tmp_path, mnist1d_dir):

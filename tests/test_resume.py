@@ -138,16 +138,16 @@ def test_a_study_killed_at_every_kind_of_point_resumes_to_the_same_numbers(refer
 
     assert run_until(out, "mid-epoch", env)
     [sb] = list(runs.iterdir())
-    state = torch.load(sb / "state.pt", weights_only=False)
+    state = torch.load(sb / "state.pt", weights_only=True)
     assert state["result"]["epochs_done"] == 2 and len(read_history(sb)) == 2 and not (sb / "model.pt").exists()
 
     assert run_until(out, "history-ahead-of-state", env)
-    state = torch.load(sb / "state.pt", weights_only=False)
+    state = torch.load(sb / "state.pt", weights_only=True)
     assert state["result"]["epochs_done"] == 2 and len(read_history(sb)) == 3  # history one epoch ahead
 
     assert run_until(out, "mid-write-state", env)  # a truncated temporary beside the state.pt of epoch 2
     assert [p.name.startswith(".state.pt.") for p in sb.glob("*.tmp")] == [True]
-    assert torch.load(sb / "state.pt", weights_only=False)["result"]["epochs_done"] == 2
+    assert torch.load(sb / "state.pt", weights_only=True)["result"]["epochs_done"] == 2
 
     assert run_until(out, "mid-measure", env)  # SB-s0 finished; LB-s0 trained, not measured
     lb = next(p for p in runs.iterdir() if p.name.startswith("LB"))

@@ -147,7 +147,7 @@ def test_kept_iterates_are_the_weights_after_those_epochs(tmp_path):
     x0 = model()
     start = {k: v.clone() for k, v in x0.state_dict().items()}
     train(x0, data, None, TrainConfig(epochs=3), batch_size=16, seed=2, run_dir=tmp_path / "a", keep_epochs=(0, 2))
-    assert sorted(p.name for p in (tmp_path / "a" / "iterates").iterdir()) == ["epoch-0.pt", "epoch-2.pt"]
+    assert sorted(p.name for p in (tmp_path / "a" / "iterates").glob("*.pt")) == ["epoch-0.pt", "epoch-2.pt"]
     e0 = torch.load(tmp_path / "a" / "iterates" / "epoch-0.pt", weights_only=True)
     assert all(torch.equal(e0[k], start[k]) for k in start)
     two = model()

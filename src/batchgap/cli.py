@@ -306,6 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("batchgap: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # the environment (disk full, permissions, read-only, quota) outside an atomic write
+        from .util import ENVIRONMENT_ERRNOS
+
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"batchgap: error: {e.filename or 'a file'}: {e.strerror}; the same command resumes once that is "
+                  "fixed", file=sys.stderr)
+        return USAGE_ERROR
 
 
 def _report(args) -> int:

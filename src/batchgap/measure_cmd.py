@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .data.base import Dataset
 from .errors import UserError, closest
 from .measure import data_protocol, endpoint_metrics, geometry, parametric_plot
 from .models import BN_MODES, MODELS, bn_mode
-from .rundir import RunDir, read_json
+from .rundir import DamagedFile, RunDir, read_json
 from .typed import build as typed_build
 from .util import atomic_write_json
 
@@ -98,18 +99,22 @@ def read_checkpoint(source: str | Path, trust_pickle: bool = False, where: str =
         raise UserError(f"{where} {source}: no such file or run directory")
     sha = plugins.sha256_file(source)
     try:
-        obj, fmt = torch.load(source, map_location="cpu", weights_only=True), "state_dict"
+        with warnings.catch_warnings():  # torch warns of pickle protocols in files that are not its own
+            warnings.simplefilter("ignore")
+            obj, fmt = torch.load(source, map_location="cpu", weights_only=True), "state_dict"
     except Exception as e:
-        if "Weights only load failed" not in str(e):
-            raise UserError(f"{where} {source}: not a torch checkpoint ({type(e).__name__}: {_line(e)})") from None
+        if "Unsupported global" not in str(e):  # damaged, truncated or not torch's: torch's advice is not ours
+            raise UserError(f"{where} {source}: not a torch checkpoint, or a damaged one (truncated, altered or "
+                            f"another format; {type(e).__name__}); nothing in it was unpickled") from None
         if not trust_pickle:
             raise UserError(f"{where} {source}: holds pickled Python objects (a whole nn.Module?), and unpickling runs "
                             "code from the file; pass --trust-pickle to load it if you trust its source, or save "
                             "model.state_dict() instead") from None
-        try:
+        try:  # the user asked for it by name (--trust-pickle): a whole pickled module, its code run
             obj, fmt = torch.load(source, map_location="cpu", weights_only=False), "pickled module"
         except Exception as e:
-            raise UserError(f"{where} {source}: cannot be unpickled ({type(e).__name__}: {_line(e)})") from None
+            raise UserError(f"{where} {source}: --trust-pickle: unpickling it failed ({type(e).__name__}: "
+                            f"{_line(e)})") from None
     if isinstance(obj, nn.Module):
         return Checkpoint(source, source, sha, "pickled module", dict(obj.state_dict()), module=obj)
     if not _tensors_only(obj):
@@ -131,9 +136,9 @@ def _read_run(path: Path, where: str) -> Checkpoint:
     if not rd.model.is_file():
         raise UserError(f"{where} {path}: has no model.pt: the run has not finished training (resume it with batchgap run)")
     try:
-        state = rd.load_model()
-    except Exception as e:
-        raise UserError(f"{where} {rd.model}: not readable ({type(e).__name__}: {_line(e)})") from None
+        state = rd.load_model()  # verified against the sha256 recorded when it was written; weights-only
+    except DamagedFile as e:
+        raise UserError(f"{where} {e}; `batchgap run` on its study trains the run again") from None
     if not _tensors_only(state):
         raise UserError(f"{where} {rd.model}: expected a state_dict (a dict of tensors)")
     return Checkpoint(path, rd.model, plugins.sha256_file(rd.model), "run directory", dict(state),

@@ -16,12 +16,21 @@ Layout::
     OUT/runs/<run id>/iterates/epoch-K.pt   iterates kept for warm starts and trajectory measures
     OUT/runs/<run id>/result.json     written last: a run with a complete result.json is finished
 
+Every checkpoint (``*.pt``) has a sidecar ``NAME.pt.sha256`` (``sha256sum`` format), written right after it,
+and is verified against it whenever it is read back: a damaged file is never used, and a finished run whose
+``model.pt`` (or a kept iterate) is damaged counts as unfinished again, so that ``batchgap run`` recovers it
+from what is intact (``state.pt``, or training from scratch; the same numbers). Checkpoints are loaded
+weights-only: batchgap never unpickles a file it reads back (a file with pickled objects is refused).
+What is found damaged is said in one line on stderr (the ``batchgap`` logger).
+
 :func:`batchgap.train.train`, :mod:`batchgap.study` and :mod:`batchgap.report` all go through here.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +38,136 @@ import torch
 
 from .errors import UserError
 from .results import SCHEMA, RunResult, from_dict, to_dict
-from .util import atomic_save_torch, atomic_write_json, atomic_write_text
+from .util import atomic_save_torch, atomic_write_json, atomic_write_text, sha256_file
+
+logger = logging.getLogger("batchgap")  # without a handler of the user's, Python prints its warnings to stderr
+_told: set = set()  # (path, size, mtime) already reported in this process: one line per damaged file
+
+
+class DamagedFile(UserError):
+    """A checkpoint that cannot be trusted: missing, unreadable, not the bytes recorded when it was written,
+    or holding pickled objects (never unpickled). One line naming the file and why."""
+
+
+def tell(path: Path, message: str) -> None:
+    """Say ``message`` once per state of the file at ``path`` (a warning of the ``batchgap`` logger)."""
+    try:
+        st = os.stat(path)
+        key = (str(path), st.st_size, st.st_mtime_ns, message)
+    except OSError:
+        key = (str(path), None, None, message)
+    if key not in _told:
+        _told.add(key)
+        logger.warning(message)
+
+
+def checksum_path(path: Path) -> Path:
+    """The sidecar holding the sha256 recorded when ``path`` was written (``sha256sum -c`` reads it)."""
+    return path.with_name(path.name + ".sha256")
+
+
+def recorded_checksums(path: Path) -> list[str]:
+    """The sha256s the sidecar of ``path`` records (one, or two while a new version replaces the old); [] if none."""
+    try:
+        return [line.split()[0] for line in checksum_path(path).read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def save_checkpoint(obj: Any, path: str | Path) -> None:
+    """``torch.save`` ``obj`` atomically into ``path``, its sha256 recorded in ``path.sha256``.
+
+    The record names the new sha256 beside the old one before the rename and the new one alone after it, so a
+    kill at any moment leaves a file its record names (never a false "damaged").
+
+    Args:
+        obj: tensors and plain data only (dicts, lists, tuples, numbers, strings, None): it is read back with
+            ``weights_only``.
+        path: the checkpoint file.
+
+    Cost: one serialization, three atomic writes (the file and twice its sidecar of under 200 bytes), one
+    sha256 pass.
+    """
+    path = Path(path)
+    side = checksum_path(path)
+    old = recorded_checksums(path) if path.is_file() else []
+    if len(old) > 1:  # a kill between the two records left both: keep the one of the file that is there
+        current = sha256_file(path)
+        old = [h for h in old if h == current]
+
+    def record(sha: str) -> None:
+        atomic_write_text(side, "".join(f"{h}  {path.name}\n" for h in dict.fromkeys([sha, *old])))
+
+    sha = atomic_save_torch(obj, path, before_replace=record)
+    if old:
+        atomic_write_text(side, f"{sha}  {path.name}\n")
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be used, or None when it can.
+
+    The sha256 of the file must be one its sidecar recorded at writing. Without a sidecar (written by an
+    older batchgap) a weights-only load decides.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        None, or a short reason ("missing", "damaged: ...", "unreadable (...)").
+
+    Cost: one read of the file (a load of it when no sidecar is there).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    recorded = recorded_checksums(path)
+    if recorded:
+        try:
+            actual = sha256_file(path)
+        except OSError as e:
+            return f"unreadable ({e.strerror})"
+        return None if actual in recorded else "damaged: its sha256 is not the one recorded when it was written"
+    try:
+        _load(path)
+    except DamagedFile as e:
+        return str(e).split(": ", 1)[-1]
+    return None
+
+
+def _load(path: Path) -> Any:
+    """``torch.load`` weights-only; every failure a :class:`DamagedFile` (a pickle is refused, never run)."""
+    try:
+        with warnings.catch_warnings():  # torch warns of pickle protocols in files that are not its own
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise DamagedFile(f"{path}: unreadable ({e.strerror})") from None
+    except Exception as e:
+        if "Weights only load failed" in str(e) and "Unsupported global" in str(e):
+            raise DamagedFile(f"{path}: holds pickled Python objects, which batchgap will not unpickle "
+                              "(unpickling runs whatever code the file carries)") from None
+        raise DamagedFile(f"{path}: unreadable, not a checkpoint batchgap wrote ({type(e).__name__})") from None
+
+
+def load_checkpoint(path: str | Path) -> Any:
+    """A checkpoint written by :func:`save_checkpoint`, verified against its recorded sha256, loaded weights-only.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        What was saved (tensors and plain data).
+
+    Raises:
+        DamagedFile: missing, damaged, unreadable, or holding pickled objects (one line; nothing is run).
+
+    Cost: one read for the hash, one load.
+    """
+    path = Path(path)
+    why = checkpoint_problem(path)
+    if why is not None:
+        raise DamagedFile(f"{path}: {why}")
+    return _load(path)
 
 
 def read_json(path: Path) -> dict | None:
@@ -46,6 +184,10 @@ def remove_temp_files(directory: Path, names: tuple[str, ...] = ("*",)) -> None:
     for name in names:
         for tmp in Path(directory).glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
+
+
+# what train() puts in state.pt (batchgap.train): a file without them is not a training checkpoint
+STATE_KEYS = frozenset({"model", "optimizer", "generator", "rng", "result"})
 
 
 class RunDir:
@@ -81,11 +223,31 @@ class RunDir:
         except UserError:
             return None
 
-    def finished(self, run_id: str, measure_hash: str | None = None) -> RunResult | None:
-        """The result when the run is trained (and, given ``measure_hash``, measured with those settings)."""
+    def finished(self, run_id: str, measure_hash: str | None = None, say: bool = True) -> RunResult | None:
+        """The result when the run is trained (and, given ``measure_hash``, measured with those settings) and its
+        checkpoints are intact: a damaged ``model.pt`` or kept iterate makes it unfinished (said in one line,
+        unless ``say`` is False). Cost: a read of result.json and of each checkpoint (:meth:`damaged`)."""
         done = self.read_result(run_id)
-        if done is None or measure_hash is None or done.measure_hash == measure_hash or done.diverged_epoch:
+        if done is None:
+            return None
+        damaged = self.damaged()
+        if damaged:
+            path, why = damaged
+            if say:
+                tell(path, f"{path}: {why}; run {run_id} is not finished any more: `batchgap run` trains it again "
+                           "from its intact files")
+            return None
+        if measure_hash is None or done.measure_hash == measure_hash or done.diverged_epoch:
             return done
+        return None
+
+    def damaged(self) -> tuple[Path, str] | None:
+        """The first of the finished run's checkpoints (``model.pt``, the kept iterates) that cannot be used,
+        with why; None when all are intact. Cost: one read of each."""
+        for path in [self.model, *sorted(self.path.glob("iterates/*.pt"))]:
+            why = checkpoint_problem(path)
+            if why is not None:
+                return path, why
         return None
 
     def write_result(self, result: RunResult) -> None:
@@ -93,37 +255,54 @@ class RunDir:
 
     # ---------------------------------------------------------------- training files
     def save_state(self, state: dict) -> None:
-        atomic_save_torch(state, self.state)
+        """Save the resumable checkpoint: tensors and plain data only (it is loaded weights-only)."""
+        save_checkpoint(state, self.state)
 
     def load_state(self) -> dict | None:
-        """The resumable checkpoint; None when there is none or it cannot be read (training starts over)."""
+        """The resumable checkpoint; None when there is none, or (said in one line) when it is damaged, unreadable,
+        not batchgap's or holds pickled objects, which are never unpickled: training then starts over."""
         if not self.state.exists():
             return None
         try:
-            return torch.load(self.state, map_location="cpu", weights_only=False)
-        except Exception:
+            state = load_checkpoint(self.state)
+        except DamagedFile as e:
+            tell(self.state, f"{e}; not resumed from it: the run trains from scratch")
             return None
+        if not isinstance(state, dict) or not STATE_KEYS <= set(state):
+            tell(self.state, f"{self.state}: not a batchgap training checkpoint; the run trains from scratch")
+            return None
+        return state
 
     def write_history(self, rows: list[dict]) -> None:
         # the whole history, rewritten atomically: never a duplicate or missing epoch after a resume
         atomic_write_text(self.history, "".join(json.dumps(r) + "\n" for r in rows))
 
     def read_history(self) -> list[dict]:
+        """The per-epoch rows; [] when there is no history. Raises :class:`DamagedFile` for an unreadable one."""
         if not self.history.exists():
             return []
-        return [json.loads(line) for line in self.history.read_text().splitlines() if line.strip()]
+        try:
+            rows = [json.loads(line) for line in self.history.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as e:
+            raise DamagedFile(f"{self.history}: unreadable ({getattr(e, 'strerror', None) or 'not JSON lines'}); "
+                              "`batchgap run` rewrites it when the run trains again") from None
+        if not all(isinstance(r, dict) for r in rows):
+            raise DamagedFile(f"{self.history}: unreadable (not one JSON object a line)")
+        return rows
 
     def save_model(self, state_dict: dict) -> None:
-        atomic_save_torch(state_dict, self.model)
+        save_checkpoint(state_dict, self.model)
 
     def load_model(self) -> dict:
-        return torch.load(self.model, map_location="cpu", weights_only=True)
+        """The final state dict, verified (:func:`load_checkpoint`; :class:`DamagedFile` when it cannot be used)."""
+        return load_checkpoint(self.model)
 
     def save_iterate(self, epoch: int, state_dict: dict) -> None:
-        atomic_save_torch(state_dict, self.iterate(epoch))
+        save_checkpoint(state_dict, self.iterate(epoch))
 
     def load_iterate(self, epoch: int) -> dict:
-        return torch.load(self.iterate(epoch), map_location="cpu", weights_only=True)
+        """The kept iterate of ``epoch``, verified as :meth:`load_model`."""
+        return load_checkpoint(self.iterate(epoch))
 
 
 def read_history(run_dir: str | Path) -> list[dict]:
@@ -154,16 +333,17 @@ class Output:
         return str(Path(path).relative_to(self.path))
 
     def save_x0(self, model_tag: str, seed: int, state: dict) -> None:
-        atomic_save_torch(state, self.init(model_tag, seed))
+        save_checkpoint(state, self.init(model_tag, seed))
 
     def load_x0(self, model_tag: str, seed: int) -> dict | None:
-        """x0 of a seed when saved and readable (a damaged file is rebuilt: x0 is a function of the seed)."""
+        """x0 of a seed when saved and intact (a damaged file is said and rebuilt: x0 is a function of the seed)."""
         path = self.init(model_tag, seed)
         if not path.exists():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
+            return load_checkpoint(path)
+        except DamagedFile as e:
+            tell(path, f"{e}; rebuilt from its seed")
             return None
 
     def write(self, path: Path, doc: Any) -> None:

@@ -97,7 +97,7 @@ def execute_run(out: Output, cfg: StudyConfig, ds: Dataset, run: Run, progress: 
     rd = out.run(run.id)
     measure_key = _measure_hash(cfg)
     with devices.num_threads(run.threads):
-        done = rd.finished(run.id)
+        done = rd.finished(run.id, say=False)  # a damaged checkpoint was said by execute_runs
         if done is not None:
             if done.measure_hash == measure_key or done.diverged_epoch:
                 return done
@@ -200,10 +200,11 @@ def execute_runs(out: Output, cfg: StudyConfig, ds: Dataset, runs: list[Run], jo
                 by_id[r.id], finished = r, finished + 1
                 log(f"[{finished}/{len(todo)}] done")
                 _log_result(log, r)
-    except BaseException:  # Ctrl-C, SIGTERM or a failed run: stop the other workers now, not after their runs
+    except BaseException as e:  # Ctrl-C, SIGTERM or a failed run: stop the other workers now, not after their runs
         _stop(pool)
-        log(f"stopped: {finished} of {len(todo)} runs finished and kept; the others resume where their last "
-            "checkpoint left them when the same command runs again")
+        if not isinstance(e, UserError):  # a worker's UserError (a full disk, ...) is one line of its own
+            log(f"stopped: {finished} of {len(todo)} runs finished and kept; the others resume where their last "
+                "checkpoint left them when the same command runs again")
         raise
     pool.shutdown()
     return [by_id[run.id] for run in runs]

@@ -41,7 +41,7 @@ from .data.base import TensorData
 from .errors import UserError
 from .landscape.evaluate import evaluate
 from .step import Augment, LossFn, Step, sgd_step  # noqa: F401  (re-exported: batchgap.train.sgd_step)
-from .rundir import RunDir, read_history  # noqa: F401  (read_history: re-exported)
+from .rundir import RunDir, checkpoint_problem, read_history, tell  # noqa: F401  (read_history: re-exported)
 from .util import progress_bar
 
 
@@ -197,6 +197,12 @@ def train(
         if writes:
             rd.path.mkdir(parents=True, exist_ok=True)
             state = rd.load_state()
+            done = state["result"]["epochs_done"] if state is not None else -1
+            lost = [e for e in sorted(keep_epochs) if e <= done and checkpoint_problem(rd.iterate(e))]
+            if lost:  # a kept iterate is only made by training through its epoch
+                tell(rd.iterate(lost[0]), f"{rd.iterate(lost[0])}: {checkpoint_problem(rd.iterate(lost[0]))}; "
+                     "the run trains from scratch to make it again")
+                state = None
         state = distributed.broadcast(state)
         if state is not None:
             model.load_state_dict(state["model"])
