@@ -56,8 +56,8 @@ def definitions(res: Results) -> list[str]:
                    "directions d per run (Li et al. 2018), α in units of the filters' norms; the figure draws the "
                    "geometric mean of all curves of a regime and, as its band, their range (min-max).")
     out.append("- **Over seeds**: tables give mean ± sample standard deviation (± n/a for one seed); each LB/SB ratio "
-               "comes with a 95% percentile-bootstrap interval over seeds, paired by seed "
-               "(the SB and LB runs of a seed share x0); the gap with Welch's t interval and test.")
+               "comes with a 95% Fieller interval over seeds, paired by seed (the SB and LB runs of a seed share "
+               "x0; exact for normal per-seed values, none for one seed); the gap with Welch's t interval and test.")
     out += _second_order(res)
     return out
 
