@@ -78,7 +78,10 @@ def paragraph(c: Correlation) -> str:
     for labels, why in ((straddle, "the interval includes 0"),
                         (none, f"there is no interval with {seeds} (the seed bootstrap needs at least {MIN_SEEDS})"
                          if n < MIN_SEEDS else "there is no interval")):
-        if labels:
+        if labels and len(labels) == len(c.rows):  # every measure: say it once, not as a list of all of them
+            parts.append(f"For every measure {why}: each is undetermined with {seeds}, and the point values above "
+                         "do not establish an order.")
+        elif labels:
             parts.append(f"For {', '.join(labels)} {why}: undetermined with {seeds}, which says nothing either way "
                          "about the measure.")
     top = [r for r in c.rows if r.psi is not None and r.psi_interval is not None and r.psi_interval.lo is not None]
