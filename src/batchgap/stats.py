@@ -119,8 +119,8 @@ def ratio_interval(top: dict, bottom: dict, level: float = LEVEL) -> Interval:
     am, bm = a.mean(), b.mean()
     qa, qb, qc = bm * bm - t * t * v_bb, am * bm - t * t * v_ab, am * am - t * t * v_aa
     if qa <= 0:
-        return Interval(None, None, level, f"unbounded: the denominator's mean is not distinguishable from 0 at "
-                        f"this level, so no finite interval ({how})", n)
+        return Interval(None, None, level, f"unbounded with {n} seeds (Fieller, t with {n - 1} d.f.: the "
+                        "denominator's mean is not distinguishable from 0)", n)
     root = float(np.sqrt(max(qb * qb - qa * qc, 0.0)))
     return Interval(float((qb - root) / qa), float((qb + root) / qa), level, how, n)
 
