@@ -201,7 +201,7 @@ def write_report(out: str | Path) -> Path:
     if hess:
         md += ["## Curvature and scale-aware sharpness", "", *hess, ""]
     if gen := generalization.measures_table(res):
-        md += ["## Generalization measures (Jiang et al. 2019)", "", "Mean ± std over seeds.", "", *gen, ""]
+        md += ["## Generalization measures", "", "Mean ± std over seeds.", "", *gen, ""]
     if dens := generalization.density_section(res, fig_dir):
         md += ["## Hessian spectral density", "", *dens, ""]
     fig_curves = figures.sharpness_curves(res, fig_dir / "sharpness_comparison.png")
