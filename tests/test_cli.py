@@ -1,6 +1,5 @@
 """The command line: every mistake is one line on stderr, exit code 2, nothing written or damaged."""
 import json
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,8 @@ import pytest
 from batchgap.cli import main
 from data_fixtures import write_fake_cifar10
 
-FAST = ["--set", "train.epochs=1", "--set", "data.train_subset=200", "--set", "data.test_subset=100", "--set", "seeds=[0]"]
+FAST = ["--set", "train.epochs=1", "--set", "data.train_subset=200", "--set", "data.test_subset=100",
+        "--set", "seeds=[0]"]
 
 
 def corrupt_cifar(tmp_path):
@@ -36,7 +36,9 @@ CASES = [
     ("unknown study", lambda t: ["run", "defualt"], 'did you mean "default"'),
     ("missing study file", lambda t: ["run", str(t / "no.toml")], "no such study file"),
     ("invalid toml", lambda t: ["run", bad_toml(t, "name = [\n")], "not valid TOML"),
-    ("unknown top-level key", lambda t: ["run", bad_toml(t, 'name="x"\nseed=[1]\n[[regimes]]\nname="A"\nbatch_size=8\n')], 'did you mean "seeds"'),
+    ("unknown top-level key",
+     lambda t: ["run", bad_toml(t, 'name="x"\nseed=[1]\n[[regimes]]\nname="A"\nbatch_size=8\n')],
+     'did you mean "seeds"'),
     ("no regimes", lambda t: ["run", bad_toml(t, 'name="x"\n')], "regimes: expected at least one"),
     ("unknown train key", lambda t: ["run", "--set", "train.epoch=3"], 'did you mean "epochs"'),
     ("wrong type", lambda t: ["run", "--set", "train.epochs=three"], "train.epochs: expected an integer"),
@@ -44,9 +46,11 @@ CASES = [
     ("negative lr", lambda t: ["run", "--set", "train.lr=-0.1"], "train.lr: must be greater than 0"),
     ("infinite lr", lambda t: ["run", "--set", "train.lr=inf"], "train.lr: must be a finite number"),
     ("unknown optimizer", lambda t: ["run", "--set", "train.optimizer=lamb"], "train.optimizer: unknown value 'lamb'"),
-    ("batch larger than data", lambda t: ["run", *FAST, "--set", "regimes.LB.batch_size=5000"], "larger than the training set"),
+    ("batch larger than data", lambda t: ["run", *FAST, "--set", "regimes.LB.batch_size=5000"],
+     "larger than the training set"),
     ("zero batch", lambda t: ["run", "--set", "regimes.SB.batch_size=0"], "regimes.SB.batch_size: must be at least 1"),
-    ("batch of one with BN", lambda t: ["run", *FAST, "--set", "regimes.SB.batch_size=1"], "BatchNorm needs at least 2"),
+    ("batch of one with BN", lambda t: ["run", *FAST, "--set", "regimes.SB.batch_size=1"],
+     "BatchNorm needs at least 2"),
     ("percent over 100", lambda t: ["run", "--set", 'regimes.LB.batch_size="120%"'], "percentage"),
     ("unknown model", lambda t: ["run", "--set", "model.name=resnet50"], "model.name: unknown value 'resnet50'"),
     ("unknown model option", lambda t: ["run", *FAST, "--set", "model.options={widht=3}"], "widht"),
@@ -58,12 +62,15 @@ CASES = [
     ("set unknown regime", lambda t: ["run", "--set", "regimes.XL.batch_size=3"], "no regime named 'XL'"),
     ("seeds not a list", lambda t: ["run", "--set", "seeds=3"], "seeds: expected a non-empty list"),
     ("compare unknown regime", lambda t: ["run", "--set", 'compare=["SB", "XB"]'], "compare: unknown regime 'XB'"),
-    ("missing data files", lambda t: ["run", "keskar-f1", "--data-dir", str(t / "empty")], "batchgap data download mnist"),
+    ("missing data files", lambda t: ["run", "keskar-f1", "--data-dir", str(t / "empty")],
+     "batchgap data download mnist"),
     ("corrupt archive", lambda t: ["run", "keskar-c1", *corrupt_cifar(t)], "corrupt"),
     ("output is a file", lambda t: ["run", *FAST, "--out", a_file(t)], "is a file"),
-    ("output under a file", lambda t: ["run", *FAST, "--out", a_file(t) + "/sub"], "cannot create the output directory"),
+    ("output under a file", lambda t: ["run", *FAST, "--out", a_file(t) + "/sub"],
+     "cannot create the output directory"),
     ("report without results", lambda t: ["report", str(t)], "no results here"),
-    ("download unknown data set", lambda t: ["data", "download", "imagenet", "--data-dir", str(t)], "dataset: unknown value 'imagenet'"),
+    ("download unknown data set", lambda t: ["data", "download", "imagenet", "--data-dir", str(t)],
+     "dataset: unknown value 'imagenet'"),
     ("unknown command", lambda t: ["train"], "invalid choice"),
     ("unknown flag", lambda t: ["run", "--epochs", "3"], "unrecognized arguments"),
 ]
@@ -111,7 +118,8 @@ def test_subprocess_bad_input_has_no_traceback(tmp_path):
 def test_list_shows_models_datasets_and_studies(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("F1", "C1", "C4", "simplevgg", "mlp", "cnn1d", "mnist1d", "cifar100", "default", "keskar-c2", "seed-simplevgg"):
+    for name in ("F1", "C1", "C4", "simplevgg", "mlp", "cnn1d", "mnist1d", "cifar100", "default", "keskar-c2",
+                 "seed-simplevgg"):
         assert name in out
 
 

@@ -32,8 +32,9 @@ CASES = {  # name -> (TrainConfig arguments, augment?, ghost BN of this size ins
     "sgd-sync": ({"epochs": 2, "lr": 0.1, "optimizer": "sgd", "bn_sync": True}, False, None),
     "ghost-4": ({"epochs": 2, "lr": 1e-2}, False, 4),
 }
-STUDY = ["train.epochs=1", "data.train_subset=400", "data.test_subset=200", "seeds=[0]", "measure.interpolation_points=3",
-         "measure.sharpness_eps=[]", "measure.adaptive_rho=0.0", "measure.hessian_top_k=0", "measure.hessian_trace_probes=0",
+STUDY = ["train.epochs=1", "data.train_subset=400", "data.test_subset=200", "seeds=[0]",
+         "measure.interpolation_points=3", "measure.sharpness_eps=[]", "measure.adaptive_rho=0.0",
+         "measure.hessian_top_k=0", "measure.hessian_trace_probes=0",
          "measure.curve_directions=0", "measure.surface_points=0", "measure.norms=false", "measure.average_sigma=0",
          "measure.average_sigma_relative=0", "measure.pac_bayes_delta=0", "measure.density_vectors=0"]
 
@@ -116,7 +117,8 @@ def test_per_worker_bn_equals_one_process_with_ghost_bn_of_the_per_worker_batch(
     # and it is not plain BN on the global batch: the test would see a difference
     plain = net()
     fit(plain, "ghost")
-    assert not torch.allclose(plain.state_dict()["fc1.linear.weight"], single.state_dict()["fc1.linear.weight"], atol=1e-5)
+    assert not torch.allclose(plain.state_dict()["fc1.linear.weight"], single.state_dict()["fc1.linear.weight"],
+                              atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["sync", "sgd-sync"])
@@ -176,7 +178,8 @@ def test_a_data_parallel_study_is_written_by_rank_0_alone(spawned):
     assert len(doc["runs"]) == 2 and len(doc["pairs"]) == 1
     for r in doc["runs"]:
         assert r["distributed"]["world_size"] == 2 and r["distributed"]["backend"] == "gloo"
-        assert r["distributed"]["bn"] == f"BN statistics per worker (ghost batch = per-worker batch {r['batch_size'] // 2})"
+        assert r["distributed"]["bn"] == (f"BN statistics per worker (ghost batch = per-worker batch "
+                                          f"{r['batch_size'] // 2})")
         assert r["id"].startswith(r["regime"]) and (out / "runs" / r["id"] / "result.json").exists()
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".lock")]
 

@@ -119,7 +119,8 @@ def test_measures_equal_the_notebook_api(work, capsys):
     assert {p.name for p in (work / "m" / "figures").iterdir()} == {"loss_curves.png", "loss_surface.png"}
     assert doc["schema"] == 1 and doc["threads"] == 1 and doc["seed"] == 0 and doc["parametric"] is None
     assert doc["checkpoint"]["sha256"] == plugins.sha256_file(ckpt)
-    assert doc["model"]["spec"] == "nets.py:mlp" and doc["model"]["source_sha256"] == plugins.sha256_file(work / "nets.py")
+    assert (doc["model"]["spec"] == "nets.py:mlp"
+            and doc["model"]["source_sha256"] == plugins.sha256_file(work / "nets.py"))
     assert doc["data"]["info"]["file_sha256"] == plugins.sha256_file(work / "data.npz")
     assert doc["measure"]["sharpness_max_iter"] == 2
 
@@ -129,7 +130,8 @@ def test_measures_equal_the_notebook_api(work, capsys):
         close(doc[split]["loss"], m.loss)
         assert doc[split]["accuracy"] == m.accuracy
     geo = doc["geometry"]
-    full, sub = (eps_sharpness(model, data, eps=1e-3, subspace_dim=dim, max_iter=2, seed=0, **common) for dim in (None, 5))
+    full, sub = (eps_sharpness(model, data, eps=1e-3, subspace_dim=dim, max_iter=2, seed=0, **common)
+                 for dim in (None, 5))
     close([s["value"] for s in geo["sharpness"]], [full.value, sub.value])
     close(geo["adaptive_sharpness"]["value"], adaptive_sharpness(model, data, rho=0.01, max_iter=2, **common).value)
     close(geo["hessian_eigenvalues"]["eigenvalues"],
@@ -187,7 +189,8 @@ def test_a_run_of_your_own_model_and_data_is_found_from_anywhere(work, monkeypat
     """A run of a study with nets.py and data.npz: the files are found beside the study file (OUT/study.json's root)."""
     measure = "\n".join(f"{k} = {json.dumps(v)}" for k, v in SETTINGS.items())
     (work / "mine.toml").write_text(f"""name = "mine"\nseeds = [0]\n[data]\nname = "npz"\npath = "data.npz"\n
-[model]\nname = "nets.py:mlp"\n[train]\nepochs = 1\n[[regimes]]\nname = "SB"\nbatch_size = 16\n[measure]\n{measure}\n""")
+[model]\nname = "nets.py:mlp"\n[train]\nepochs = 1\n[[regimes]]\nname = "SB"\nbatch_size = 16\n"""
+        f"[measure]\n{measure}\n")
     assert main(["run", "mine.toml", "--out", "out", "--jobs", "1", "--no-report"]) == 0
     run = json.loads((work / "out" / "plan.json").read_text())["runs"][0]["id"]
     result = json.loads((work / "out" / "runs" / run / "result.json").read_text())
@@ -223,8 +226,8 @@ def test_a_built_in_model_on_a_built_in_data_set(tmp_path, mnist1d_dir, monkeypa
     net = init_model("mlp", (40,), 10, seed=3, bn="batch", width=16, depth=1)
     torch.save(net.state_dict(), tmp_path / "mlp.pt")
     doc = _measure(["mlp.pt", "--model", "mlp", "--options", '{"width": 16, "depth": 1}', "--bn", "batch", "--data",
-                    "mnist1d", "--data-dir", str(mnist1d_dir), "--out", "m", *FAST, "--set", "measure.geometry_examples=100",
-                    "--seed", "4"], capsys)
+                    "mnist1d", "--data-dir", str(mnist1d_dir), "--out", "m", *FAST,
+                    "--set", "measure.geometry_examples=100", "--seed", "4"], capsys)
     assert doc["model"] == {"name": "mlp", "options": {"width": 16, "depth": 1}, "bn": "batch"}
     assert doc["seed"] == 4 and doc["geometry"]["data"] == "training subset of 100 examples (seed 10004)"
     assert doc["data"]["dataset"] == "mnist1d" and doc["data"]["train_examples"] == 4000
@@ -233,7 +236,8 @@ def test_a_built_in_model_on_a_built_in_data_set(tmp_path, mnist1d_dir, monkeypa
 def test_a_pickled_module_with_trust_pickle(work, capsys):
     net = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
     torch.save(net, work / "whole.pt")
-    doc = _measure(["whole.pt", "--trust-pickle", "--data", "nets.py:load", "--out", "m", "--threads", "2", *FAST], capsys)
+    doc = _measure(["whole.pt", "--trust-pickle", "--data", "nets.py:load", "--out", "m", "--threads", "2", *FAST],
+                   capsys)
     assert doc["checkpoint"]["format"] == "pickled module" and doc["threads"] == 2
     assert doc["data"]["info"]["source"] == "nets.py:load" and "loader_source_sha256" in doc["data"]["info"]
     assert doc["model"]["name"] == "torch.nn.modules.container.Sequential"
@@ -281,7 +285,8 @@ def _args(ckpt="mlp.pt", model="nets.py:mlp", data="data.npz", *more):
 
 
 BAD = [
-    ("module does not import", lambda t: _args("mlp.pt", _file("broken.py", "raise RuntimeError('boom')\n")(t) + ":mlp"),
+    ("module does not import",
+     lambda t: _args("mlp.pt", _file("broken.py", "raise RuntimeError('boom')\n")(t) + ":mlp"),
      "does not import"),
     ("module not found", lambda t: _args(model="no_such_module_xyz:mlp"), "does not import"),
     ("missing attribute", lambda t: _args(model="nets.py:nope"), "has no attribute 'nope'"),
@@ -315,13 +320,16 @@ BAD = [
      "--options: not JSON"),
     ("--set outside measure", lambda t: _args("mlp.pt", "nets.py:mlp", "data.npz", "--set", "train.epochs=3"),
      "only measure.KEY"),
-    ("--set unknown measure key", lambda t: _args("mlp.pt", "nets.py:mlp", "data.npz", "--set", "measure.sharpnes_eps=[1]"),
+    ("--set unknown measure key",
+     lambda t: _args("mlp.pt", "nets.py:mlp", "data.npz", "--set", "measure.sharpnes_eps=[1]"),
      "did you mean \"sharpness_eps\""),
     ("--set bad value", lambda t: _args("mlp.pt", "nets.py:mlp", "data.npz", "--set", "measure.sharpness_max_iter=0"),
      "measure.sharpness_max_iter: must be at least 1"),
-    ("subspace larger than the model", lambda t: _args("mlp.pt", "nets.py:mlp", "data.npz"),  # default 100 > 75 parameters
+    # default 100 > 75 parameters
+    ("subspace larger than the model", lambda t: _args("mlp.pt", "nets.py:mlp", "data.npz"),
      "measure.sharpness_subspace_dim: 100 is more than the model's"),
-    ("--threads 0", lambda t: _args("mlp.pt", "nets.py:mlp", "data.npz", "--threads", "0"), "--threads: must be at least 1"),
+    ("--threads 0", lambda t: _args("mlp.pt", "nets.py:mlp", "data.npz", "--threads", "0"),
+     "--threads: must be at least 1"),
 ]
 
 

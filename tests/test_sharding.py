@@ -11,8 +11,9 @@ from batchgap.errors import UserError
 from batchgap.sharding import parse_shard, select
 
 SETTINGS = [*(a for s in ("train.epochs=2", "data.train_subset=400", "data.test_subset=200", "seeds=[0, 1]",
-                          "measure.interpolation_points=3", "measure.sharpness_eps=[0.001]", "measure.sharpness_max_iter=2",
-                          "measure.sharpness_subspace_dim=0", "measure.hessian_top_k=0", "measure.hessian_trace_probes=0",
+                          "measure.interpolation_points=3", "measure.sharpness_eps=[0.001]",
+                          "measure.sharpness_max_iter=2", "measure.sharpness_subspace_dim=0",
+                          "measure.hessian_top_k=0", "measure.hessian_trace_probes=0",
                           "measure.curve_directions=1", "measure.curve_points=5", "measure.surface_points=0",
                           "measure.norms=false", "measure.average_sigma=0", "measure.average_sigma_relative=0",
                           "measure.pac_bayes_delta=0", "measure.density_vectors=0")
@@ -61,7 +62,8 @@ def test_bad_shard_on_the_command_line_is_one_line_and_writes_nothing(tmp_path, 
     assert err.count("\n") == 1 and "--shard" in err and not (tmp_path / "out").exists()
 
 
-def test_two_shards_at_once_then_report_give_the_unsharded_results(unsharded, tmp_path, mnist1d_dir, monkeypatch, capsys):
+def test_two_shards_at_once_then_report_give_the_unsharded_results(unsharded, tmp_path, mnist1d_dir, monkeypatch,
+                                                                   capsys):
     out = tmp_path / "out"
     env = {**os.environ, "BATCHGAP_DATA": str(mnist1d_dir), "OMP_NUM_THREADS": "1"}
     # shard 0 alone first: SB of both seeds; a report then merges what has finished
@@ -111,7 +113,8 @@ def holder():
     (".lock-shard-1-of-3", "shard 1/3 KEY", ["--shard", "0/2"], "splits the study 3 ways"),
     (".lock-shard-1-of-2", "shard 1/2 OTHER", ["--shard", "0/2"], "runs other settings there"),
 ])
-def test_runs_that_would_collide_are_refused(lock, content, argv, needle, holder, tmp_path, mnist1d_dir, monkeypatch, capsys):
+def test_runs_that_would_collide_are_refused(lock, content, argv, needle, holder, tmp_path, mnist1d_dir, monkeypatch,
+                                             capsys):
     monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
     out = tmp_path / "out"
     out.mkdir()

@@ -50,7 +50,8 @@ def test_results_json_has_every_run_and_a_correct_summary(default_run):
     runs = doc["runs"]
     assert sorted((r["regime"], r["seed"]) for r in runs) == [("LB", 0), ("LB", 1), ("SB", 0), ("SB", 1)]
     for r in runs:
-        for key in ("id", "regime", "batch_size", "seed", "lr", "epochs", "train", "test", "distance_from_init", "wall_time_s"):
+        for key in ("id", "regime", "batch_size", "seed", "lr", "epochs", "train", "test", "distance_from_init",
+                    "wall_time_s"):
             assert key in r
         assert 0 <= r["train"]["accuracy"] <= 1 and 0 <= r["test"]["accuracy"] <= 1
         assert r["distance_from_init"]["value"] > 0
@@ -99,7 +100,8 @@ def test_parametric_plot_endpoints_match_the_runs(default_run):
 
 def test_report_has_the_tables_and_figures(default_run):
     text = (default_run / "report.md").read_text()
-    for needle in ("Table 2", "Welch's t-test, 2 and 2 seeds: t = ", "Figure 2", "Figure 3", "Distance from the start point",
+    for needle in ("Table 2", "Welch's t-test, 2 and 2 seeds: t = ", "Figure 2", "Figure 3",
+                   "Distance from the start point",
                    "PyTorch", "s of training and", "figures/accuracy_curves.png", "figures/parametric_plot.png",
                    "Tables 3 and 4", "ε-sharpness, full ε = 0.001", "top Hessian eigenvalue", "adaptive sharpness",
                    "Reading the numbers", "LB/SB = ", "What the measures are", "Second order, LB", "205.14 ± 69.52"):
@@ -135,7 +137,10 @@ def test_same_study_twice_gives_identical_numbers(tmp_path, mnist1d_dir, monkeyp
         torch.manual_seed(len(name) * 17)  # unrelated global state must not matter
         assert run_cli("default", "--out", str(tmp_path / name), *SMALL, "--set", "seeds=[3]") == 0
         docs.append(json.loads((tmp_path / name / "results.json").read_text()))
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("wall_time_s", "measure_time_s")} for r in rs]
+    def strip(rs):
+        """The runs without their timings."""
+        return [{k: v for k, v in r.items() if k not in ("wall_time_s", "measure_time_s")} for r in rs]
+
     assert strip(docs[0]["runs"]) == strip(docs[1]["runs"])
 
 
@@ -178,7 +183,8 @@ def _needs_files(name):
     return DATASETS[load_study(find_study(name)).data.name].needs_files
 
 
-@pytest.mark.parametrize("name", [n for n in builtin_names() if n not in ("default", "measures")])  # measures: test_measures_study
+# measures: test_measures_study
+@pytest.mark.parametrize("name", [n for n in builtin_names() if n not in ("default", "measures")])
 def test_every_builtin_study_runs_quick(name, tmp_path, monkeypatch, mnist1d_dir):
     """Paper-scale studies on format-exact fake files; the MNIST-1D experiments on the real data."""
     jobs = []
@@ -254,7 +260,10 @@ def test_the_numbers_do_not_depend_on_jobs(default_out, tmp_path, mnist1d_dir, m
     assert run_cli("default", "--out", str(out), *SMALL, "--jobs", "1") == 0
     seq = json.loads((out / "results.json").read_text())
     par = json.loads((default_out / "results.json").read_text())
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("wall_time_s", "measure_time_s")} for r in rs]
+    def strip(rs):
+        """The runs without their timings."""
+        return [{k: v for k, v in r.items() if k not in ("wall_time_s", "measure_time_s")} for r in rs]
+
     assert strip(par["runs"]) == strip(seq["runs"]) and all(r["threads"] == 1 for r in seq["runs"])
 
 
@@ -293,8 +302,8 @@ def test_a_paper_scale_study_runs_shrunk_with_set(tmp_path, monkeypatch):
     shrink = ["seeds=[0]", "train.epochs=2", "regimes.SB.batch_size=20", "measure.trajectory_epochs=[1, 2]",
               "measure.sharpness_max_iter=2", "measure.hessian_top_k=0", "train.eval_batch_size=100",
               "measure.eval_batch_size=100", "measure.interpolation_points=3"]
-    assert run_cli("sharpness-trajectory", "--paper-scale", "--out", str(out), "--data-dir", str(data_dir), "--jobs", "1",
-                   *[a for s in shrink for a in ("--set", s)]) == 0
+    assert run_cli("sharpness-trajectory", "--paper-scale", "--out", str(out), "--data-dir", str(data_dir),
+                   "--jobs", "1", *[a for s in shrink for a in ("--set", s)]) == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["study"]["model"]["name"] == "C1" and doc["study"]["data"]["name"] == "cifar10"
     assert {(r["regime"], r["batch_size"]) for r in doc["runs"]} == {("SB", 20), ("LB", 20)}
@@ -323,7 +332,8 @@ def test_the_report_flags_regimes_that_did_not_fit_the_training_set(default_run)
             assert len(line) == 1 and "LB (90.0% after" in line[0] and "SB (" not in line[0]
 
 
-@pytest.mark.filterwarnings("ignore:Precision loss occurred in moment calculation:RuntimeWarning")  # scipy, on the constant SB
+# scipy, on the constant SB
+@pytest.mark.filterwarnings("ignore:Precision loss occurred in moment calculation:RuntimeWarning")
 def test_a_gap_without_variance_is_reported_without_a_t_test():
     """Two seeds per regime that agree exactly (a tiny quick run can): Welch's t is 0/0 there, so the
     comparison says so instead of carrying scipy's nan p-value (and its warning) into the report."""

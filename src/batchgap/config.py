@@ -68,7 +68,10 @@ def _positive() -> dict:
 
 @dataclass
 class DataConfig:
-    name: str = "mnist1d"  # a built-in data set, "npz" or "pt" (with path), or a loader "MODULE:CALLABLE"
+    """The study's data set: a study file's ``[data]`` table."""
+
+    # a built-in data set, "npz" or "pt" (with path), or a loader "MODULE:CALLABLE"
+    name: str = "mnist1d"
     augment: str = field(default="none", metadata={"doc": "a built-in augmentation or MODULE:CALLABLE"})
     path: str = field(default="", metadata={"doc": "the npz/pt file, relative to the study file"})
     num_classes: int = field(default=0, metadata={"min": 0, "doc": "user data: 0 = inferred from the labels"})
@@ -79,7 +82,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"  # a built-in model, or a factory "MODULE:CALLABLE" / "FILE.py:CALLABLE" of the user's
+    """The study's model: a study file's ``[model]`` table."""
+
+    # a built-in model, or a factory "MODULE:CALLABLE" / "FILE.py:CALLABLE" of the user's
+    name: str = "mlp"
     # BatchNorm at evaluation; "auto": running statistics for a built-in model, a user's model as built
     bn: str = field(default="auto", metadata=_choice("auto", *BN_MODES))
     options: dict = field(default_factory=dict)
@@ -130,15 +136,21 @@ class TrainConfig:
     # remedies (batchgap.remedies): the step, ghost batch normalization, augmentation, batch schedules
     remedy: str = field(default="plain", metadata=_choice(*STEPS))
     remedy_options: dict = field(default_factory=dict)  # the remedy's keyword arguments, checked by it
-    ghost_batch: int = field(default=0, metadata={"min": 0, "doc": "0 = off; else BN statistics per chunk of this size"})
+    ghost_batch: int = field(
+        default=0, metadata={"min": 0, "doc": "0 = off; else BN statistics per chunk of this size"}
+    )
     augment: str = field(default="", metadata={"doc": "'' = the study's data.augment"})
     batch_schedule: BatchSchedule | None = None
     init_from: InitFrom | None = None
-    bn_sync: bool = field(default=False, metadata={"doc": "data-parallel: BN statistics of the global batch, not per worker"})
+    bn_sync: bool = field(
+        default=False, metadata={"doc": "data-parallel: BN statistics of the global batch, not per worker"}
+    )
 
 
 @dataclass
 class Regime:
+    """One regime of a study: a batch size and its overrides of ``[train]``."""
+
     name: str
     batch_size: int | str  # an absolute size, or "P%" of the training set (batchgap.plan resolves it)
     train: TrainConfig = field(default_factory=TrainConfig)  # the study's [train] with this regime's overrides
@@ -146,6 +158,8 @@ class Regime:
 
 @dataclass
 class MeasureConfig:
+    """The measurements each run gets: a study file's ``[measure]`` table."""
+
     eval_batch_size: int = field(default=1000, metadata=_positive())
     bn: str = field(default="eval", metadata=_choice(*EVAL_BN))
     interpolation: bool = True
@@ -164,36 +178,58 @@ class MeasureConfig:
     sharpness_eps: list = field(default_factory=lambda: [1e-3, 5e-4])  # [] = no eps-sharpness
     sharpness_subspace_dim: int = field(default=100, metadata={"min": 0, "doc": "0 = full space only"})
     sharpness_max_iter: int = field(default=10, metadata={"min": 1})
-    sharpness_subspace_columns: str = field(default="normal", metadata=_choice("normal", "unit", doc="A's column scale (landscape.sharpness.SUBSPACE_COLUMNS): N(0,1) entries, or those columns at norm 1"))
+    sharpness_subspace_columns: str = field(default="normal", metadata=_choice(
+        "normal", "unit",
+        doc="A's column scale (landscape.sharpness.SUBSPACE_COLUMNS): N(0,1) entries, or those columns at norm 1"))
     adaptive_rho: float = field(default=0.01, metadata={"min": 0.0, "doc": "0 = no adaptive sharpness"})
-    adaptive_m: int = field(default=0, metadata={"min": 0, "doc": "0 = n-sharpness (one maximum over the data); m = m-sharpness: mean of the maxima of disjoint batches of m"})
-    adaptive_points: int = field(default=1024, metadata={"min": 1, "doc": "m-sharpness: examples drawn with the run's seed, cut into batches of adaptive_m"})
+    adaptive_m: int = field(default=0, metadata={
+        "min": 0, "doc": "0 = n-sharpness (one maximum over the data); m = m-sharpness: mean of the maxima of "
+        "disjoint batches of m"})
+    adaptive_points: int = field(default=1024, metadata={
+        "min": 1, "doc": "m-sharpness: examples drawn with the run's seed, cut into batches of adaptive_m"})
     hessian_top_k: int = field(default=1, metadata={"min": 0})
-    hessian_max_hvp: int = field(default=100, metadata={"min": 1, "doc": "cap on Lanczos steps (HVPs) for the top eigenvalues"})
+    hessian_max_hvp: int = field(
+        default=100, metadata={"min": 1, "doc": "cap on Lanczos steps (HVPs) for the top eigenvalues"}
+    )
     hessian_trace_probes: int = field(default=10, metadata={"min": 0})
     curve_directions: int = field(default=5, metadata={"min": 0})
     curve_points: int = field(default=21, metadata={"min": 3})
     curve_range: float = field(default=1.0, metadata={"gt": 0.0})
-    surface_points: int = field(default=21, metadata={"min": 0, "doc": "0 = no 2-D surface; drawn for the first seed"})
+    surface_points: int = field(
+        default=21, metadata={"min": 0, "doc": "0 = no 2-D surface; drawn for the first seed"}
+    )
     trajectory_epochs: list = field(default_factory=list)  # epochs at which to measure sharpness along training
-    noise_scale_batches: int = field(default=200, metadata={"min": 0, "doc": "the gradient noise scale B_simple; 0 = off. Exact (every example's gradient) where per-example gradients exist (no BN, running statistics); under batch statistics the number of sampled batches of 32 ghost-batch units"})
+    noise_scale_batches: int = field(default=200, metadata={
+        "min": 0, "doc": "the gradient noise scale B_simple; 0 = off. Exact (every example's gradient) where "
+        "per-example gradients exist (no BN, running statistics); under batch statistics the number of sampled "
+        "batches of 32 ghost-batch units"})
     # generalization measures (Jiang et al. 2019; batchgap.landscape.norms, flatness, density)
-    norms: bool = field(default=True, metadata={"doc": "norm and margin measures (one jvp pass over the geometry data)"})
-    average_sigma: float = field(default=0.01, metadata={"min": 0.0, "doc": "average sharpness, u ~ N(0, sigma^2 I); 0 = off"})
-    average_sigma_relative: float = field(default=0.1, metadata={"min": 0.0, "doc": "magnitude-aware average sharpness, u_i ~ N(0, sigma^2 w_i^2); 0 = off"})
-    flatness_samples: int = field(default=8, metadata={"min": 2, "doc": "Monte Carlo draws of the average sharpness and PAC-Bayes flatness"})
+    norms: bool = field(
+        default=True, metadata={"doc": "norm and margin measures (one jvp pass over the geometry data)"}
+    )
+    average_sigma: float = field(
+        default=0.01, metadata={"min": 0.0, "doc": "average sharpness, u ~ N(0, sigma^2 I); 0 = off"}
+    )
+    average_sigma_relative: float = field(default=0.1, metadata={
+        "min": 0.0, "doc": "magnitude-aware average sharpness, u_i ~ N(0, sigma^2 w_i^2); 0 = off"})
+    flatness_samples: int = field(default=8, metadata={
+        "min": 2, "doc": "Monte Carlo draws of the average sharpness and PAC-Bayes flatness"})
     pac_bayes_delta: float = field(default=0.1, metadata={
         "min": 0.0, "doc": "PAC-Bayes flatness: the largest sigma whose expected rise (pac_bayes_target) is <= delta; "
         "0 = off"})
     pac_bayes_target: str = field(default="loss", metadata=_choice(
         "loss", "error", "both", doc="what PAC-Bayes flatness bounds: loss = the training-loss rise E[L(w+u)] - L(w) "
         "(batchgap's variant), error = the training-accuracy drop (Jiang et al. 2019's pacbayes.flatness), both"))
-    worst_case_delta: float = field(default=0.0, metadata={"min": 0.0, "doc": "worst-case flatness: the largest box alpha whose maximum rise is <= delta; 0 = off (8 box maximizations per variant)"})
+    worst_case_delta: float = field(default=0.0, metadata={
+        "min": 0.0, "doc": "worst-case flatness: the largest box alpha whose maximum rise is <= delta; 0 = off "
+        "(8 box maximizations per variant)"})
     worst_case_max_iter: int = field(default=5, metadata={"min": 1})
     density_vectors: int = field(default=4, metadata={
         "min": 0, "doc": "Hessian spectral density (SLQ): start vectors, >= 2 for its trace's interval (1: no "
         "trace); 0 = off. Cost: vectors x steps HVPs in steps block calls"})
-    density_steps: int = field(default=20, metadata={"min": 2, "doc": "Lanczos steps per start vector (HVPs = vectors x steps)"})
+    density_steps: int = field(
+        default=20, metadata={"min": 2, "doc": "Lanczos steps per start vector (HVPs = vectors x steps)"}
+    )
 
 
 @dataclass

@@ -254,7 +254,8 @@ def _load(tp: Any, value: Any, where: str) -> Any:
         hints = typing.get_type_hints(tp)
         names = {f.name for f in dataclasses.fields(tp)}
         missing = [f.name for f in dataclasses.fields(tp)
-                   if f.name not in value and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+                   if f.name not in value and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
         if missing:
             raise ValueError(f"{where}: missing {', '.join(missing)}")
         return tp(**{k: _load(hints[k], v, f"{where}.{k}") for k, v in value.items() if k in names})

@@ -188,7 +188,8 @@ def check_conflicts(out: Path, shard: tuple[int, int] | None, key: str) -> None:
                                 "with --shard, or wait for it and run again")
             continue
         if what[0] == "run":
-            raise UserError(f"{out}: another batchgap run (pid {pid}) is writing there; wait for it or use another --out")
+            raise UserError(f"{out}: another batchgap run (pid {pid}) is writing there; wait for it or use "
+                            "another --out")
         if what[0] == "shard":
             other = parse_shard(what[1]) if len(what) > 1 else None
             if other is not None and other[1] != shard[1]:

@@ -33,9 +33,12 @@ def _settings(res: Results) -> list[str]:
     t = s["train"]
     lines = [
         "| setting | value |", "|---|---|",
-        f"| data | {res.data['dataset']}: {res.data['train_examples']} train, {res.data['test_examples']} test examples; augmentation: {s['data']['augment']} |",
-        f"| model | {s['model']['name']} {json.dumps(s['model']['options']) if s['model']['options'] else ''}, BatchNorm: {s['model']['bn']} statistics at evaluation |",
-        f"| optimizer | {t['optimizer']}, lr {t['lr']:g}" + (f", momentum {t['momentum']}" if t["optimizer"] == "sgd" else "")
+        f"| data | {res.data['dataset']}: {res.data['train_examples']} train, {res.data['test_examples']} test "
+        f"examples; augmentation: {s['data']['augment']} |",
+        f"| model | {s['model']['name']} {json.dumps(s['model']['options']) if s['model']['options'] else ''}, "
+        f"BatchNorm: {s['model']['bn']} statistics at evaluation |",
+        f"| optimizer | {t['optimizer']}, lr {t['lr']:g}"
+        + (f", momentum {t['momentum']}" if t["optimizer"] == "sgd" else "")
         + f", weight decay {t['weight_decay']:g}, {t['epochs']} epochs |",
         f"| seeds | {', '.join(map(str, s['seeds']))} (SB and LB of one seed start from the same x0) |",
     ]
@@ -49,7 +52,8 @@ def _settings(res: Results) -> list[str]:
             lines.append(f"| your {kind} | `{spec}` ({shas}) |")
     for r in s["regimes"]:
         extra = {k: v for k, v in r.items() if k not in ("name", "batch_size")}
-        lines.append(f"| regime {r['name']} | batch {r['batch_size']}" + (f", {json.dumps(extra)}" if extra else "") + " |")
+        lines.append(f"| regime {r['name']} | batch {r['batch_size']}"
+                     + (f", {json.dumps(extra)}" if extra else "") + " |")
     for proto in {json.dumps(r.distributed, sort_keys=True) for r in res.runs if r.distributed}:
         d = json.loads(proto)
         lines.append(f"| data-parallel | {d['world_size']} workers ({d['backend']}), global batch {d['global_batch']}, "
@@ -73,7 +77,8 @@ def _table2(res: Results) -> list[str]:
     lines = ["| regime | batch | lr | train accuracy (%) | test accuracy (%) | runs |", "|---|---|---|---|---|---|"]
     for row in res.summary:
         runs = f"{row.runs}" + (f" ({row.diverged} diverged)" if row.diverged else "")
-        lines.append(f"| {row.name} | {row.batch_size} | {_fmt(row.lr)} | {_pm(row.train_accuracy)} | {_pm(row.test_accuracy)} | {runs} |")
+        lines.append(f"| {row.name} | {row.batch_size} | {_fmt(row.lr)} | {_pm(row.train_accuracy)} | "
+                     f"{_pm(row.test_accuracy)} | {runs} |")
     comp = res.comparison
     if comp is not None and comp.test_accuracy_gap is not None:
         gap = 100 * comp.test_accuracy_gap
@@ -81,7 +86,8 @@ def _table2(res: Results) -> list[str]:
         if comp.p_value is not None:
             verdict = "significant at 0.05" if comp.p_value < 0.05 else "not significant at 0.05"
             iv = comp.gap_interval
-            ci = f"{int(100 * iv.level)}% interval [{100 * iv.lo:+.2f}, {100 * iv.hi:+.2f}] points; " if iv and iv.lo is not None else ""
+            ci = (f"{int(100 * iv.level)}% interval [{100 * iv.lo:+.2f}, {100 * iv.hi:+.2f}] points; "
+                  if iv and iv.lo is not None else "")
             sentence += (f" ({ci}Welch's t-test, {comp.n_small} and {comp.n_large} seeds: t = {comp.welch_t:.2f}, "
                          f"two-sided p = {text.p_value(comp.p_value)}, {verdict}).")
         elif (comp.test or "").startswith("none"):
@@ -93,7 +99,8 @@ def _table2(res: Results) -> list[str]:
     paper = res.study.get("paper", {}).get("table2")
     if paper:
         lines.append(f"\nThe paper's Table 2 for {paper.get('network', 'this setting')}: train SB {paper['train_sb']}, "
-                     f"LB {paper['train_lb']}; test SB {paper['test_sb']}, LB {paper['test_lb']} (% , mean ± std over 5 trials).")
+                     f"LB {paper['train_lb']}; test SB {paper['test_sb']}, LB {paper['test_lb']} "
+                     "(% , mean ± std over 5 trials).")
     return lines
 
 
@@ -117,7 +124,8 @@ def _distance(res: Results) -> list[str]:
     lines = ["| regime | ‖x* − x0‖ | ‖x0‖ |", "|---|---|---|"]
     for row in res.summary:
         x0 = mean_std([r.distance_from_init["x0_norm"] for r in res.runs_of(row.name) if r.distance_from_init])
-        lines.append(f"| {row.name} | {text.pm(row.distance_from_init, 1.0, 3, fixed=True)} | {text.pm(x0, 1.0, 3, fixed=True)} |")
+        lines.append(f"| {row.name} | {text.pm(row.distance_from_init, 1.0, 3, fixed=True)} | "
+                     f"{text.pm(x0, 1.0, 3, fixed=True)} |")
     comp = res.comparison
     if comp is not None and comp.distance_ratio is not None:
         lines.append(f"\nRatio ‖x_{comp.small} − x0‖ / ‖x_{comp.large} − x0‖ = **{comp.distance_ratio:.2f}** "
@@ -133,7 +141,8 @@ def _runs(res: Results) -> list[str]:
         if r.diverged_epoch:
             status = f"diverged at epoch {r.diverged_epoch} | | |"
         else:
-            status = f"{100 * r.train.accuracy:.2f} | {100 * r.test.accuracy:.2f} | {r.distance_from_init['value']:.3f} |"
+            status = (f"{100 * r.train.accuracy:.2f} | {100 * r.test.accuracy:.2f} | "
+                      f"{r.distance_from_init['value']:.3f} |")
         lines.append(f"| {r.id} | {r.regime} | {r.seed} | {r.batch_size} | {_fmt(r.lr)} | {r.epochs} | "
                      f"{r.steps} | {status} {r.wall_time_s:.1f} |")
     return lines
@@ -191,7 +200,8 @@ def write_report(out: str | Path) -> Path:
     if "warm-start" in extra and (f := experiments.warm_start(res, out, fig_dir / "warm_start.png")):
         md += ["## Warm start from the small batch (the paper's Figure 5)", "", f"![warm start](figures/{f.name})", ""]
     if "trajectory" in extra and (f := experiments.trajectory(res, fig_dir / "sharpness_trajectory.png")):
-        md += ["## Sharpness along training (the paper's Figure 6)", "", f"![sharpness along training](figures/{f.name})", ""]
+        md += ["## Sharpness along training (the paper's Figure 6)", "",
+               f"![sharpness along training](figures/{f.name})", ""]
     if "noise-scale" in extra and (f := experiments.noise_scale(res, fig_dir / "noise_scale.png")):
         md += ["## Gradient noise scale along training", "", f"![noise scale](figures/{f.name})", ""]
     sharp = sharpness_table(res)
