@@ -37,10 +37,13 @@ def _parser() -> argparse.ArgumentParser:
                                                 "runs/STUDY-paper with --paper-scale)")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, e.g. train.epochs=5 or regimes.LB.batch_size=\"5%%\" (repeatable)")
-    run.add_argument("--quick", action="store_true", help="shrink the study (few epochs, a slice of the data) for a smoke test")
+    run.add_argument("--quick", action="store_true",
+                     help="shrink the study (few epochs, a slice of the data) for a smoke test")
     run.add_argument("--paper-scale", action="store_true",
-                     help="the study at the paper's scale (its [paper_scale] table: CIFAR-10, network C1, 100 epochs; a GPU's work)")
-    run.add_argument("--data-dir", type=Path, help="where data files live (default: $BATCHGAP_DATA or ~/.cache/batchgap/data)")
+                     help="the study at the paper's scale (its [paper_scale] table: CIFAR-10, network C1, 100 epochs; "
+                          "a GPU's work)")
+    run.add_argument("--data-dir", type=Path,
+                     help="where data files live (default: $BATCHGAP_DATA or ~/.cache/batchgap/data)")
     run.add_argument("--download", action="store_true", help="download missing data files first")
     run.add_argument("--no-report", action="store_true", help="write results.json only")
     run.add_argument("--force", action="store_true",
@@ -58,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                           "float rounding depends on it (default: $BATCHGAP_THREADS, else the study's, 1)")
     run.add_argument("--device", metavar="DEVICE",
                      help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N "
-                          "(default: $BATCHGAP_DEVICE, else auto); under torchrun, cuda means each worker's GPU LOCAL_RANK")
+                          "(default: $BATCHGAP_DEVICE, else auto); under torchrun, cuda means each worker's GPU "
+                          "LOCAL_RANK")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bars (default: when stderr is a terminal)")
 
@@ -75,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--quick", action="store_true", help="the settings --quick runs")
     show.add_argument("--paper-scale", action="store_true", help="the settings --paper-scale runs")
 
-    meas = sub.add_parser("measure", help="the geometry of a saved model (a checkpoint or a study's run), without a study")
+    meas = sub.add_parser("measure",
+                          help="the geometry of a saved model (a checkpoint or a study's run), without a study")
     meas.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
                       help="a state_dict saved with torch.save, a whole pickled nn.Module (with --trust-pickle), "
                            "or a study's run directory OUT/runs/ID (its model and data then come from the run)")
@@ -84,8 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     meas.add_argument("--options", metavar="JSON", help="the model's keyword arguments as a JSON object")
     meas.add_argument("--bn", metavar="MODE", help="a built-in model's BatchNorm: running (default), batch or none; "
                                                    "a factory's model is measured as built")
-    meas.add_argument("--data", metavar="DATA", help="an .npz or .pt file with x_train, y_train, x_test, y_test; a loader "
-                                                     "MODULE:CALLABLE; or a built-in data set name")
+    meas.add_argument("--data", metavar="DATA",
+                      help="an .npz or .pt file with x_train, y_train, x_test, y_test; a loader MODULE:CALLABLE; or a "
+                           "built-in data set name")
     meas.add_argument("--num-classes", type=int, default=0, metavar="K",
                       help="your data's number of classes (default: inferred from the labels)")
     meas.add_argument("--data-dir", type=Path, help="where the built-in data sets' files live")
@@ -99,15 +105,18 @@ def _parser() -> argparse.ArgumentParser:
     meas.add_argument("--seed", type=int, help="the measurements' seed (default: a run directory's seed, else 0)")
     meas.add_argument("--trust-pickle", action="store_true",
                       help="allow a checkpoint holding pickled Python objects (unpickling runs code from the file)")
-    meas.add_argument("--threads", type=int, default=1, metavar="N", help="torch intra-op threads (default 1; recorded)")
-    meas.add_argument("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: $BATCHGAP_DEVICE, else auto)")
+    meas.add_argument("--threads", type=int, default=1, metavar="N",
+                      help="torch intra-op threads (default 1; recorded)")
+    meas.add_argument("--device", metavar="DEVICE",
+                      help="auto, cpu, cuda or cuda:N (default: $BATCHGAP_DEVICE, else auto)")
     meas.add_argument("--no-report", action="store_true", help="write measures.json only")
 
     cor = sub.add_parser("correlate", help="which measure ranks the runs of finished studies by their generalization "
                                            "gap: Kendall's tau and Psi with bootstrap intervals")
     cor.add_argument("outs", type=Path, nargs="+", metavar="OUT", help="finished study output directories")
     cor.add_argument("--out", type=Path, metavar="DIR",
-                     help="writes DIR/correlation.md, DIR/correlation.json, DIR/figures/ (default: OUT when one is given)")
+                     help="writes DIR/correlation.md, DIR/correlation.json, DIR/figures/ (default: OUT when one is "
+                          "given)")
 
     sub.add_parser("list", help="list models, data sets and built-in studies")
 
@@ -117,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     dl = data_sub.add_parser("download", help="download a data set's official files and verify their checksums")
     dl.add_argument("name", help=f"a data set: {', '.join(d for d in DATASETS if DATASETS[d].needs_files)} "
                                   "(mnist1d is generated offline)")
-    dl.add_argument("--data-dir", type=Path, help="where data files live (default: $BATCHGAP_DATA or ~/.cache/batchgap/data)")
+    dl.add_argument("--data-dir", type=Path, help="where data files live (default: $BATCHGAP_DATA or "
+                                                  "~/.cache/batchgap/data)")
     return p
 
 
@@ -288,7 +298,8 @@ def _cmd_data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    handler = {"run": _cmd_run, "report": _report, "show": _cmd_show, "measure": _cmd_measure, "correlate": _cmd_correlate,
+    handler = {"run": _cmd_run, "report": _report, "show": _cmd_show, "measure": _cmd_measure,
+               "correlate": _cmd_correlate,
                "list": _cmd_list,
                "data": _cmd_data}[args.command]
     from .lifecycle import EXIT_TERMINATED, Terminated, terminate_as_interrupt

@@ -86,7 +86,8 @@ def _line(e: BaseException) -> str:
 
 
 def _tensors_only(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+    return (isinstance(obj, dict) and bool(obj)
+            and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()))
 
 
 def read_checkpoint(source: str | Path, trust_pickle: bool = False, where: str = "CHECKPOINT") -> Checkpoint:
@@ -134,7 +135,8 @@ def _read_run(path: Path, where: str) -> Checkpoint:
         raise UserError(f"{where} {path}: a directory, but not a study's run directory (no readable config.json "
                         "with model and data); expected OUT/runs/ID")
     if not rd.model.is_file():
-        raise UserError(f"{where} {path}: has no model.pt: the run has not finished training (resume it with batchgap run)")
+        raise UserError(f"{where} {path}: has no model.pt: the run has not finished training (resume it with batchgap "
+                        "run)")
     try:
         state = rd.load_model()  # verified against the sha256 recorded when it was written; weights-only
     except DamagedFile as e:
@@ -193,7 +195,8 @@ def measure_settings(sets: list[str] | tuple[str, ...] = ()) -> MeasureConfig:
             raise UserError(f"--set {key}: batchgap measure takes only measure.KEY settings, e.g. "
                             "measure.sharpness_max_iter=5")
         if name not in fields:
-            raise UserError(f"--set {key}: unknown key{closest(name, fields)}; allowed: measure.{', measure.'.join(fields)}")
+            raise UserError(f"--set {key}: unknown key{closest(name, fields)}; allowed: "
+                            f"measure.{', measure.'.join(fields)}")
         if name in UNUSED:
             raise UserError(f"--set {key}: {UNUSED[name]}")
         raw[name] = value
@@ -274,7 +277,8 @@ def prepare(
     checkpoint: str | Path, out: str | Path, model: str | None = None, options: dict | str | None = None,
     bn: str | None = None, data: str | None = None, num_classes: int = 0, data_dir=None, download: bool = False,
     compare: str | Path | None = None, sets: list[str] | tuple[str, ...] = (), seed: int | None = None,
-    trust_pickle: bool = False, threads: int = 1, device: str | torch.device | None = "cpu", root: str | Path | None = None,
+    trust_pickle: bool = False, threads: int = 1, device: str | torch.device | None = "cpu",
+    root: str | Path | None = None,
 ) -> Job:
     """Everything :func:`measure` needs, every input checked; nothing is written. ``root`` is where
     ``MODULE:CALLABLE`` specs and data paths are found (default: the current directory)."""
@@ -315,7 +319,8 @@ def prepare(
             raise UserError("--num-classes: only with --data (a run directory's data come with their classes)")
         data_cfg = run
     else:
-        raise UserError("--data: missing; expected an .npz or .pt file, a loader MODULE:CALLABLE or a built-in data set "
+        raise UserError("--data: missing; expected an .npz or .pt file, a loader MODULE:CALLABLE or a built-in data "
+                        "set "
                         f"({', '.join(DATASETS)})")
     ds = build.prepare_data(data_cfg, data_dir, download)
     if model_cfg is None:
@@ -357,7 +362,8 @@ def measure(job: Job, command: str | None = None) -> Path:
         "checkpoint": job.a.describe(),
         "compare": job.b.describe() if job.b is not None else None,
         "model": job.model_identity,
-        "data": {**data_protocol(ds), "input_shape": list(ds.input_shape), "num_classes": ds.num_classes, "info": ds.info},
+        "data": {**data_protocol(ds), "input_shape": list(ds.input_shape), "num_classes": ds.num_classes,
+                 "info": ds.info},
         "measure": dataclasses.asdict(job.mcfg),
         "seed": job.seed,
         "threads": job.threads,

@@ -40,9 +40,8 @@ Log = Callable[[str], None]
 
 
 # Bumped when a measurement's method changes its numbers under the same settings, so that a resumed study
-# measures its runs again: 2 = the noise scale exact where per-example norms have a closed form (2026-12-02);
-# 3 = Jiang et al.'s norm forms (sum_of_spec, params_norm, ...), the PAC-Bayes target, the density's trace only
-# with its interval (issue 24).
+# measures its runs again: 2 = the exact noise scale (2026-12-02); 3 = issue 24's measure labels (Jiang et
+# al.'s norm forms, the PAC-Bayes target, the density's trace only with its interval).
 MEASURE_METHODS = 3
 
 
@@ -129,11 +128,9 @@ def execute_run(out: Output, cfg: StudyConfig, ds: Dataset, run: Run, progress: 
 
 
 def _log_result(log: Log, r: RunResult) -> None:
-    if r.diverged_epoch:
-        log(f"    {r.id}: diverged at epoch {r.diverged_epoch}")
-    else:
-        log(f"    {r.id}: train {r.train.accuracy:.4f}  test {r.test.accuracy:.4f}  "
-            f"({r.wall_time_s:.1f} s training, {r.measure_time_s or 0:.1f} s measures)")
+    log(f"    {r.id}: diverged at epoch {r.diverged_epoch}" if r.diverged_epoch else
+        f"    {r.id}: train {r.train.accuracy:.4f}  test {r.test.accuracy:.4f}  "
+        f"({r.wall_time_s:.1f} s training, {r.measure_time_s or 0:.1f} s measures)")
 
 
 _WORKER: dict = {}
@@ -244,7 +241,8 @@ def execute_pair(out: Output, cfg: StudyConfig, ds: Dataset, sb: RunResult, lb: 
         return load(Pair, cached, str(path))
     with devices.num_threads(sb.threads):
         models = [build.model(cfg, ds, out.run(r.id).load_model()) for r in (sb, lb)]
-        pair = Pair(sb.seed, sb.id, lb.id, key, parametric_plot(models[0], models[1], ds, cfg.measure, (sb.regime, lb.regime)))
+        pair = Pair(sb.seed, sb.id, lb.id, key,
+                    parametric_plot(models[0], models[1], ds, cfg.measure, (sb.regime, lb.regime)))
     out.write(path, pair)
     return pair
 
@@ -266,7 +264,8 @@ def _results(cfg: StudyConfig, ds: Dataset, runs: list[RunResult], pairs: list[P
              unfinished: list[str] = (), user: dict | None = None) -> Results:
     summary = summarize(cfg.regime_names(), runs)
     return Results(
-        study=cfg.to_dict(), data={**data_protocol(ds), "info": ds.info}, environment=devices.environment(devices.of(ds)),
+        study=cfg.to_dict(), data={**data_protocol(ds), "info": ds.info},
+        environment=devices.environment(devices.of(ds)),
         command=command, runs=runs, pairs=pairs, summary=summary,
         comparison=compare(cfg.compare[0], cfg.compare[1], runs, summary) if cfg.compare else None,
         wall_time_s=time.perf_counter() - t0, unfinished=list(unfinished), user=user or {},
@@ -443,7 +442,8 @@ def merge_results(out: str | Path, data_dir: str | Path | None = None, download:
     ds = devices.place(prepare_data(cfg, data_dir, download), devices.resolve(device))
     with sharding.OutputLock(out.path, what="report"):
         remove_temp_files(out.path, ("results.json", "report.md"))
-        user = plugins.identity(cfg.model.name, ds, [r.train.augment or cfg.data.augment for r in cfg.regimes], cfg.root)
+        user = plugins.identity(cfg.model.name, ds, [r.train.augment or cfg.data.augment for r in cfg.regimes],
+                                cfg.root)
         doc = _results(cfg, ds, finished, _pairs(out, cfg, ds, finished), command, t0, unfinished, user)
         out.write(out.results, doc)
     return doc

@@ -72,6 +72,7 @@ GATHER_BYTES = 64 * 2**20
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names (Adam or SGD) over the model's trainable parameters, fused where possible."""
     params = [p for p in model.parameters() if p.requires_grad]
     fused = FUSED_OPTIMIZER and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None
     if cfg.optimizer == "adam":
@@ -82,6 +83,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns, and what a resume restores from ``state.pt``."""
+
     history: list = field(default_factory=list)  # one dict per evaluated epoch
     epochs_done: int = 0
     steps: int = 0
