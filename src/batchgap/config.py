@@ -137,14 +137,12 @@ class TrainConfig:
     remedy: str = field(default="plain", metadata=_choice(*STEPS))
     remedy_options: dict = field(default_factory=dict)  # the remedy's keyword arguments, checked by it
     ghost_batch: int = field(
-        default=0, metadata={"min": 0, "doc": "0 = off; else BN statistics per chunk of this size"}
-    )
+        default=0, metadata={"min": 0, "doc": "0 = off; else BN statistics per chunk of this size"})
     augment: str = field(default="", metadata={"doc": "'' = the study's data.augment"})
     batch_schedule: BatchSchedule | None = None
     init_from: InitFrom | None = None
     bn_sync: bool = field(
-        default=False, metadata={"doc": "data-parallel: BN statistics of the global batch, not per worker"}
-    )
+        default=False, metadata={"doc": "data-parallel: BN statistics of the global batch, not per worker"})
 
 
 @dataclass
@@ -189,15 +187,13 @@ class MeasureConfig:
         "min": 1, "doc": "m-sharpness: examples drawn with the run's seed, cut into batches of adaptive_m"})
     hessian_top_k: int = field(default=1, metadata={"min": 0})
     hessian_max_hvp: int = field(
-        default=100, metadata={"min": 1, "doc": "cap on Lanczos steps (HVPs) for the top eigenvalues"}
-    )
+        default=100, metadata={"min": 1, "doc": "cap on Lanczos steps (HVPs) for the top eigenvalues"})
     hessian_trace_probes: int = field(default=10, metadata={"min": 0})
     curve_directions: int = field(default=5, metadata={"min": 0})
     curve_points: int = field(default=21, metadata={"min": 3})
     curve_range: float = field(default=1.0, metadata={"gt": 0.0})
     surface_points: int = field(
-        default=21, metadata={"min": 0, "doc": "0 = no 2-D surface; drawn for the first seed"}
-    )
+        default=21, metadata={"min": 0, "doc": "0 = no 2-D surface; drawn for the first seed"})
     trajectory_epochs: list = field(default_factory=list)  # epochs at which to measure sharpness along training
     noise_scale_batches: int = field(default=200, metadata={
         "min": 0, "doc": "the gradient noise scale B_simple; 0 = off. Exact (every example's gradient) where "
@@ -205,11 +201,9 @@ class MeasureConfig:
         "batches of 32 ghost-batch units"})
     # generalization measures (Jiang et al. 2019; batchgap.landscape.norms, flatness, density)
     norms: bool = field(
-        default=True, metadata={"doc": "norm and margin measures (one jvp pass over the geometry data)"}
-    )
+        default=True, metadata={"doc": "norm and margin measures (one jvp pass over the geometry data)"})
     average_sigma: float = field(
-        default=0.01, metadata={"min": 0.0, "doc": "average sharpness, u ~ N(0, sigma^2 I); 0 = off"}
-    )
+        default=0.01, metadata={"min": 0.0, "doc": "average sharpness, u ~ N(0, sigma^2 I); 0 = off"})
     average_sigma_relative: float = field(default=0.1, metadata={
         "min": 0.0, "doc": "magnitude-aware average sharpness, u_i ~ N(0, sigma^2 w_i^2); 0 = off"})
     flatness_samples: int = field(default=8, metadata={
@@ -228,8 +222,7 @@ class MeasureConfig:
         "min": 0, "doc": "Hessian spectral density (SLQ): start vectors, >= 2 for its trace's interval (1: no "
         "trace); 0 = off. Cost: vectors x steps HVPs in steps block calls"})
     density_steps: int = field(
-        default=20, metadata={"min": 2, "doc": "Lanczos steps per start vector (HVPs = vectors x steps)"}
-    )
+        default=20, metadata={"min": 2, "doc": "Lanczos steps per start vector (HVPs = vectors x steps)"})
 
 
 @dataclass
