@@ -75,7 +75,7 @@ GENERIC_QUICK = {
     "measure.sharpness_eps": [1e-3], "measure.sharpness_max_iter": 3, "measure.sharpness_subspace_dim": 10,
     "measure.hessian_trace_probes": 3, "measure.curve_directions": 2, "measure.curve_points": 7,
     "measure.surface_points": 5, "measure.noise_scale_batches": 20, "measure.hessian_max_hvp": 10,
-    "measure.density_steps": 6, "measure.flatness_samples": 4,
+    "measure.density_steps": 6, "measure.density_vectors": 2, "measure.flatness_samples": 4,
 }
 
 
