@@ -6,7 +6,7 @@ from batchgap.config import (
     config_hash, from_dict, load_study, parse_batch_size, parse_set,
 )
 from batchgap.errors import UserError
-from batchgap.studies import builtin_names, find_study
+from batchgap.studies import find_study, regime_study_names
 
 MINIMAL = {"name": "t", "regimes": [{"name": "SB", "batch_size": 8}, {"name": "LB", "batch_size": "25%"}]}
 
@@ -151,7 +151,7 @@ def test_quick_shrinks_and_study_quick_table_wins():
     assert load_study(raw).train.epochs == 50
 
 
-@pytest.mark.parametrize("name", builtin_names())
+@pytest.mark.parametrize("name", regime_study_names())
 def test_every_builtin_study_validates_full_and_quick(name):
     full = load_study(find_study(name))
     quick = load_study(find_study(name), quick=True)

@@ -13,7 +13,7 @@ from scipy import stats
 from batchgap import build, devices, study as study_mod
 from batchgap.results import load_results
 from batchgap.cli import main
-from batchgap.studies import builtin_names
+from batchgap.studies import regime_study_names
 from data_fixtures import install_fake_data
 
 SMALL = ["--set", "train.epochs=2", "--set", "data.train_subset=400", "--set", "data.test_subset=200",
@@ -184,7 +184,7 @@ def _needs_files(name):
 
 
 # measures: test_measures_study
-@pytest.mark.parametrize("name", [n for n in builtin_names() if n not in ("default", "measures")])
+@pytest.mark.parametrize("name", [n for n in regime_study_names() if n not in ("default", "measures")])
 def test_every_builtin_study_runs_quick(name, tmp_path, monkeypatch, mnist1d_dir):
     """Paper-scale studies on format-exact fake files; the MNIST-1D experiments on the real data."""
     jobs = []
@@ -210,7 +210,7 @@ EXPERIMENT_FIGURES = {"batch-sweep": "batch_sweep.png", "warm-start": "warm_star
                       "trajectory": "sharpness_trajectory.png", "noise-scale": "noise_scale.png"}
 
 
-@pytest.mark.parametrize("name", [n for n in builtin_names() if _needs_files(n)])
+@pytest.mark.parametrize("name", [n for n in regime_study_names() if _needs_files(n)])
 def test_paper_studies_without_their_data_stop_with_one_line(name, tmp_path, capsys):
     assert run_cli(name, "--quick", "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "empty")) == 2
     err = capsys.readouterr().err

@@ -159,8 +159,21 @@ def _warn_threads(threads: int, log) -> None:
             f"than {cores()} (set by --threads, BATCHGAP_THREADS or train.threads; part of each run's id, so kept)")
 
 
+def _run_experiment(kind: str, path: Path, args) -> int:
+    from . import experiments
+
+    if args.paper_scale or (args.nproc or 1) > 1 or args.shard is not None:
+        raise UserError(f"{args.study}: --paper-scale, --nproc and --shard are for regimes-and-seeds studies, "
+                        f"not the {kind} experiment")
+    out = args.out or Path("runs") / (path.stem + ("-quick" if args.quick else ""))
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    print(experiments.run(kind, path, out, quick=args.quick, sets=args.sets, jobs=args.jobs,
+                          progress=args.progress, log=log, force=args.force))
+    return 0
+
+
 def _cmd_run(args) -> int:
-    from . import devices, distributed
+    from . import devices, distributed, experiments
     from .config import config_hash, load_study
     from .sharding import check_free, parse_shard
     from .studies import find_study
@@ -168,6 +181,8 @@ def _cmd_run(args) -> int:
     from .study import check_one_study, check_study, run_study
 
     path = find_study(args.study)
+    if (kind := experiments.kind_of(path)) is not None:
+        return _run_experiment(kind, path, args)
     cfg = load_study(path, [*args.sets, *_threads(args)], quick=args.quick, paper_scale=args.paper_scale)
     out = args.out or Path("runs") / (cfg.name + ("-quick" if args.quick else "-paper" if args.paper_scale else ""))
     command = "batchgap " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
@@ -220,7 +235,13 @@ def _cmd_show(args) -> int:
     from .config import load_study
     from .studies import find_study
 
-    cfg = load_study(find_study(args.study), args.sets, quick=args.quick, paper_scale=args.paper_scale)
+    from . import experiments
+
+    path = find_study(args.study)
+    if (kind := experiments.kind_of(path)) is not None:
+        print(json.dumps(experiments.show(kind, path, quick=args.quick, sets=args.sets), indent=2))
+        return 0
+    cfg = load_study(path, args.sets, quick=args.quick, paper_scale=args.paper_scale)
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
 
@@ -329,7 +350,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(args) -> int:
+    from . import experiments
     from .report import write_report
+
+    if (kind := experiments.kind_of_output(args.out)) is not None:
+        print(experiments.report(kind, Path(args.out)))
+        return 0
     from .study import merge_results
 
     command = "batchgap " + " ".join(shlex.quote(a) for a in args.argv)

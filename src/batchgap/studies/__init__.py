@@ -13,6 +13,11 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in HERE.glob("*.toml"))
 
 
+def regime_study_names() -> list[str]:
+    """The built-in studies of regimes and seeds (not an ``experiment = ...`` study: batchgap.experiments)."""
+    return [n for n in builtin_names() if "experiment" not in read_toml(HERE / f"{n}.toml")]
+
+
 def find_study(name_or_path: str) -> Path:
     """A built-in study by name, or a path to a TOML file."""
     path = Path(name_or_path)
