@@ -41,10 +41,11 @@ from torch import nn
 from torch.utils.data import Dataset as TorchDataset, IterableDataset, Subset, TensorDataset
 
 from .boxmax import SOLVER, START, default_max_fun, maximize_in_box
-from .functional import FullDataLoss, session
+from .functional import FullDataLoss, objective_fields, session
+from .objective import as_objective
 from .params import describe_params
 from .protocol import Measured
-from .sharpness import bn_protocol, loss_fn_name
+from .evaluate import bn_protocol
 
 PERTURBATION_SET = "|delta_i| <= rho |w_i| (elementwise adaptive, l_inf); solved in u = delta/|w|"
 
@@ -128,6 +129,7 @@ def adaptive_sharpness(
     m: int | None = None,
     n_points: int = 1024,
     seed: int = 0,
+    objective=None,
 ) -> AdaptiveSharpnessResult:
     """Adaptive worst-case sharpness (Andriushchenko et al. 2023): n-sharpness or m-sharpness, with its protocol.
 
@@ -150,6 +152,8 @@ def adaptive_sharpness(
         params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
         max_fun: the hard cap on loss+gradient evaluations per maximum; None for ``1 + 4 * max_iter``.
         bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        objective: how a batch becomes a loss (:mod:`objective`): an Objective, a ready name or a callable
+            ``objective(model, batch) -> (loss_sum, weight)``; None for ``(inputs, targets)`` pairs and ``loss_fn``.
         m: None for n-sharpness, else the batch size of m-sharpness (a positive int, at most the points drawn).
         n_points: m-sharpness: how many examples are drawn (at most all of ``data``; a remainder is left out).
         seed: m-sharpness: seeds the ``torch.Generator`` whose ``randperm`` draws the examples.
@@ -184,9 +188,10 @@ def adaptive_sharpness(
                     + (f", a remainder of {used - k * m} left out" if used > k * m else "")
                     + f") drawn by torch.randperm, seed {seed}")
     results, n_seen = [], 0
-    with session(model, bn, data, bn_data, batch_size):
+    obj = as_objective(objective, loss_fn)
+    with session(model, bn, data, bn_data, batch_size, obj):
         for part in parts:
-            F = FullDataLoss(model, part, loss_fn, batch_size, params)
+            F = FullDataLoss(model, part, None, batch_size, params, objective=obj)
             scale = F.x0.abs()
 
             def apply(u: torch.Tensor, scale=scale) -> torch.Tensor:
@@ -211,7 +216,7 @@ def adaptive_sharpness(
         f_x=f_x, f_best=float(np.mean([r.f_best for r in results])),
         f_final=float(np.mean([r.f_final for r in results])), n=n_seen, bn=bn, bn_description=bn_description,
         params=params, num_params=num_params, params_measured=describe_params(model, params), batch_size=batch_size,
-        loss_fn=loss_fn_name(loss_fn),
+        **objective_fields(obj),
         solver=SOLVER, start=START,
         stop="; ".join(s if c == 1 and len(results) == 1 else f"{c} x [{s}]" for s, c in stops.items()),
         capped=any(r.capped for r in results), capped_batches=sum(r.capped for r in results),

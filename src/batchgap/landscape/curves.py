@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from .evaluate import BN_MODES, describe_bn, evaluate
-from .functional import FullDataLoss, session
+from .functional import FullDataLoss, objective_fields, session
+from .objective import as_objective
 from .params import describe_params, flat, named_parameters, preserved, set_flat
 from .protocol import as_grid, data_size_name, frozen_array, jsonable
 
@@ -60,6 +61,8 @@ class CurveResult:
     method: str
     loss_fn: str
     params_measured: str  # the perturbed parameters in words: trainable of all tensors, tied names
+    objective: str  # the batch form and where the loss comes from (objective.Objective.kind)
+    unit: str  # what n counts: examples, or tokens for a language model
 
     def as_dict(self) -> dict:
         return jsonable(self)
@@ -84,6 +87,8 @@ class SurfaceResult:
     method: str
     loss_fn: str
     params_measured: str
+    objective: str
+    unit: str
 
     def as_dict(self) -> dict:
         return jsonable(self)
@@ -116,7 +121,7 @@ def flat_direction(model: nn.Module, direction) -> torch.Tensor:
     return torch.cat([t.detach().to(dtype=p.dtype, device=p.device).reshape(-1) for (_, p), t in zip(named, parts)])
 
 
-def _grid_values(model, directions, coeffs, data, loss_fn, batch_size, bn, bn_data, fast, chunk):
+def _grid_values(model, directions, coeffs, data, obj, batch_size, bn, bn_data, fast, chunk):
     """Loss and accuracy at theta* + coeffs[i] @ D for every row of ``coeffs`` (P, k)."""
     if bn not in BN_MODES:
         raise ValueError(f"bn must be one of {BN_MODES}, not {bn!r}")
@@ -129,8 +134,8 @@ def _grid_values(model, directions, coeffs, data, loss_fn, batch_size, bn, bn_da
         return x0 + rows @ D
 
     if fast and bn != "recompute":
-        with session(model, bn):
-            F = FullDataLoss(model, data, loss_fn, batch_size, "all")
+        with session(model, bn, objective=obj):
+            F = FullDataLoss(model, data, None, batch_size, "all", objective=obj)
             if chunk is None:
                 chunk = 1 if x0.device.type == "cpu" else 16
             loss, acc, _ = F.values_at_rows(point, C, chunk)
@@ -141,13 +146,13 @@ def _grid_values(model, directions, coeffs, data, loss_fn, batch_size, bn, bn_da
     with preserved(model):
         for row in C:
             set_flat(params, point(row[None])[0])
-            m = evaluate(model, data, loss_fn, batch_size, bn=bn, bn_data=bn_data)
+            m = evaluate(model, data, None, batch_size, bn=bn, bn_data=bn_data, objective=obj)
             losses.append(m.loss)
             accs.append(m.accuracy)
     return np.array(losses), np.array(accs), m.n, "one evaluate() per point"
 
 
-def _common(model, data, loss_fn, batch_size, bn, bn_data, method):
+def _common(model, data, obj, batch_size, bn, bn_data, method):
     return dict(
         bn=bn,
         bn_description=describe_bn(model, bn, batch_size),
@@ -155,13 +160,14 @@ def _common(model, data, loss_fn, batch_size, bn, bn_data, method):
                  else "the evaluated data" if bn_data is None else f"caller's bn_data ({data_size_name(bn_data)})"),
         batch_size=batch_size,
         method=method,
-        loss_fn="mean cross-entropy" if loss_fn is None else getattr(loss_fn, "__name__", repr(loss_fn)),
         params_measured=describe_params(model, "all"),
+        **objective_fields(obj),
     )
 
 
 def loss_curve(model: nn.Module, direction, data, alphas=None, loss_fn=None, batch_size: int = 1000,
-               bn: str = "eval", bn_data=None, fast: bool = True, chunk: int | None = None) -> CurveResult:
+               bn: str = "eval", bn_data=None, fast: bool = True, chunk: int | None = None,
+               objective=None) -> CurveResult:
     """The loss and accuracy along one direction from the trained parameters theta*.
 
         L(theta* + alpha d)    for alpha in alphas,    L the full-data, batch-weighted mean loss
@@ -184,6 +190,8 @@ def loss_curve(model: nn.Module, direction, data, alphas=None, loss_fn=None, bat
             point-outer. Equal values to float rounding.
         chunk: batch-outer only: points per ``torch.func.vmap`` call; None for 1 on the CPU, 16 on an
             accelerator.
+        objective: how a batch becomes a loss (:mod:`objective`): an Objective, a ready name or a callable
+            ``objective(model, batch) -> (loss_sum, weight)``; None for ``(inputs, targets)`` pairs and ``loss_fn``.
 
     Returns:
         A :class:`CurveResult`: ``alphas``, ``loss`` and ``accuracy`` (each of shape ``(len(alphas),)``),
@@ -195,19 +203,21 @@ def loss_curve(model: nn.Module, direction, data, alphas=None, loss_fn=None, bat
     """
     alphas = as_grid(np.linspace(-1.0, 1.0, 21) if alphas is None else alphas, "alphas")
     d = flat_direction(model, direction)
-    loss, acc, n, method = _grid_values(model, [d], alphas[:, None], data, loss_fn, batch_size, bn, bn_data,
+    obj = as_objective(objective, loss_fn)
+    loss, acc, n, method = _grid_values(model, [d], alphas[:, None], data, obj, batch_size, bn, bn_data,
                                         fast, chunk)
     return CurveResult(
         alphas=frozen_array(alphas), loss=frozen_array(loss), accuracy=frozen_array(acc), n=n,
         direction=getattr(direction, "protocol", "caller's direction"),
         direction_norm=float(d.double().norm()),
         center_norm=float(flat([p for _, p in named_parameters(model, "all")]).double().norm()),
-        **_common(model, data, loss_fn, batch_size, bn, bn_data, method),
+        **_common(model, data, obj, batch_size, bn, bn_data, method),
     )
 
 
 def loss_surface(model: nn.Module, d1, d2, data, alphas=None, betas=None, loss_fn=None, batch_size: int = 1000,
-                 bn: str = "eval", bn_data=None, fast: bool = True, chunk: int | None = None) -> SurfaceResult:
+                 bn: str = "eval", bn_data=None, fast: bool = True, chunk: int | None = None,
+                 objective=None) -> SurfaceResult:
     """The loss and accuracy on a plane through the trained parameters theta*.
 
         L(theta* + alpha d1 + beta d2)    for alpha in alphas, beta in betas
@@ -232,6 +242,8 @@ def loss_surface(model: nn.Module, d1, d2, data, alphas=None, betas=None, loss_f
             point-outer. Equal values to float rounding.
         chunk: batch-outer only: points per ``torch.func.vmap`` call; None for 1 on the CPU, 16 on an
             accelerator.
+        objective: how a batch becomes a loss (:mod:`objective`): an Objective, a ready name or a callable
+            ``objective(model, batch) -> (loss_sum, weight)``; None for ``(inputs, targets)`` pairs and ``loss_fn``.
 
     Returns:
         A :class:`SurfaceResult`: ``alphas``, ``betas``, ``loss`` and ``accuracy`` (each of shape
@@ -246,7 +258,8 @@ def loss_surface(model: nn.Module, d1, d2, data, alphas=None, betas=None, loss_f
     f1, f2 = flat_direction(model, d1), flat_direction(model, d2)
     A, B = np.meshgrid(alphas, betas, indexing="ij")
     coeffs = np.stack([A.reshape(-1), B.reshape(-1)], axis=1)
-    loss, acc, n, method = _grid_values(model, [f1, f2], coeffs, data, loss_fn, batch_size, bn, bn_data,
+    obj = as_objective(objective, loss_fn)
+    loss, acc, n, method = _grid_values(model, [f1, f2], coeffs, data, obj, batch_size, bn, bn_data,
                                         fast, chunk)
     shape = (len(alphas), len(betas))
     return SurfaceResult(
@@ -255,5 +268,5 @@ def loss_surface(model: nn.Module, d1, d2, data, alphas=None, betas=None, loss_f
         directions=(getattr(d1, "protocol", "caller's direction"), getattr(d2, "protocol", "caller's direction")),
         direction_norms=(float(f1.double().norm()), float(f2.double().norm())),
         center_norm=float(flat([p for _, p in named_parameters(model, "all")]).double().norm()),
-        **_common(model, data, loss_fn, batch_size, bn, bn_data, method),
+        **_common(model, data, obj, batch_size, bn, bn_data, method),
     )

@@ -55,8 +55,9 @@ import torch
 from scipy import stats
 from torch import nn
 
-from .functional import FullDataLoss, session
-from .hessian import HVP_METHOD, lanczos_block, measured_protocol, rademacher
+from .functional import FullDataLoss, measured_protocol, session
+from .hessian import HVP_METHOD, lanczos_block, rademacher
+from .objective import as_objective
 from .protocol import Measured, frozen_array, jsonable
 
 BREAKDOWN = 1e-10  # a chain stops when beta <= BREAKDOWN x its largest |alpha|, beta: invariant subspace
@@ -122,7 +123,7 @@ def smoothed_density(values: np.ndarray, weights: np.ndarray, kernel_width: floa
 def hessian_density(
     model: nn.Module, data, n_vectors: int = 4, steps: int = 30, loss_fn=None, batch_size: int = 1000,
     bn: str = "eval", params: str = "all", seed: int = 0, grid_points: int = 201,
-    kernel_width: float = 0.01, bn_data=None, confidence: float = 0.95,
+    kernel_width: float = 0.01, bn_data=None, confidence: float = 0.95, objective=None,
 ) -> DensityResult:
     """The Hessian's spectral density, extreme eigenvalues, negative mass and trace (module docstring).
 
@@ -140,6 +141,8 @@ def hessian_density(
         bn: the BatchNorm protocol: ``"eval"``, ``"batch"`` or ``"recompute"`` (once, at the model's parameters).
         params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
         bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        objective: how a batch becomes a loss (:mod:`objective`): an Objective, a ready name or a callable
+            ``objective(model, batch) -> (loss_sum, weight)``; None for ``(inputs, targets)`` pairs and ``loss_fn``.
         seed: seeds the start vectors (the same probes as :func:`hessian.hessian_trace` with this seed).
         grid_points: points of the density's grid.
         kernel_width: the Gaussian kernel's std relative to lambda_max - lambda_min.
@@ -163,12 +166,13 @@ def hessian_density(
     if not (np.isfinite(kernel_width) and kernel_width > 0):
         raise ValueError(f"kernel_width must be positive and finite, got {kernel_width!r}")
     gen = torch.Generator().manual_seed(seed)
-    with session(model, bn, data, bn_data, batch_size):
-        F = FullDataLoss(model, data, loss_fn, batch_size, params)
+    obj = as_objective(objective, loss_fn)
+    with session(model, bn, data, bn_data, batch_size, obj):
+        F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
         N = F.num_params
         V0 = rademacher(n_vectors, N, gen, F.x0.device)
         chains = lanczos_block(F.hvp, V0, steps, breakdown=BREAKDOWN)
-        proto = measured_protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+        proto = measured_protocol(model, F, bn, bn_data, batch_size, params)
     steps = min(steps, N)
     quad = [ritz(a, b) for a, b in zip(chains.alphas, chains.betas)]
     m = max(len(t) for t, _ in quad)

@@ -15,21 +15,23 @@ BatchNorm at evaluation is one of:
   (interpolations, perturbations). Costs one pass over ``bn_data`` per BN layer, each stopped at it.
 
 Data: a tensor pair, a TensorData, a TensorDataset or other map-style dataset of (input, target)
-pairs, or an iterable of batches (:func:`batches`).
+pairs or of dicts, or an iterable of batches of any form (:func:`batches`); the objective
+(:mod:`objective`, default ``(inputs, targets)`` pairs and cross-entropy) turns each batch into its loss.
 
 Dropout is always off. The model comes back exactly as it was (:func:`params.preserved`).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import IterableDataset, TensorDataset, default_collate
 
+from .objective import as_objective, batch_rows, device_of, mean_cross_entropy, to_device  # noqa: F401
 from .params import is_batchnorm, preserved
 
 BN_MODES = ("eval", "batch", "recompute")
@@ -50,8 +52,8 @@ class Metrics:
         return asdict(self)
 
 
-def batches(data, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(x, y)`` batches from any accepted data form; the one place every measure reads data.
+def batches(data, batch_size: int = 1000) -> Iterator:
+    """Yield batches from any accepted data form; the one place every measure reads data.
 
     Accepted, in this order of checks:
 
@@ -59,12 +61,14 @@ def batches(data, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.
       order into ``batch_size`` rows;
     * a :class:`torch.utils.data.TensorDataset` of two tensors: its tensors, sliced the same way;
     * any other map-style :class:`torch.utils.data.Dataset` (``__len__`` and ``__getitem__``) whose
-      items are ``(input, target)`` pairs: items ``0 .. len - 1`` in order, ``batch_size`` at a time,
-      collated by ``torch.utils.data.default_collate`` (tensors stacked, Python numbers made tensors);
+      items are ``(input, target)`` pairs or dicts of tensors: items ``0 .. len - 1`` in order,
+      ``batch_size`` at a time, collated by ``torch.utils.data.default_collate`` (tensors stacked, Python
+      numbers made tensors; dicts collated key by key);
     * a :class:`batchgap.TensorData` (anything else with tensor attributes ``x`` and ``y``): as a pair;
-    * anything else is iterated as a sequence of ``(inputs, targets)`` batches (a DataLoader, a list of
-      batches; an ``IterableDataset`` must yield batches). Measures that read the data more than once
-      need it re-iterable (not a one-shot generator) and refuse it otherwise.
+    * anything else is iterated as a sequence of batches of any form the objective reads (a DataLoader, a
+      list of ``(inputs, targets)`` pairs or of dicts; an ``IterableDataset`` must yield batches). Measures
+      that read the data more than once need it re-iterable (not a one-shot generator) and refuse it
+      otherwise.
     """
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
         x, y = data
@@ -81,9 +85,12 @@ def batches(data, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.
         n = len(data)
         for start in range(0, n, batch_size):
             items = [data[i] for i in range(start, min(start + batch_size, n))]
+            if isinstance(items[0], Mapping):
+                yield default_collate(items)
+                continue
             if not (isinstance(items[0], (tuple, list)) and len(items[0]) == 2):
-                raise ValueError(f"a map-style dataset must give (input, target) pairs; item {start} is a "
-                                 f"{type(items[0]).__name__}")
+                raise ValueError(f"a map-style dataset must give (input, target) pairs or dicts of tensors; item "
+                                 f"{start} is a {type(items[0]).__name__}")
             x, y = default_collate(items)
             yield x, y
     elif hasattr(data, "x") and hasattr(data, "y"):  # a TensorData
@@ -117,6 +124,14 @@ def describe_bn(model: nn.Module, bn: str, batch_size: int) -> str:
     return "running statistics" if semantics == "running" else "mixed running/batch statistics"
 
 
+def bn_protocol(model: nn.Module, bn: str, batch_size: int, bn_data) -> str:
+    """``describe_bn`` with the once-at-the-centre meaning of "recompute" used by fixed-protocol measures."""
+    if bn == "recompute" and describe_bn(model, bn, batch_size) != "no BatchNorm":
+        where = "the evaluated data" if bn_data is None else "the caller's bn_data"
+        return f"running statistics recomputed once at the centre on {where}, then fixed"
+    return describe_bn(model, bn, batch_size)
+
+
 class _Reached(Exception):
     """Raised by the statistics hook once the layer being measured has its input: the rest is not needed."""
 
@@ -142,7 +157,7 @@ def _merge(acc, count: int, mean: torch.Tensor, m2: torch.Tensor):
 
 
 @torch.no_grad()
-def recompute_bn_statistics(model: nn.Module, data, batch_size: int = 1000) -> None:
+def recompute_bn_statistics(model: nn.Module, data, batch_size: int = 1000, objective=None) -> None:
     """Set every tracking BN layer's running statistics to the exact ones over all of ``data``.
 
     For each BN layer, ``running_mean`` is the mean and ``running_var`` the UNBIASED variance (divisor
@@ -157,13 +172,15 @@ def recompute_bn_statistics(model: nn.Module, data, batch_size: int = 1000) -> N
     forward never reaches keeps its statistics; a BN module applied twice in one forward gets those of
     its first application.
 
-    ``data`` as :func:`batches` accepts; read once per BN layer, so it must be re-iterable (a one-shot
+    ``data`` as :func:`batches` accepts, each batch run through ``objective`` (default: ``(inputs, targets)``
+    pairs) up to the layer measured; read once per BN layer, so it must be re-iterable (a one-shot
     iterator raises ValueError). Changes the model's buffers on purpose: call it inside
     :func:`params.preserved` to keep the original.
     """
     pending = [m for m in model.modules() if is_batchnorm(m) and m.track_running_stats]
     if not pending:
         return
+    obj, device = as_objective(objective), device_of(model)
     model.eval()
     examples = None
     while pending:
@@ -183,10 +200,10 @@ def recompute_bn_statistics(model: nn.Module, data, batch_size: int = 1000) -> N
         handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in pending]
         seen = 0
         try:
-            for x, y in batches(data, batch_size):
-                seen += len(y)
+            for batch in batches(data, batch_size):
+                seen += batch_rows(batch)
                 try:
-                    model(x)
+                    obj(model, to_device(batch, device))
                 except _Reached:
                     pass
         finally:
@@ -227,15 +244,6 @@ def set_bn_mode(model: nn.Module, bn: str) -> None:
                 m.train()
 
 
-def mean_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The default loss: mean cross-entropy of logits ``(batch, classes)`` against class indices."""
-    if not torch.is_tensor(logits):
-        raise ValueError(f"the model returned a {type(logits).__name__}: with the default loss it must return "
-                         "logits (a tensor of shape (batch, classes)); otherwise pass loss_fn(outputs, targets) "
-                         "that takes what it returns")
-    return F.cross_entropy(logits, y)
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -244,13 +252,16 @@ def evaluate(
     batch_size: int = 1000,
     bn: str = "eval",
     bn_data=None,
+    objective=None,
 ) -> Metrics:
     """Batch-weighted mean loss and accuracy of ``model`` over all of ``data``.
 
-        loss = (1/n) sum_b |b| loss_fn(model(x_b), y_b),    accuracy = (1/n) #{i : argmax model(x_i) = y_i}
+        loss = sum_b loss_sum_b / sum_b weight_b = (1/n) sum_b |b| loss_fn(model(x_b), y_b) for pairs,
+        accuracy = (1/n) #{units u : argmax logits_u = target_u}
 
-    never a mean of batch means. Accuracy is top-1 for class-index targets, ``nan`` when targets are not
-    class indices. The model is restored bit for bit (modes and buffers included).
+    never a mean of batch means; n counts the objective's units (examples by default, tokens for a language
+    model). Accuracy is top-1 where the objective classifies, ``nan`` otherwise. The model is restored bit for
+    bit (modes and buffers included).
 
     Args:
         model: the model to evaluate.
@@ -262,32 +273,34 @@ def evaluate(
         bn: the BatchNorm mode: ``"eval"`` (running statistics), ``"batch"`` (each batch's statistics, no buffer
             updates) or ``"recompute"`` (running statistics recomputed exactly on ``bn_data`` first).
         bn_data: the data ``"recompute"`` recomputes the statistics on; None for ``data``.
+        objective: how a batch becomes a loss (:mod:`objective`): an Objective, a ready name or a callable
+            ``objective(model, batch) -> (loss_sum, weight)``; None for ``(inputs, targets)`` pairs and ``loss_fn``.
 
     Returns:
-        :class:`Metrics` with ``loss``, ``accuracy`` and ``n``, the number of examples.
+        :class:`Metrics` with ``loss``, ``accuracy`` and ``n``, the number of units (examples by default).
 
     Cost:
         One forward pass over ``data`` under ``torch.no_grad`` (plus about (L + 1) / 2 passes over ``bn_data``
         for ``"recompute"`` with L BatchNorm layers).
     """
-    loss_fn = loss_fn or mean_cross_entropy
+    obj, device = as_objective(objective, loss_fn), device_of(model)
     with preserved(model):
         if bn == "recompute":
-            recompute_bn_statistics(model, data if bn_data is None else bn_data, batch_size)
+            recompute_bn_statistics(model, data if bn_data is None else bn_data, batch_size, obj)
             set_bn_mode(model, "eval")
         else:
             set_bn_mode(model, bn)
         total_loss = torch.zeros((), dtype=torch.float64)
         correct, n = 0, 0
         classify = True
-        for x, y in batches(data, batch_size):
-            out = model(x)
-            total_loss += loss_fn(out, y).double() * len(y)
-            if classify and torch.is_tensor(out) and out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
-                correct += int((out.argmax(dim=1) == y).sum())
+        for batch in batches(data, batch_size):
+            step = obj(model, to_device(batch, device))
+            total_loss += step.mean.double() * step.weight
+            if classify and step.correct is not None:
+                correct += int(step.correct)
             else:
                 classify = False
-            n += len(y)
+            n += step.weight
     if n == 0:
         raise ValueError("no data to evaluate")
     return Metrics(loss=float(total_loss / n), accuracy=correct / n if classify else float("nan"), n=n)

@@ -33,8 +33,8 @@ from torch import nn
 
 from .bracket import crossing, is_monotone
 from .boxmax import SOLVER, START, BoxMax, default_max_fun, maximize_in_box
-from .functional import FullDataLoss, session
-from .hessian import measured_protocol
+from .functional import FullDataLoss, measured_protocol, session
+from .objective import as_objective
 from .protocol import Measured
 
 DRAW = ("Z = torch.randn(M, N, generator=torch.Generator().manual_seed(seed), dtype=parameter dtype) on the CPU, "
@@ -216,7 +216,7 @@ def _accuracy_at_w(F: FullDataLoss) -> float:
 def average_sharpness(
     model: nn.Module, data, sigma: float = 0.01, magnitude_aware: bool = False, n_samples: int = 16, seed: int = 0,
     loss_fn=None, batch_size: int = 1000, bn: str = "eval", params: str = "all", confidence: float = 0.95,
-    chunk: int | None = None, bn_data=None,
+    chunk: int | None = None, bn_data=None, objective=None,
 ) -> AverageSharpnessResult:
     """Average sharpness E_u[L(w + u)] - L(w) by Monte Carlo, with its Student-t interval.
 
@@ -236,6 +236,8 @@ def average_sharpness(
         bn: the BatchNorm protocol: ``"eval"``, ``"batch"`` or ``"recompute"`` (once, at the model's parameters).
         params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
         bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        objective: how a batch becomes a loss (:mod:`objective`): an Objective, a ready name or a callable
+            ``objective(model, batch) -> (loss_sum, weight)``; None for ``(inputs, targets)`` pairs and ``loss_fn``.
         confidence: of the interval.
         chunk: points per vmap (None: 1 on the CPU, 16 on an accelerator).
 
@@ -246,13 +248,14 @@ def average_sharpness(
     Cost: ``n_samples + 1`` forward passes over the data, in two reads of it; memory M x N for the draws."""
     _check("sigma", sigma)
     _check_common(n_samples, confidence, chunk)
-    with session(model, bn, data, bn_data, batch_size):
-        F = FullDataLoss(model, data, loss_fn, batch_size, params)
+    obj = as_objective(objective, loss_fn)
+    with session(model, bn, data, bn_data, batch_size, obj):
+        F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
         f_x = F.value(F.x0)
         Z = _draw(F, n_samples, seed)
         chunk = _chunk(chunk, F)
         samples = _rises(F, Z, F.x0.abs() if magnitude_aware else None, sigma, f_x, chunk, "loss")
-        proto = measured_protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+        proto = measured_protocol(model, F, bn, bn_data, batch_size, params)
     mean, stderr, low, high = _interval(samples, confidence)
     how = "one point at a time" if chunk == 1 else f"vmap over {chunk} points"
     return AverageSharpnessResult(
@@ -277,7 +280,7 @@ def pac_bayes_flatness(
     model: nn.Module, data, delta: float = 0.1, magnitude_aware: bool = False, n_samples: int = 16, seed: int = 0,
     rtol: float = 0.01, sigma_range: tuple = (1e-5, 10.0), loss_fn=None, batch_size: int = 1000, bn: str = "eval",
     params: str = "all", confidence: float = 0.95, chunk: int | None = None, bn_data=None,
-    sigma_start: float | None = None, target: str = "loss",
+    sigma_start: float | None = None, target: str = "loss", objective=None,
 ) -> PacBayesResult:
     """PAC-Bayes flatness 1 / sigma^2 for the largest sigma whose expected rise stays within delta.
 
@@ -303,6 +306,8 @@ def pac_bayes_flatness(
         bn: the BatchNorm protocol: ``"eval"``, ``"batch"`` or ``"recompute"`` (once, at the model's parameters).
         params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
         bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        objective: how a batch becomes a loss (:mod:`objective`): an Objective, a ready name or a callable
+            ``objective(model, batch) -> (loss_sum, weight)``; None for ``(inputs, targets)`` pairs and ``loss_fn``.
         confidence: of the Student-t interval of g at the reported sigma.
         chunk: points per vmap (None: 1 on the CPU, 16 on an accelerator).
         sigma_start: the search's first sigma (default the geometric mean of ``sigma_range``).
@@ -325,8 +330,9 @@ def pac_bayes_flatness(
     start = math.sqrt(bounds[0] * bounds[1]) if sigma_start is None else float(sigma_start)
     _check("sigma_start", start)
     found: dict[float, np.ndarray] = {}
-    with session(model, bn, data, bn_data, batch_size):
-        F = FullDataLoss(model, data, loss_fn, batch_size, params)
+    obj = as_objective(objective, loss_fn)
+    with session(model, bn, data, bn_data, batch_size, obj):
+        F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
         f_x = F.value(F.x0)
         acc_x = _accuracy_at_w(F) if target == "error" else None
         Z = _draw(F, n_samples, seed)
@@ -339,7 +345,7 @@ def pac_bayes_flatness(
             return float(found[s].mean())
 
         lo, hi, trace, reason = crossing(estimate, start, bounds, delta, rtol, "sigma")
-        proto = measured_protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+        proto = measured_protocol(model, F, bn, bn_data, batch_size, params)
     if lo is None:
         g = stderr = low = high = samples = None
     else:
@@ -363,7 +369,7 @@ def pac_bayes_flatness(
 def worst_case_flatness(
     model: nn.Module, data, delta: float = 0.1, magnitude_aware: bool = False, max_iter: int = 5, rtol: float = 0.05,
     alpha_range: tuple = (1e-6, 1.0), loss_fn=None, batch_size: int = 1000, bn: str = "eval", params: str = "all",
-    max_fun: int | None = None, bn_data=None, alpha_start: float | None = None,
+    max_fun: int | None = None, bn_data=None, alpha_start: float | None = None, objective=None,
 ) -> WorstCaseFlatnessResult:
     """Worst-case flatness 1 / alpha^2 for the largest alpha whose box maximum rises by at most delta.
 
@@ -385,6 +391,8 @@ def worst_case_flatness(
         bn: the BatchNorm protocol: ``"eval"``, ``"batch"`` or ``"recompute"`` (once, at the model's parameters).
         params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
         bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        objective: how a batch becomes a loss (:mod:`objective`): an Objective, a ready name or a callable
+            ``objective(model, batch) -> (loss_sum, weight)``; None for ``(inputs, targets)`` pairs and ``loss_fn``.
         max_fun: full-data evaluations per maximization (default ``1 + 4 * max_iter``).
         alpha_start: the search's first alpha (default the geometric mean of ``alpha_range``).
 
@@ -402,8 +410,9 @@ def worst_case_flatness(
     if max_iter < 1 or max_fun < 1:
         raise ValueError(f"max_iter and max_fun must be >= 1, got {max_iter}, {max_fun}")
     solved: dict[float, BoxMax] = {}
-    with session(model, bn, data, bn_data, batch_size):
-        F = FullDataLoss(model, data, loss_fn, batch_size, params)
+    obj = as_objective(objective, loss_fn)
+    with session(model, bn, data, bn_data, batch_size, obj):
+        F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
         if magnitude_aware:
             scale = F.x0.abs()
 
@@ -420,7 +429,7 @@ def worst_case_flatness(
             return solved[a].f_best - solved[a].f0
 
         lo, hi, trace, reason = crossing(estimate, start, bounds, delta, rtol, "alpha")
-        proto = measured_protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+        proto = measured_protocol(model, F, bn, bn_data, batch_size, params)
     runs = [solved[a] for a, _ in trace]
     where = ("|u_i| <= alpha |w_i| (elementwise, l_inf); solved in u = delta / |w|" if magnitude_aware
              else "|u_i| <= alpha (l_inf box)")

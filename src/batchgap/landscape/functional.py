@@ -2,9 +2,11 @@
 
 Everything here evaluates
 
-    L(theta) = (1/n) sum_b |b| * loss_fn(model(x_b; theta), y_b)
+    L(theta) = sum_b loss_sum_b(theta) / sum_b weight_b     (= (1/n) sum_b |b| * loss_fn(model(x_b; theta), y_b)
+                                                              for the default objective on pairs)
 
-exactly over all of ``data`` (batch-size weighted, never a mean of batch means), with
+exactly over all of ``data`` (unit weighted, never a mean of batch means), each batch through the objective
+(:mod:`objective`: how a batch of any form becomes ``(loss_sum, weight)``), with
 ``torch.func.functional_call`` so the model's own tensors are never written during the computation.
 ``theta`` is the flat vector of the selected parameters (:func:`params.named_parameters`: ``"all"``
 trainable, or ``"no-bn"`` = ``"no-norm"``, outside normalization layers), each tensor once: a tied tensor
@@ -34,21 +36,25 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
-from .evaluate import BN_MODES, batches, mean_cross_entropy, recompute_bn_statistics
+from .evaluate import BN_MODES, batches, bn_protocol, recompute_bn_statistics
 from .fold import folded_view
+from .objective import (
+    ATTENTION_NOTE, Bound, as_objective, batch_rows, device_of, second_order, to_device,
+)
 from .params import describe_params, flat, is_batchnorm, named_parameters, preserved, tied_parameters, unflatten
 
 
 @contextmanager
-def session(model: nn.Module, bn: str, data=None, bn_data=None, batch_size: int = 1000) -> Iterator[None]:
+def session(model: nn.Module, bn: str, data=None, bn_data=None, batch_size: int = 1000, objective=None
+            ) -> Iterator[None]:
     """Fix the BN protocol (see module docstring) for the body; the model is restored after, even on error."""
     if bn not in BN_MODES:
         raise ValueError(f"bn must be one of {BN_MODES}, not {bn!r}")
     with preserved(model):
         if bn == "recompute":
-            recompute_bn_statistics(model, data if bn_data is None else bn_data, batch_size)
+            recompute_bn_statistics(model, data if bn_data is None else bn_data, batch_size, objective)
         model.eval()
         if bn == "batch":
             for m in model.modules():
@@ -56,10 +62,6 @@ def session(model: nn.Module, bn: str, data=None, bn_data=None, batch_size: int 
                     m.train()
                     m.track_running_stats = False
         yield
-
-
-def is_classification(out: torch.Tensor, y: torch.Tensor) -> bool:
-    return torch.is_tensor(out) and out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
 
 
 def saved_bytes(t: torch.Tensor) -> int:
@@ -89,6 +91,19 @@ def saved_bytes(t: torch.Tensor) -> int:
     return sum(storages.values())
 
 
+def objective_fields(objective) -> dict:
+    """The objective's :class:`protocol.Measured` fields: the loss in words, the batch form, the unit."""
+    return dict(loss_fn=objective.name, objective=objective.kind, unit=objective.unit)
+
+
+def measured_protocol(model: nn.Module, F: "FullDataLoss", bn: str, bn_data, batch_size: int, params: str) -> dict:
+    """The :class:`protocol.Measured` fields (and ``params_measured``) of a full-data measurement through ``F``,
+    after at least one pass (``F.n`` is the units summed): shared by every measure built on :class:`FullDataLoss`."""
+    return dict(n=F.n, bn=bn, bn_description=bn_protocol(model, bn, batch_size, bn_data), params=params,
+                num_params=F.num_params, params_measured=F.params_measured, batch_size=batch_size,
+                attention=F.attention, **objective_fields(F.objective))
+
+
 GRAPH_BUDGET = 512 << 20  # bytes of saved tensors that hvp keeps between calls (FullDataLoss(graph_budget=...))
 
 
@@ -102,13 +117,15 @@ class FullDataLoss:
     """
 
     def __init__(self, model: nn.Module, data, loss_fn: Callable | None = None, batch_size: int = 1000,
-                 which: str = "all", fold: bool = True, graph_budget: int = GRAPH_BUDGET):
+                 which: str = "all", fold: bool = True, graph_budget: int = GRAPH_BUDGET, objective=None):
         self.model, self.data, self.batch_size, self.which = model, data, batch_size, which
+        self.objective = as_objective(objective, loss_fn)
+        self.device = device_of(model)
+        self.attention_calls = 0  # scaled_dot_product_attention calls seen while building second-order graphs
         # fixed BN statistics (eval, recompute): each (layer, BN) pair evaluated as one layer (fold.py)
         self.view = folded_view(model) if fold else None
         self.graph_budget = graph_budget
         self._graphs: list | None = None  # kept gradient graphs at x0 for hvp (see hvp)
-        self.loss_fn = loss_fn or mean_cross_entropy
         named = named_parameters(model, which)
         if not named:
             raise ValueError(f"the model has no trainable parameters for params={which!r}")
@@ -118,34 +135,60 @@ class FullDataLoss:
         self.params_measured = describe_params(model, which)
         self.x0 = flat(self.shapes)  # the centre, a detached copy
         self.num_params = self.x0.numel()
-        self.n: int | None = None  # examples seen in the last pass
+        self.n: int | float | None = None  # units (objective weights) summed in the last pass
+        self.rows: int | None = None  # rows (examples, sequences) read in the last pass
 
     # -- plumbing ---------------------------------------------------------------------------------
     def as_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, unflatten(vector, self.shapes)))
 
-    def forward(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model if self.view is None else self.view, self.as_dict(vector), (x,))
+    def bound(self, vector: torch.Tensor) -> Bound:
+        """The model with the measured parameters set to ``vector`` (what the objective calls)."""
+        return Bound(self.model if self.view is None else self.view, self.as_dict(vector))
 
-    def _batches(self):
+    def forward(self, vector: torch.Tensor, x) -> torch.Tensor:
+        return self.bound(vector)(x)
+
+    def loss(self, vector: torch.Tensor, batch):
+        """One batch through the objective at ``vector``: a :class:`objective.BatchLoss`."""
+        return self.objective(self.bound(vector), batch)
+
+    def batches(self):
+        """The data's batches on the model's device, each yielded once per pass; after a pass, ``rows`` is
+        checked against the last pass (a one-shot iterator is refused)."""
         count = 0
-        for x, y in batches(self.data, self.batch_size):
-            count += len(y)
-            yield x, y
+        for batch in batches(self.data, self.batch_size):
+            count += batch_rows(batch)
+            yield to_device(batch, self.device)
         if count == 0:
             raise ValueError("no data to evaluate")
-        if self.n is not None and count != self.n:
-            raise ValueError(f"data changed between passes ({self.n} then {count} examples): pass a "
+        if self.rows is not None and count != self.rows:
+            raise ValueError(f"data changed between passes ({self.rows} then {count} rows): pass a "
                              "tensor pair, a TensorData, a map-style dataset or a re-iterable sequence of "
                              "batches, not a one-shot iterator")
-        self.n = count
+        self.rows = count
+
+    def count_units(self, weight) -> None:
+        """Record the units (objective weights) a full pass summed; a pass that sums others is refused."""
+        if self.n is not None and weight != self.n:
+            raise ValueError(f"the objective's units changed between passes ({self.n} then {weight})")
+        self.n = weight
+
+    @property
+    def attention(self) -> str | None:
+        """How attention was differentiated twice, for protocols (None when the model made no such call)."""
+        return ATTENTION_NOTE if self.attention_calls else None
 
     # -- quantities -------------------------------------------------------------------------------
     @torch.no_grad()
     def value(self, vector: torch.Tensor) -> float:
         total = torch.zeros((), dtype=torch.float64)
-        for x, y in self._batches():
-            total += self.loss_fn(self.forward(vector, x), y).double() * len(y)
+        weight = 0
+        for batch in self.batches():
+            step = self.loss(vector, batch)
+            total += step.mean.double() * step.weight
+            weight += step.weight
+        self.count_units(weight)
         return float(total / self.n)
 
     def value_and_grad(self, vector: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -153,11 +196,14 @@ class FullDataLoss:
         leaf = vector.detach().clone().requires_grad_(True)
         total = torch.zeros((), dtype=torch.float64)
         gsum = torch.zeros(leaf.shape, dtype=torch.float64, device=leaf.device)
-        for x, y in self._batches():
-            loss = self.loss_fn(self.forward(leaf, x), y)
-            (g,) = torch.autograd.grad(loss, leaf)
-            gsum += g.double() * len(y)
-            total += loss.detach().double() * len(y)
+        weight = 0
+        for batch in self.batches():
+            step = self.loss(leaf, batch)
+            (g,) = torch.autograd.grad(step.mean, leaf)
+            gsum += g.double() * step.weight
+            total += step.mean.detach().double() * step.weight
+            weight += step.weight
+        self.count_units(weight)
         return float(total / self.n), gsum / self.n
 
     def _gradient_graphs(self, at: torch.Tensor):
@@ -168,19 +214,23 @@ class FullDataLoss:
             yield from self._graphs
             return
         keep = at is self.x0 and self._graphs is None and self.graph_budget > 0
-        kept, used = [], 0
-        for x, y in self._batches():
+        kept, used, weight = [], 0, 0
+        for batch in self.batches():
             leaf = at.detach().requires_grad_(True)
-            loss = self.loss_fn(self.forward(leaf, x), y)
-            (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+            with second_order() as attention:
+                step = self.loss(leaf, batch)
+                (g,) = torch.autograd.grad(step.mean, leaf, create_graph=True)
+            self.attention_calls += attention.calls
+            weight += step.weight
             if keep:
                 used += saved_bytes(g)
             if keep and used > self.graph_budget:
                 keep, kept = False, []
                 self._graphs = False  # over budget: never kept for this loss
             if keep:
-                kept.append((leaf, g, len(y)))
-            yield leaf, g, len(y)
+                kept.append((leaf, g, step.weight))
+            yield leaf, g, step.weight
+        self.count_units(weight)
         if keep:
             self._graphs = kept
             self.graph_bytes = used
@@ -205,7 +255,8 @@ class FullDataLoss:
         for leaf, g, size in self._gradient_graphs(at):
             keep = at is self.x0 and self._graphs is not False
             for i in range(len(V)):
-                (hv,) = torch.autograd.grad(g @ V[i], leaf, retain_graph=keep or i + 1 < len(V))
+                with second_order():
+                    (hv,) = torch.autograd.grad(g @ V[i], leaf, retain_graph=keep or i + 1 < len(V))
                 out[i] += hv.double() * size
         out /= self.n
         return out[0] if single else out
@@ -225,13 +276,16 @@ class FullDataLoss:
         P = len(rows)
         loss = torch.zeros(P, dtype=torch.float64)
         correct = torch.zeros(P, dtype=torch.float64)
-        kinds: list[bool] = []  # is_classification, seen per traced call (shapes are per point in vmap)
-        for x, y in self._batches():
-            def one(vec, x=x, y=y):
-                out = self.forward(vec, x)
-                kinds.append(is_classification(out, y))
-                hit = (out.argmax(-1) == y).sum() if kinds[-1] else y.new_zeros((), dtype=torch.long)
-                return self.loss_fn(out, y), hit
+        kinds: list[bool] = []  # classification, seen per traced call (shapes are per point in vmap)
+        weights: list = []
+        total_weight = 0
+        for batch in self.batches():
+            def one(vec, batch=batch):
+                step = self.loss(vec, batch)
+                kinds.append(step.correct is not None)
+                weights.append(step.weight)
+                hit = step.correct if kinds[-1] else torch.zeros((), dtype=torch.long, device=step.mean.device)
+                return step.mean, hit
 
             for s in range(0, P, chunk):
                 points = point_fn(rows[s : s + chunk])
@@ -239,8 +293,11 @@ class FullDataLoss:
                     values, c = one(points[0])
                 else:
                     values, c = vmap(one)(points)
-                loss[s : s + chunk] += values.double().cpu() * len(y)
+                loss[s : s + chunk] += values.double().cpu() * weights[-1]
                 correct[s : s + chunk] += c.double().cpu()
+            total_weight += weights[-1] if P else 0
+        if P:
+            self.count_units(total_weight)
         classify = all(kinds)
         accuracy = correct / self.n if classify else torch.full((P,), float("nan"), dtype=torch.float64)
         return loss / self.n, accuracy, classify

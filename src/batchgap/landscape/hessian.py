@@ -26,9 +26,9 @@ import torch
 from scipy import stats
 from torch import nn
 
-from .functional import FullDataLoss, session
+from .functional import FullDataLoss, measured_protocol, session
+from .objective import as_objective
 from .protocol import Measured, frozen_array, jsonable
-from .sharpness import bn_protocol, loss_fn_name
 
 HVP_METHOD = ("reverse-over-reverse HVP: backward of grad . v through the kept gradient graph of functional_call "
               "(per batch, built once for all HVPs of the measurement within FullDataLoss.graph_budget), "
@@ -72,14 +72,6 @@ class TraceResult(Measured):
     interval: str
     seed: int
     params_measured: str  # params in words with the counts: trainable of all tensors and entries, tied names
-
-
-def measured_protocol(model, F: FullDataLoss, bn, bn_data, batch_size, params, loss_fn) -> dict:
-    """The :class:`protocol.Measured` fields of a full-data measurement through ``F`` (shared by the Hessian,
-    density and flatness measures)."""
-    return dict(n=F.n, bn=bn, bn_description=bn_protocol(model, bn, batch_size, bn_data), params=params,
-                num_params=F.num_params, params_measured=F.params_measured, batch_size=batch_size,
-                loss_fn=loss_fn_name(loss_fn))
 
 
 @dataclass
@@ -183,7 +175,7 @@ def lanczos_top(matvec, v0: torch.Tensor, k: int, max_steps: int, tol: float):
 def hessian_eigenvalues(
     model: nn.Module, data, k: int = 1, loss_fn=None, batch_size: int = 1000, bn: str = "eval",
     params: str = "all", seed: int = 0, tol: float = 1e-3, max_hvp: int = 100,
-    return_eigenvectors: bool = False, bn_data=None,
+    return_eigenvectors: bool = False, bn_data=None, objective=None,
 ) -> EigenResult:
     """The k largest (algebraic) eigenvalues of the full-data loss Hessian, with residuals and the HVP count.
 
@@ -207,6 +199,8 @@ def hessian_eigenvalues(
         max_hvp: the cap on Lanczos steps (raised to k when smaller).
         return_eigenvectors: also return the k eigenvectors (k x number of parameters, float64).
         bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        objective: how a batch becomes a loss (:mod:`objective`): an Objective, a ready name or a callable
+            ``objective(model, batch) -> (loss_sum, weight)``; None for ``(inputs, targets)`` pairs and ``loss_fn``.
 
     Returns:
         An :class:`EigenResult`: ``eigenvalues`` (descending), ``residuals``, ``converged``, ``lanczos_steps``,
@@ -219,8 +213,9 @@ def hessian_eigenvalues(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    with session(model, bn, data, bn_data, batch_size):
-        F = FullDataLoss(model, data, loss_fn, batch_size, params)
+    obj = as_objective(objective, loss_fn)
+    with session(model, bn, data, bn_data, batch_size, obj):
+        F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
         if k > F.num_params:
             raise ValueError(f"k={k} exceeds the number of parameters {F.num_params}")
         count = [0]
@@ -234,7 +229,7 @@ def hessian_eigenvalues(
         Hv = F.hvp(vectors)
         count[0] += len(vectors)
         residuals = (Hv - torch.as_tensor(values.copy(), device=Hv.device)[:, None] * vectors).norm(dim=1)
-        proto = measured_protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+        proto = measured_protocol(model, F, bn, bn_data, batch_size, params)
     return EigenResult(
         eigenvalues=frozen_array(values), residuals=frozen_array(residuals.cpu().numpy()),
         converged=converged, k=k, tol=tol, lanczos_steps=steps, hvps=count[0], seed=seed,
@@ -253,6 +248,7 @@ def hessian_trace(
     model: nn.Module, data, n_probes: int = 30, method: str = "hutchinson", seed: int = 0, loss_fn=None,
     batch_size: int = 1000, bn: str = "eval", params: str = "all", confidence: float = 0.95,
     chunk: int = 8, bn_data=None,
+    objective=None,
 ) -> TraceResult:
     """tr(H), the trace of the full-data loss Hessian, with a Student-t confidence interval.
 
@@ -281,6 +277,8 @@ def hessian_trace(
         confidence: the interval's coverage, e.g. 0.95.
         chunk: probes sharing one gradient graph per batch (speed only, not the result).
         bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        objective: how a batch becomes a loss (:mod:`objective`): an Objective, a ready name or a callable
+            ``objective(model, batch) -> (loss_sum, weight)``; None for ``(inputs, targets)`` pairs and ``loss_fn``.
 
     Returns:
         A :class:`TraceResult`: ``value``, ``stderr``, ``ci_low``, ``ci_high`` at ``confidence``, ``hvps``,
@@ -296,8 +294,9 @@ def hessian_trace(
     if n_probes < min_probes:
         raise ValueError(f"n_probes must be >= {min_probes} for {method}, got {n_probes}")
     gen = torch.Generator().manual_seed(seed)
-    with session(model, bn, data, bn_data, batch_size):
-        F = FullDataLoss(model, data, loss_fn, batch_size, params)
+    obj = as_objective(objective, loss_fn)
+    with session(model, bn, data, bn_data, batch_size, obj):
+        F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
         dev, N = F.x0.device, F.num_params
         if method == "hutchinson":
             Z = rademacher(n_probes, N, gen, dev)
@@ -320,7 +319,7 @@ def hessian_trace(
         mean = float(samples.mean())
         stderr = float(samples.std(ddof=1) / np.sqrt(m))
         half = float(stats.t.ppf((1 + confidence) / 2, m - 1)) * stderr
-        proto = measured_protocol(model, F, bn, bn_data, batch_size, params, loss_fn)
+        proto = measured_protocol(model, F, bn, bn_data, batch_size, params)
     value = exact + mean
     return TraceResult(
         value=value, stderr=stderr, ci_low=value - half, ci_high=value + half, confidence=confidence,

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .evaluate import BN_MODES, describe_bn, evaluate, model_bn_semantics, recompute_bn_statistics
+from .objective import as_objective
 from .params import preserved, tied_parameters
 from .protocol import as_grid, data_size_name, frozen_array, jsonable
 
@@ -70,6 +71,8 @@ class InterpolationResult:
     batch_size: int
     loss_fn: str
     params_interpolated: str  # in words: every parameter tensor (frozen included), each once, tied names
+    objective: str  # the batch form and where the loss comes from (objective.Objective.kind)
+    unit: str  # what each curve's n counts: examples, or tokens for a language model
 
     @property
     def loss(self) -> np.ndarray:
@@ -137,6 +140,7 @@ def interpolate(
     bn_data=None,
     loss_fn=None,
     batch_size: int = 1000,
+    objective=None,
 ) -> InterpolationResult:
     """Loss and accuracy of theta(alpha) between ``model_a`` (alpha=0) and ``model_b`` (alpha=1).
 
@@ -160,6 +164,8 @@ def interpolate(
             ``data`` is a mapping with that key, else the evaluated data.
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
         batch_size: examples per evaluation batch (memory only).
+        objective: how a batch becomes a loss (:mod:`objective`): an Objective, a ready name or a callable
+            ``objective(model, batch) -> (loss_sum, weight)``; None for ``(inputs, targets)`` pairs and ``loss_fn``.
 
     Returns:
         An :class:`InterpolationResult`: ``alphas``, ``curves`` (``{name: PathCurve}`` with loss and accuracy
@@ -177,6 +183,7 @@ def interpolate(
     if not sets:
         raise ValueError("data mapping is empty")
     bn = _resolve_bn(model_a, bn)
+    obj = as_objective(objective, loss_fn)
     if bn == "recompute" and bn_data is None:
         if "train" in sets:
             bn_data, bn_data_desc = sets["train"], "train (the data passed as data['train'])"
@@ -199,9 +206,9 @@ def interpolate(
             ca, cb = path_coefficients(float(alpha), path)
             _combine(model_a, ta, tb, ca, cb, buffers=(bn == "eval"))
             if bn == "recompute":
-                recompute_bn_statistics(model_a, bn_data, batch_size)
+                recompute_bn_statistics(model_a, bn_data, batch_size, obj)
             for name, d in sets.items():
-                m = evaluate(model_a, d, loss_fn, batch_size, bn="eval" if bn == "recompute" else bn)
+                m = evaluate(model_a, d, None, batch_size, bn="eval" if bn == "recompute" else bn, objective=obj)
                 losses[name].append(m.loss)
                 accs[name].append(m.accuracy)
                 ns[name] = m.n
@@ -230,8 +237,8 @@ def interpolate(
         bn_data=bn_data_desc,
         buffers=buffers,
         batch_size=batch_size,
-        loss_fn="mean cross-entropy" if loss_fn is None else getattr(loss_fn, "__name__", repr(loss_fn)),
         params_interpolated=_describe_interpolated(model_a),
+        loss_fn=obj.name, objective=obj.kind, unit=obj.unit,
     )
 
 

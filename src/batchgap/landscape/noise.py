@@ -22,10 +22,11 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, grad_and_value
+from torch.func import grad, grad_and_value
 
-from .evaluate import batches, mean_cross_entropy, model_bn_semantics
-from .functional import FullDataLoss, session
+from .evaluate import batches, model_bn_semantics
+from .functional import FullDataLoss, objective_fields, session
+from .objective import Bound, PairObjective, as_objective, mean_cross_entropy
 from .params import describe_params, is_batchnorm
 from .pergrad import CLOSED_FORM_PATH, Mapper, NoClosedForm, closed_form_reason, mean_loss_error, per_example_moments
 from .noise_estimate import (  # re-exported: the estimator's algebra lives there
@@ -35,7 +36,7 @@ from .noise_estimate import (  # re-exported: the estimator's algebra lives ther
     two_batch_estimate as two_batch_estimate,
 )
 from .protocol import Measured
-from .sharpness import bn_protocol, loss_fn_name
+from .evaluate import bn_protocol
 
 
 def _sampling(g: int | None) -> str:
@@ -146,11 +147,49 @@ def _functional(F: FullDataLoss):
     with respect to the dict, not the flat vector: slices of a flat vector cost a full-size zero tensor per
     parameter tensor and per example under vmap."""
     params = {name: t.detach() for name, t in F.as_dict(F.x0).items()}
+    obj = F.objective
 
     def loss(p, x, y):
-        return F.loss_fn(functional_call(F.model, p, (x,)), y)
+        return obj.loss_of(obj.forward(Bound(F.model, p), (x, y))[0], y)
 
     return params, loss
+
+
+def _pairs_only(obj, what: str) -> None:
+    if not isinstance(obj, PairObjective):
+        raise ValueError(f"{what} draws (ghost) batches of examples by index from a tensor pair, so it reads "
+                         f"(inputs, targets) pairs; the objective {obj.name} reads other batches: use "
+                         "exact_gradient_noise_scale, which takes every unit's gradient from the objective's "
+                         "per-unit losses")
+
+
+@torch.no_grad()
+def _objective_moments(F: FullDataLoss, chunk: int):
+    """sum_j h_j ({name: float64}), sum_j |h_j|^2 and the unit count N, each unit's gradient h_j the gradient of
+    its loss in the objective's per-unit vector: per batch one forward and ``ceil(k / chunk)`` batched backward
+    passes (``is_grads_batched``) of the k per-unit losses."""
+    grad_sum = {name: torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+                for name, t in F.as_dict(F.x0).items()}
+    sq_sum, count = torch.zeros((), dtype=torch.float64), 0
+    for batch in F.batches():
+        leaf = F.x0.detach().requires_grad_(True)
+        with torch.enable_grad():
+            per = F.objective.per_unit(F.bound(leaf), batch)
+        if per is None:
+            raise ValueError(f"exact_gradient_noise_scale needs per-unit losses and the objective {F.objective.name} "
+                             "gives only (loss_sum, weight): make it return the 1-D vector of per-unit losses")
+        k = len(per)
+        for s in range(0, k, chunk):
+            eye = torch.zeros(min(chunk, k - s), k, dtype=per.dtype, device=per.device)
+            eye[torch.arange(len(eye)), torch.arange(s, s + len(eye))] = 1
+            (g,) = torch.autograd.grad(per, leaf, grad_outputs=eye, is_grads_batched=True,
+                                       retain_graph=s + chunk < k)
+            for name, t in F.as_dict(g.sum(0)).items():
+                grad_sum[name] += t.double()
+            sq_sum += (torch.linalg.vector_norm(g, dim=1).double() ** 2).sum().cpu()
+        count += k
+    F.count_units(count)
+    return grad_sum, sq_sum, count
 
 
 @torch.no_grad()  # torch.func.grad still differentiates; no autograd graph to parameters left out of theta
@@ -243,7 +282,8 @@ def _bn_description(model: nn.Module, bn: str, batch_size: int, bn_data, units: 
 def gradient_noise_scale(model: nn.Module, data, small: int = 32, big: int | None = None, n_batches: int = 200,
                          seed: int = 0, loss_fn: Callable | None = None, bn: str = "eval", params: str = "all",
                          batch_size: int = 1000, confidence: float = 0.95, n_boot: int = 2000, chunk: int = 1024,
-                         bn_data=None, ghost_batch: int | None = None, _vmap: bool = True) -> NoiseScaleResult:
+                         bn_data=None, ghost_batch: int | None = None, _vmap: bool = True,
+                         objective=None) -> NoiseScaleResult:
     """McCandlish et al.'s gradient noise scale B_simple from mean squared gradient norms at two batch sizes.
 
         B_simple = tr(Sigma) / |G|^2,    E|G_B|^2 = |G|^2 + c(B) tr(Sigma),    c(B) = (n - B) / (B (n - g))
@@ -273,6 +313,9 @@ def gradient_noise_scale(model: nn.Module, data, small: int = 32, big: int | Non
         chunk: examples per vmapped call (memory only).
         bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
         ghost_batch: under batch statistics, g, the ghost batch size; None for ``small``.
+        objective: how a batch becomes a loss (:mod:`objective`); None for ``(inputs, targets)`` pairs and
+            ``loss_fn``. Batches are drawn by index from a tensor pair, so only pair objectives
+            (:func:`objective.pair_objective`, :func:`objective.tuple_objective`) are accepted here.
 
     Returns:
         A :class:`NoiseScaleResult`: ``b_simple`` (None with a ``reason`` when |G|^2_est or tr(Sigma)_est is
@@ -284,6 +327,8 @@ def gradient_noise_scale(model: nn.Module, data, small: int = 32, big: int | Non
         about ``n_batches (small + big) / n`` passes over the data, each batch's gradient by ``torch.func.grad``
         vmapped over ``chunk // B`` batches at a time; memory ``chunk // B`` gradients of P entries.
     """
+    obj = as_objective(objective, loss_fn)
+    _pairs_only(obj, "gradient_noise_scale")
     x, y = _tensor_pair(data)
     n_all = len(y)
     for bad, message in ((n_all < 2, f"need at least 2 examples, got {n_all}"),
@@ -301,8 +346,8 @@ def gradient_noise_scale(model: nn.Module, data, small: int = 32, big: int | Non
         whole = f", both multiples of ghost_batch = {g}" if g else ""
         raise ValueError(f"need {unit} <= small < big <= n = {n}{whole}, got small={small}, big={big}")
     mapper = Mapper("batches", _vmap)
-    with session(model, bn, (x, y), bn_data, batch_size):
-        F = FullDataLoss(model, (x, y), loss_fn, batch_size, params)
+    with session(model, bn, (x, y), bn_data, batch_size, obj):
+        F = FullDataLoss(model, (x, y), None, batch_size, params, objective=obj)
 
         def sampled(size: int) -> torch.Tensor:  # |G_B|^2 of n_batches batches of ``size``, drawn from ``gen``
             index = units[_draw_batches(gen, len(units), size // unit, n_batches)]
@@ -339,7 +384,7 @@ def gradient_noise_scale(model: nn.Module, data, small: int = 32, big: int | Non
                   + (f"; {clipped} resamples had |G|^2_est <= 0 (counted as B_simple = inf) or tr(Sigma)_est "
                      "<= 0 (counted as 0)" if clipped else "")),
         seed=seed, n=n, bn=bn, bn_description=bn_description, params=params, num_params=num_params,
-        params_measured=describe_params(model, params), batch_size=batch_size, loss_fn=loss_fn_name(loss_fn),
+        params_measured=describe_params(model, params), batch_size=batch_size, **objective_fields(obj),
         method=(f"two batch sizes (McCandlish et al. 2018, app. A.1, with the finite-population correction): "
                 f"{n_batches} random batches of B_small = {small}; {full}; torch.func.grad per batch"),
     )
@@ -348,7 +393,7 @@ def gradient_noise_scale(model: nn.Module, data, small: int = 32, big: int | Non
 def exact_gradient_noise_scale(model: nn.Module, data, loss_fn: Callable | None = None, bn: str = "eval",
                                params: str = "all", batch_size: int = 1000, chunk: int = 256, bn_data=None,
                                ghost_batch: int | None = None, seed: int = 0, _vmap: bool = True,
-                               _fast: bool = True) -> NoiseScaleResult:
+                               _fast: bool = True, objective=None) -> NoiseScaleResult:
     """The gradient noise scale B_simple from every unit gradient h_j, no sampling.
 
         |G|^2 = |(1/N) sum_j h_j|^2,    tr(Sigma) = g ((1/N) sum_j |h_j|^2 - |G|^2),    B_simple = tr(Sigma) / |G|^2
@@ -371,6 +416,9 @@ def exact_gradient_noise_scale(model: nn.Module, data, loss_fn: Callable | None 
         bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
         ghost_batch: under batch statistics, g, the ghost batch size (required there; refused otherwise).
         seed: seeds the ``torch.Generator`` that draws the ghost-batch partition (unused for single examples).
+        objective: how a batch becomes a loss (:mod:`objective`); None for ``(inputs, targets)`` pairs and
+            ``loss_fn``. Another objective must give per-unit losses (:meth:`objective.Objective.per_unit`):
+            each unit's gradient is then a row of their Jacobian (batched backward passes of ``chunk`` units).
 
     Returns:
         A :class:`NoiseScaleResult`: ``b_simple`` (None with a ``reason`` when an estimate is <= 0),
@@ -390,13 +438,17 @@ def exact_gradient_noise_scale(model: nn.Module, data, loss_fn: Callable | None 
                "mode (track_running_stats=False), which couples the examples of a batch")
         raise ValueError(f"exact_gradient_noise_scale needs per-example losses, but {why}; or pass ghost_batch=g "
                          "(and seed) to measure over the ghost batches of a seeded partition")
+    obj = as_objective(objective, loss_fn)
+    pairs = isinstance(obj, PairObjective)
+    if couples:
+        _pairs_only(obj, "exact_gradient_noise_scale with ghost batches")
     n_all = len(_tensor_pair(data)[1]) if couples else 0
     units = _units(model, bn, n_all, ghost_batch, None, torch.Generator().manual_seed(seed))
     unit = 1 if units is None else units.shape[1]
     mapper = Mapper("examples" if units is None else "ghost batches", _vmap)
-    closed = units is None and _fast
+    closed = units is None and _fast and pairs and obj.plain
     why_not = "per-example closed form off (forced)" if units is None and not _fast else None
-    with session(model, bn, data, bn_data, batch_size):
+    with session(model, bn, data, bn_data, batch_size, obj):
         if closed:  # the model itself, hooked: no FullDataLoss (its flat copy of theta) unless it falls back
             try:
                 grad_sum, sq_sum, count = per_example_moments(model, data, loss_fn or mean_cross_entropy, batch_size,
@@ -404,8 +456,12 @@ def exact_gradient_noise_scale(model: nn.Module, data, loss_fn: Callable | None 
             except NoClosedForm as err:
                 closed, why_not = False, f"no per-example closed form: {err}"
         if not closed:
-            F = FullDataLoss(model, data, loss_fn, batch_size, params)
-            grad_sum, sq_sum, count = _unit_moments(F, _blocks(data, units, batch_size, chunk), mapper, check=True)
+            F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
+            if pairs:
+                grad_sum, sq_sum, count = _unit_moments(F, _blocks(data, units, batch_size, chunk), mapper, check=True)
+            else:
+                grad_sum, sq_sum, count = _objective_moments(F, chunk)
+                mapper.path = "batched backward (is_grads_batched) of the objective's per-unit losses"
         n = count * unit
         if count < 2:
             raise ValueError(f"need at least 2 examples, got {n}")
@@ -425,7 +481,7 @@ def exact_gradient_noise_scale(model: nn.Module, data, loss_fn: Callable | None 
         interval=f"none: exact (every {what} gradient; B_small = {unit} enumerated, B_big = n)",
         seed=None if g is None else seed, n=n, bn=bn, bn_description=bn_description, params=params,
         num_params=num_params, params_measured=describe_params(model, params), batch_size=batch_size,
-        loss_fn=loss_fn_name(loss_fn),
+        **objective_fields(obj),
         method=((f"exact per-example gradients: squared norms in closed form from each Linear/BatchNorm layer's "
                  f"input and output gradient, G from the same backward (one pass, eval batches of {batch_size})")
                 if closed else f"exact {what} gradients: torch.func.grad per unit, in chunks of {chunk} examples")
@@ -442,8 +498,8 @@ def _check_mean_loss(F: FullDataLoss, batch_loss: Callable, theta: dict, xu: tor
     if yu.shape[1] == 1:
         batch_value, per = float(batch_loss(theta, xu.flatten(0, 1), yu.flatten(0, 1))), losses
     else:
-        out = functional_call(F.model, theta, (xu[0],))
-        batch_value = float(F.loss_fn(out, yu[0]))
-        per = torch.stack([F.loss_fn(out[i : i + 1], yu[0][i : i + 1]) for i in range(len(out))])
+        out = F.objective.forward(Bound(F.model, theta), (xu[0], yu[0]))[0]
+        batch_value = float(F.objective.loss_of(out, yu[0]))
+        per = torch.stack([F.objective.loss_of(out[i : i + 1], yu[0][i : i + 1]) for i in range(len(out))])
     if (error := mean_loss_error(batch_value, per)) is not None:
         raise error

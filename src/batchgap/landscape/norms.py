@@ -86,11 +86,10 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 from torch.utils._pytree import tree_map
 
-from .evaluate import mean_cross_entropy
-from .functional import FullDataLoss, is_classification, session
+from .functional import FullDataLoss, measured_protocol, session
+from .objective import PairObjective, as_objective, is_classification, mean_cross_entropy
 from .params import is_normalization
 from .protocol import Measured, jsonable
-from .sharpness import bn_protocol, loss_fn_name
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_NORM = ("conv weights (out, in/groups, *kernel) are reshaped to the matrix (out, in/groups * prod(kernel)); "
@@ -261,7 +260,22 @@ _METHODS = {
     "ce": "F.cross_entropy(reduction='none')",
     "vmap": "torch.func.vmap of loss_fn over single examples",
     "loop": "a loop of loss_fn over single examples (vmap failed)",
+    "objective": "the objective's per_unit losses",
 }
+
+
+def _unit_losses(F: FullDataLoss, batch, used: list):
+    """For an objective other than pairs: the per-unit losses at a parameter vector (with the logits and
+    targets as aux), through :meth:`objective.Objective.per_unit` and :meth:`objective.Objective.logits`."""
+    def losses(vec):
+        model = F.bound(vec)
+        per = F.objective.per_unit(model, batch)
+        if per is None:
+            raise ValueError(f"the Fisher-Rao norm needs per-unit losses and the objective {F.objective.name} "
+                             "gives only (loss_sum, weight): make it return the 1-D vector of per-unit losses")
+        used.append("objective")
+        return per, F.objective.logits(model, batch)
+    return losses
 
 
 def _data_pass(F: FullDataLoss, loss_fn):
@@ -269,12 +283,17 @@ def _data_pass(F: FullDataLoss, loss_fn):
     fr_sq = torch.zeros((), dtype=torch.float64)
     margins, reason, example, used = [], None, None, []
     w, vmap_failed = F.x0, False
-    for x, y in F._batches():
-        if example is None:
+    pairs = isinstance(F.objective, PairObjective)
+    units = 0
+    for batch in F.batches():
+        x, y = batch if pairs else (None, None)
+        if example is None and pairs:
             example = x[:1] if torch.is_tensor(x) else None
-        for how in ("loop",) if vmap_failed else ("vmap", "loop"):
-            def losses(vec, how=how, x=x, y=y):
-                out = F.forward(vec, x)
+        for how in ("loop",) if vmap_failed or not pairs else ("vmap", "loop"):
+            def losses(vec, how=how, batch=batch):
+                if not pairs:
+                    return _unit_losses(F, batch, used)(vec)
+                out, y = F.objective.forward(F.bound(vec), batch)
                 return _per_example(out, y, loss_fn, how, used), out
 
             try:
@@ -282,12 +301,15 @@ def _data_pass(F: FullDataLoss, loss_fn):
                     _, dirs, out = jvp(losses, (w,), (w,), has_aux=True)
                 break
             except Exception:
-                if how == "loop":
+                if how == "loop" or not pairs:
                     raise
                 if used and used[-1] == "vmap":
                     used.pop()
                 vmap_failed = True  # the loop from here on
         fr_sq += dirs.detach().to(torch.float64).square().sum().cpu()
+        units += len(dirs)
+        if not pairs:
+            out, y = out if out is not None else (None, None)
         if reason is None:
             out = out.detach() if torch.is_tensor(out) else out
             if not is_classification(out, y):
@@ -300,14 +322,15 @@ def _data_pass(F: FullDataLoss, loss_fn):
                 true = logits.gather(1, index)[:, 0]
                 others = logits.scatter(1, index, float("-inf")).amax(1)
                 margins.append((true - others).cpu())
-    method = ("jvp (forward mode, tangent w) of the per-example losses of functional_call, one per batch; "
-              "per-example losses by " + " then ".join(_METHODS[h] for h in dict.fromkeys(used)))
+    F.count_units(units)
+    method = ("jvp (forward mode, tangent w) of the per-unit losses of functional_call, one per batch; "
+              "per-unit losses by " + " then ".join(_METHODS[h] for h in dict.fromkeys(used)))
     return fr_sq, (None if reason else torch.cat(margins).numpy()), reason, example, method
 
 
 def norm_measures(
     model: nn.Module, data, loss_fn=None, batch_size: int = 1000, bn: str = "eval", params: str = "all",
-    percentile: float = 10.0, bn_data=None,
+    percentile: float = 10.0, bn_data=None, objective=None,
 ) -> NormResult:
     """The norm- and margin-based measures of the module docstring, on one BN protocol.
 
@@ -328,6 +351,8 @@ def norm_measures(
         params: selects w for ``param_norm_all`` and ``fisher_rao_norm`` ("all" or "no-bn").
         percentile: in [0, 100], the margin's percentile (Jiang et al.: 10).
         bn_data: the data of the "recompute" statistics (default ``data``).
+        objective: how a batch becomes a loss (:mod:`objective`); None for ``(inputs, targets)`` pairs and
+            ``loss_fn``. The Fisher-Rao norm needs its per-unit losses, the margin its logits.
 
     Returns:
         :class:`NormResult`: every measure above, the per-layer norms, the protocol, and a reason in place
@@ -345,13 +370,12 @@ def norm_measures(
     other = tuple(n for n, p in model.named_parameters() if id(p) not in in_layers)
     with np.errstate(divide="ignore"):
         log_frob, log_spec = float(np.sum(np.log(frob))), float(np.sum(np.log(spec)))
-    with session(model, bn, data, bn_data, batch_size):
-        F = FullDataLoss(model, data, loss_fn, batch_size, params)
+    obj = as_objective(objective, loss_fn)
+    with session(model, bn, data, bn_data, batch_size, obj):
+        F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
         fr_sq, margins, margin_reason, example, fr_method = _data_pass(F, loss_fn)
         path, path_reason = _path_norm(model, example)
-        proto = dict(n=F.n, bn=bn, bn_description=bn_protocol(model, bn, batch_size, bn_data), params=params,
-                     num_params=F.num_params, params_measured=F.params_measured, batch_size=batch_size,
-                     loss_fn=loss_fn_name(loss_fn))
+        proto = measured_protocol(model, F, bn, bn_data, batch_size, params)
         param_norm_all = float(F.x0.to(torch.float64).norm())
     margin = fraction = spectral_margin = log_spectral_margin = None
     if margins is not None:

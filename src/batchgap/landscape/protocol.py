@@ -11,8 +11,10 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Measured:
-    """What every full-data measure states beside its numbers: how many examples, the BatchNorm mode and its
-    meaning, which parameters, the evaluation batch size and the loss. Results extend it; ``as_dict`` is JSON."""
+    """What every full-data measure states beside its numbers: how many units (``n``; examples by default),
+    the BatchNorm mode and its meaning, which parameters, the evaluation batch size, the loss, the objective
+    (the batch form and where the loss comes from), its weighting unit, and how attention was differentiated
+    twice where it was (``attention``; None otherwise). Results extend it; ``as_dict`` is JSON."""
 
     n: int
     bn: str
@@ -21,6 +23,9 @@ class Measured:
     num_params: int
     batch_size: int
     loss_fn: str
+    objective: str = dataclasses.field(kw_only=True)
+    unit: str = dataclasses.field(kw_only=True)
+    attention: str | None = dataclasses.field(default=None, kw_only=True)
 
     def as_dict(self) -> dict:
         return jsonable(self)

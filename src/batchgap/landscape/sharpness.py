@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 from .boxmax import SOLVER, START, default_max_fun, maximize_in_box
-from .evaluate import describe_bn
-from .functional import FullDataLoss, session
+from .evaluate import bn_protocol
+from .functional import FullDataLoss, objective_fields, session
+from .objective import as_objective
 from .protocol import Measured
 
 
@@ -70,19 +71,6 @@ class SharpnessResult(Measured):
     capped: bool  # the evaluation cap (max_fun), not max_iter iterations or a KKT point, ended the solve
     subspace_columns: str | None  # "normal" or "unit" for a random subspace; None for full space / explicit A
     column_norm: float | None  # mean Euclidean norm of A's columns (None for the full space)
-
-
-def bn_protocol(model: nn.Module, bn: str, batch_size: int, bn_data) -> str:
-    """``describe_bn`` with the once-at-the-centre meaning of "recompute" used by fixed-protocol measures."""
-    if bn == "recompute" and describe_bn(model, bn, batch_size) != "no BatchNorm":
-        where = "the evaluated data" if bn_data is None else "the caller's bn_data"
-        return f"running statistics recomputed once at the centre on {where}, then fixed"
-    return describe_bn(model, bn, batch_size)
-
-
-def loss_fn_name(loss_fn) -> str:
-    """The loss in words for a result: "mean cross-entropy" for the default, else the function's name."""
-    return "mean cross-entropy" if loss_fn is None else getattr(loss_fn, "__name__", repr(loss_fn))
 
 
 NORMAL_EQUATIONS_MAX_COND = 1e6
@@ -140,6 +128,7 @@ def eps_sharpness(
     max_fun: int | None = None,
     bn_data=None,
     subspace_columns: str = "normal",
+    objective=None,
 ) -> SharpnessResult:
     """Keskar et al.'s eps-sharpness (eq. 3-4), in the full space or a random subspace, with its protocol.
 
@@ -164,6 +153,8 @@ def eps_sharpness(
         A: an explicit n x p matrix instead of a random one (e.g. the identity, to check the subspace code).
         max_fun: the hard cap on loss+gradient evaluations; None for ``1 + 4 * max_iter``.
         bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        objective: how a batch becomes a loss (:mod:`objective`): an Objective, a ready name or a callable
+            ``objective(model, batch) -> (loss_sum, weight)``; None for ``(inputs, targets)`` pairs and ``loss_fn``.
         subspace_columns: the scale of the random A's columns: ``"normal"`` (N(0, 1) entries) or ``"unit"``
             (each column of the same draw scaled to norm 1).
 
@@ -183,8 +174,9 @@ def eps_sharpness(
         raise ValueError(f"subspace_columns must be one of {SUBSPACE_COLUMNS}, not {subspace_columns!r}")
     columns = None
     max_fun = default_max_fun(max_iter) if max_fun is None else max_fun
-    with session(model, bn, data, bn_data, batch_size):
-        F = FullDataLoss(model, data, loss_fn, batch_size, params)
+    obj = as_objective(objective, loss_fn)
+    with session(model, bn, data, bn_data, batch_size, obj):
+        F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
         x = F.x0
         if A is not None:
             if A.dim() != 2 or A.shape[0] != F.num_params:
@@ -230,7 +222,7 @@ def eps_sharpness(
         seed=seed, max_iter=max_iter, max_fun=max_fun, nit=r.nit, nfev=r.nfev,
         f_x=r.f0, f_best=r.f_best, f_final=r.f_final, n=n, bn=bn, bn_description=bn_description,
         params=params, num_params=F.num_params, params_measured=F.params_measured, batch_size=batch_size,
-        loss_fn=loss_fn_name(loss_fn),
+        **objective_fields(obj),
         solver=SOLVER, stop=r.stop, start=START, first_run_start=r.start, f_corner=r.f_corner,
         corner_steps=r.corner_steps, capped=r.capped, subspace_columns=columns, column_norm=column_norm,
     )
