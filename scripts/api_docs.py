@@ -30,6 +30,9 @@ GROUPS: list[tuple[str, str, list[str]]] = [
      ["evaluate", "distance", "eps_sharpness", "adaptive_sharpness", "hessian_eigenvalues", "hessian_trace",
       "hessian_density", "filter_normalized_direction", "loss_curve", "loss_surface", "interpolate",
       "gradient_noise_scale", "exact_gradient_noise_scale"]),
+    ("Objectives", "How a batch of any form becomes a loss: every measure's `objective=` (default: `(inputs, targets)` "
+     "pairs and cross-entropy; or any callable `objective(model, batch) -> (loss_sum, weight)`).",
+     ["Objective", "pair_objective", "tuple_objective", "huggingface_objective"]),
     ("Generalization measures", "Norm- and flatness-based predictors of the generalization gap (Jiang et al. 2019).",
      ["norm_measures", "pac_bayes_flatness", "average_sharpness", "worst_case_flatness"]),
     ("Data and models", "Built-in data sets and networks.",

@@ -6,10 +6,12 @@ The names a notebook user imports::
     from batchgap.train import train
 
 Every measurement takes a plain ``nn.Module`` and data given as a pair of tensors ``(inputs, targets)``,
-a :class:`TensorData`, a ``torch.utils.data.TensorDataset`` or other map-style dataset of ``(input,
-target)`` pairs, or an iterable of ``(inputs, targets)`` batches (``gradient_noise_scale``, which draws
-random batches, takes a tensor pair or a TensorData); each restores the model bit for bit and returns its
-numbers together with their protocol. The README's API table gives each one's cost in data passes.
+a :class:`TensorData`, a ``torch.utils.data.TensorDataset`` or other map-style dataset, or any re-iterable
+of batches (a DataLoader, a list of dicts); ``objective=`` says how a batch becomes a loss (default:
+``(inputs, targets)`` pairs and cross-entropy; :func:`huggingface_objective`, :func:`tuple_objective`, or
+your own ``objective(model, batch) -> (loss_sum, weight)``). ``gradient_noise_scale``, which draws random
+batches, takes a tensor pair or a TensorData. Each restores the model bit for bit and returns its numbers
+together with their protocol. The README's API table gives each one's cost in data passes.
 """
 from .version import __version__
 
@@ -28,11 +30,15 @@ from .landscape import (
     hessian_density,
     hessian_eigenvalues,
     hessian_trace,
+    huggingface_objective,
     interpolate,
     loss_curve,
     loss_surface,
     norm_measures,
+    Objective,
     pac_bayes_flatness,
+    pair_objective,
+    tuple_objective,
     worst_case_flatness,
 )
 from .models import build_model, init_model
@@ -65,4 +71,5 @@ __all__ = [
     "exact_gradient_noise_scale", "filter_normalized_direction", "gradient_noise_scale", "hessian_density",
     "hessian_eigenvalues", "hessian_trace", "init_model", "interpolate", "load_dataset", "load_study", "loss_curve",
     "loss_surface", "norm_measures", "pac_bayes_flatness", "run_study", "worst_case_flatness", "write_report",
+    "Objective", "pair_objective", "tuple_objective", "huggingface_objective",
 ]

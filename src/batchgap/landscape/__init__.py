@@ -10,6 +10,7 @@ from .directions import Direction, filter_normalized_direction
 from .evaluate import BN_MODES, Metrics, batches, evaluate, recompute_bn_statistics
 from .hessian import EigenResult, TraceResult, hessian_eigenvalues, hessian_trace
 from .interpolation import InterpolationResult, PathCurve, interpolate
+from .objective import BatchLoss, Objective, huggingface_objective, pair_objective, tuple_objective
 from .noise import NoiseScaleResult, exact_gradient_noise_scale, gradient_noise_scale
 from .norms import NormResult, norm_measures
 from .params import distance, preserved, restore, snapshot
@@ -26,5 +27,5 @@ __all__ = [
     "NoiseScaleResult", "gradient_noise_scale", "exact_gradient_noise_scale",
     "DensityResult", "hessian_density", "NormResult", "norm_measures",
     "AverageSharpnessResult", "PacBayesResult", "WorstCaseFlatnessResult", "average_sharpness", "pac_bayes_flatness",
-    "worst_case_flatness",
+    "worst_case_flatness", "BatchLoss", "Objective", "huggingface_objective", "pair_objective", "tuple_objective",
 ]

@@ -28,7 +28,10 @@ from .evaluate import batches, model_bn_semantics
 from .functional import FullDataLoss, objective_fields, session
 from .objective import Bound, PairObjective, as_objective, mean_cross_entropy
 from .params import describe_params, is_batchnorm
-from .pergrad import CLOSED_FORM_PATH, Mapper, NoClosedForm, closed_form_reason, mean_loss_error, per_example_moments
+from .pergrad import (
+    CLOSED_FORM_PATH, Mapper, NoClosedForm, closed_form_reason, mean_loss_error, objective_moments, per_example_moments,
+)
+from .noise_estimate import bootstrap_interval, mean_and_stderr
 from .noise_estimate import (  # re-exported: the estimator's algebra lives there
     b_simple_stderr as b_simple_stderr,
     expected_batch_sq_norm as expected_batch_sq_norm,
@@ -157,39 +160,8 @@ def _functional(F: FullDataLoss):
 
 def _pairs_only(obj, what: str) -> None:
     if not isinstance(obj, PairObjective):
-        raise ValueError(f"{what} draws (ghost) batches of examples by index from a tensor pair, so it reads "
-                         f"(inputs, targets) pairs; the objective {obj.name} reads other batches: use "
-                         "exact_gradient_noise_scale, which takes every unit's gradient from the objective's "
-                         "per-unit losses")
-
-
-@torch.no_grad()
-def _objective_moments(F: FullDataLoss, chunk: int):
-    """sum_j h_j ({name: float64}), sum_j |h_j|^2 and the unit count N, each unit's gradient h_j the gradient of
-    its loss in the objective's per-unit vector: per batch one forward and ``ceil(k / chunk)`` batched backward
-    passes (``is_grads_batched``) of the k per-unit losses."""
-    grad_sum = {name: torch.zeros(t.shape, dtype=torch.float64, device=t.device)
-                for name, t in F.as_dict(F.x0).items()}
-    sq_sum, count = torch.zeros((), dtype=torch.float64), 0
-    for batch in F.batches():
-        leaf = F.x0.detach().requires_grad_(True)
-        with torch.enable_grad():
-            per = F.objective.per_unit(F.bound(leaf), batch)
-        if per is None:
-            raise ValueError(f"exact_gradient_noise_scale needs per-unit losses and the objective {F.objective.name} "
-                             "gives only (loss_sum, weight): make it return the 1-D vector of per-unit losses")
-        k = len(per)
-        for s in range(0, k, chunk):
-            eye = torch.zeros(min(chunk, k - s), k, dtype=per.dtype, device=per.device)
-            eye[torch.arange(len(eye)), torch.arange(s, s + len(eye))] = 1
-            (g,) = torch.autograd.grad(per, leaf, grad_outputs=eye, is_grads_batched=True,
-                                       retain_graph=s + chunk < k)
-            for name, t in F.as_dict(g.sum(0)).items():
-                grad_sum[name] += t.double()
-            sq_sum += (torch.linalg.vector_norm(g, dim=1).double() ** 2).sum().cpu()
-        count += k
-    F.count_units(count)
-    return grad_sum, sq_sum, count
+        raise ValueError(f"{what} draws batches of examples by index from a tensor pair; the objective {obj.name} "
+                         "reads other batches: use exact_gradient_noise_scale (the objective's per-unit losses)")
 
 
 @torch.no_grad()  # torch.func.grad still differentiates; no autograd graph to parameters left out of theta
@@ -241,33 +213,6 @@ def _unit_moments(F: FullDataLoss, blocks, mapper: Mapper, check: bool):
         sq_sum += _sq_norms(g).sum().cpu()
         count += len(yu)
     return grad_sum, sq_sum, count
-
-
-def _mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
-    k = len(values)
-    return (float(values.mean()), float(values.std(correction=1)) / math.sqrt(k)) if k > 1 else (float(values[0]), 0.0)
-
-
-def _bootstrap_interval(small_values: torch.Tensor, big_values: torch.Tensor, small: int, big: int, n: int,
-                        unit: int, n_boot: int, confidence: float, gen: torch.Generator) -> tuple[float, float, int]:
-    """Percentile interval of B_simple over ``n_boot`` resamples (with replacement) of each size's batch values,
-    and how many resamples had an estimate <= 0: |G|^2 <= 0 counts as B_simple = inf, tr(Sigma) <= 0 as 0."""
-    def resampled_means(values: torch.Tensor) -> torch.Tensor:
-        if len(values) == 1:  # the exact full gradient: no sampling error to resample
-            return values.expand(n_boot)
-        means = torch.empty(n_boot, dtype=torch.float64)
-        step = max(1, 2**20 // len(values))  # bounded memory for the index matrix
-        for s in range(0, n_boot, step):
-            m = min(step, n_boot - s)
-            means[s : s + m] = values[torch.randint(len(values), (m, len(values)), generator=gen)].mean(1)
-        return means
-
-    g2, trace = two_batch_estimate(resampled_means(small_values), resampled_means(big_values), small, big, n, unit)
-    b = torch.where(g2 > 0, trace.clamp(min=0) / g2, torch.full_like(g2, math.inf))
-    inf = bool(torch.isinf(b).any())  # no interpolating towards inf (nan): the order statistics outside, wider
-    low = torch.quantile(b, (1 - confidence) / 2, interpolation="lower" if inf else "linear")
-    high = torch.quantile(b, (1 + confidence) / 2, interpolation="higher" if inf else "linear")
-    return float(low), float(high), int(((g2 <= 0) | (trace <= 0)).sum())
 
 
 def _bn_description(model: nn.Module, bn: str, batch_size: int, bn_data, units: torch.Tensor | None, n: int) -> str:
@@ -364,10 +309,10 @@ def gradient_noise_scale(model: nn.Module, data, small: int = 32, big: int | Non
             big_values = sum((t / count).pow(2).sum().cpu() for t in grad_sum.values()).reshape(1)
         bn_description = _bn_description(model, bn, batch_size, bn_data, ghosts, n_all)
         num_params = F.num_params
-    (m_s, se_s), (m_b, se_b) = _mean_and_stderr(small_values), _mean_and_stderr(big_values)
+    (m_s, se_s), (m_b, se_b) = mean_and_stderr(small_values), mean_and_stderr(big_values)
     g2, trace = two_batch_estimate(m_s, m_b, small, big_size, n, unit)
     b, reason = _defined(g2, trace)
-    ci_low, ci_high, clipped = _bootstrap_interval(small_values, big_values, small, big_size, n, unit, n_boot,
+    ci_low, ci_high, clipped = bootstrap_interval(small_values, big_values, small, big_size, n, unit, n_boot,
                                                    confidence, gen)
     full = ("B_big = n: the exact full-data gradient (one batch-weighted pass)" if g is None else
             f"B_big = n: the exact mean of all {len(units)} ghost-batch gradients") if big is None else (
@@ -460,7 +405,7 @@ def exact_gradient_noise_scale(model: nn.Module, data, loss_fn: Callable | None 
             if pairs:
                 grad_sum, sq_sum, count = _unit_moments(F, _blocks(data, units, batch_size, chunk), mapper, check=True)
             else:
-                grad_sum, sq_sum, count = _objective_moments(F, chunk)
+                grad_sum, sq_sum, count = objective_moments(F, chunk)
                 mapper.path = "batched backward (is_grads_batched) of the objective's per-unit losses"
         n = count * unit
         if count < 2:

@@ -255,3 +255,32 @@ class Mapper:
             first = (str(err).splitlines() or [""])[0][:160]
             self.path = f"loop over {self.over}: vmap could not trace the model ({type(err).__name__}: {first})"
             return out
+
+
+@torch.no_grad()
+def objective_moments(F, chunk: int):
+    """sum_j h_j ({name: float64}), sum_j |h_j|^2 and the unit count N, each unit's gradient h_j the gradient of
+    its loss in the objective's per-unit vector: per batch one forward and ``ceil(k / chunk)`` batched backward
+    passes (``is_grads_batched``) of the k per-unit losses."""
+    grad_sum = {name: torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+                for name, t in F.as_dict(F.x0).items()}
+    sq_sum, count = torch.zeros((), dtype=torch.float64), 0
+    for batch in F.batches():
+        leaf = F.x0.detach().requires_grad_(True)
+        with torch.enable_grad():
+            per = F.objective.per_unit(F.bound(leaf), batch)
+        if per is None:
+            raise ValueError(f"exact_gradient_noise_scale needs per-unit losses and the objective {F.objective.name} "
+                             "gives only (loss_sum, weight): make it return the 1-D vector of per-unit losses")
+        k = len(per)
+        for s in range(0, k, chunk):
+            eye = torch.zeros(min(chunk, k - s), k, dtype=per.dtype, device=per.device)
+            eye[torch.arange(len(eye)), torch.arange(s, s + len(eye))] = 1
+            (g,) = torch.autograd.grad(per, leaf, grad_outputs=eye, is_grads_batched=True,
+                                       retain_graph=s + chunk < k)
+            for name, t in F.as_dict(g.sum(0)).items():
+                grad_sum[name] += t.double()
+            sq_sum += (torch.linalg.vector_norm(g, dim=1).double() ** 2).sum().cpu()
+        count += k
+    F.count_units(count)
+    return grad_sum, sq_sum, count
