@@ -160,7 +160,7 @@ class FullDataLoss:
         for batch in batches(self.data, self.batch_size):
             count += batch_rows(batch)
             yield to_device(batch, self.device)
-        if count == 0:
+        if count == 0 and self.rows is None:
             raise ValueError("no data to evaluate")
         if self.rows is not None and count != self.rows:
             raise ValueError(f"data changed between passes ({self.rows} then {count} rows): pass a "

@@ -87,7 +87,7 @@ from torch.func import functional_call, jvp, vmap
 from torch.utils._pytree import tree_map
 
 from .functional import FullDataLoss, measured_protocol, session
-from .objective import PairObjective, as_objective, is_classification, mean_cross_entropy
+from .objective import PairObjective, as_objective, is_classification, mean_cross_entropy, second_order
 from .params import is_normalization
 from .protocol import Measured, jsonable
 
@@ -297,8 +297,11 @@ def _data_pass(F: FullDataLoss, loss_fn):
                 return _per_example(out, y, loss_fn, how, used), out
 
             try:
-                with torch.no_grad():  # forward mode only: no graph for parameters read from the model
+                # forward mode only: no graph for parameters read from the model; attention on its math
+                # backend (the fused kernels have no forward-mode derivative)
+                with torch.no_grad(), second_order() as attention:
                     _, dirs, out = jvp(losses, (w,), (w,), has_aux=True)
+                F.attention_calls += attention.calls
                 break
             except Exception:
                 if how == "loop" or not pairs:

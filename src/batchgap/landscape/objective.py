@@ -419,7 +419,8 @@ class _AttentionCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-ATTENTION_NOTE = "scaled_dot_product_attention on its math backend (fused kernels have no double backward)"
+ATTENTION_NOTE = ("scaled_dot_product_attention on its math backend (the fused kernels have no double-backward or "
+                  "forward-mode derivative)")
 
 
 @contextlib.contextmanager
