@@ -138,11 +138,15 @@ def table(device_spec: str, tiny: bool) -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python benchmarks/gpu_times.py", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="auto, cpu, cuda or cuda:N (default cuda)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: the CPU smoke path of scripts/gpu-check.sh")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     from batchgap.errors import UserError
 
     try:

@@ -116,11 +116,11 @@ def test_frozen_baselines_import_nothing_of_batchgap_or_of_the_other_benchmarks(
     assert frozen_violations(mods) == []
 
 
-def documented_commands() -> list[list[str]]:
-    """The arguments of every ``python benchmarks/run.py ...`` in the docs (a trailing comment dropped)."""
+def documented_commands(script: str) -> list[list[str]]:
+    """The arguments of every ``python benchmarks/SCRIPT ...`` in the docs (a trailing comment dropped)."""
     out = []
     for doc in [*(ROOT / "docs").glob("*.md"), ROOT / "README.md"]:
-        for match in re.finditer(r"python benchmarks/run\.py([^`\n#]*)", doc.read_text()):
+        for match in re.finditer(rf"python benchmarks/{re.escape(script)}([^`\n#]*)", doc.read_text()):
             out.append(shlex.split(match.group(1)))
     return out
 
@@ -128,16 +128,21 @@ def documented_commands() -> list[list[str]]:
 def test_the_documented_benchmark_commands_parse():
     sys.path.insert(0, str(BENCH))
     try:
+        import gpu_times
         import run
     finally:
         sys.path.remove(str(BENCH))
-    commands = documented_commands()
+    commands = documented_commands("run.py")
     assert len(commands) >= 8 and ["--studies", "--keep", "DIR"] in commands
     for argv in commands:
         args = run.parser().parse_args(argv)  # argparse exits (SystemExit) on an unknown benchmark name
         assert all(n in {**run.BENCHMARKS, **run.EXTRA, **run.STUDIES} for n in args.names)
     with pytest.raises(SystemExit):
         run.parser().parse_args(["no-such-benchmark"])
+    commands = documented_commands("gpu_times.py")
+    assert ["--device", "cuda"] in commands
+    for argv in commands:
+        gpu_times.parser().parse_args(argv)
 
 
 def test_the_frozen_train_is_the_train_it_was_copied_from_on_a_tiny_net():
