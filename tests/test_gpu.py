@@ -232,14 +232,15 @@ def test_run_with_device_cuda_trains_and_measures_on_the_gpu(tmp_path, mnist1d_d
 @pytest.mark.gpu
 @needs_cuda
 def test_torchrun_with_nccl_trains_the_study_on_the_gpus(tmp_path, mnist1d_dir):
-    """Two ranks on two GPUs when the machine has them, else one rank: each worker on GPU LOCAL_RANK, NCCL."""
+    """Two ranks on two GPUs when the machine has them (NCCL, each worker on GPU LOCAL_RANK), else one rank:
+    torchrun's launch path, where a world of one makes no process group (batchgap.distributed.init_from_env)."""
     world = min(2, torch.cuda.device_count())
     out = tmp_path / "out"
     sets = [a for s in STUDY for a in ("--set", s)]
     env = {**os.environ, "BATCHGAP_DATA": str(mnist1d_dir), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={world}", "-m", "batchgap", "run", "default", "--out", str(out),
-                           "--device", "cuda", "--no-report", *sets],
+                           "--device", "cuda", "--jobs", "1", "--no-report", *sets],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
