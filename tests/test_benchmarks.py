@@ -167,3 +167,34 @@ def test_the_frozen_train_is_the_train_it_was_copied_from_on_a_tiny_net():
         assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
         keys = ("epoch", "steps", "lr", "batch_loss", "train_loss", "train_accuracy", "test_loss")
         assert [{k: r[k] for k in keys} for r in ours.history] == [{k: r[k] for k in keys} for r in old.history]
+
+
+def test_the_frozen_976ebaa_hvps_are_the_exact_hessian_times_v_on_a_tiny_net():
+    """Both frozen HVPs (976ebaa's reverse-over-reverse, and forward-over-reverse before it) against H v from
+    the dense Hessian of torch.func.hessian over all the data, float64, a batch size that does not divide n."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from frozen.hvp_976ebaa import FullDataLoss
+    finally:
+        sys.path.remove(str(BENCH))
+    from torch.func import functional_call, hessian
+
+    from batchgap.models import init_model
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (50,), generator=g)
+    model = init_model("mlp", (6,), 3, 0, width=8, depth=2).double().eval()
+    f = FullDataLoss(model, x, y, batch_size=16)
+    shapes = [(n, p.shape) for n, p in model.named_parameters()]
+
+    def loss(theta):
+        parts = torch.split(theta, [s.numel() for _, s in shapes])
+        params = {n: p.view(s) for (n, s), p in zip(shapes, parts)}
+        return torch.nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+
+    H = hessian(loss)(f.x0)
+    V = torch.randn(3, f.num_params, generator=g, dtype=torch.float64)
+    exact = V @ H.T
+    assert torch.allclose(f.hvp(V), exact, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(f.hvp(V[1]), exact[1], rtol=1e-10, atol=1e-12)
+    assert torch.allclose(f.forward_over_reverse(V[2]), exact[2], rtol=1e-10, atol=1e-12)
