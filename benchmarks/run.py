@@ -11,6 +11,11 @@ was measured, the value, the baseline it is compared with, their ratio, the targ
 met, and a note (with the load average: other processes may share the cores, so every comparison is
 a ratio of interleaved, repeated measurements taken in the same process). Results belong in
 docs/performance.md together with this command. Never a timed unit test: run it on a quiet machine.
+
+The modules: harness.py (timing, the row format, the data and the trained model: what run.py, peers.py and
+gpu_times.py share; it imports none of them), peers.py (imported on use), gpu_times.py (the table of
+scripts/gpu-check.sh), and frozen/ (batchgap's old code the "as of commit X" rows time, torch only).
+tests/test_benchmarks.py keeps their imports free of cycles and the frozen baselines free of batchgap.
 """
 from __future__ import annotations
 
