@@ -17,7 +17,10 @@
 #   bash scripts/gpu-check.sh
 # Environment: PYTHON (default python3) and VENV (default .venv) as for bootstrap.sh; GPU_CHECK_PYTHON: use
 # this interpreter as it is (no install; with PYTHONPATH=src for a checkout); GPU_CHECK_OUT: where the
-# studies write (default: a temporary directory, removed at the end).
+# studies write (default: a temporary directory, removed at the end). A machine without network: pip's own
+# PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR (a folder of wheels: the dependencies, the dev extra, setuptools) make the
+# install read DIR; without them the install fails fast and the check goes on with $PYTHON and src/ on
+# PYTHONPATH when that Python has the dependencies already.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS
