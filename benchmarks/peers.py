@@ -5,7 +5,7 @@
 Needs the pinned peers: ``pip install --no-deps -r benchmarks/requirements-peers.txt`` (``--no-deps``:
 backpack-for-pytorch, which curvlinops imports, requires torchvision, and resolving it would replace a
 CPU torch with another build). Every peer is called as its own documentation shows, on the same model
-(the default MLP trained as ``_trained_mlp(ds, epochs=10)``: MNIST-1D, 146k parameters, BatchNorm, eval
+(the default MLP trained as ``harness.trained_mlp(ds, epochs=10)``: MNIST-1D, 146k parameters, BatchNorm, eval
 mode), the same data (all 4000 training examples as plain tensors), float32, cross-entropy, one thread,
 interleaved with batchgap in this process; the values are compared, not only the times.
 
@@ -62,7 +62,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import _mnist1d, _threads, _trained_mlp, interleaved, load, row, timed  # noqa: E402
+from harness import interleaved, load, mnist1d, row, set_threads, timed, trained_mlp  # noqa: E402
 
 INSTALL = "pip install --no-deps -r benchmarks/requirements-peers.txt"
 SAME_PROBES = ": the same probes, both drawn from torch CPU generators seeded 0 in the same order"
@@ -295,9 +295,9 @@ def _differences(ours, theirs) -> str:
 def _setup():
     import torch
 
-    _threads(1)
-    ds = _mnist1d()
-    model = _trained_mlp(ds, epochs=10).eval()
+    set_threads(1)
+    ds = mnist1d()
+    model = trained_mlp(ds, epochs=10).eval()
     return ds, model, ds.train.x, ds.train.y, torch.nn.CrossEntropyLoss()
 
 
@@ -382,7 +382,7 @@ def curves_rows() -> list[dict]:
 
     # 3. linear_interpolation from the initialization to the trained model, 25 steps
     steps = 25
-    start_model = init_model("mlp", (40,), 10, 0).eval()  # the initialization _trained_mlp trains from
+    start_model = init_model("mlp", (40,), 10, 0).eval()  # the initialization trained_mlp trains from
 
     def peer_interp():
         out["peer"] = loss_landscapes.linear_interpolation(start_model, model, metric, steps=steps, deepcopy_model=True)

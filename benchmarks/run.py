@@ -11,15 +11,20 @@ was measured, the value, the baseline it is compared with, their ratio, the targ
 met, and a note (with the load average: other processes may share the cores, so every comparison is
 a ratio of interleaved, repeated measurements taken in the same process). Results belong in
 docs/performance.md together with this command. Never a timed unit test: run it on a quiet machine.
+
+The modules: harness.py (timing, the row format, the data and the trained model: what run.py, peers.py and
+gpu_times.py share; it imports none of them), peers.py (imported on use), gpu_times.py (the table of
+scripts/gpu-check.sh), and frozen/ (batchgap's old code the "as of commit X" rows time, torch only).
+tests/test_benchmarks.py keeps their imports free of cycles and the frozen baselines free of batchgap.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,71 +32,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, peers and frozen/, also when imported
+from frozen.hvp_976ebaa import FullDataLoss as FrozenLoss  # noqa: E402
+from frozen.train_976ebaa import train as train_976ebaa  # noqa: E402
+from harness import (interleaved, load, matmul_peak, mnist1d, row, set_threads, synthetic_cifar,  # noqa: E402
+                     timed, trained_mlp)
 
 
 def _child_peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
-
-
-# ------------------------------------------------------------------------------------------ helpers
-# Other processes share this machine's cores, so every number below is a RATIO against a baseline
-# measured in the same process, the two interleaved and repeated (median of the repeats), with the
-# load average printed beside it.
-
-def load() -> str:
-    return "load {:.1f}/{:.1f}".format(*os.getloadavg()[:2])
-
-
-def timed(fn, clock=time.perf_counter) -> float:
-    t = clock()
-    fn()
-    return clock() - t
-
-
-def interleaved(fns: dict, repeats: int = 3, clock=time.perf_counter) -> dict:
-    """Median seconds of each function, the functions run in turn ``repeats`` times."""
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(timed(fn, clock))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def row(benchmark, value, baseline, ratio, target, met, note="") -> dict:
-    return {"benchmark": benchmark, "value": value, "baseline": baseline, "ratio": ratio, "target": target,
-            "met": met, "note": note}
-
-
-def _threads(n: int):
-    import torch
-
-    torch.set_num_threads(n)
-
-
-def _mnist1d():
-    from batchgap.data import load_dataset
-
-    return load_dataset("mnist1d")
-
-
-def _matmul_flops(threads: int, n: int = 2048, reps: int = 5) -> float:
-    import torch
-
-    _threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(timed(lambda: a @ b) for _ in range(reps))
-    _threads(1)
-    return 2 * n**3 / best
-
-
-PEAK: dict = {}
-
-
-def matmul_peak(threads: int = 1) -> float:
-    if threads not in PEAK:
-        PEAK[threads] = _matmul_flops(threads)
-    return PEAK[threads]
 
 
 # ------------------------------------------------------------------------------------------ peaks
@@ -158,133 +107,8 @@ class CropFlipDataset:
         return img, self.y[i]
 
 
-def _synthetic_cifar(n: int):
-    import torch
-    from batchgap.data.base import TensorData
-
-    g = torch.Generator().manual_seed(0)
-    return TensorData(torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
 
 
-def _train_976ebaa(model, train_data, test_data, cfg, batch_size, seed=0, augment=None, run_dir=None, loss_fn=None,
-                   step=None, progress=None, desc="train", keep_epochs=()):
-    """The baseline of the training rows: batchgap's ``train()`` as of commit 976ebaa, copied (its helpers
-    imported from batchgap.train, unchanged since): per step a batch gathered by index, the learning rate set,
-    the autograd step (``sgd_step``) and a ``float(loss)``."""
-    import math
-
-    import torch
-    import torch.nn.functional as F
-    from batchgap import devices, distributed
-    from batchgap.rundir import RunDir
-    from batchgap.train import (TrainResult, _epoch_metrics, _parallel, _restore_layout, _resumed_rng,
-                                _seeded_rng_state, lr_at, make_optimizer, scaled_lr, sgd_step)
-    from batchgap.util import progress_bar
-
-    loss_fn = loss_fn or F.cross_entropy
-    step = step or sgd_step
-    n = len(train_data)
-    schedule = batch_size if callable(batch_size) else (lambda epoch, b=batch_size: b)
-    sizes = [schedule(e) for e in range(cfg.epochs)]
-    if not all(1 <= b <= n for b in sizes):
-        raise ValueError(f"batch_size must be in [1, {n}], got {sorted(set(sizes))}")
-    world, rank = distributed.world_size(), distributed.rank()
-    shares = [distributed.local_batch_size(b) for b in sizes]
-    batch_size = sizes[-1]
-    steps_per_epoch = n // sizes[0]
-    peak = scaled_lr(cfg, batch_size)
-    warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
-    layouts = {n: p.is_contiguous() for n, p in model.named_parameters() if p.dim() == 4}
-    devices.fast_layout(model)
-    optimizer = make_optimizer(model, cfg, peak)
-    gen = torch.Generator().manual_seed(seed)
-    result = TrainResult(steps_per_epoch=steps_per_epoch, lr=peak, batch_size=batch_size)
-    if world > 1:
-        result.distributed = distributed.protocol(model, batch_size, cfg.bn_sync)
-    rd = RunDir(run_dir) if run_dir is not None else None
-    writes = rd is not None and rank == 0
-    start_epoch = 0
-    rng_state = _seeded_rng_state(distributed.worker_seed(seed))
-    if rd is not None:
-        state = None
-        if writes:
-            rd.path.mkdir(parents=True, exist_ok=True)
-            state = rd.load_state()
-        state = distributed.broadcast(state)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            result = TrainResult(**state["result"])
-            rng_state = _resumed_rng(state, result, cfg, rd.state)
-            start_epoch = result.epochs_done
-            result.resumed_from_epoch = start_epoch
-    keep = set(keep_epochs)
-    if writes and 0 in keep and start_epoch == 0:
-        rd.save_iterate(0, model.state_dict())
-    t0 = time.perf_counter() - result.wall_time_s
-    gpu = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
-    with torch.random.fork_rng(devices=gpu), _parallel(model, world, cfg.bn_sync) as net:
-        torch.set_rng_state(rng_state)
-        if gpu:
-            torch.cuda.default_generators[gpu[0].index].manual_seed(distributed.worker_seed(seed) + result.epochs_done)
-        bar = progress_bar(range(start_epoch, cfg.epochs), desc=desc, enabled=progress if rank == 0 else False,
-                           initial=start_epoch, total=cfg.epochs)
-        for epoch in bar:
-            if result.diverged_epoch is not None:
-                break
-            model.train()
-            perm = torch.randperm(n, generator=gen)
-            total, count = 0.0, 0
-            bs, local = sizes[epoch], shares[epoch]
-            for b in range(n // bs):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(result.steps, peak, warmup_steps)
-                idx = perm[b * bs : (b + 1) * bs]
-                mine = slice(rank * local, (rank + 1) * local)
-                if augment is None:
-                    idx = idx[mine]
-                x, y = train_data.x[idx], train_data.y[idx]
-                if augment is not None:
-                    x, y = augment(x, gen)[mine], y[mine]
-                loss = step(net, optimizer, x, y, loss_fn)
-                result.steps += 1
-                total += float(loss.detach()) * len(y)
-                count += len(y)
-            result.epochs_done = epoch + 1
-            if world > 1:
-                sums = torch.tensor([total, count], dtype=torch.float64, device=loss.device)
-                total, count = distributed.all_reduce_sum(sums).tolist()
-            train_loss = total / count
-            if not math.isfinite(train_loss):
-                result.diverged_epoch = epoch + 1
-            row = {"epoch": epoch + 1, "steps": result.steps, "batch_size": bs, "lr": optimizer.param_groups[0]["lr"],
-                   "batch_loss": train_loss}
-            last = epoch + 1 == cfg.epochs or result.diverged_epoch is not None
-            if ((epoch + 1) % cfg.eval_every == 0 or last) and rank == 0:
-                with distributed.local_bn(model):
-                    row.update(_epoch_metrics(model, train_data, test_data, cfg.eval_batch_size))
-            row["time_s"] = time.perf_counter() - t0
-            result.history.append(row)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_accuracy", "test_accuracy") if k in row})
-            result.wall_time_s = time.perf_counter() - t0
-            if writes:
-                if epoch + 1 in keep:
-                    rd.save_iterate(epoch + 1, model.state_dict())
-                rd.write_history(result.history)
-            every = cfg.checkpoint_every
-            if rd is not None and ((every and (epoch + 1) % every == 0) or last):
-                rngs = distributed.all_gather(torch.get_rng_state())
-                if writes:
-                    rd.save_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "generator": gen.get_state(), "rng": rngs[0], "rngs": rngs,
-                                   "result": result.as_dict()})
-    result.wall_time_s = time.perf_counter() - t0
-    if writes:
-        rd.save_model(model.state_dict())
-    _restore_layout(model, layouts)
-    return result
 
 
 def train_throughput() -> list[dict]:
@@ -295,16 +119,16 @@ def train_throughput() -> list[dict]:
     from batchgap.models import init_model
     from batchgap.train import train
 
-    _threads(1)
+    set_threads(1)
     rows = []
-    ds = _mnist1d()
+    ds = mnist1d()
     E = 2
     cfg = TrainConfig(epochs=E, eval_every=E)
     mlp = lambda: init_model("mlp", (40,), 10, 0)  # noqa: E731
     ref_ds = TensorDataset(ds.train.x, ds.train.y)
     fns = {
         "ours": lambda: train(mlp(), ds.train, None, cfg, 32, seed=0, progress=False),
-        "976ebaa": lambda: _train_976ebaa(mlp(), ds.train, None, cfg, 32, seed=0, progress=False),
+        "976ebaa": lambda: train_976ebaa(mlp(), ds.train, None, cfg, 32, seed=0),
         "ref": lambda: _reference_loop(mlp(), ref_ds, E, 32, eval_data=ds.train),
     }
     t = interleaved(fns, repeats=5)
@@ -314,7 +138,7 @@ def train_throughput() -> list[dict]:
     ratio = t["976ebaa"] / t["ours"]
     a, b = mlp(), mlp()  # one run of each: the same final weights and running statistics, bit for bit?
     train(a, ds.train, None, cfg, 32, seed=0, progress=False)
-    _train_976ebaa(b, ds.train, None, cfg, 32, seed=0, progress=False)
+    train_976ebaa(b, ds.train, None, cfg, 32, seed=0)
     same = all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
     rows.append(row("training: default MLP, batch 32, MNIST-1D (train())",
                     f"{n / t['ours']:.0f} ex/s", f"{n / t['976ebaa']:.0f} ex/s (train() as of commit 976ebaa)",
@@ -326,7 +150,7 @@ def train_throughput() -> list[dict]:
                     f"ours {t['ref'] / t['ours']:.2f}x "
                     f"of it (976ebaa: {t['ref'] / t['976ebaa']:.2f}x); DataLoader num_workers=2: {n / t2:.0f} ex/s; "
                     f"{load()}"))
-    data = _synthetic_cifar(512)
+    data = synthetic_cifar(512)
     conv = lambda: init_model("simplevgg", (3, 32, 32), 10, 0, width=16, convs=1)  # noqa: E731
     aug = make_augment("crop-flip")
     cfg = TrainConfig(epochs=1, eval_every=1)
@@ -371,7 +195,7 @@ def mfu(with_compile: bool = False) -> list[dict]:
     from batchgap.models import init_model
 
     rows = []
-    data = _synthetic_cifar(256)
+    data = synthetic_cifar(256)
     aug = make_augment("crop-flip")
     B = 128
     x, y = data.x[:B], data.y[:B]
@@ -399,7 +223,7 @@ def mfu(with_compile: bool = False) -> list[dict]:
         step(m, opt, False)
     flops = counter.get_total_flops()
     for threads in ((1,) if with_compile else (1, 2)):
-        _threads(threads)
+        set_threads(threads)
         peak = matmul_peak(threads)
         variants = {}
         for cl in (False, True):
@@ -414,7 +238,7 @@ def mfu(with_compile: bool = False) -> list[dict]:
                         f"matmul {peak / 1e9:.1f} GFLOP/s", f"{util:.2f}", ">= 0.50", util >= 0.5,
                         "; ".join(f"{k}: {flops / v / 1e9:.1f} GFLOP/s" for k, v in t.items()) + f"; {load()}"))
     if with_compile:
-        _threads(1)
+        set_threads(1)
         try:
             m, opt = make(True)
             compiled = torch.compile(m)
@@ -434,14 +258,6 @@ def mfu(with_compile: bool = False) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ HVP
-def _trained_mlp(ds, epochs=3):
-    from batchgap.config import TrainConfig
-    from batchgap.models import init_model
-    from batchgap.train import train
-
-    m = init_model("mlp", (40,), 10, 0)
-    train(m, ds.train, None, TrainConfig(epochs=epochs), 400, seed=0, progress=False)
-    return m
 
 
 def hvp() -> list[dict]:
@@ -450,9 +266,9 @@ def hvp() -> list[dict]:
     from batchgap.landscape.evaluate import mean_cross_entropy
     from batchgap.landscape.functional import FullDataLoss, session
 
-    _threads(1)
-    ds = _mnist1d()
-    model = _trained_mlp(ds)
+    set_threads(1)
+    ds = mnist1d()
+    model = trained_mlp(ds)
     rows = []
     with session(model, "eval"):
         F = FullDataLoss(model, ds.train, batch_size=1000)
@@ -470,14 +286,10 @@ def hvp() -> list[dict]:
                 out += torch.cat([h.reshape(-1) for h in hv]).double() * len(y)
             return out / len(ds.train)
 
-        from torch.func import grad, jvp
-
-        def forward_over_reverse(v):  # torch.func.jvp of torch.func.grad, per batch (batchgap's former HVP)
-            out = torch.zeros_like(v)
-            for x, y in F._batches():
-                g = grad(lambda w: F.loss_fn(F.forward(w, x), y))
-                out += jvp(g, (F.x0,), (v.float(),))[1].double() * len(y)
-            return out / F.n
+        # 976ebaa's HVP (graphs rebuilt per call, BN unfolded) and the one before it (forward-over-reverse):
+        # frozen copies (benchmarks/frozen/hvp_976ebaa.py), the model in eval mode as this session leaves it
+        before = FrozenLoss(model, ds.train.x, ds.train.y, batch_size=1000)
+        forward_over_reverse = before.forward_over_reverse
 
         V = torch.randn(4, F.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         a, b, c = (F.hvp(V), torch.stack([double_backward(v) for v in V]),
@@ -486,8 +298,7 @@ def hvp() -> list[dict]:
         t = interleaved({"ours": lambda: F.hvp(V), "ref": lambda: [double_backward(v) for v in V],
                          "fwd": lambda: [forward_over_reverse(v) for v in V]})
         t1 = interleaved({"ours": lambda: F.hvp(V[0]), "fwd": lambda: forward_over_reverse(V[0])})
-        # one vector per call, as Lanczos asks: the kept graphs and the BN fold against both off (976ebaa's HVP)
-        before = FullDataLoss(model, ds.train, batch_size=1000, fold=False, graph_budget=0)
+        # one vector per call, as Lanczos asks: the kept graphs and the BN fold against 976ebaa's HVP
         seq = interleaved({"now": lambda: [F.hvp(v) for v in V], "before": lambda: [before.hvp(v) for v in V],
                            "before_block": lambda: before.hvp(V)})
         rel_seq = float((torch.stack([F.hvp(v) for v in V]) - before.hvp(V)).norm() / before.hvp(V).norm())
@@ -547,9 +358,9 @@ def sharpness() -> list[dict]:
     from batchgap.models import init_model
     from batchgap.train import train
 
-    _threads(1)
-    ds = _mnist1d()
-    model = _trained_mlp(ds)
+    set_threads(1)
+    ds = mnist1d()
+    model = trained_mlp(ds)
     res = {}
     t = interleaved({
         "epoch": lambda: train(init_model("mlp", (40,), 10, 0), ds.train, None, TrainConfig(epochs=1), 32,
@@ -597,9 +408,9 @@ def generalization() -> list[dict]:
     from batchgap.config import MeasureConfig
     from batchgap.measure import generalization_measures, geometry
 
-    _threads(1)
-    ds = _mnist1d()
-    model = _trained_mlp(ds, epochs=10)
+    set_threads(1)
+    ds = mnist1d()
+    model = trained_mlp(ds, epochs=10)
     before = replace(MeasureConfig(), norms=False, average_sigma=0.0, average_sigma_relative=0.0, pac_bayes_delta=0.0,
                      density_vectors=0)
     common = {"batch_size": 1000, "bn": "eval"}
@@ -637,9 +448,9 @@ def noise_scale() -> list[dict]:
     from batchgap.landscape import exact_gradient_noise_scale, gradient_noise_scale
     from batchgap.measure import noise_scale as measured
 
-    _threads(1)
-    ds = _mnist1d()
-    model = _trained_mlp(ds, epochs=10)
+    set_threads(1)
+    ds = mnist1d()
+    model = trained_mlp(ds, epochs=10)
     mcfg, out = MeasureConfig(), {}
     t = interleaved({
         "new": lambda: out.__setitem__("new", measured(model, ds.train, mcfg, 0)),
@@ -673,9 +484,9 @@ def curves() -> list[dict]:
     from batchgap.landscape.evaluate import mean_cross_entropy
     from batchgap.landscape.params import flat, named_parameters, preserved, set_flat
 
-    _threads(1)
-    ds = _mnist1d()
-    model = _trained_mlp(ds)
+    set_threads(1)
+    ds = mnist1d()
+    model = trained_mlp(ds)
     d = filter_normalized_direction(model, seed=0)
     alphas = np.linspace(-1, 1, 21)
     out = {}
@@ -862,10 +673,10 @@ BENCHMARKS = {
     "generalization": generalization,
     "default-study": lambda: [study_run("default")],
     "default-study-vs-base": default_study_vs_base,
-    # issue 16: the real peer libraries (benchmarks/peers.py, imported on use: it imports this module)
-    "peers-curves": lambda: __import__("peers").curves_rows(),
-    "peers-hessian": lambda: __import__("peers").hessian_rows(),
-    "peers-density": lambda: __import__("peers").density_rows(),
+    # issue 16: the real peer libraries (benchmarks/peers.py, imported on use: it needs numpy and scipy at import)
+    "peers-curves": lambda: importlib.import_module("peers").curves_rows(),
+    "peers-hessian": lambda: importlib.import_module("peers").hessian_rows(),
+    "peers-density": lambda: importlib.import_module("peers").density_rows(),
 }
 # Not part of "all" (they take 3-10 minutes each): `python benchmarks/run.py --studies [--keep DIR]`
 STUDIES = {f"study-{n}": n for n in EXPERIMENT_STUDIES}
@@ -873,15 +684,19 @@ STUDIES = {f"study-{n}": n for n in EXPERIMENT_STUDIES}
 EXTRA = {"mfu-compile": lambda: mfu(with_compile=True)}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python benchmarks/run.py", description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", choices=[*BENCHMARKS, *EXTRA, *STUDIES, []], metavar="NAME",
                    help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)}); also {', '.join(EXTRA)} "
                         f"(torch.compile), and {', '.join(STUDIES)}: the experiment studies end to end, "
                         "each at its default size")
     p.add_argument("--studies", action="store_true", help="time every experiment study (about 25 minutes on 2 cores)")
     p.add_argument("--keep", type=Path, help="keep the studies' output directories here (to read their reports)")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     names = args.names or ([] if args.studies else list(BENCHMARKS))
     if args.studies:
         names += [n for n in STUDIES if n not in names]
