@@ -167,6 +167,10 @@ def _run_experiment(kind: str, path: Path, args) -> int:
                         f"not the {kind} experiment")
     out = args.out or Path("runs") / (path.stem + ("-quick" if args.quick else ""))
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.download:
+        raise UserError(f"--download: the {kind} experiment trains on data generated offline; nothing to download")
+    if args.data_dir is not None:  # the experiments read the data directory as every data set does, from here
+        os.environ["BATCHGAP_DATA"] = str(args.data_dir)
     print(experiments.run(kind, path, out, quick=args.quick, sets=args.sets, jobs=args.jobs,
                           progress=args.progress, log=log, force=args.force))
     return 0
