@@ -132,31 +132,50 @@ def plan(cfg, s: EosSettings) -> list[dict]:
 
 
 def _identity(cfg, s: EosSettings) -> dict:
-    from ..config import config_hash
-
+    """What, beside a run's own spec, makes its numbers: the data, the model, the settings every run shares."""
     keep = ("seed", "beta1", "beta2", "eps", "tol", "max_lanczos", "blowup")
     return {"data": asdict(cfg.data), "model": asdict(cfg.model), **{k: getattr(s, k) for k in keep},
-            "threads": 1, "code": config_hash(Path(__file__).with_name("eos_trace.py").read_text())}
+            "threads": 1}
 
 
 _DATA: dict = {}
 
 
-def run_one(job: dict) -> dict:
-    """One run of the plan (in this process or a worker): train, track, return the record."""
-    from ..build import fresh, prepare_data
+def _data(cfg):
+    """The study's data set, loaded once per process whatever number of runs it does."""
+    from ..build import prepare_data
 
-    torch.set_num_threads(1)
-    cfg, s, spec = job["cfg"], job["settings"], job["spec"]
-    key = json.dumps(asdict(cfg.data), sort_keys=True) + cfg.root
-    if key not in _DATA:  # one load per process, whatever number of runs it does
+    key = json.dumps(asdict(cfg.data), sort_keys=True) + str(cfg.root)
+    if key not in _DATA:
         _DATA.clear()
         _DATA[key] = prepare_data(cfg)
-    ds = _DATA[key]
+    return _DATA[key]
+
+
+def check_model(cfg, s: EosSettings) -> None:
+    """The model builds, maps the inputs to one logit per class, and has no BatchNorm or dropout (UserError)."""
+    from ..build import fresh
+    from ..plugins import check_output
+
+    ds = _data(cfg)
     net = fresh(cfg, ds, s.seed)
     if any(isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Dropout)) for m in net.modules()):
         raise UserError(f"model {cfg.model.name}: edge-of-stability needs a network without BatchNorm or dropout "
                         "(the loss must be one function of the parameters); set model.bn = \"none\"")
+    check_output(net, ds.train.x[:2].cpu(), ds.num_classes, f"model {cfg.model.name}")
+    if max(s.sgd_batch_sizes) > len(ds.train.y):
+        raise UserError(f"eos.sgd_batch_sizes: {max(s.sgd_batch_sizes)} exceeds the {len(ds.train.y)} "
+                        "training examples")
+
+
+def run_one(job: dict) -> dict:
+    """One run of the plan (in this process or a worker): train, track, return the record."""
+    from ..build import fresh
+
+    torch.set_num_threads(1)
+    cfg, s, spec = job["cfg"], job["settings"], job["spec"]
+    ds = _data(cfg)
+    net = fresh(cfg, ds, s.seed)
     x, y = ds.train.x.float(), ds.train.y
     obj = model_objective(net, x, y, spec["loss"])
     tr = trace(obj, spec["optimizer"], spec["lr"], spec["steps"], spec["every"], batch_size=spec["batch_size"],
@@ -180,6 +199,7 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
     if jobs is not None and jobs < 1:
         raise UserError(f"--jobs: must be at least 1, got {jobs}")
     _check_output(out, cfg.name, force)
+    check_model(cfg, s)
     ident = _identity(cfg, s)
     specs, todo, records = plan(cfg, s), [], {}
     for spec in specs:

@@ -67,18 +67,16 @@ def model_objective(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lo
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names, shapes = [n for n, _ in named], [p for _, p in named]
     model.eval()
-    onehot = torch.nn.functional.one_hot(y, int(y.max()) + 1).to(x.dtype) if loss == "mse" else None
 
     def outputs(theta, idx):
         xs = x if idx is None else x[idx]
         return functional_call(model, dict(zip(names, unflatten(theta, shapes))), (xs,))
 
     def value(theta, idx=None):
-        out = outputs(theta, idx)
+        out, labels = outputs(theta, idx), y if idx is None else y[idx]
         if loss == "mse":
-            target = onehot if idx is None else onehot[idx]
-            return 0.5 * (out - target[:, : out.shape[1]]).pow(2).sum(1).mean()
-        return torch.nn.functional.cross_entropy(out, y if idx is None else y[idx])
+            return 0.5 * (out - torch.nn.functional.one_hot(labels, out.shape[1]).to(out.dtype)).pow(2).sum(1).mean()
+        return torch.nn.functional.cross_entropy(out, labels)
 
     @torch.no_grad()
     def accuracy(theta):
