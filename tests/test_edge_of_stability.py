@@ -180,3 +180,19 @@ def test_another_studys_output_is_refused_without_force(tmp_path, capsys):
     before = (out / "results.json").read_text()
     assert run_cli("edge-of-stability", "--quick", "--out", str(out)) == 2
     assert "--force" in capsys.readouterr().err and (out / "results.json").read_text() == before
+
+
+def test_every_public_function_of_the_study_documents_its_arguments_and_return():
+    import inspect
+
+    from batchgap.experiments import eos_report, eos_summary, eos_trace
+
+    for module in (eos, eos_trace, eos_summary, eos_report):
+        for name, fn in vars(module).items():
+            if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != module.__name__:
+                continue
+            doc = inspect.getdoc(fn) or ""
+            assert "Args:" in doc and "Returns:" in doc, f"{module.__name__}.{name}"
+            args = doc.split("Args:", 1)[1].split("Returns:", 1)[0]
+            for p in inspect.signature(fn).parameters:
+                assert f"{p}:" in args, f"{module.__name__}.{name}: {p}"

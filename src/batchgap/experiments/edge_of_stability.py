@@ -79,8 +79,16 @@ def _check_lists(s: EosSettings) -> None:
 
 
 def load(path: str | Path, quick: bool = False, sets=()) -> tuple[dict, object, EosSettings]:
-    """The study file checked, with ``--quick`` (its ``[quick]`` table) then ``--set`` applied:
-    ``(raw dict, the data and model as a StudyConfig, EosSettings)``. Mistakes: one-line UserError."""
+    """The study file checked as written, then with ``--quick`` (its ``[quick]`` table) and ``--set`` applied.
+
+    Args:
+        path: the study file.
+        quick: apply its ``[quick]`` table.
+        sets: ``"key=value"`` assignments, applied last.
+
+    Returns:
+        ``(raw dict, the data and model as a StudyConfig, EosSettings)``; a mistake raises a one-line UserError.
+    """
     path = Path(path)
     raw = read_toml(path)
     for key in raw:
@@ -103,7 +111,15 @@ def load(path: str | Path, quick: bool = False, sets=()) -> tuple[dict, object, 
 
 
 def check(raw: dict, where: str):
-    """(StudyConfig of the data and model, EosSettings) from the raw study, or a one-line UserError."""
+    """The data, model and ``[eos]`` tables checked.
+
+    Args:
+        raw: the study as plain data.
+        where: the study's name in messages.
+
+    Returns:
+        ``(StudyConfig holding the data and model, EosSettings)``; a mistake raises a one-line UserError.
+    """
     name = raw.get("name", KIND)
     study = {"name": name, "data": raw.get("data", {}), "model": raw.get("model", {}),
              "regimes": [{"name": "eos", "batch_size": 1}], "description": raw.get("description", "")}
@@ -117,8 +133,16 @@ def check(raw: dict, where: str):
 
 
 def plan(cfg, s: EosSettings) -> list[dict]:
-    """The runs: per loss, GD at each step size, SGD at each batch size, Adam; each with its steps and the
-    measurement interval."""
+    """The runs: per loss, GD at each step size, SGD at each batch size, Adam.
+
+    Args:
+        cfg: the data and model (unused but for symmetry with the other stages).
+        s: the settings.
+
+    Returns:
+        One dict per run: loss, optimizer, lr, batch_size (0: full batch), steps (time / lr for GD and SGD),
+        every (steps // points), label.
+    """
     runs = []
     for loss in s.losses:
         specs = [("gd", lr, 0) for lr in s.gd_lrs] + [("sgd", s.sgd_lr, b) for b in s.sgd_batch_sizes]
@@ -153,7 +177,16 @@ def _data(cfg):
 
 
 def check_model(cfg, s: EosSettings) -> None:
-    """The model builds, maps the inputs to one logit per class, and has no BatchNorm or dropout (UserError)."""
+    """Refuse (UserError) a model with BatchNorm or dropout, one that does not map the inputs to one logit per
+    class, and an SGD batch larger than the training set.
+
+    Args:
+        cfg: the data and model.
+        s: the settings.
+
+    Returns:
+        None.
+    """
     from ..build import fresh
     from ..plugins import check_output
 
@@ -169,7 +202,14 @@ def check_model(cfg, s: EosSettings) -> None:
 
 
 def run_one(job: dict) -> dict:
-    """One run of the plan (in this process or a worker): train, track, return the record."""
+    """One run of the plan (in this process or a worker): train and track it, write its record atomically.
+
+    Args:
+        job: ``cfg``, ``settings``, ``spec`` (a :func:`plan` entry), ``id`` and ``path`` (its record's file).
+
+    Returns:
+        The record: the spec, ``id``, ``n``, ``num_params`` and ``trace`` (:meth:`eos_trace.Trace.as_dict`).
+    """
     from ..build import fresh
 
     torch.set_num_threads(1)
@@ -187,10 +227,25 @@ def run_one(job: dict) -> dict:
 
 
 def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print, force=False) -> Path:
-    """Run the study file ``path`` into ``out`` (resuming finished runs); write results.json and the report.
+    """Run the study file ``path`` into ``out``, resuming the runs it already holds; write results.json (every
+    run's trace and summary) and the report.
+
+    Args:
+        path: the study file.
+        out: the output directory.
+        quick: apply the study's ``[quick]`` table.
+        sets: ``--set`` assignments.
+        jobs: runs at once in worker processes (None: the cores available).
+        progress: a progress bar (None: when stderr is a terminal).
+        log: called with one line of progress news.
+        force: run into a directory that holds another study.
 
     Returns:
         The path of ``out/report.md``.
+
+    Cost:
+        Per run ``steps`` gradients and ``points`` Lanczos measurements (:func:`eos_trace.trace`); the default
+        study: about 140 s of CPU time in all.
     """
     from ..config import config_hash
 
@@ -250,14 +305,30 @@ PROTOCOL = {
 
 
 def report(out) -> Path:
-    """Redraw ``out/report.md`` and its figures from ``out/results.json``."""
+    """Redraw ``out/report.md`` and its figure from ``out/results.json``.
+
+    Args:
+        out: the output directory.
+
+    Returns:
+        The report's path.
+    """
     from .eos_report import write_report
 
     return write_report(Path(out))
 
 
 def show(path, *, quick=False, sets=()) -> dict:
-    """The validated settings and the runs they make, as plain data."""
+    """The validated settings, the runs they make and each run's threshold, as plain data (``batchgap show``).
+
+    Args:
+        path: the study file.
+        quick: apply its ``[quick]`` table.
+        sets: ``--set`` assignments.
+
+    Returns:
+        A JSON-able dict.
+    """
     raw, cfg, s = load(path, quick, sets)
     return {"experiment": KIND, "name": cfg.name, "description": cfg.description, "data": asdict(cfg.data),
             "model": asdict(cfg.model), "eos": asdict(s),

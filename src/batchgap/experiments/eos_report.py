@@ -45,8 +45,16 @@ def _series(r: dict, key: str):
 
 
 def draw(doc: dict, path: Path) -> Path:
-    """Per loss a row: GD's lambda_max with 2/eta, SGD's with 2/eta, Adam's preconditioned sharpness with
-    38/eta, and every run's training loss (log scale)."""
+    """The figure: per loss a row of GD's lambda_max with 2/eta, SGD's with 2/eta, Adam's preconditioned
+    sharpness with (2 + 2 beta1)/((1 - beta1) eta), and every run's training loss (log scales).
+
+    Args:
+        doc: the results.
+        path: the PNG to write (atomically).
+
+    Returns:
+        ``path``.
+    """
     losses = doc["settings"]["losses"]
     fig, axes = plt.subplots(len(losses), 4, figsize=(17, 3.8 * len(losses)), squeeze=False)
     for row, loss in zip(axes, losses):
@@ -109,7 +117,14 @@ def _table(doc: dict) -> list[str]:
 
 
 def write_report(out: Path) -> Path:
-    """Draw the figure into ``out/figures/`` and write ``out/report.md``; returns the report's path."""
+    """Draw the figure into ``out/figures/`` and write ``out/report.md`` (atomically) from ``out/results.json``.
+
+    Args:
+        out: the output directory.
+
+    Returns:
+        The report's path.
+    """
     doc = _load(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     draw(doc, out / "figures" / FIGURE)

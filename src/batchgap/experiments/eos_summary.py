@@ -21,14 +21,31 @@ HOVER_SHARE = 0.75
 
 
 def threshold(spec: dict, beta1: float) -> float:
-    """2/eta for GD and SGD, (2 + 2 beta1) / ((1 - beta1) eta) for Adam (eta = ``spec["lr"]``)."""
+    """The stability threshold: 2/eta for GD and SGD, (2 + 2 beta1) / ((1 - beta1) eta) for Adam.
+
+    Args:
+        spec: a run (``optimizer``, ``lr`` = eta).
+        beta1: Adam's first-moment decay.
+
+    Returns:
+        The threshold.
+    """
     if spec["optimizer"] == "adam":
         return (2 + 2 * beta1) / ((1 - beta1) * spec["lr"])
     return 2 / spec["lr"]
 
 
 def summarize(record: dict, beta1: float) -> dict:
-    """``record`` with ``threshold``, ``tracked`` (which sharpness is held against it) and ``summary`` added."""
+    """A run's record with ``threshold``, ``tracked`` (the sharpness held against it) and ``summary`` (the module
+    docstring's numbers) added.
+
+    Args:
+        record: a run's record (:func:`edge_of_stability.run_one`).
+        beta1: Adam's first-moment decay.
+
+    Returns:
+        A new dict.
+    """
     thr = threshold(record, beta1)
     tr = record["trace"]
     tracked = "preconditioned_sharpness" if record["optimizer"] == "adam" else "sharpness"
@@ -54,6 +71,8 @@ def _run_sentence(r: dict, line: str) -> str:
     s = r["summary"]
     if s["diverged_at"] is not None:
         return f"{r['label']}: diverged at step {s['diverged_at']}"
+    if s["peak"] is None:
+        return f"{r['label']}: no sharpness measured"
     if s["reached_at"] is None:
         return f"{r['label']}: never reached {line} (peak {s['peak']:.2f}x, last quarter {s['settled']:.2f}x)"
     verb = "hovered" if s["hovers"] else "did not stay"
@@ -63,7 +82,14 @@ def _run_sentence(r: dict, line: str) -> str:
 
 
 def findings(doc: dict) -> dict:
-    """Per loss, the sentences of the finding, each from the numbers of ``doc['runs']``."""
+    """The finding in words, every word from the numbers of the summarized runs.
+
+    Args:
+        doc: the study's results (``settings`` and summarized ``runs``).
+
+    Returns:
+        ``{loss: [sentence, ...]}``.
+    """
     out = {}
     for loss in doc["settings"]["losses"]:
         runs = [r for r in doc["runs"] if r["loss"] == loss]

@@ -46,14 +46,16 @@ class Objective:
 
 
 def model_objective(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str) -> Objective:
-    """The training loss of ``model`` (no BatchNorm, no dropout: a pure function of its parameters) on (x, y).
+    """The training loss of ``model`` (no BatchNorm, no dropout, else ValueError: the loss must be a function of
+    the parameters alone) on (x, y).
 
         cross-entropy:  L = (1/n) sum_i -log softmax(f(x_i))_{y_i}
         mse:            L = (1/n) sum_i (1/2) ||f(x_i) - e_{y_i}||^2      (one-hot targets, summed over classes)
 
     Args:
         model: the network; its trainable parameters, in ``named_parameters()`` order, are theta. Not modified.
-        x: the training inputs. y: the integer labels.
+        x: the training inputs.
+        y: the integer labels.
         loss: ``"cross-entropy"`` or ``"mse"``.
 
     Returns:
@@ -64,9 +66,10 @@ def model_objective(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lo
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, not {loss!r}")
+    if any(isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Dropout)) for m in model.modules()):
+        raise ValueError("model_objective: the model has BatchNorm or dropout; the loss must be one function of theta")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names, shapes = [n for n, _ in named], [p for _, p in named]
-    model.eval()
 
     def outputs(theta, idx):
         xs = x if idx is None else x[idx]
@@ -86,7 +89,18 @@ def model_objective(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lo
 
 
 def quadratic_objective(A: torch.Tensor, x0: torch.Tensor) -> Objective:
-    """f(x) = x^T A x / 2 (A symmetric) as an :class:`Objective` of one "example", started at ``x0``."""
+    """f(x) = x^T A x / 2 as an :class:`Objective` of one "example" (its Hessian is A everywhere).
+
+    Args:
+        A: a symmetric (N, N) matrix.
+        x0: the start point (N,).
+
+    Returns:
+        An :class:`Objective` with theta0 a copy of ``x0`` and no accuracy.
+
+    Cost:
+        One matrix-vector product per loss.
+    """
     def value(theta, idx=None):
         return 0.5 * theta @ (A @ theta)
 
@@ -94,8 +108,19 @@ def quadratic_objective(A: torch.Tensor, x0: torch.Tensor) -> Objective:
 
 
 def hvp_at(obj: Objective, theta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """v -> H v at theta (H of the full-data loss): reverse-over-reverse, the gradient's graph built once and kept
-    for every product of the returned closure; vectors (N,) or (k, N) in float64, results float64."""
+    """The Hessian-vector product v -> H v, H = d^2 L / dtheta^2 of the full-data loss at ``theta``.
+
+    Args:
+        obj: the objective.
+        theta: the point.
+
+    Returns:
+        A closure mapping vectors (N,) or (k, N) to H v in float64 (cast to theta's dtype for the product).
+
+    Cost:
+        One forward pass and gradient with its graph kept (reverse-over-reverse) when called, then one backward
+        pass through that graph per vector.
+    """
     leaf = theta.detach().clone().requires_grad_(True)
     (g,) = torch.autograd.grad(obj.loss(leaf, None), leaf, create_graph=True)
 
@@ -112,6 +137,13 @@ def top_eigenpair(matvec, v0: torch.Tensor, tol: float = 1e-3, max_steps: int = 
     """The largest (algebraic) eigenvalue and its unit eigenvector of a symmetric operator, by Lanczos with full
     reorthogonalization from ``v0``: stopped once at least ``min_steps`` steps are taken and the top Ritz pair's
     residual estimate beta_j |s_j| is at most ``tol`` |theta|, on an invariant subspace, or after ``max_steps``.
+
+    Args:
+        matvec: v (N,) float64 -> A v (N,) float64, A symmetric.
+        v0: the start vector (N,), not zero.
+        tol: the relative residual estimate at which the top Ritz pair counts as converged.
+        max_steps: the cap on Lanczos steps (and on operator products).
+        min_steps: the fewest steps taken.
 
     Returns:
         ``(value, vector (N,) float64, steps, converged)``.
@@ -142,8 +174,12 @@ def sharpness(obj: Objective, theta: torch.Tensor, start: torch.Tensor, scale: t
     sharpness scale = P^-1/2, so D H D = P^-1/2 H P^-1/2 has the spectrum of P^-1 H.
 
     Args:
-        obj: the objective. theta: the point. start: the Lanczos start vector (N,).
-        scale: the diagonal of D, or None. tol, max_steps: as :func:`top_eigenpair`.
+        obj: the objective.
+        theta: the point.
+        start: the Lanczos start vector (N,).
+        scale: the diagonal of D, or None.
+        tol: as :func:`top_eigenpair`.
+        max_steps: as :func:`top_eigenpair`.
 
     Returns:
         ``(lambda_max, eigenvector of D H D, Lanczos steps, converged)``.
@@ -159,7 +195,18 @@ def sharpness(obj: Objective, theta: torch.Tensor, start: torch.Tensor, scale: t
 
 
 def diverged(losses, blowup: float = 100.0) -> bool:
-    """Whether a run diverged: a recorded full-data loss is not finite or exceeds ``blowup`` x the first one."""
+    """Whether a run diverged: some recorded loss L_t is not finite or L_t > blowup * L_0.
+
+    Args:
+        losses: the full-data losses recorded so far, the first at the start point.
+        blowup: the factor over the first loss that counts as divergence.
+
+    Returns:
+        True when diverged.
+
+    Cost:
+        One pass over ``losses``.
+    """
     first = losses[0]
     return any(not math.isfinite(v) or v > blowup * max(first, 1e-12) for v in losses)
 
@@ -201,11 +248,18 @@ def trace(obj: Objective, optimizer: str, lr: float, steps: int, every: int, *, 
                (full batch; m_hat, v_hat bias-corrected); measured also lambda_max(P^-1 H), P = diag(sqrt(v_hat))+eps
 
     Args:
-        obj: the objective. optimizer: ``"gd"``, ``"sgd"`` or ``"adam"``. lr: the step size eta.
-        steps: optimizer steps. every: measure every this many steps (step 0 and the last step included).
-        batch_size: SGD's minibatch (1 <= batch_size <= n). beta1, beta2, eps: Adam's.
+        obj: the objective.
+        optimizer: ``"gd"``, ``"sgd"`` or ``"adam"``.
+        lr: the step size eta.
+        steps: optimizer steps.
+        every: measure every this many steps (step 0 and the last step included).
+        batch_size: SGD's minibatch (1 <= batch_size <= n).
+        beta1: Adam's first-moment decay.
+        beta2: Adam's second-moment decay.
+        eps: Adam's epsilon (also in P).
         seed: seeds the generator of SGD's batches and of the Lanczos start vectors' random part.
-        tol, max_lanczos: Lanczos stopping (see :func:`top_eigenpair`).
+        tol: Lanczos's relative residual estimate (see :func:`top_eigenpair`).
+        max_lanczos: the cap on Lanczos steps per eigenvalue.
         blowup: the divergence threshold of :func:`diverged`.
         keep_iterates: keep each measured theta (tests).
         progress: called with the number of steps done after each one, or None.
