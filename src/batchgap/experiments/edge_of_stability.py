@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -28,6 +29,7 @@ import torch
 from .. import devices
 from ..config import from_dict, read_toml
 from ..errors import UserError, closest
+from ..lifecycle import die_with_parent, orphaned
 from ..overrides import apply_set, parse_set
 from ..typed import build
 from ..util import atomic_write_json, progress_bar
@@ -222,7 +224,8 @@ def run_one(job: dict) -> dict:
                beta1=s.beta1, beta2=s.beta2, eps=s.eps, seed=s.seed, tol=s.tol, max_lanczos=s.max_lanczos,
                blowup=s.blowup)
     record = {**spec, "id": job["id"], "n": obj.n, "num_params": obj.theta0.numel(), "trace": tr.as_dict()}
-    atomic_write_json(job["path"], record)
+    if not orphaned():  # a worker whose study was stopped writes nothing
+        atomic_write_json(job["path"], record)
     return record
 
 
@@ -275,10 +278,15 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
             records[job["id"]] = run_one(job)
             next(bar_iter, None)
     else:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        # workers die with this process (Ctrl-C, SIGTERM, SIGKILL): no run is finished or written after it ends
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
+                                   initargs=(os.getpid(),))
+        try:
             for rec in pool.map(run_one, todo):
                 records[rec["id"]] = rec
                 next(bar_iter, None)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
     doc = {"experiment": KIND, "schema": SCHEMA, "name": cfg.name, "description": cfg.description,
            "quick": quick, "settings": asdict(s), "data": asdict(cfg.data), "model": asdict(cfg.model),
            "environment": devices.environment(), "protocol": PROTOCOL,
