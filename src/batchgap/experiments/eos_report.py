@@ -99,7 +99,7 @@ def draw(doc: dict, path: Path) -> Path:
 
 def _table(doc: dict) -> list[str]:
     head = ["| loss | run | steps | threshold | peak | reached at step | median after | within band | "
-            "last quarter | final loss | final train acc |", "|" + "---|" * 11]
+            "last quarter [min, max] | final loss | final train acc |", "|" + "---|" * 11]
     rows = []
     for r in doc["runs"]:
         s = r["summary"]
@@ -111,9 +111,13 @@ def _table(doc: dict) -> list[str]:
         rows.append(f"| {r['loss']} | {r['label']}{div} | {r['steps']} | {r['threshold']:.4g} | "
                     f"{f(s['peak'], unit='x')} | "
                     f"{f(s['reached_at'], 'd')} | {f(s['median_after'], unit='x')} | {within} | "
-                    f"{f(s['settled'], unit='x')} | "
+                    f"{f(s['settled'], unit='x')} {_span(s)} | "
                     f"{f(s['final_loss'], '.4g')} | {f(s['final_accuracy'], '.3f')} |")
     return head + rows
+
+
+def _span(s: dict) -> str:
+    return "" if s.get("settled_range") is None else "[{:.2f}, {:.2f}]".format(*s["settled_range"])
 
 
 def write_report(out: Path) -> Path:

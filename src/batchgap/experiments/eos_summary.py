@@ -9,7 +9,8 @@ sharpness (Cohen et al. 2022). With r_t = (tracked sharpness at step t) / thresh
 * ``median_after``, ``within_after``: the median of r_t over the measurements from ``reached_at`` on, and the
   fraction of them in [HOVER_LOW, HOVER_HIGH] = [0.8, 1.25];
 * ``hovers``: reached, and at least 3/4 of the measurements from then on within that band;
-* ``settled``: the median r_t over the last quarter of the measurements.
+* ``settled``: the median r_t over the last quarter of the measurements, ``settled_range`` their min and max
+  (one seed: the spread along the run, not an interval over seeds).
 """
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ def summarize(record: dict, beta1: float) -> dict:
     tracked = "preconditioned_sharpness" if record["optimizer"] == "adam" else "sharpness"
     pairs = [(t, v / thr) for t, v in zip(tr["steps"], tr[tracked]) if v is not None]
     summary = {"peak": None, "reached_at": None, "median_after": None, "within_after": None, "hovers": False,
-               "settled": None, "final_loss": tr["loss"][-1], "final_accuracy": tr["accuracy"][-1],
-               "diverged_at": tr["diverged_at"], "unconverged_lanczos": sum(1 for c in tr["converged"] if not c)}
+               "settled": None, "settled_range": None, "final_loss": tr["loss"][-1],
+               "final_accuracy": tr["accuracy"][-1], "diverged_at": tr["diverged_at"],
+               "unconverged_lanczos": sum(1 for c in tr["converged"] if not c)}
     if pairs:
         ratios = [r for _, r in pairs]
         summary["peak"] = max(ratios)
@@ -63,7 +65,8 @@ def summarize(record: dict, beta1: float) -> dict:
             summary["median_after"] = statistics.median(after)
             summary["within_after"] = sum(HOVER_LOW <= r <= HOVER_HIGH for r in after) / len(after)
             summary["hovers"] = summary["within_after"] >= HOVER_SHARE
-        summary["settled"] = statistics.median(ratios[-max(1, len(ratios) // 4):])
+        last = ratios[-max(1, len(ratios) // 4):]
+        summary["settled"], summary["settled_range"] = statistics.median(last), [min(last), max(last)]
     return {**record, "threshold": thr, "tracked": tracked, "summary": summary}
 
 
@@ -101,14 +104,19 @@ def findings(doc: dict) -> dict:
         lines.append(f"GD: {hovered} of {len(gd)} step sizes reached 2/eta and hovered there.")
         lines += [_run_sentence(r, "2/eta") for r in sgd]
         settled = [r["summary"]["settled"] for r in sgd if r["summary"]["settled"] is not None]
+        spans = [r["summary"]["settled_range"] for r in sgd if r["summary"]["settled"] is not None]
         gd_same = [r["summary"]["settled"] for r in gd if r["lr"] == (sgd[0]["lr"] if sgd else None)]
         if len(settled) == len(sgd) >= 2:
             order = ("rising with the batch size" if all(a < b for a, b in zip(settled, settled[1:]))
                      else "not monotone in the batch size")
+            apart = all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
+            order += (", each range above the last" if apart else ", the ranges overlapping") if "rising" in order \
+                else ""
             ref = f"; GD at the same step size: {gd_same[0]:.2f}x" if gd_same and gd_same[0] is not None else ""
             lines.append(f"SGD (eta = {sgd[0]['lr']:g}) settles at "
-                         + ", ".join(f"{v:.2f}x (batch {r['batch_size']})" for v, r in zip(settled, sgd))
-                         + f" of 2/eta over the last quarter: {order}{ref}.")
+                         + ", ".join(f"{v:.2f}x [{lo:.2f}, {hi:.2f}] (batch {r['batch_size']})"
+                                     for v, (lo, hi), r in zip(settled, spans, sgd))
+                         + f" of 2/eta over the last quarter (median [min, max]): {order}{ref}.")
         for r in adam:
             lines.append(_run_sentence(r, "(2 + 2 beta1)/((1 - beta1) eta)").replace(r["label"], r["label"]
                          + " (preconditioned sharpness)", 1))
