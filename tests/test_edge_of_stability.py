@@ -117,7 +117,11 @@ def test_the_summary_reads_reach_hover_and_settle_from_the_ratios():
     assert out["reached_at"] == 20 and out["peak"] == pytest.approx(1.2) and out["hovers"]
     assert out["median_after"] == pytest.approx(1.0) and out["within_after"] == 1.0
     assert out["settled"] == pytest.approx(1.1)  # median of the last quarter (2 of 9): 1.2, 1.0
-    assert out["settled_range"] == [1.0, 1.2]
+    assert out["settled_range"] == [1.0, 1.2] and out["left_at"] is None
+    falling = [0.1, 1.0, 1.1, 0.7, 1.0, 0.75, 0.5, 0.4, 0.3]  # the dip at step 30 is not leaving; step 50 is
+    left = summarize({**record, "trace": {**record["trace"], "sharpness": [4 * r for r in falling],
+                                          "loss": [1.0 / (t + 1) for t in range(9)]}}, 0.9)["summary"]
+    assert left["left_at"] == 50 and left["left_loss"] == pytest.approx(1 / 6) and not left["hovers"]
     adam = summarize({**record, "optimizer": "adam", "trace": {**record["trace"], "preconditioned_sharpness":
                                                               [None] + [76 * r for r in ratios[1:]]}}, 0.9)
     assert adam["threshold"] == pytest.approx(38 / 0.5) and adam["summary"]["reached_at"] == 20

@@ -9,6 +9,8 @@ sharpness (Cohen et al. 2022). With r_t = (tracked sharpness at step t) / thresh
 * ``median_after``, ``within_after``: the median of r_t over the measurements from ``reached_at`` on, and the
   fraction of them in [HOVER_LOW, HOVER_HIGH] = [0.8, 1.25];
 * ``hovers``: reached, and at least 3/4 of the measurements from then on within that band;
+* ``left_at``, ``left_loss``: after reaching, the first measured step from which every r_t is below HOVER_LOW
+  (the sharpness left the edge for good, as with cross-entropy when the loss goes to zero), and the loss there;
 * ``settled``: the median r_t over the last quarter of the measurements, ``settled_range`` their min and max
   (one seed: the spread along the run, not an interval over seeds).
 """
@@ -52,7 +54,7 @@ def summarize(record: dict, beta1: float) -> dict:
     tracked = "preconditioned_sharpness" if record["optimizer"] == "adam" else "sharpness"
     pairs = [(t, v / thr) for t, v in zip(tr["steps"], tr[tracked]) if v is not None]
     summary = {"peak": None, "reached_at": None, "median_after": None, "within_after": None, "hovers": False,
-               "settled": None, "settled_range": None, "final_loss": tr["loss"][-1],
+               "left_at": None, "left_loss": None, "settled": None, "settled_range": None, "final_loss": tr["loss"][-1],
                "final_accuracy": tr["accuracy"][-1], "diverged_at": tr["diverged_at"],
                "unconverged_lanczos": sum(1 for c in tr["converged"] if not c)}
     if pairs:
@@ -65,6 +67,12 @@ def summarize(record: dict, beta1: float) -> dict:
             summary["median_after"] = statistics.median(after)
             summary["within_after"] = sum(HOVER_LOW <= r <= HOVER_HIGH for r in after) / len(after)
             summary["hovers"] = summary["within_after"] >= HOVER_SHARE
+            below = len(ratios)
+            while below > first and ratios[below - 1] < HOVER_LOW:
+                below -= 1
+            if below < len(ratios):
+                summary["left_at"] = pairs[below][0]
+                summary["left_loss"] = tr["loss"][tr["steps"].index(pairs[below][0])]
         last = ratios[-max(1, len(ratios) // 4):]
         summary["settled"], summary["settled_range"] = statistics.median(last), [min(last), max(last)]
     return {**record, "threshold": thr, "tracked": tracked, "summary": summary}
@@ -79,9 +87,11 @@ def _run_sentence(r: dict, line: str) -> str:
     if s["reached_at"] is None:
         return f"{r['label']}: never reached {line} (peak {s['peak']:.2f}x, last quarter {s['settled']:.2f}x)"
     verb = "hovered" if s["hovers"] else "did not stay"
+    left = (f"; below {HOVER_LOW}x for good from step {s['left_at']} (training loss {s['left_loss']:.3g})"
+            if s["left_at"] is not None else "")
     return (f"{r['label']}: reached {line} at step {s['reached_at']} (peak {s['peak']:.2f}x) and {verb} there: "
             f"median {s['median_after']:.2f}x from then on, {100 * s['within_after']:.0f}% of the measurements "
-            f"within [{HOVER_LOW}, {HOVER_HIGH}]x; last quarter {s['settled']:.2f}x")
+            f"within [{HOVER_LOW}, {HOVER_HIGH}]x{left}; last quarter {s['settled']:.2f}x")
 
 
 def findings(doc: dict) -> dict:
@@ -109,9 +119,8 @@ def findings(doc: dict) -> dict:
         if len(settled) == len(sgd) >= 2:
             order = ("rising with the batch size" if all(a < b for a, b in zip(settled, settled[1:]))
                      else "not monotone in the batch size")
-            apart = all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
-            order += (", each range above the last" if apart else ", the ranges overlapping") if "rising" in order \
-                else ""
+            order += "".join(f"; batch {p['batch_size']}'s range {'below' if a[1] < b[0] else 'overlapping'} "
+                             f"batch {q['batch_size']}'s" for a, b, p, q in zip(spans, spans[1:], sgd, sgd[1:]))
             ref = f"; GD at the same step size: {gd_same[0]:.2f}x" if gd_same and gd_same[0] is not None else ""
             lines.append(f"SGD (eta = {sgd[0]['lr']:g}) settles at "
                          + ", ".join(f"{v:.2f}x [{lo:.2f}, {hi:.2f}] (batch {r['batch_size']})"
