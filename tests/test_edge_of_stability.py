@@ -201,3 +201,18 @@ def test_every_public_function_of_the_study_documents_its_arguments_and_return()
             args = doc.split("Args:", 1)[1].split("Returns:", 1)[0]
             for p in inspect.signature(fn).parameters:
                 assert f"{p}:" in args, f"{module.__name__}.{name}: {p}"
+
+
+def test_a_divergent_run_is_stopped_marked_and_reported(tmp_path, mnist1d_dir, monkeypatch):
+    monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
+    out = tmp_path / "out"
+    sets = ["eos.gd_lrs=[0.5, 5.0]", "eos.time=40", "eos.losses=[\"mse\"]", "eos.sgd_batch_sizes=[]"]
+    assert run_cli("edge-of-stability", "--quick", "--out", str(out), "--jobs", "1",
+                   *[a for s in sets for a in ("--set", s)]) == 0
+    runs = {r["label"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert set(runs) == {"GD eta=0.5", "GD eta=5", "Adam eta=0.001"}
+    bad, good = runs["GD eta=5"], runs["GD eta=0.5"]
+    assert bad["summary"]["diverged_at"] == bad["trace"]["steps"][-1] < bad["steps"]  # stopped there
+    assert bad["trace"]["sharpness"][-1] is None and bad["trace"]["sharpness"][0] > 2 / 5  # past the edge at x0
+    assert good["summary"]["diverged_at"] is None and good["trace"]["steps"][-1] == 80
+    assert f"GD eta=5: diverged at step {bad['summary']['diverged_at']}" in (out / "report.md").read_text()

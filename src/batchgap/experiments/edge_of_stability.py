@@ -129,7 +129,7 @@ def check(raw: dict, where: str):
     settings = build(EosSettings, raw.get("eos", {}), "eos")
     _check_lists(settings)
     n = cfg.data.train_subset
-    if n and max(settings.sgd_batch_sizes) > n:
+    if n and max(settings.sgd_batch_sizes, default=0) > n:
         raise UserError(f"eos.sgd_batch_sizes: {max(settings.sgd_batch_sizes)} exceeds data.train_subset = {n}")
     return cfg, settings
 
@@ -198,7 +198,7 @@ def check_model(cfg, s: EosSettings) -> None:
         raise UserError(f"model {cfg.model.name}: edge-of-stability needs a network without BatchNorm or dropout "
                         "(the loss must be one function of the parameters); set model.bn = \"none\"")
     check_output(net, ds.train.x[:2].cpu(), ds.num_classes, f"model {cfg.model.name}")
-    if max(s.sgd_batch_sizes) > len(ds.train.y):
+    if max(s.sgd_batch_sizes, default=0) > len(ds.train.y):
         raise UserError(f"eos.sgd_batch_sizes: {max(s.sgd_batch_sizes)} exceeds the {len(ds.train.y)} "
                         "training examples")
 

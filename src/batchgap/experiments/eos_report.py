@@ -71,7 +71,8 @@ def draw(doc: dict, path: Path) -> Path:
             ax.set_title(f"{loss}: {title}", fontsize=9)
             ax.set_xlabel("step")
             ax.set_yscale("log")
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         ax = row[3]
         for opt, style in (("gd", "-"), ("sgd", "--"), ("adam", ":")):
             for i, r in enumerate(x for x in runs if x["optimizer"] == opt):
