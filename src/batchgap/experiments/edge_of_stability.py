@@ -271,21 +271,18 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
     (out / "traces").mkdir(parents=True, exist_ok=True)
     log(f"{KIND}: {len(specs)} runs, {len(specs) - len(todo)} already finished in {out}")
     jobs = min(jobs or devices.cores(), max(1, len(todo)))
-    bar = progress_bar(range(len(todo)), desc=KIND, enabled=progress)
-    bar_iter = iter(bar)
+    pool = None
     if jobs == 1:
-        for job in todo:
-            records[job["id"]] = run_one(job)
-            next(bar_iter, None)
-    else:
-        # workers die with this process (Ctrl-C, SIGTERM, SIGKILL): no run is finished or written after it ends
+        finished = map(run_one, todo)
+    else:  # workers die with this process (Ctrl-C, SIGTERM, SIGKILL): none finishes or writes a run after it
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
                                    initargs=(os.getpid(),))
-        try:
-            for rec in pool.map(run_one, todo):
-                records[rec["id"]] = rec
-                next(bar_iter, None)
-        finally:
+        finished = pool.map(run_one, todo)
+    try:
+        for rec in progress_bar(finished, desc=KIND, enabled=progress, total=len(todo)):
+            records[rec["id"]] = rec
+    finally:
+        if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
     doc = {"experiment": KIND, "schema": SCHEMA, "name": cfg.name, "description": cfg.description,
            "quick": quick, "settings": asdict(s), "data": asdict(cfg.data), "model": asdict(cfg.model),
