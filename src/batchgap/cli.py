@@ -66,8 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bars (default: when stderr is a terminal)")
 
-    rep = sub.add_parser("report", help="merge the finished runs in OUT into OUT/results.json; (re)write the report")
-    rep.add_argument("out", type=Path, help="a study's output directory (the --out of `batchgap run`)")
+    rep = sub.add_parser("report", help="merge the finished runs in OUT into OUT/results.json; (re)write the report; "
+                                        "or draw TRACK.jsonl files of batchgap.track along training")
+    rep.add_argument("out", type=Path, nargs="+", metavar="OUT|TRACK.jsonl",
+                     help="a study's output directory (the --out of `batchgap run`), or one or more .jsonl files "
+                          "written by batchgap.track (one line per run in the figure)")
+    rep.add_argument("--out", dest="to", type=Path, metavar="DIR",
+                     help="with .jsonl files: where the figure and markdown go (default: beside the first file)")
     rep.add_argument("--data-dir", type=Path, help="where data files live (for the pairwise measures of a merge)")
     rep.add_argument("--download", action="store_true", help="download missing data files first")
 
@@ -350,6 +355,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(args) -> int:
+    if any(p.suffix == ".jsonl" for p in args.out):
+        from .report.track import write_track_report  # matplotlib: only when drawing
+
+        print(write_track_report(args.out, args.to))
+        return 0
+    if len(args.out) > 1 or args.to is not None:
+        raise UserError("report: give one study output directory (without --out), or .jsonl files of batchgap.track")
+    args.out = args.out[0]
     from . import experiments
     from .report import write_report
 
