@@ -63,7 +63,7 @@ def test_eigenvalues_match_the_exact_hessian_and_the_warm_start_is_cheaper(tmp_p
     for name in ("lambda_max", "hessian_top"):
         assert (first["measures"][name]["start"], second["measures"][name]["start"]) == ("cold", "warm")
         assert second["measures"][name]["lanczos_steps"] < first["measures"][name]["lanczos_steps"]
-        assert "warm start" in second["measures"][name]["method"]
+        assert "from the previous measurement's" in second["measures"][name]["method"]
 
 
 def train(model, data, steps, tracker=None):
@@ -255,6 +255,12 @@ def test_report_draws_two_runs_with_their_protocol(tmp_path, capsys):
     assert "unit=example" in md and "Lanczos" in md and "data [LB]: 40 rows" in md
     assert main(["report", str(tmp_path / "missing.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
+    with open(paths[1], "a") as f:
+        f.write('{"schema": "batchgap-track/1", "run": "LB", "st')  # a kill mid-line
+    assert main(["report", *paths, "--out", str(tmp_path / "rep")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("batchgap: warning: ") and "skipped a partial last line" in err and len(err.splitlines()) == 1
+    assert re.search(r"\| LB \| loss \| 2 \|", (tmp_path / "rep" / "SB.md").read_text())
 
 
 def doc_blocks(name: str) -> list[str]:

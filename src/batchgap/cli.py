@@ -356,9 +356,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(args) -> int:
     if any(p.suffix == ".jsonl" for p in args.out):
+        import warnings
+
         from .report.track import write_track_report  # matplotlib: only when drawing
 
-        print(write_track_report(args.out, args.to))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            md = write_track_report(args.out, args.to)
+        for w in caught:  # a partial last line (a killed run): one line each, not a warning's source listing
+            if issubclass(w.category, UserWarning):
+                print(f"batchgap: warning: {w.message}", file=sys.stderr)
+        print(md)
         return 0
     if len(args.out) > 1 or args.to is not None:
         raise UserError("report: give one study output directory (without --out), or .jsonl files of batchgap.track")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -20,7 +21,8 @@ from ..errors import UserError  # noqa: E402
 from ..tracklog import read_records  # noqa: E402
 from ..util import atomic_write_bytes, atomic_write_text  # noqa: E402
 
-PROTOCOL_KEYS = ("loss_fn", "objective", "unit", "n", "bn", "params", "attention")
+PROTOCOL_KEYS = ("k", "tol", "n_probes", "eps", "subspace_dim", "max_iter", "seed", "loss_fn", "objective", "unit", "n",
+                 "bn", "params", "attention")
 
 
 def _runs(paths: list[Path]) -> list[tuple[str, list[dict]]]:
@@ -54,7 +56,7 @@ def _protocol(name: str, records: list[dict]) -> str:
     if m is None:
         return "not measured"
     parts = [f"{k}={m[k]}" for k in PROTOCOL_KEYS if m.get(k) is not None]
-    method = str(m.get("method", "")).split(";")[0]
+    method = str(m.get("method", "")).split(";")[0].split(" (this one")[0]
     return "; ".join(([method] if method else []) + parts)
 
 
@@ -102,7 +104,10 @@ def write_track_report(paths, out: str | Path | None = None) -> Path:
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     lines = _protocol_lines(names, runs)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows + 0.18 * len(lines) + 0.3), squeeze=False)
+    chars = int(4.2 * cols * 17)  # monospace 6.5 pt: about 17 characters an inch
+    caption = [piece for line in lines for piece in textwrap.wrap(line, chars, subsequent_indent="    ")]
+    below = 0.12 * len(caption) + 0.25
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows + below), squeeze=False)
     for ax, name in zip(axes.flat, names):
         for label, records in runs:
             steps, values = _series(name, records)
@@ -113,9 +118,9 @@ def write_track_report(paths, out: str | Path | None = None) -> Path:
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    bottom = (0.18 * len(lines) + 0.3) / fig.get_figheight()
+    bottom = below / fig.get_figheight()
     fig.tight_layout(rect=(0, bottom, 1, 1))
-    fig.text(0.01, bottom - 0.01, "\n".join(_wrap(line) for line in lines), fontsize=6.5, va="top", family="monospace")
+    fig.text(0.01, bottom - 0.01, "\n".join(caption), fontsize=6.5, va="top", family="monospace")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
@@ -141,6 +146,3 @@ def write_track_report(paths, out: str | Path | None = None) -> Path:
     atomic_write_text(md, "\n".join(text))
     return md
 
-
-def _wrap(line: str, width: int = 170) -> str:
-    return line if len(line) <= width else line[: width - 3] + "..."

@@ -75,11 +75,11 @@ def _eigen(ctx: Context, opts: dict, hvp_cap: int | None, name: str, k: int) -> 
         if prev is not None and prev.shape == (k, F.num_params):
             start = prev.sum(0)
             v0 = start + WARM_NOISE * start.norm() * noise.to(start.device) / noise.norm()
-            how = (f"warm start: the previous measurement's {k} eigenvector(s) summed plus {WARM_NOISE} x its norm "
+            how = (f"this one from the previous measurement's {k} eigenvector(s) summed plus {WARM_NOISE} x its norm "
                    f"of a seeded N(0,1) direction (seed {ctx.seed})")
         else:
             v0 = noise.to(F.x0.device)
-            how = f"cold start: seeded N(0,1) (seed {ctx.seed})"
+            how = f"this one (the first) from a seeded N(0,1) vector (seed {ctx.seed})"
         values, vectors, steps, converged = lanczos_top(matvec, v0.to(F.x0.device), k, steps_cap, tol)
         Hv = F.hvp(vectors)
         count[0] += len(vectors)
@@ -89,7 +89,8 @@ def _eigen(ctx: Context, opts: dict, hvp_cap: int | None, name: str, k: int) -> 
     res = EigenResult(
         eigenvalues=frozen_array(values), residuals=frozen_array(residuals.cpu().numpy()), converged=converged, k=k,
         tol=tol, lanczos_steps=steps, hvps=count[0], seed=ctx.seed,
-        method=f"Lanczos, full reorthogonalization, {how}; {HVP_METHOD}", **proto)
+        method=f"Lanczos, full reorthogonalization, warm-started from the previous measurement's eigenvectors "
+               f"({how}); {HVP_METHOD}", **proto)
     d = res.as_dict()
     d["start"] = "warm" if prev is not None and prev.shape == (k, F.num_params) else "cold"
     d["max_hvp"] = steps_cap

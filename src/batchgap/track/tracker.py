@@ -191,7 +191,8 @@ def track(model: nn.Module, data, objective=None, loss_fn=None, every: int = 100
         sinks: besides ``out`` (written whenever given): ``"tensorboard"``, ``"wandb"``, ``"jsonl"`` (``out``
             itself), or objects with ``write(record)`` and ``close()``.
         subset: None to measure on all of ``data``, or the number of rows of a seeded subset drawn once.
-        seed: seeds the subset, the Lanczos start, the trace probes and the sharpness subspace.
+        seed: seeds the subset, the Lanczos start, the trace probes and the sharpness subspace: the same draws at
+            every measurement, so what changes along training is the model.
         bn: the BatchNorm protocol of every measure: ``"eval"``, ``"batch"`` or ``"recompute"``.
         params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
         batch_size: rows per evaluation batch for tensor data (memory only).
