@@ -33,6 +33,9 @@ GROUPS: list[tuple[str, str, list[str]]] = [
     ("Objectives", "How a batch of any form becomes a loss: every measure's `objective=` (default: `(inputs, targets)` "
      "pairs and cross-entropy; or any callable `objective(model, batch) -> (loss_sum, weight)`).",
      ["Objective", "pair_objective", "tuple_objective", "huggingface_objective"]),
+    ("Tracking", "Geometry measured from inside your own training loop (and the Lightning and Hugging Face callbacks "
+     "over it, in `batchgap.integrations`): docs/track.md.",
+     ["track"]),
     ("Generalization measures", "Norm- and flatness-based predictors of the generalization gap (Jiang et al. 2019).",
      ["norm_measures", "pac_bayes_flatness", "average_sharpness", "worst_case_flatness"]),
     ("Data and models", "Built-in data sets and networks.",

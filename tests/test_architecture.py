@@ -91,3 +91,14 @@ def test_the_private_import_check_sees_one(tmp_path, monkeypatch):
     planted.write_text("from .hessian import _secret, public\nfrom . import __version__\n")
     monkeypatch.setitem(MODULES, "batchgap.landscape.planted", planted)
     assert private_imports("batchgap.landscape.planted") == ["batchgap.landscape.planted: from .hessian import _secret"]
+
+
+def test_track_reads_landscape_and_never_the_study_machinery():
+    """track/ (issue 25) measures a user's model: landscape/ and the record format, not study/plan/config/train;
+    report/track.py reads the records through tracklog alone."""
+    track = [m for m in MODULES if m.startswith("batchgap.track")]
+    used = set().union(*(imports(m) for m in track))
+    assert "batchgap.tracklog" in used and any(m.startswith("batchgap.landscape") for m in used)
+    assert not used & {"batchgap.study", "batchgap.plan", "batchgap.config", "batchgap.train", "batchgap.measure"}
+    assert not any(m.startswith(("batchgap.integrations", "batchgap.report")) for m in used)
+    assert imports("batchgap.report.track") <= {"batchgap.tracklog", "batchgap.util", "batchgap.errors"}

@@ -43,9 +43,12 @@ from .landscape import (
 )
 from .models import build_model, init_model
 from .study import run_study
+from .track import track
 
 # ``train`` (the function) is imported from ``batchgap.train``: exporting it here would hide the module
-# of the same name (``import batchgap.train as m`` would give the function).
+# of the same name (``import batchgap.train as m`` would give the function). ``track`` IS the function here (what
+# users call, ``batchgap.track(...)``); its package's modules are imported by their full names
+# (``from batchgap.track.sinks import ...``).
 
 
 def write_report(out):
@@ -71,5 +74,5 @@ __all__ = [
     "exact_gradient_noise_scale", "filter_normalized_direction", "gradient_noise_scale", "hessian_density",
     "hessian_eigenvalues", "hessian_trace", "init_model", "interpolate", "load_dataset", "load_study", "loss_curve",
     "loss_surface", "norm_measures", "pac_bayes_flatness", "run_study", "worst_case_flatness", "write_report",
-    "Objective", "pair_objective", "tuple_objective", "huggingface_objective",
+    "Objective", "pair_objective", "tuple_objective", "huggingface_objective", "track",
 ]

@@ -66,8 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bars (default: when stderr is a terminal)")
 
-    rep = sub.add_parser("report", help="merge the finished runs in OUT into OUT/results.json; (re)write the report")
-    rep.add_argument("out", type=Path, help="a study's output directory (the --out of `batchgap run`)")
+    rep = sub.add_parser("report", help="merge the finished runs in OUT into OUT/results.json; (re)write the report; "
+                                        "or draw TRACK.jsonl files of batchgap.track along training")
+    rep.add_argument("out", type=Path, nargs="+", metavar="OUT|TRACK.jsonl",
+                     help="a study's output directory (the --out of `batchgap run`), or one or more .jsonl files "
+                          "written by batchgap.track (one line per run in the figure)")
+    rep.add_argument("--out", dest="to", type=Path, metavar="DIR",
+                     help="with .jsonl files: where the figure and markdown go (default: beside the first file)")
     rep.add_argument("--data-dir", type=Path, help="where data files live (for the pairwise measures of a merge)")
     rep.add_argument("--download", action="store_true", help="download missing data files first")
 
@@ -354,6 +359,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(args) -> int:
+    if any(p.suffix == ".jsonl" for p in args.out):
+        import warnings
+
+        from .report.track import write_track_report  # matplotlib: only when drawing
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            md = write_track_report(args.out, args.to)
+        for w in caught:  # a partial last line (a killed run): one line each, not a warning's source listing
+            if issubclass(w.category, UserWarning):
+                print(f"batchgap: warning: {w.message}", file=sys.stderr)
+        print(md)
+        return 0
+    if len(args.out) > 1 or args.to is not None:
+        raise UserError("report: give one study output directory (without --out), or .jsonl files of batchgap.track")
+    args.out = args.out[0]
     from . import experiments
     from .report import write_report
 
