@@ -396,8 +396,8 @@ def exact_gradient_noise_scale(model: nn.Module, data, loss_fn: Callable | None 
     with session(model, bn, data, bn_data, batch_size, obj):
         if closed:  # the model itself, hooked: no FullDataLoss (its flat copy of theta) unless it falls back
             try:
-                grad_sum, sq_sum, count = per_example_moments(model, data, obj.loss_fn or mean_cross_entropy, batch_size,
-                                                              params)
+                loss_fn = obj.loss_fn or mean_cross_entropy
+                grad_sum, sq_sum, count = per_example_moments(model, data, loss_fn, batch_size, params)
             except NoClosedForm as err:
                 closed, why_not = False, f"no per-example closed form: {err}"
         if not closed:
