@@ -246,11 +246,12 @@ def noise_scale(model: nn.Module, data, mcfg: MeasureConfig, seed: int, objectiv
     costs more than the 200 batches on a conv net), under batch statistics the estimator's examples ghost
     batches of that one size (32, or half the data when smaller), each normalized by itself.
     ``b_simple`` None (with ``reason``) when not estimated. An objective other than a pair objective: exact, from
-    its per-unit losses (each unit's gradient; a token of a language model is a unit).
+    its per-unit losses (each unit's gradient; a token of a language model is a unit), one row (sequence) per
+    batch: a batch's per-unit gradients cost (its units) backward passes through its whole graph, so rows one at a
+    time cost the least (the result does not depend on it: no BatchNorm couples the rows under these objectives).
     """
     if objective is not None and not isinstance(objective, PairObjective):
-        return exact_gradient_noise_scale(model, data, batch_size=mcfg.eval_batch_size, bn=mcfg.bn,
-                                          objective=objective).as_dict()
+        return exact_gradient_noise_scale(model, data, batch_size=1, bn=mcfg.bn, objective=objective).as_dict()
     if per_example_gradients_exist(model, mcfg.bn) == "closed form":
         return exact_gradient_noise_scale(model, data, batch_size=mcfg.eval_batch_size, bn=mcfg.bn).as_dict()
     return gradient_noise_scale(model, data, small=min(NOISE_SMALL_BATCH, len(data) // 2), big=None,
