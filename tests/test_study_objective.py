@@ -239,3 +239,36 @@ def test_a_dict_loader_with_ragged_columns_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "columns must have one row per example" in err and err.count("\n") == 1
     assert not Path(tmp_path / "out").exists()
+
+
+def test_the_own_model_pages_language_model_study_runs(tmp_path):
+    """docs/own-model.md's lm/study.toml and lm/lm.py: a transformers GPT-2 built from its config, one quick run."""
+    import re
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "own-model.md").read_text(encoding="utf8")
+    toml = re.search(r"```toml\n# lm/study.toml\n(.*?)```", page, re.S).group(1)
+    code = re.search(r"```python\n# lm/lm.py\n(.*?)```", page, re.S).group(1)
+    (tmp_path / "study.toml").write_text(toml)
+    (tmp_path / "lm.py").write_text(code)
+    out = tmp_path / "out"
+    small = ["train.epochs=1", "seeds=[0]", "measure.curve_directions=0", "measure.surface_points=0",
+             "measure.density_vectors=0", "measure.pac_bayes_delta=0", "measure.geometry_examples=2",
+             "measure.sharpness_max_iter=1", "measure.sharpness_subspace_dim=0", "measure.hessian_max_hvp=3",
+             "measure.hessian_trace_probes=0", "measure.adaptive_rho=0", "measure.interpolation_points=2",
+             "measure.sharpness_eps=[0.001]"]
+    assert main(["run", str(tmp_path / "study.toml"), "--out", str(out), "--jobs", "1",
+                 *[a for s in small for a in ("--set", s)]]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["runs"][0]["train"]["n"] == 256 * 32 and doc["runs"][0]["eval_protocol"]["unit"] == "token"
+    assert "attention" in json.dumps(doc["runs"][0]["geometry"]["hessian_eigenvalues"])
+
+
+def test_the_study_file_pages_example_is_a_valid_study_with_the_default_objective():
+    import re
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "study-file.md").read_text(encoding="utf8")
+    block = re.search(r"```toml\n(.*?)```", page, re.S).group(1)
+    import tomllib
+
+    cfg = load_study(tomllib.loads(block))
+    assert cfg.objective.name == "cross-entropy" and "objective" not in cfg.to_dict()
