@@ -112,4 +112,5 @@ def test_char_lm_quick_end_to_end(tmp_path):
     assert sb["eval_protocol"]["unit"] == "token" and sb["train"]["n"] == 64 * 64
     assert sb["geometry"]["sharpness"][0]["unit"] == "token"
     assert sb["geometry"]["noise_scale"]["n"] == 4 * 64
-    assert (out / "report.md").exists()
+    report = (out / "report.md").read_text()
+    assert "**Fit:** the units are tokens" in report and "Not fitted" not in report  # no 99% bar for tokens
