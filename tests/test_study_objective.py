@@ -272,3 +272,15 @@ def test_the_study_file_pages_example_is_a_valid_study_with_the_default_objectiv
 
     cfg = load_study(tomllib.loads(block))
     assert cfg.objective.name == "cross-entropy" and "objective" not in cfg.to_dict()
+
+
+def test_batchgap_measure_refuses_a_dict_batch_run_in_one_line(lm_study, tmp_path, capsys):
+    """A run of an objective study measured by `batchgap measure` (which takes no objective yet): one line, exit 2."""
+    out = tmp_path / "out"
+    assert main(["run", str(lm_study), "--out", str(out), "--jobs", "1", "--set", "seeds=[0]", "--set",
+                 "measure.interpolation=false", "--set", "train.epochs=1"]) == 0
+    capsys.readouterr()
+    run = next(p for p in (out / "runs").iterdir() if p.name.startswith("SB"))
+    assert main(["measure", str(run), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs an objective" in err and not (tmp_path / "m").exists()

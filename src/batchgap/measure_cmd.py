@@ -323,6 +323,9 @@ def prepare(
                         "set "
                         f"({', '.join(DATASETS)})")
     ds = build.prepare_data(data_cfg, data_dir, download)
+    if not hasattr(ds.train, "x"):  # a loader of dict batches' columns (DictData)
+        raise UserError("--data: a loader of dict batches needs an objective, which batchgap measure does not "
+                        "take yet: run it as a study with [objective] (docs/own-model.md)")
     if model_cfg is None:
         fresh, named = (lambda: copy.deepcopy(a.module)), f"the pickled {type(a.module).__name__}"
     else:
