@@ -114,3 +114,5 @@ def test_char_lm_quick_end_to_end(tmp_path):
     assert sb["geometry"]["noise_scale"]["n"] == 4 * 64
     report = (out / "report.md").read_text()
     assert "**Fit:** the units are tokens" in report and "Not fitted" not in report  # no 99% bar for tokens
+    # B_simple counts tokens: LB's batch (10% of 64 windows = 6) is compared with it in tokens, 6 x 64
+    assert "B_simple ≈" in report and "LB's batch of 6 rows (384 tokens) is" in report

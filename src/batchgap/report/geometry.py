@@ -149,7 +149,14 @@ def hessian_table(res: Results) -> list[str]:
 
 
 def _fitted_caveat(res: Results, names: tuple[str, str]) -> str:
-    """A caveat when a compared regime did not fit the training set (the paper compares fitted solutions)."""
+    """A caveat when a compared regime did not fit the training set (the paper compares fitted solutions); for token
+    units (no accuracy bar: the text's entropy bounds it) when the training losses differ by more than 10%."""
+    if any((r.eval_protocol or {}).get("unit") == "token" for r in res.runs):
+        loss = [res.regime(n).train_loss.mean if res.regime(n) else None for n in names]
+        if None in loss or max(loss) <= 1.1 * min(loss):
+            return ""
+        return (f"Caveat: {names[0]} and {names[1]} end at training losses of {loss[0]:.3f} and {loss[1]:.3f} nats per "
+                "token, so what follows compares solutions of unequal training, not two equally fitted minima. ")
     low = [n for n in names if (row := res.regime(n)) and row.train_accuracy.mean is not None
            and row.train_accuracy.mean < FITTED]
     if not low:
@@ -206,10 +213,17 @@ def reading(res: Results) -> list[str]:
     if all(v and v.mean for v in noise.values()):
         b = noise[sb].mean
         lb_size = res.regime(lb).batch_size
+        unit = ((_first_geometry(res) or {}).get("noise_scale") or {}).get("unit", "example")
+        rows, units = res.data.get("train_examples"), next((r.train.n for r in res.runs if r.train), None)
+        if unit != "example" and rows and units:  # B_simple counts units (tokens): the batch in units too
+            lb_units = lb_size * units / rows
+            size = f"{lb_size} rows ({lb_units:.0f} {unit}s) is {lb_units / b:.2g}× it"
+        else:
+            size = f"{lb_size} is {lb_size / b:.2g}× it"
         out.append(f"The gradient noise scale at the {sb} solutions is B_simple ≈ {b:.0f} "
-                   f"(at {lb}: {noise[lb].mean:.0f}): "
+                   f"{unit + 's ' if unit != 'example' else ''}(at {lb}: {noise[lb].mean:.0f}): "
                    f"McCandlish et al. predict that batches much larger than that stop paying in steps saved; "
-                   f"{lb}'s batch of {lb_size} is {lb_size / b:.2g}× it."
+                   f"{lb}'s batch of {size}."
                    + (f" (Batch statistics: measured over ghost batches of {g}, normalized each by its own statistics.)"
                       if (g := ((_first_geometry(res) or {}).get("noise_scale") or {}).get("ghost_batch")) else ""))
     elif unset := [name for name, v in noise.items() if v is not None and v.mean is None]:
