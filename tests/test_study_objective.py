@@ -284,3 +284,26 @@ def test_batchgap_measure_refuses_a_dict_batch_run_in_one_line(lm_study, tmp_pat
     assert main(["measure", str(run), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs an objective" in err and not (tmp_path / "m").exists()
+
+
+def test_torchrun_trains_a_dict_batch_study_as_one_process_does(lm_study, tmp_path):
+    """--nproc 2: each worker takes half of every global batch of windows; equal token counts per worker, so DDP's
+    mean of the two workers' token means is the global token mean: the numbers of one process, to rounding."""
+    import os
+    import subprocess
+    import sys
+
+    sets = [a for s in ("seeds=[0]", "measure.interpolation=false", "measure.curve_directions=0",
+                        "measure.surface_points=0", "measure.density_vectors=0") for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "batchgap", "run", str(lm_study), "--nproc", "2", "--out",
+                           str(tmp_path / "o2"), "--no-report", *sets], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert main(["run", str(lm_study), "--out", str(tmp_path / "o1"), "--no-report", "--jobs", "1", *sets]) == 0
+    two, one = (json.loads((tmp_path / o / "results.json").read_text())["runs"] for o in ("o2", "o1"))
+    assert [r["distributed"]["world_size"] for r in two] == [2, 2]
+    for a, b in zip(two, one):
+        assert a["train"]["n"] == b["train"]["n"] == 24 * 6
+        assert a["train"]["loss"] == pytest.approx(b["train"]["loss"], rel=1e-5)
+        assert a["test"]["loss"] == pytest.approx(b["test"]["loss"], rel=1e-5)
