@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_architecture import cycles  # the one cycle finder, tested there
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -49,26 +50,6 @@ def graph(mods: dict[str, Path]) -> dict[str, set[str]]:
                     found.add(target)
         edges[name] = found
     return edges
-
-
-def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
-    found, state = [], {}
-
-    def visit(u, stack):
-        state[u] = "open"
-        stack.append(u)
-        for v in sorted(edges[u]):
-            if state.get(v) == "open":
-                found.append(stack[stack.index(v):] + [v])
-            elif v not in state:
-                visit(v, stack)
-        stack.pop()
-        state[u] = "done"
-
-    for u in sorted(edges):
-        if u not in state:
-            visit(u, [])
-    return found
 
 
 def frozen_violations(mods: dict[str, Path]) -> list[str]:
