@@ -126,8 +126,9 @@ def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int,
         out["hessian_eigenvalues"] = hessian_eigenvalues(
             model, data, k=mcfg.hessian_top_k, max_hvp=mcfg.hessian_max_hvp, seed=seed, **common).as_dict()
     if mcfg.hessian_trace_probes:
-        out["hessian_trace"] = hessian_trace(
-            model, data, n_probes=mcfg.hessian_trace_probes, seed=seed, **common).as_dict()
+        probes = mcfg.hessian_trace_probes  # Lanczos-deflated from 4 HVPs (its fewest); below, plain Hutchinson
+        out["hessian_trace"] = hessian_trace(model, data, n_probes=probes, seed=seed, **common,
+                                             method="lanczos-deflated" if probes >= 4 else "hutchinson").as_dict()
     if mcfg.noise_scale_batches:
         out["noise_scale"] = noise_scale(model, data, mcfg, seed)
     if mcfg.hessian_top_k and sharp:
