@@ -681,7 +681,8 @@ BENCHMARKS = {
 # Not part of "all" (they take 3-10 minutes each): `python benchmarks/run.py --studies [--keep DIR]`
 STUDIES = {f"study-{n}": n for n in EXPERIMENT_STUDIES}
 # Also not part of "all": torch.compile of C1 (about 200 s of compiling on this CPU, 0.84x of eager when measured)
-EXTRA = {"mfu-compile": lambda: mfu(with_compile=True)}
+EXTRA = {"mfu-compile": lambda: mfu(with_compile=True),
+         "trace-accuracy": lambda: importlib.import_module("trace_accuracy").rows()}  # about 20 min on one core
 
 
 def parser() -> argparse.ArgumentParser:

@@ -179,3 +179,18 @@ def test_the_frozen_976ebaa_hvps_are_the_exact_hessian_times_v_on_a_tiny_net():
     assert torch.allclose(f.hvp(V), exact, rtol=1e-10, atol=1e-12)
     assert torch.allclose(f.hvp(V[1]), exact[1], rtol=1e-10, atol=1e-12)
     assert torch.allclose(f.forward_over_reverse(V[2]), exact[2], rtol=1e-10, atol=1e-12)
+
+
+def test_trace_accuracy_interpolates_the_hvps_a_target_width_needs():
+    """benchmarks/trace_accuracy.needed: on a ladder that follows a power law w = a m^-p it finds the exact
+    crossing, between rungs and past the last (extrapolated, and said so)."""
+    sys.path.insert(0, str(BENCH))
+    from trace_accuracy import needed
+
+    for p, targets in ((0.5, (0.2, 0.05)), (0.8, (0.05, 0.01))):
+        ladder = [(m, 2.0 * m ** -p) for m in (32, 64, 128, 256)]
+        for target in targets:
+            m, note = needed(ladder, target)
+            assert m == pytest.approx((2.0 / target) ** (1 / p), rel=1e-9)
+            assert ("extrapolated" in note) == ((2.0 / target) ** (1 / p) > 256)
+    assert needed([(32, 0.01), (64, 0.008)], 0.05) == (32.0, "")

@@ -130,7 +130,7 @@ FIXED_MEASURES = (
             "Andriushchenko et al. 2023"),
     Measure("hessian_top_eigenvalue", "Hessian λ_max", _eig, "Keskar et al. 2017; Jastrzębski et al."),
     Measure("hessian_trace", "Hessian trace", _geo("hessian_trace"),
-            "Hessian-based flatness (Hutchinson's estimator); not one of Jiang et al. 2019's measures"),
+            "Hessian-based flatness (randomized estimate, method recorded); not one of Jiang et al. 2019's measures"),
     Measure("average_sharpness", "average sharpness σ", _geo("average_sharpness"),
             "Neyshabur et al. 2017 (expected sharpness, loss rise at fixed σ); "
             "not one of Jiang et al. 2019's measures"),
