@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 BATCH = 8
+WORLDS = (2, 3)
 TOL = {  # relative tolerance per measure (float64; see the module docstring)
     "evaluate": 1e-12, "evaluate_recompute": 1e-10, "eps_sharpness": 1e-7, "eigenvalues": 1e-8, "trace": 1e-9,
     "density": 1e-7, "adaptive": 1e-7, "adaptive_m": 1e-7, "average": 1e-10, "pac_bayes": 1e-8, "worst_case": 1e-7,
@@ -143,12 +144,20 @@ def single():
     return measure_all(toy())
 
 
-@pytest.fixture(scope="module", params=[2, 3])
-def spawned(request, tmp_path_factory):
-    world = request.param
-    tmp = tmp_path_factory.mktemp(f"world{world}")
-    mp.spawn(_worker, args=(world, str(tmp / "store"), str(tmp / "rank")), nprocs=world, join=True)
-    return world, [torch.load(tmp / f"rank-{r}.pt", weights_only=False) for r in range(world)]
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    """One spawn per world size, each rank running every measure: {world: [rank 0's output, ...]}."""
+    out = {}
+    for world in WORLDS:
+        tmp = tmp_path_factory.mktemp(f"world{world}")
+        mp.spawn(_worker, args=(world, str(tmp / "store"), str(tmp / "rank")), nprocs=world, join=True)
+        out[world] = [torch.load(tmp / f"rank-{r}.pt", weights_only=False) for r in range(world)]
+    return out
+
+
+@pytest.fixture(params=WORLDS)
+def spawned(request, worlds):
+    return request.param, worlds[request.param]
 
 
 def test_the_data_do_not_divide_among_the_ranks():
