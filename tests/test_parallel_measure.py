@@ -7,6 +7,7 @@ throughout: the ranks only change the order of float additions, so the tolerance
 amplified where a solver iterates on the values (L-BFGS-B, Lanczos, bisection).
 """
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,14 +49,18 @@ def net(seed=0):
     return model
 
 
+SKIP = {"world_size", "backend", "seconds", "wall_time_s", "time_s"}  # the processes, and clocks
+
+
 def numbers(result) -> dict:
-    """The numeric fields of a result (as_dict), flattened, without the protocol's rank fields."""
+    """The numeric fields of a result (as_dict), flattened, without the protocol's rank fields and times."""
     out = {}
 
     def walk(key, value):
         if isinstance(value, dict):
             for k, v in value.items():
-                walk(f"{key}.{k}", v)
+                if k not in SKIP:
+                    walk(f"{key}.{k}", v)
         elif isinstance(value, (list, tuple)) and value and not isinstance(value[0], str):
             arr = np.asarray(value, dtype=np.float64) if not isinstance(value[0], (list, tuple, dict)) else None
             if arr is not None:
@@ -68,7 +73,7 @@ def numbers(result) -> dict:
 
     d = result.as_dict() if hasattr(result, "as_dict") else result
     for key, value in d.items():
-        if key not in ("world_size", "backend"):
+        if key not in SKIP:
             walk(key, value)
     return out
 
@@ -205,3 +210,73 @@ def test_fewer_batches_than_ranks_is_refused_on_every_rank(spawned):
 def test_a_rank_measures_alone_inside_alone(spawned, single):
     _, got = spawned
     assert got[0]["alone"] == pytest.approx(float(single["evaluate"][0]["loss"]), rel=1e-12)
+
+
+# ---------------------------------------------------------------- batchgap measure --nproc N (torchrun)
+
+def _measure_files(tmp_path):
+    """test_measure_cmd's user folder (nets.py, data.npz) and an untrained checkpoint of nets.py:mlp."""
+    from test_measure_cmd import NETS, _arrays
+
+    from batchgap import plugins
+
+    (tmp_path / "nets.py").write_text(NETS)
+    np.savez(tmp_path / "data.npz", **_arrays())
+    ds = plugins.load_user_data("npz", "data.npz", tmp_path)
+    net = plugins.build_model("nets.py:mlp", tmp_path, ds.input_shape, ds.num_classes, {}, seed=0)
+    torch.save(net.state_dict(), tmp_path / "a.pt")
+
+
+def test_measure_nproc_2_gives_the_one_process_numbers(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_measure_cmd import FAST
+
+    _measure_files(tmp_path)
+    # 120 train / 60 test examples in batches of 50: 3 and 2 batches, the 3 not divisible by 2
+    argv = ["a.pt", "--model", "nets.py:mlp", "--data", "data.npz", "--no-report", *FAST,
+            "--set", "measure.eval_batch_size=50"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    docs = {}
+    for nproc in (1, 2):
+        proc = subprocess.run([sys.executable, "-m", "batchgap", "measure", *argv, "--out", f"m{nproc}",
+                               "--nproc", str(nproc)], cwd=tmp_path, capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines() == [str(Path(f"m{nproc}") / "measures.json")]  # rank 0 alone prints
+        docs[nproc] = json.loads((tmp_path / f"m{nproc}" / "measures.json").read_text())
+    one, two = docs[1], docs[2]
+    assert one["processes"] == {"world_size": 1, "backend": None}
+    assert two["processes"] == {"world_size": 2, "backend": "gloo"}
+    assert two["command"].startswith("torchrun --nproc_per_node=2 -m batchgap measure a.pt")
+    assert two["geometry"]["hessian_eigenvalues"]["world_size"] == 2
+    a, b = numbers(one["geometry"]), numbers(two["geometry"])
+    assert a.keys() == b.keys()
+    for key in a:  # float32 model: round-off of float32 sums in a different order, through the solvers
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    for split in ("train", "test"):
+        assert two[split]["loss"] == pytest.approx(one[split]["loss"], rel=1e-6)
+        assert two[split]["accuracy"] == one[split]["accuracy"]
+
+
+def test_measure_nproc_above_the_batch_count_is_one_line_before_anything_is_launched(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    from test_measure_cmd import FAST
+
+    from batchgap.cli import main
+
+    _measure_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("launched torchrun"))
+    argv = ["measure", "a.pt", "--model", "nets.py:mlp", "--data", "data.npz", "--out", "m", *FAST,
+            "--set", "measure.eval_batch_size=50"]
+    assert main([*argv, "--nproc", "3"]) == 2  # the test set makes 2 batches of 50
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--nproc 3: the smallest data pass (60 examples) makes 2 batch(es)" in err
+    assert main([*argv, "--nproc", "0"]) == 2
+    assert "--nproc: must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
