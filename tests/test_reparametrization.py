@@ -186,6 +186,9 @@ def test_the_table_marks_invariance_and_the_ordering_from_the_values():
     assert rows["hessian_top_eigenvalue"]["same_factor"]["layers"] is False  # LB 0.3 < SB 1 at alpha 2
     assert rows["hessian_top_eigenvalue"]["ordering"] == {"0": 1}
     assert rows["train_loss"]["invariant"]["layers"] is True
+    # a log of a product of norms: its ratio is that of the products, exp(difference), not a ratio of logs
+    assert reparam_table.ratio(0.5, -0.2, log=True) == pytest.approx(np.exp(0.7))
+    assert reparam_table.ratio(0.0, 0.0) == 1.0 and reparam_table.ratio(1.0, 0.0) is None
 
 
 def test_study_quick_end_to_end_and_resumes(tmp_path, capsys):
@@ -227,3 +230,11 @@ def test_bad_settings_are_one_line_exit_2_nothing_written(tmp_path, capsys, sett
     assert code == 2, err
     assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_show_gives_the_settings_and_the_measurements_per_run(capsys):
+    capsys.readouterr()
+    assert main(["show", "reparametrization", "--quick"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["reparam"]["factors"] == [0.5, 4.0] and doc["measurements_per_run"] == 1 + 2 * 2
+    assert doc["regimes"] == ["SB", "LB"] and doc["measure"]["bn"] == "eval"

@@ -6,7 +6,8 @@ labels and orientation: a flatness enters as 1/sigma^2), plus the gradient noise
 lambda_max, the filter-normalized loss curves (the mean of their points, and every point for the invariance
 verdict) and the training loss and test accuracy (the function itself: invariant by construction).
 
-* ratio(run, transform, alpha) = value after the transform / value as trained;
+* ratio(run, transform, alpha) = value after the transform / value as trained (for a measure that is a log of a
+  product of norms, :data:`LOG_KEYS`, the ratio of the products: exp(difference));
 * invariant under a transform: |ratio - 1| <= tolerance for every factor and run (for the curves, every point's
   loss within tolerance x the curve's largest loss);
 * ordering: per seed, the sign of value(large batch) - value(small batch) as trained; "holds at every factor"
@@ -65,10 +66,17 @@ def values(records: list[dict]) -> tuple[list[tuple[str, str, str]], list[dict]]
     return keys, out
 
 
-def ratio(value, base) -> float | None:
-    """value / base; 1 when both are 0; None when either is missing or not finite, or base alone is 0."""
+# measures that are logarithms (of products of norms): their ratio is that of the products, exp(value - base)
+LOG_KEYS = ("log_prod_of_fro", "log_prod_of_spec", "spectral_margin")
+
+
+def ratio(value, base, log: bool = False) -> float | None:
+    """value / base (``log``: exp(value - base)); 1 when both are 0; None when either is missing or not finite,
+    or base alone is 0."""
     if value is None or base is None or not math.isfinite(value) or not math.isfinite(base):
         return None
+    if log:
+        return math.exp(value - base)
     if base == 0:
         return 1.0 if value == 0 else None
     return value / base
@@ -119,7 +127,7 @@ def summarize(records: list[dict], settings, compare: list) -> dict:
                 rs = []
                 for run_id, i0 in base.items():
                     i = by.get((run_id, kind, a))
-                    rs.append(None if i is None else ratio(vals[i][key], vals[i0][key]))
+                    rs.append(None if i is None else ratio(vals[i][key], vals[i0][key], key in LOG_KEYS))
                     if key == "curves" and i is not None:
                         devs.append(_curve_deviation(records[i], records[i0]))
                 row["ratios"][kind][f"{a:g}"] = rs
