@@ -238,3 +238,29 @@ def test_show_gives_the_settings_and_the_measurements_per_run(capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["reparam"]["factors"] == [0.5, 4.0] and doc["measurements_per_run"] == 1 + 2 * 2
     assert doc["regimes"] == ["SB", "LB"] and doc["measure"]["bn"] == "eval"
+
+
+def test_the_study_stops_when_a_transform_changes_the_outputs(tmp_path, capsys, monkeypatch):
+    """A transform that moved the function (here: one that also nudges the head's bias at alpha 4) stops the study
+    in one line before any measurement of it is written."""
+    import batchgap.landscape.rescale as rescale
+
+    real = rescale.transform
+
+    def nudged(model, kind, alpha, layer=1):
+        out = real(model, kind, alpha, layer)
+        if alpha == 4.0:
+            with torch.no_grad():
+                out.head.bias.add_(1e-2)
+        return out
+
+    monkeypatch.setattr(rescale, "transform", nudged)
+    out = tmp_path / "stop"
+    capsys.readouterr()
+    code = main(["run", "reparametrization", "--quick", "--out", str(out), "--jobs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]  # progress lines before it, then the error in one line
+    assert "rescaling by 4 changed the outputs by" in last and last.endswith("stopped") and "Traceback" not in err
+    assert not (out / "results.json").exists()
+    assert all(json.loads(f.read_text())["alpha"] != 4.0 for f in (out / "reparam").iterdir())
