@@ -66,6 +66,8 @@ def batches(data, batch_size: int = 1000, _skip=None) -> Iterator:
       ``batch_size`` at a time, collated by ``torch.utils.data.default_collate`` (tensors stacked, Python
       numbers made tensors; dicts collated key by key);
     * a :class:`batchgap.TensorData` (anything else with tensor attributes ``x`` and ``y``): as a pair;
+    * a :class:`batchgap.data.DictData` (``columns``), or a dict of column tensors with one row per example:
+      sliced in order into dict batches of ``batch_size`` rows;
     * anything else is iterated as a sequence of batches of any form the objective reads (a DataLoader, a
       list of ``(inputs, targets)`` pairs or of dicts; an ``IterableDataset`` must yield batches). Measures
       that read the data more than once need it re-iterable (not a one-shot generator) and refuse it
@@ -99,6 +101,13 @@ def batches(data, batch_size: int = 1000, _skip=None) -> Iterator:
             yield x, y
     elif hasattr(data, "x") and hasattr(data, "y"):  # a TensorData
         yield from batches((data.x, data.y), batch_size)
+    elif isinstance(columns := getattr(data, "columns", data), Mapping):  # a DictData, or a dict of columns
+        n = batch_rows(columns)
+        if not all(torch.is_tensor(v) and v.dim() > 0 and len(v) == n for v in columns.values()):
+            raise ValueError("a dict as data holds columns: tensors with one row per example and the same number "
+                             "of rows (pass a list of dicts for a sequence of dict batches)")
+        for start in range(0, n, batch_size):
+            yield {k: v[start : start + batch_size] for k, v in columns.items()}
     else:
         yield from data
 
