@@ -98,7 +98,7 @@ def measure_all(data) -> dict:
         "density": lambda: batchgap.hessian_density(model, data, n_vectors=2, steps=8, grid_points=21, **kw),
         "adaptive": lambda: batchgap.adaptive_sharpness(model, data, rho=1e-2, max_iter=4, **kw),
         "adaptive_m": lambda: batchgap.adaptive_sharpness(model, data, rho=1e-2, max_iter=3, m=10, n_points=50, **kw),
-        "average": lambda: batchgap.average_sharpness(model, data, sigma=0.05, n_samples=5, bn="recompute", **kw),
+        "average": lambda: batchgap.average_sharpness(model, data, sigma=0.05, n_samples=6, bn="recompute", **kw),
         "pac_bayes": lambda: batchgap.pac_bayes_flatness(model, data, delta=0.05, n_samples=4, rtol=0.1, **kw),
         "worst_case": lambda: batchgap.worst_case_flatness(model, data, delta=0.05, max_iter=2, rtol=0.3, **kw),
         "noise": lambda: batchgap.gradient_noise_scale(model, data, small=4, n_batches=6, n_boot=50, **kw),
