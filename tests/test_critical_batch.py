@@ -308,3 +308,33 @@ def test_the_batch_grid_is_a_log_grid_ending_at_the_full_training_set_and_the_re
     table[:, 0, :, 0] = np.inf  # nothing reaches 0.5: the reference is the best run for 1.0
     assert reference(table, s, [16, 64]) == {"batch": 16, "lr": 0.4, "target": 1.0}
     assert reference(np.full((2, 2, 3, 2), np.inf), s, [16, 64]) is None
+
+
+def test_a_branch_is_the_same_sgd_for_examples_over_batch_steps_from_an_unchanged_start():
+    from torch import nn
+    from torch.nn.utils import parameters_to_vector
+
+    from batchgap.experiments.critical_train import branch, full_loss, sgd_to_targets
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    theta = parameters_to_vector(net.parameters()).detach().clone()
+    loss = branch(net, theta, x, y, batch=8, lr=0.5, examples=100, seed=5)  # 100 // 8 = 12 steps
+    other = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    torch.nn.utils.vector_to_parameters(theta.clone(), other.parameters())
+    sgd_to_targets(other, x, y, 8, 0.5, [-1.0], 12, 5)
+    assert loss == full_loss(other, x, y)
+    start = theta.clone()
+    torch.nn.utils.vector_to_parameters(theta.clone(), other.parameters())
+    before = full_loss(other, x, y)
+    after = branch(net, theta, x, y, batch=40, lr=0.5, examples=10, seed=5)  # fewer examples than a batch: 1 step
+    other[0].weight.grad = None
+    one = torch.nn.functional.cross_entropy(other(x), y)
+    one.backward()
+    with torch.no_grad():
+        for p in other.parameters():
+            p -= 0.5 * p.grad
+    assert after == pytest.approx(full_loss(other, x, y), rel=1e-6) and after < before  # batch order: sum order
+    assert torch.equal(theta, start)  # the start point is not consumed
