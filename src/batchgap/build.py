@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from . import devices, distributed, plugins
+from . import devices, distributed, objectives, plugins
 from .config import StudyConfig, config_hash
 from .data import check_augment, load_dataset, make_augment as builtin_augment
-from .data.base import Dataset
+from .data.base import Dataset, DictData
 from .errors import UserError
 from .models import bn_mode, init_model
 from .plan import model_tag
@@ -58,10 +58,38 @@ def fresh(cfg: StudyConfig, ds: Dataset, seed: int) -> torch.nn.Module:
     return net
 
 
+def objective(cfg: StudyConfig):
+    """The study's :class:`~batchgap.landscape.objective.Objective`, or None for the default (cross-entropy on
+    ``(x, y)`` pairs: today's code path)."""
+    return objectives.make(cfg.objective, cfg.root)
+
+
 def check_model(cfg: StudyConfig, ds: Dataset) -> None:
-    """The model builds and maps one batch of inputs to logits of shape (batch, num_classes)."""
-    net = fresh(cfg, ds, 0)
-    plugins.check_output(net, ds.train.x[:2].cpu(), ds.num_classes, f"model {cfg.model.name}")
+    """The model builds and maps one batch of inputs to logits of shape (batch, num_classes); under an objective,
+    the objective gives a finite loss on a batch of two rows, and nothing asks for what it cannot do."""
+    net, obj = fresh(cfg, ds, 0), objective(cfg)
+    if obj is None:
+        if isinstance(ds.train, DictData):
+            raise UserError(f"data {cfg.data.name}: dict batches need an objective that reads them: set [objective] "
+                            f"name = \"huggingface\", \"huggingface-causal-lm\" or your own MODULE:CALLABLE")
+        plugins.check_output(net, ds.train.x[:2].cpu(), ds.num_classes, f"model {cfg.model.name}")
+        return
+    for r in cfg.regimes:
+        t = r.train
+        if t.remedy != "plain" or t.ghost_batch or t.augment or cfg.data.augment != "none" or t.batch_schedule:
+            raise UserError(f"regimes.{r.name}: remedies, ghost batches, augmentation and batch schedules read (x, y) "
+                            f"pairs; with [objective] name = {cfg.objective.name!r} leave them out")
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = plugins.call(obj, f"objective {cfg.objective.name} on model {cfg.model.name}", net,
+                               ds.train.subset(slice(0, 2)).to("cpu").columns if isinstance(ds.train, DictData)
+                               else (ds.train.x[:2].cpu(), ds.train.y[:2].cpu()))
+    finally:
+        net.train(was)
+    if not torch.isfinite(out.mean):
+        raise UserError(f"objective {cfg.objective.name}: the loss of the untrained model on two rows is {out.mean}")
 
 
 def model(cfg: StudyConfig, ds: Dataset, state: dict | None = None) -> torch.nn.Module:

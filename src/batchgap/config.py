@@ -50,6 +50,7 @@ from typing import Any
 from .errors import UserError, closest
 from .landscape.evaluate import BN_MODES as EVAL_BN
 from .models import BN_MODES
+from .objectives import ObjectiveConfig, check as check_objective, is_default as default_objective
 from .validate import (check_augment_name, check_dependencies, check_range, check_registered, check_remedy,
                        is_int)
 from .overrides import GENERIC_QUICK, apply_set, parse_set, quick_overrides, read_toml  # noqa: F401
@@ -239,6 +240,7 @@ class StudyConfig:
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # how a batch becomes a loss
     train: TrainConfig = field(default_factory=TrainConfig)
     regimes: list = field(default_factory=list)  # list[Regime]
     compare: list = field(default_factory=list)  # [small-batch regime, large-batch regime]
@@ -260,6 +262,8 @@ class StudyConfig:
 
     def to_dict(self) -> dict:
         out = plain(self)
+        if default_objective(self.objective):  # the default study's study.json as before objectives
+            del out["objective"]
         out["regimes"] = [
             {"name": r.name, "batch_size": r.batch_size, **_train_overrides(r.train, self.train)}
             for r in self.regimes
@@ -326,20 +330,17 @@ def from_dict(raw: dict, source: str = "study") -> StudyConfig:
     name = raw.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name or ""):
         raise UserError(f"name: expected a study name of letters, digits, '_', '-', '.', '+', got {name!r}")
-    description = raw.get("description", "")
-    if not isinstance(description, str):
+    if not isinstance(description := raw.get("description", ""), str):
         raise UserError(f"description: expected a string, got {description!r}")
     seeds = raw.get("seeds", [0, 1, 2])
-    if (
-        not isinstance(seeds, list) or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
-    ):
+    if not isinstance(seeds, list) or not seeds or not all(is_int(s) and s >= 0 for s in seeds):
         raise UserError(f"seeds: expected a non-empty list of non-negative integers, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise UserError(f"seeds: repeated seed in {seeds!r}")
     data = _build(DataConfig, raw.get("data", {}), "data", base=DataConfig())
     model = _build(ModelConfig, raw.get("model", {}), "model", base=ModelConfig())
     check_registered(data, model)
+    check_objective(objective := _build(ObjectiveConfig, raw.get("objective", {}), "objective", base=ObjectiveConfig()))
     check_augment_name(data.augment, "data.augment")
     train = _build(TrainConfig, raw.get("train", {}), "train", base=TrainConfig())
     check_remedy(train, "train")
@@ -351,8 +352,7 @@ def from_dict(raw: dict, source: str = "study") -> StudyConfig:
     measure.sharpness_eps = [float(e) for e in eps]
     if measure.hessian_trace_probes == 1:  # Hutchinson's interval needs a sample variance
         raise UserError("measure.hessian_trace_probes: expected 0 (off) or at least 2, got 1")
-    raw_regimes = raw.get("regimes")
-    if not isinstance(raw_regimes, list) or not raw_regimes:
+    if not isinstance(raw_regimes := raw.get("regimes"), list) or not raw_regimes:
         raise UserError("regimes: expected at least one [[regimes]] table with name and batch_size")
     regimes = [_regime(r, i, train) for i, r in enumerate(raw_regimes)]
     names = [r.name for r in regimes]
@@ -375,14 +375,12 @@ def from_dict(raw: dict, source: str = "study") -> StudyConfig:
     traj = measure.trajectory_epochs
     if not all(is_int(e) and 0 <= e <= max(r.train.epochs for r in regimes) for e in traj):
         raise UserError(f"measure.trajectory_epochs: expected epochs between 0 and the regimes' epochs, got {traj!r}")
-    paper = raw.get("paper", {})
-    if not isinstance(paper, dict):
+    if not isinstance(paper := raw.get("paper", {}), dict):
         raise UserError(f"paper: expected a table, got {paper!r}")
-    root = raw.get("root", "")
-    if not isinstance(root, str):
+    if not isinstance(root := raw.get("root", ""), str):
         raise UserError(f"root: expected a folder, got {root!r}")
     return StudyConfig(
-        name=name, description=description, seeds=seeds, data=data, model=model, train=train,
+        name=name, description=description, seeds=seeds, data=data, model=model, objective=objective, train=train,
         regimes=regimes, compare=compare, measure=measure, quick=quick, paper_scale=paper_scale, paper=paper,
         figures=figures, root=root,
     )

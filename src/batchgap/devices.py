@@ -66,14 +66,14 @@ def describe(device: torch.device) -> str:
 
 def place(ds: Dataset, device: torch.device) -> Dataset:
     """``ds`` with its train and test tensors on ``device`` (itself when they are there already)."""
-    if ds.train.x.device == device and ds.test.x.device == device:
+    if ds.train.device == device and ds.test.device == device:
         return ds
     return Dataset(ds.name, ds.train.to(device), ds.test.to(device), ds.num_classes, ds.input_shape, ds.info)
 
 
 def of(ds: Dataset) -> torch.device:
     """The device a data set's tensors live on."""
-    return ds.train.x.device
+    return ds.train.device
 
 
 def fast_layout(model: torch.nn.Module) -> torch.nn.Module:

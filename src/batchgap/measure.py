@@ -22,6 +22,7 @@ from .landscape import (
 )
 from .landscape.evaluate import describe_bn
 from .landscape.noise import exact_gradient_noise_scale, per_example_gradients_exist
+from .landscape.objective import PairObjective
 from .landscape.params import distance, named_parameters
 
 
@@ -35,19 +36,25 @@ def data_protocol(dataset: Dataset) -> dict:
     }
 
 
-def endpoint_metrics(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig) -> dict:
+def endpoint_metrics(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, objective=None) -> dict:
     """Loss and accuracy on the full train and test sets, batch-weighted, BN as ``mcfg.bn``."""
     out = {}
     for split in ("train", "test"):
-        m = evaluate(model, getattr(dataset, split), batch_size=mcfg.eval_batch_size, bn=mcfg.bn)
+        m = evaluate(model, getattr(dataset, split), batch_size=mcfg.eval_batch_size, bn=mcfg.bn, objective=objective)
         out[split] = {"loss": m.loss, "accuracy": m.accuracy, "n": m.n}
     out["protocol"] = {
         "bn": describe_bn(model, mcfg.bn, mcfg.eval_batch_size),
         "eval_batch_size": mcfg.eval_batch_size,
         "dropout": "off",
         "data": "full train and test sets",
+        **objective_protocol(objective),
     }
     return out
+
+
+def objective_protocol(objective) -> dict:
+    """How the batches became a loss, for a protocol: nothing for the default objective (results as before)."""
+    return {} if objective is None else {"loss_fn": objective.name, "objective": objective.kind, "unit": objective.unit}
 
 
 def distance_from_init(model: nn.Module, x0_state: dict) -> dict:
@@ -58,7 +65,7 @@ def distance_from_init(model: nn.Module, x0_state: dict) -> dict:
 
 def parametric_plot(
     model_sb: nn.Module, model_lb: nn.Module, dataset: Dataset, mcfg: MeasureConfig,
-    names: tuple[str, str] = ("SB", "LB"),
+    names: tuple[str, str] = ("SB", "LB"), objective=None,
 ) -> dict:
     """f(alpha x_LB + (1 - alpha) x_SB) on the full train and test sets (paper Figure 3).
 
@@ -72,7 +79,7 @@ def parametric_plot(
     r = interpolate(
         model_sb, model_lb, {"train": dataset.train, "test": dataset.test}, alphas,
         path=mcfg.interpolation_path, bn=None if mcfg.interpolation_bn == "auto" else mcfg.interpolation_bn,
-        batch_size=mcfg.eval_batch_size,
+        batch_size=mcfg.eval_batch_size, objective=objective,
     )
     out = {"alphas": alphas.tolist()}
     for split in ("train", "test"):
@@ -87,6 +94,7 @@ def parametric_plot(
         "eval_batch_size": r.batch_size,
         "data": "full train and test sets",
         "parameters": r.params_interpolated,
+        **objective_protocol(objective),
     }
     return out
 
@@ -102,14 +110,16 @@ def geometry_data(dataset: Dataset, mcfg: MeasureConfig, seed: int):
     return train.subset(idx), f"training subset of {k} examples (seed {10_000 + seed})"
 
 
-def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int, surface: bool = False) -> dict:
+def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int, surface: bool = False,
+             objective=None) -> dict:
     """Sharpness (Keskar eps, full space and random subspace; adaptive), Hessian top eigenvalues and
     trace, filter-normalized loss curves and, with ``surface``, a 2-D loss surface; each with its protocol.
 
-    All on the training loss (the paper's f), BN as ``mcfg.bn``; randomness from ``seed``.
+    All on the training loss (the paper's f), BN as ``mcfg.bn``; randomness from ``seed``; each batch through
+    ``objective`` (None: cross-entropy on ``(x, y)`` pairs).
     """
     data, data_desc = geometry_data(dataset, mcfg, seed)
-    common = {"batch_size": mcfg.eval_batch_size, "bn": mcfg.bn}
+    common = {"batch_size": mcfg.eval_batch_size, "bn": mcfg.bn, "objective": objective}
     out: dict = {"data": data_desc}
     sharp = []
     for eps in mcfg.sharpness_eps:
@@ -126,10 +136,11 @@ def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int,
         out["hessian_eigenvalues"] = hessian_eigenvalues(
             model, data, k=mcfg.hessian_top_k, max_hvp=mcfg.hessian_max_hvp, seed=seed, **common).as_dict()
     if mcfg.hessian_trace_probes:
-        out["hessian_trace"] = hessian_trace(
-            model, data, n_probes=mcfg.hessian_trace_probes, seed=seed, **common).as_dict()
+        probes = mcfg.hessian_trace_probes  # Lanczos-deflated from 4 HVPs (its fewest); below, plain Hutchinson
+        out["hessian_trace"] = hessian_trace(model, data, n_probes=probes, seed=seed, **common,
+                                             method="lanczos-deflated" if probes >= 4 else "hutchinson").as_dict()
     if mcfg.noise_scale_batches:
-        out["noise_scale"] = noise_scale(model, data, mcfg, seed)
+        out["noise_scale"] = noise_scale(model, data, mcfg, seed, objective)
     if mcfg.hessian_top_k and sharp:
         out["second_order"] = second_order(model, sharp, out["hessian_eigenvalues"])
     out.update(generalization_measures(model, data, mcfg, seed, common))
@@ -175,6 +186,7 @@ def generalization_measures(model: nn.Module, data, mcfg: MeasureConfig, seed: i
     only within its tolerance (2%) where the estimate is monotone in sigma (where it is not, another start
     can find another crossing; the result's ``monotone`` says which)."""
     out: dict = {}
+    pairs = mcfg.flatness_samples >= 4 and mcfg.flatness_samples % 2 == 0  # antithetic draws need two pairs
     if mcfg.norms:
         out["norms"] = norm_measures(model, data, **common).as_dict()
     start = {}
@@ -182,7 +194,7 @@ def generalization_measures(model: nn.Module, data, mcfg: MeasureConfig, seed: i
                             ("average_sharpness_mag", mcfg.average_sigma_relative, True)):
         if sigma:
             a = average_sharpness(model, data, sigma=sigma, magnitude_aware=mag, n_samples=mcfg.flatness_samples,
-                                  seed=seed, **common)
+                                  seed=seed, antithetic=pairs, **common)
             out[key] = a.as_dict()
             if math.isfinite(a.value) and a.value > 0 and mcfg.pac_bayes_delta:
                 start[mag] = sigma * (mcfg.pac_bayes_delta / a.value) ** 0.5
@@ -194,7 +206,7 @@ def generalization_measures(model: nn.Module, data, mcfg: MeasureConfig, seed: i
                 out[PAC_BAYES_KEYS[target] % key] = pac_bayes_flatness(
                     model, data, delta=mcfg.pac_bayes_delta, magnitude_aware=mag, n_samples=mcfg.flatness_samples,
                     seed=seed, rtol=FLATNESS_RTOL, sigma_start=start.get(mag) if target == "loss" else None,
-                    target=target, **common).as_dict()
+                    target=target, antithetic=pairs, **common).as_dict()
     if mcfg.worst_case_delta:
         for key, mag in (("worst_case", False), ("worst_case_mag", True)):
             out[key] = worst_case_flatness(model, data, delta=mcfg.worst_case_delta, magnitude_aware=mag,
@@ -226,7 +238,7 @@ def second_order(model: nn.Module, sharp: list[dict], eig: dict) -> list[dict]:
 NOISE_SMALL_BATCH = 32
 
 
-def noise_scale(model: nn.Module, data, mcfg: MeasureConfig, seed: int) -> dict:
+def noise_scale(model: nn.Module, data, mcfg: MeasureConfig, seed: int, objective=None) -> dict:
     """The gradient noise scale B_simple (McCandlish et al. 2018), exact where per-example gradients exist.
 
     Where every measured parameter is a Linear's or a running-statistics BatchNorm's (no BN, or ``mcfg.bn``
@@ -235,16 +247,20 @@ def noise_scale(model: nn.Module, data, mcfg: MeasureConfig, seed: int) -> dict:
     ``mcfg.noise_scale_batches`` batches of 32 against the full gradient (enumerating every example with vmap
     costs more than the 200 batches on a conv net), under batch statistics the estimator's examples ghost
     batches of that one size (32, or half the data when smaller), each normalized by itself.
-    ``b_simple`` None (with ``reason``) when not estimated.
+    ``b_simple`` None (with ``reason``) when not estimated. An objective other than a pair objective: exact, from
+    its per-unit losses (each unit's gradient; a token of a language model is a unit).
     """
+    if objective is not None and not isinstance(objective, PairObjective):
+        return exact_gradient_noise_scale(model, data, batch_size=mcfg.eval_batch_size, bn=mcfg.bn,
+                                          objective=objective).as_dict()
     if per_example_gradients_exist(model, mcfg.bn) == "closed form":
         return exact_gradient_noise_scale(model, data, batch_size=mcfg.eval_batch_size, bn=mcfg.bn).as_dict()
     return gradient_noise_scale(model, data, small=min(NOISE_SMALL_BATCH, len(data) // 2), big=None,
                                 n_batches=mcfg.noise_scale_batches, seed=seed, batch_size=mcfg.eval_batch_size,
-                                bn=mcfg.bn).as_dict()
+                                bn=mcfg.bn, objective=objective).as_dict()
 
 
-def trajectory(build, iterates: dict, dataset: Dataset, mcfg: MeasureConfig, seed: int) -> list[dict]:
+def trajectory(build, iterates: dict, dataset: Dataset, mcfg: MeasureConfig, seed: int, objective=None) -> list[dict]:
     """Training loss and full-space eps-sharpness of the iterates kept along training (paper Figure 6).
 
     ``build(state_dict)`` gives the model at an iterate; ``iterates`` maps epoch -> state dict.
@@ -253,14 +269,14 @@ def trajectory(build, iterates: dict, dataset: Dataset, mcfg: MeasureConfig, see
     rows = []
     for epoch, state in sorted(iterates.items()):
         model = build(state)
-        m = evaluate(model, data, batch_size=mcfg.eval_batch_size, bn=mcfg.bn)
+        m = evaluate(model, data, batch_size=mcfg.eval_batch_size, bn=mcfg.bn, objective=objective)
         sharp = {f"{eps:g}": eps_sharpness(model, data, eps=eps, max_iter=mcfg.sharpness_max_iter, seed=seed,
-                                           batch_size=mcfg.eval_batch_size, bn=mcfg.bn).value
+                                           batch_size=mcfg.eval_batch_size, bn=mcfg.bn, objective=objective).value
                  for eps in mcfg.sharpness_eps}
         row = {"epoch": epoch, "train_loss": m.loss, "train_accuracy": m.accuracy, "sharpness": sharp,
                "data": data_desc, "space": "full"}
         if mcfg.noise_scale_batches:
-            ns = noise_scale(model, data, mcfg, seed)
+            ns = noise_scale(model, data, mcfg, seed, objective)
             row["noise_scale"] = ns["b_simple"]  # None when not estimated; then the reason beside it
             if ns["b_simple"] is None:
                 row["noise_scale_reason"] = ns["reason"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .config import PERCENT, Regime, StudyConfig, TrainConfig, config_hash
 from .errors import UserError
+from .objectives import identity as objective_identity
 from .plugins import is_spec, resolve
 from .remedies import geometric_schedule, switch_schedule
 
@@ -102,6 +103,7 @@ def plan(cfg: StudyConfig, n_train: int, world_size: int = 1, device: str = "cpu
     ``user``: the identity of the user's code and data the run depends on (:func:`plugins.identity`).
     """
     runs, ids = [], {}
+    objective = objective_identity(cfg.objective, cfg.root)
     for seed in cfg.seeds:
         for regime in sorted(cfg.regimes, key=lambda r: r.train.init_from is not None):
             bs = resolve_batch_size(regime.batch_size, n_train, f"regimes.{regime.name}.batch_size")
@@ -121,6 +123,8 @@ def plan(cfg: StudyConfig, n_train: int, world_size: int = 1, device: str = "cpu
             }
             if world_size > 1:
                 run_cfg["world_size"] = world_size
+            if objective:  # the default objective stays out of the hash
+                run_cfg["objective"] = objective
             if user:
                 run_cfg["user"] = user
             init = regime.train.init_from

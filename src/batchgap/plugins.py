@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .data.base import Dataset, TensorData
+from .data.base import Dataset, DictData, TensorData
 from .errors import UserError
 
 FILE_FORMATS = ("npz", "pt")
@@ -229,6 +229,41 @@ def user_dataset(arrays: dict | tuple | list, where: str, label: str, num_classe
                    tuple(t["x_train"].shape[1:]), info)
 
 
+def dict_dataset(splits: dict, where: str, label: str, num_classes: int = 0) -> Dataset:
+    """A :class:`Dataset` of dict batches from ``{"train": {column: tensor}, "test": {column: tensor}}`` (one row
+    per example; the same columns in both): the model factory gets ``input_shape`` = the first column's row shape
+    and ``num_classes`` = ``data.num_classes``, or one more than the largest ``labels`` entry."""
+    cols = {}
+    for split in ("train", "test"):
+        part = splits[split]
+        if not isinstance(part, dict) or not part:
+            raise UserError(f"{where}: {split} must be a dict of column tensors (input_ids, labels, ...), got "
+                            f"{type(part).__name__}")
+        cols[split] = {k: _tensor(v, f"{split}[{k!r}]", where) for k, v in part.items()}
+        rows = {k: (len(v) if v.dim() else 0) for k, v in cols[split].items()}
+        if len(set(rows.values())) != 1 or 0 in rows.values():
+            raise UserError(f"{where}: the {split} columns must have one row per example, the same number, got {rows}")
+        for k, v in cols[split].items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise UserError(f"{where}: {split}[{k!r}] holds NaN or infinite values")
+    if list(cols["train"]) != list(cols["test"]):
+        raise UserError(f"{where}: train and test have other columns: {list(cols['train'])} against "
+                        f"{list(cols['test'])}")
+    first = next(iter(cols["train"]))
+    if cols["train"][first].shape[1:] != cols["test"][first].shape[1:]:
+        raise UserError(f"{where}: train and test {first!r} rows differ in shape")
+    k = num_classes
+    if not k and "labels" in cols["train"]:
+        labels = torch.cat([cols[s]["labels"].reshape(-1) for s in ("train", "test")])
+        k = int(labels.max()) + 1
+    if not k:
+        raise UserError(f"{where}: no 'labels' column to infer the classes from: set data.num_classes")
+    info = {"source": label, "sha256": sha256_tensors(t for s in ("train", "test") for t in cols[s].values()),
+            "num_classes": "given" if num_classes else "inferred", "columns": list(cols["train"])}
+    return Dataset(label, DictData(cols["train"]), DictData(cols["test"]), k, tuple(cols["train"][first].shape[1:]),
+                   info)
+
+
 def load_user_data(name: str, path: str, root, num_classes: int = 0) -> Dataset:
     """``[data] name = "npz" | "pt"`` with ``path``, or ``name = "MODULE:CALLABLE"`` (a loader returning
     the four arrays) as a :class:`Dataset`; its ``info`` records the source and a sha256."""
@@ -239,7 +274,10 @@ def load_user_data(name: str, path: str, root, num_classes: int = 0) -> Dataset:
         return ds
     fn, identity = resolve(name, root, "data.name")
     arrays = call(fn, f"data loader {name}")
-    ds = user_dataset(arrays, f"data loader {name}", name, num_classes)
+    if isinstance(arrays, dict) and set(arrays) == {"train", "test"}:
+        ds = dict_dataset(arrays, f"data loader {name}", name, num_classes)
+    else:
+        ds = user_dataset(arrays, f"data loader {name}", name, num_classes)
     ds.info = {**ds.info, "loader_source_sha256": identity["source_sha256"]}
     return ds
 

@@ -29,3 +29,14 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
 
 
 Step = Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor, LossFn], torch.Tensor]
+
+
+def objective_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, objective) -> tuple[torch.Tensor, float]:
+    """The plain step through an objective (:mod:`batchgap.landscape.objective`) on a batch of any form: one
+    forward, one backward of the batch's mean loss over its units, one optimizer step. Returns the mean (detached)
+    and the units it averaged (its weight: examples, or tokens of a language model)."""
+    out = objective(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    out.mean.backward()
+    optimizer.step()
+    return out.mean.detach(), out.weight

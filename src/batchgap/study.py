@@ -68,7 +68,7 @@ def _train_run(out: Output, cfg: StudyConfig, ds: Dataset, run: Run, progress: b
     res = train(
         model, ds.train, ds.test, t, schedule or run.batch_size, seed=run.seed,
         augment=build.augment(cfg, t.augment or cfg.data.augment), run_dir=rd.path, step=step, progress=progress,
-        desc=f"{run.regime.name} seed {run.seed}", keep_epochs=run.keep_epochs,
+        desc=f"{run.regime.name} seed {run.seed}", keep_epochs=run.keep_epochs, objective=build.objective(cfg),
     )
     return model, x0, res, step, schedule
 
@@ -108,19 +108,19 @@ def execute_run(out: Output, cfg: StudyConfig, ds: Dataset, run: Run, progress: 
             model = build.model(cfg, ds, model.state_dict())  # measured as the plain architecture (ghost BN: same keys)
             result = _trained(out, cfg, ds, run, res, step, schedule)
         if result.ok:
-            t0 = time.perf_counter()
-            metrics = endpoint_metrics(model, ds, cfg.measure)
+            t0, obj = time.perf_counter(), build.objective(cfg)
+            metrics = endpoint_metrics(model, ds, cfg.measure, obj)
             result.train, result.test = Metrics(**metrics["train"]), Metrics(**metrics["test"])
             result.eval_protocol = metrics["protocol"]
             result.distance_from_init = distance_from_init(model, x0)
             surface = run.seed == cfg.seeds[0] and run.regime.name in cfg.compare
-            result.geometry = geometry(model, ds, cfg.measure, run.seed, surface=surface)
+            result.geometry = geometry(model, ds, cfg.measure, run.seed, surface=surface, objective=obj)
             if cfg.measure.trajectory_epochs:
                 iterates = {e: rd.load_iterate(e) for e in cfg.measure.trajectory_epochs if e <= result.epochs}
-                result.trajectory = trajectory(lambda st: build.model(cfg, ds, st), iterates, ds, cfg.measure, run.seed)
+                result.trajectory = trajectory(lambda st: build.model(cfg, ds, st), iterates, ds, cfg.measure,
+                                               run.seed, obj)
             result.measure_time_s = time.perf_counter() - t0
-    result.measure_hash = measure_key
-    result.complete = True
+    result.measure_hash, result.complete = measure_key, True
     if lifecycle.orphaned():  # a --jobs worker whose parent died: a rerun may own the directory now
         os._exit(lifecycle.EXIT_TERMINATED)
     rd.write_result(result)
@@ -241,8 +241,8 @@ def execute_pair(out: Output, cfg: StudyConfig, ds: Dataset, sb: RunResult, lb: 
         return load(Pair, cached, str(path))
     with devices.num_threads(sb.threads):
         models = [build.model(cfg, ds, out.run(r.id).load_model()) for r in (sb, lb)]
-        pair = Pair(sb.seed, sb.id, lb.id, key,
-                    parametric_plot(models[0], models[1], ds, cfg.measure, (sb.regime, lb.regime)))
+        pair = Pair(sb.seed, sb.id, lb.id, key, parametric_plot(models[0], models[1], ds, cfg.measure,
+                                                                (sb.regime, lb.regime), build.objective(cfg)))
     out.write(path, pair)
     return pair
 
@@ -277,7 +277,7 @@ def check_study(cfg: StudyConfig, data_dir=None, download: bool = False, world_s
     """Everything that can be wrong with the input, found before the output directory is touched:
     the data set and its runs."""
     ds = prepare_data(cfg, data_dir, download)
-    build.check_model(cfg, ds)  # model name, options, input shape, logits of (batch, num_classes)
+    build.check_model(cfg, ds)  # model name, options, input shape, logits (or the objective's loss) of a batch
     augments = [r.train.augment or cfg.data.augment for r in cfg.regimes]
     for name in augments:
         build.augment(cfg, name, ds.input_shape)

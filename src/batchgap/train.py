@@ -25,6 +25,7 @@ DistributedDataParallel, each worker on its slice of every global batch; see :mo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,10 +38,12 @@ from torch import nn
 
 from . import chainstep, devices, distributed
 from .config import TrainConfig
-from .data.base import TensorData
+from .data.base import DictData, TensorData
 from .errors import UserError
+from .landscape import ranks
 from .landscape.evaluate import evaluate
-from .step import Augment, LossFn, Step, sgd_step  # noqa: F401  (re-exported: batchgap.train.sgd_step)
+from .landscape.objective import as_objective
+from .step import Augment, LossFn, Step, objective_step, sgd_step  # noqa: F401  (re-exported: batchgap.train.sgd_step)
 from .rundir import RunDir, checkpoint_problem, read_history, tell  # noqa: F401  (read_history: re-exported)
 from .util import progress_bar
 
@@ -103,8 +106,8 @@ class TrainResult:
 
 def train(
     model: nn.Module,
-    train_data: TensorData,
-    test_data: TensorData | None,
+    train_data: TensorData | DictData,
+    test_data: TensorData | DictData | None,
     cfg: TrainConfig,
     batch_size: int | Callable[[int], int],
     seed: int = 0,
@@ -116,6 +119,7 @@ def train(
     desc: str = "train",
     keep_epochs: tuple[int, ...] = (),
     fast_step: bool = True,
+    objective=None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.epochs`` epochs at ``batch_size``.
 
@@ -162,6 +166,10 @@ def train(
         keep_epochs: epochs after which the model is saved as ``iterates/epoch-K.pt`` (0 = the start point).
         fast_step: allow the chain step (:mod:`batchgap.chainstep`, torch 2.13.x only); it changes no number,
             so it is not part of a run's id.
+        objective: how a batch becomes a loss (:mod:`batchgap.landscape.objective`), for the training loss
+            (:func:`batchgap.step.objective_step`: the batch's mean over its units) and the evaluation; None for
+            ``loss_fn`` on ``(x, y)`` pairs. With a :class:`~batchgap.data.DictData` the batches are dicts of its
+            columns' rows. The logged ``batch_loss`` is then weighted by units (tokens of a language model).
 
     Returns:
         A :class:`TrainResult`: ``history`` (one dict per evaluated epoch: train and test loss and accuracy),
@@ -174,6 +182,14 @@ def train(
         and one batch's graph.
     """
     n = len(train_data)
+    if objective is not None:
+        objective = as_objective(objective, None if loss_fn is F.cross_entropy else loss_fn)
+        if step is not sgd_step or augment is not None:
+            raise ValueError("train(objective=...) takes the plain step and no augmentation (remedies and "
+                             "augmentations read (x, y) pairs)")
+    elif isinstance(train_data, DictData):
+        raise ValueError("dict data (DictData) needs an objective that reads dict batches, e.g. "
+                         "objective=batchgap.huggingface_objective(causal_lm=True)")
     schedule = batch_size if callable(batch_size) else (lambda epoch, b=batch_size: b)
     sizes = [schedule(e) for e in range(cfg.epochs)]
     if not all(1 <= b <= n for b in sizes):
@@ -221,7 +237,8 @@ def train(
     t0 = time.perf_counter() - result.wall_time_s
     gpu = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
     # the plain step of a Linear/BatchNorm1d/ReLU chain on the CPU, without autograd: the same bits, faster
-    chain = chainstep.build(model, optimizer, loss_fn) if fast_step and step is sgd_step and world == 1 else None
+    plain = fast_step and step is sgd_step and world == 1 and objective is None
+    chain = chainstep.build(model, optimizer, loss_fn) if plain else None
     own = chainstep.own_storage if chain is not None else (lambda state: state)  # files as autograd writes them
     lr_set = None
     with torch.random.fork_rng(devices=gpu), _parallel(model, world, cfg.bn_sync) as net:
@@ -242,23 +259,30 @@ def train(
             kind = chainstep.NAME if fast is not None else "autograd"
             if kind not in result.step_kinds:
                 result.step_kinds.append(kind)
-            losses, count = [], 0
-            for x, y in _batches(train_data, perm, bs, local, rank, augment, gen):
+            losses, count, weights = [], 0, []
+            for batch in _epoch_batches(train_data, perm, bs, local, rank, augment, gen):
                 lr = lr_at(result.steps, peak, warmup_steps)
                 if lr != lr_set:  # only when it changes (the warmup's steps, and once after a resume)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     lr_set = lr
-                loss = fast(x, y) if fast is not None else step(net, optimizer, x, y, loss_fn)
+                if objective is None:
+                    x, y = batch
+                    loss = fast(x, y) if fast is not None else step(net, optimizer, x, y, loss_fn)
+                    count += len(y)
+                else:  # units (tokens) weigh the epoch's loss; a float, read from the objective without a sync
+                    loss, weight = objective_step(net, optimizer, batch, objective)
+                    weights.append(weight)
+                    count += weight
                 result.steps += 1
                 losses.append(loss.detach())  # no host sync per step: read once per epoch
-                count += len(y)
             if fast is not None:
                 fast.leave()
             # the same float arithmetic as a per-step float(loss) * len(y) (every batch of an epoch has one size)
             total = 0.0
-            for value in torch.stack(losses).reshape(len(losses)).tolist():  # one number a step, as float(loss)
-                total += value * local
+            steps = torch.stack(losses).reshape(len(losses)).tolist()  # one number a step, as float(loss)
+            for value, weight in zip(steps, weights or itertools.repeat(local)):
+                total += value * weight
             loss = losses[-1]
             result.epochs_done = epoch + 1
             if world > 1:
@@ -271,8 +295,8 @@ def train(
                    "batch_loss": train_loss}
             last = epoch + 1 == cfg.epochs or result.diverged_epoch is not None
             if ((epoch + 1) % cfg.eval_every == 0 or last) and rank == 0:
-                with distributed.local_bn(model):
-                    row.update(_epoch_metrics(model, train_data, test_data, cfg.eval_batch_size))
+                with distributed.local_bn(model), ranks.alone():  # rank 0 alone evaluates: no sharding
+                    row.update(_epoch_metrics(model, train_data, test_data, cfg.eval_batch_size, objective))
             row["time_s"] = time.perf_counter() - t0
             result.history.append(row)
             if hasattr(bar, "set_postfix"):
@@ -336,6 +360,19 @@ def _batches(data: TensorData, perm: torch.Tensor, bs: int, local: int, rank: in
             yield x, y
 
 
+def _epoch_batches(data, perm: torch.Tensor, bs: int, local: int, rank: int, augment: Augment | None,
+                   gen: torch.Generator):
+    """This worker's batches of an epoch: ``(x, y)`` of a TensorData (:func:`_batches`), or the dicts of a
+    DictData's columns at the same rows (its ``local`` share of each global batch of ``bs``)."""
+    if not isinstance(data, DictData):
+        yield from _batches(data, perm, bs, local, rank, augment, gen)
+        return
+    mine = slice(rank * local, (rank + 1) * local)
+    for s in range(len(perm) // bs):
+        idx = perm[s * bs : (s + 1) * bs][mine].to(data.device)
+        yield {k: v[idx] for k, v in data.columns.items()}
+
+
 def _resumed_rng(state: dict, result: TrainResult, cfg: TrainConfig, state_path: Path) -> torch.Tensor:
     """This worker's dropout stream from a checkpoint; the remaining epochs need the world that began it."""
     saved = (result.distributed or {}).get("world_size", 1)
@@ -347,12 +384,12 @@ def _resumed_rng(state: dict, result: TrainResult, cfg: TrainConfig, state_path:
     return state.get("rngs", [state["rng"]])[distributed.rank()] if saved == world else state["rng"]
 
 
-def _epoch_metrics(model: nn.Module, train_data: TensorData, test_data: TensorData | None, batch_size: int) -> dict:
+def _epoch_metrics(model: nn.Module, train_data, test_data, batch_size: int, objective=None) -> dict:
     out = {}
     for split, data in (("train", train_data), ("test", test_data)):
         if data is None:
             continue
-        m = evaluate(model, data, batch_size=batch_size)
+        m = evaluate(model, data, batch_size=batch_size, objective=objective)
         out[f"{split}_loss"], out[f"{split}_accuracy"] = m.loss, m.accuracy
     return out
 

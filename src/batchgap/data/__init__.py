@@ -6,7 +6,7 @@ official idx ``.gz`` files, ``cifar10/cifar-10-python.tar.gz``, ``cifar100/cifar
 ``mnist1d/`` a cache of the generated arrays. ``batchgap data download NAME`` fetches them.
 """
 from .augment import AUGMENTATIONS, check_augment, make_augment
-from .base import Dataset, DatasetSpec, TensorData
+from .base import Dataset, DatasetSpec, DictData, TensorData
 from .files import CHECKSUMS, resolve_data_dir
 from .registry import DATASETS, DatasetRow, download, list_datasets, load_dataset
 
@@ -17,6 +17,7 @@ __all__ = [
     "Dataset",
     "DatasetRow",
     "DatasetSpec",
+    "DictData",
     "TensorData",
     "check_augment",
     "download",
