@@ -287,3 +287,54 @@ def test_every_public_function_of_the_study_documents_its_arguments_and_return()
             args = doc.split("Args:", 1)[1].split("Returns:", 1)[0]
             for p in inspect.signature(fn).parameters:
                 assert f"{p}:" in args, f"{module.__name__}.{name}: {p}"
+
+
+def test_the_batch_grid_is_a_log_grid_ending_at_the_full_training_set_and_the_reference_is_the_smallest_batch():
+    from batchgap.experiments.critical_batch import CriticalSettings, batch_grid, reference
+
+    s = CriticalSettings()
+    assert batch_grid(2000, s) == [16, 32, 64, 128, 256, 512, 1024, 2000]
+    assert batch_grid(1024, s) == [16, 32, 64, 128, 256, 512, 1024]
+    assert batch_grid(200, CriticalSettings(grid_factor=4.0)) == [16, 64, 200]
+    assert batch_grid(16, s) == [16]
+    assert batch_grid(100, CriticalSettings(min_batch=10, grid_factor=1.5)) == [10, 15, 22, 34, 51, 76, 100]
+    s = CriticalSettings(lrs=[0.1, 0.2, 0.4], seeds=[0, 1], targets=[0.5, 1.0])
+    table = np.full((2, 2, 3, 2), np.inf)  # (seeds, batch sizes, lrs, targets)
+    table[:, 0, :, 1] = [[30, 20, 10], [30, 20, 10]]  # loss 1.0: lr 0.4 fastest at batch 16
+    table[:, 0, :2, 0] = [[90, 60], [100, 80]]  # loss 0.5: lr 0.4 never; lr 0.2 fastest on average
+    assert reference(table, s, [16, 64]) == {"batch": 16, "lr": 0.2, "target": 0.5}
+    table[1, 0, 1, 0] = np.inf  # a seed misses with lr 0.2: lr 0.1 is kept
+    assert reference(table, s, [16, 64])["lr"] == 0.1
+    table[:, 0, :, 0] = np.inf  # nothing reaches 0.5: the reference is the best run for 1.0
+    assert reference(table, s, [16, 64]) == {"batch": 16, "lr": 0.4, "target": 1.0}
+    assert reference(np.full((2, 2, 3, 2), np.inf), s, [16, 64]) is None
+
+
+def test_a_branch_is_the_same_sgd_for_examples_over_batch_steps_from_an_unchanged_start():
+    from torch import nn
+    from torch.nn.utils import parameters_to_vector
+
+    from batchgap.experiments.critical_train import branch, full_loss, sgd_to_targets
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    theta = parameters_to_vector(net.parameters()).detach().clone()
+    loss = branch(net, theta, x, y, batch=8, lr=0.5, examples=100, seed=5)  # 100 // 8 = 12 steps
+    other = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    torch.nn.utils.vector_to_parameters(theta.clone(), other.parameters())
+    sgd_to_targets(other, x, y, 8, 0.5, [-1.0], 12, 5)
+    assert loss == full_loss(other, x, y)
+    start = theta.clone()
+    torch.nn.utils.vector_to_parameters(theta.clone(), other.parameters())
+    before = full_loss(other, x, y)
+    after = branch(net, theta, x, y, batch=40, lr=0.5, examples=10, seed=5)  # fewer examples than a batch: 1 step
+    other[0].weight.grad = None
+    one = torch.nn.functional.cross_entropy(other(x), y)
+    one.backward()
+    with torch.no_grad():
+        for p in other.parameters():
+            p -= 0.5 * p.grad
+    assert after == pytest.approx(full_loss(other, x, y), rel=1e-6) and after < before  # batch order: sum order
+    assert torch.equal(theta, start)  # the start point is not consumed

@@ -118,7 +118,7 @@ def test_every_builtin_study_has_a_docs_page_linked_from_the_readme():
 
 
 EXPERIMENTS = {"batch-sweep", "warm-start", "sharpness-trajectory", "remedies", "noise-scale", "measures",
-               "edge-of-stability", "reparametrization"}
+               "edge-of-stability", "critical-batch", "reparametrization"}
 
 
 def test_each_experiment_study_page_has_its_question_command_time_and_figure():

@@ -2,7 +2,7 @@
 
 :func:`sgd_to_targets` trains with plain SGD (no momentum, no weight decay, a constant learning rate, a seeded
 permutation per epoch with the last partial batch dropped) and records the first step at which the full-data
-training loss is at or below each target, checked on a geometric grid of steps (every step up to ``1 / (ratio -
+training loss is at or below each target, checked on a geometric grid of steps (every step up to ``2 / (ratio -
 1)``, then every ``ratio`` x: the step counts are upper bounds within a factor ``ratio``), and the parameters at
 those steps. :func:`branch` continues from such parameters for a fixed number of examples (Merrill et al. 2025's
 branched runs). :func:`noise_scales` measures B_simple (exact: :func:`batchgap.landscape.noise.
