@@ -85,7 +85,7 @@ def findings(summary: dict) -> list[str]:
 
 
 def draw(summary: dict, path: Path) -> Path:
-    """Per transform, each measure's median ratio against alpha (log-log); invariant measures lie on 1."""
+    """Per transform, each measure's median ratio against alpha (log-log); invariant measures lie on 1 (dotted)."""
     kinds, factors = summary["transforms"], summary["factors"]
     fig, axes = plt.subplots(1, len(kinds), figsize=(7.5 * len(kinds), 6.2), squeeze=False)
     cmap = plt.get_cmap("tab20")
@@ -97,13 +97,14 @@ def draw(summary: dict, path: Path) -> Path:
                 continue
             pts.sort()
             style = "-" if row["invariant"][k] is False else ":"
-            ax.plot([a for a, _ in pts], [y for _, y in pts], style, marker="o", ms=3, color=cmap(i % 20),
+            ax.plot([a for a, _ in pts], [y for _, y in pts], style, marker="osD^v"[i // 10 % 5], ms=4,
+                    color=cmap(i % 10 * 2 + i // 10 % 2),
                     label=row["label"] if len(row["label"]) < 48 else row["label"][:45] + "…")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xlabel("α")
-        ax.set_ylabel("value after the transform / value as trained (median over runs)")
+        ax.set_ylabel("ratio to the value as trained (median over runs)")
         ax.set_title(WORDS[k], fontsize=10)
         ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0][0].get_legend_handles_labels()
