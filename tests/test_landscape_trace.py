@@ -127,3 +127,8 @@ def test_bad_arguments(net):
     for method, low in (("lanczos-deflated", 4), ("hutch++", 5), ("xtrace", 6), ("hutchinson", 2)):
         with pytest.raises(ValueError, match=f">= {low}"):
             hessian_trace(model, data, n_probes=low - 1, method=method)
+    with pytest.raises(ValueError, match="xtrace needs"):
+        hessian_trace(model, data, n_probes=2 * 93 + 2, method="xtrace")
+    # from 2N on the Lanczos basis spans the space (or stops early on an invariant one): exact
+    r = hessian_trace(model, data, n_probes=2 * 93 + 4, batch_size=16)
+    assert r.value == pytest.approx(float(torch.trace(net[2])), rel=1e-8) and r.deflated <= 93  # or an invariant space
