@@ -4,16 +4,17 @@
     python benchmarks/trace_accuracy.py [mlp] [cnn1d]     # or: python benchmarks/run.py trace-accuracy
 
 Models: the default MLP (146k parameters) and ``cnn1d`` (12k), each trained 10 epochs at batch 400 (seed 0)
-on MNIST-1D; the trace over all 4000 training examples, float32 model, one thread. Per estimator:
+on MNIST-1D; the trace over all 4000 training examples (the first 1000 for cnn1d), float32 model, one
+thread. Per estimator:
 
-* the HVPs it needs: batchgap's ``hessian_trace`` with each method runs a ladder of probe counts (32, 64, ...,
-  :data:`SETTINGS`, seed 0) and reports its own interval; the count where the relative half-width reaches the target is
-  interpolated on log-log between the two ladder rungs around it (extrapolated from the last two rungs past
-  the last, marked). Hutch++ and XTrace are the algorithms of curvlinops' ``hutchpp_trace`` and ``xtrace`` (the
-  same steps, Rademacher), so their counts are those of batchgap's same-named methods (XTrace's width is the
-  paper's error estimate, which undercovers: the count is optimistic for it). Plain Hutchinson (PyHessian
-  ``trace``, curvlinops ``hutchinson_trace``) needs m = (t sd / (target |tr|))^2 with sd the per-probe
-  standard deviation of z^T H z measured on 128 probes.
+* the HVPs it needs: batchgap's ``hessian_trace`` with each method runs a ladder of probe counts (32, 64,
+  ..., :data:`SETTINGS`, seed 0) and reports its own interval; the count where the relative half-width
+  reaches the target is interpolated on log-log between the two ladder rungs around it (extrapolated from
+  the last two rungs past the last, marked). Hutch++ and XTrace are the algorithms of curvlinops'
+  ``hutchpp_trace`` and ``xtrace`` (the same steps, Rademacher), so their counts are those of batchgap's
+  same-named methods (XTrace's width is the paper's error estimate, which undercovers: the count is
+  optimistic for it). Plain Hutchinson (PyHessian ``trace``, curvlinops ``hutchinson_trace``) needs
+  m = (z sd / (target |tr|))^2 with sd the per-probe standard deviation of z^T H z measured on 128 probes.
 * the time per HVP (matvec) of each library's own call, measured at 96 matvecs (48 for cnn1d; wall and
   process CPU seconds, one call each), so time to accuracy = HVPs x that time.
 * every estimate is compared with a reference trace: batchgap's Lanczos-deflated estimator at 768 HVPs (384
@@ -33,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import load, mnist1d, row, set_threads  # noqa: E402
 
 TARGETS = (0.05, 0.01)
-# per model: the ladder of probe counts, matvecs per timed peer call, HVPs of the reference (cnn1d's HVP costs
-# 3.5x the MLP's on this CPU, and its deflated interval narrows faster)
-SETTINGS = {"mlp": ((32, 64, 128, 256, 384), 96, 768), "cnn1d": ((32, 64, 128, 256), 48, 384)}
+# per model: the ladder of probe counts, matvecs per timed peer call, HVPs of the reference, training examples
+# the trace is over (cnn1d's HVP costs 3.5x the MLP's per example on this CPU: its trace is over 1000 of them)
+SETTINGS = {"mlp": ((32, 64, 128, 256, 384), 96, 768, 4000), "cnn1d": ((32, 64, 128, 256), 48, 384, 1000)}
 
 
 def cpu() -> float:
@@ -74,7 +75,7 @@ def needed(ladder: list[tuple[int, float]], target: float) -> tuple[float, str]:
 
 
 def measure(arch: str) -> list[dict]:
-    LADDER, TIMED, REF = SETTINGS[arch]
+    LADDER, TIMED, REF, EXAMPLES = SETTINGS[arch]
     import torch
     from curvlinops import HessianLinearOperator, hutchinson_trace, hutchpp_trace, xtrace
     from pyhessian import hessian
@@ -84,7 +85,7 @@ def measure(arch: str) -> list[dict]:
     set_threads(1)
     ds = mnist1d()
     model = trained(arch, ds)
-    x, y = ds.train.x, ds.train.y
+    x, y = ds.train.x[:EXAMPLES], ds.train.y[:EXAMPLES]
     data, criterion = (x, y), torch.nn.CrossEntropyLoss()
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -143,7 +144,7 @@ def measure(arch: str) -> list[dict]:
         ours_w, ours_c = m_ours * ours_hvp[0], m_ours * ours_hvp[1]
         ratio = cost[fastest][2] / ours_c
         rows.append(row(
-            f"trace to a 95% interval of +-{target:.0%}, {arch} ({P} parameters, 4000 examples)",
+            f"trace to a 95% interval of +-{target:.0%}, {arch} ({P} parameters, {EXAMPLES} examples)",
             f"{m_ours:.0f} HVPs{note_ours}, {ours_c:.1f} s CPU ({ours_w:.1f} s wall) (hessian_trace, lanczos-deflated)",
             "; ".join(f"{k}: {m:.0f} matvecs{n}, {c:.1f} s CPU ({w:.1f} s wall)"
                       for k, (m, w, c, n, _) in cost.items()),
