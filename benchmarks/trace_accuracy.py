@@ -7,7 +7,7 @@ Models: the default MLP (146k parameters) and ``cnn1d`` (12k), each trained 10 e
 on MNIST-1D; the trace over all 4000 training examples (the first 1000 for cnn1d), float32 model, one
 thread. Per estimator:
 
-* the HVPs it needs: batchgap's ``hessian_trace`` with each method runs a ladder of probe counts (32, 64,
+* the HVPs it needs: batchgap's ``hessian_trace`` with each method runs a ladder of probe counts (8, 16,
   ..., :data:`SETTINGS`, seed 0) and reports its own interval; the count where the relative half-width
   reaches the target is interpolated on log-log between the two ladder rungs around it (extrapolated from
   the last two rungs past the last, marked). Hutch++ and XTrace are the algorithms of curvlinops'
@@ -36,7 +36,7 @@ from harness import load, mnist1d, row, set_threads  # noqa: E402
 TARGETS = (0.05, 0.01)
 # per model: the ladder of probe counts, matvecs per timed peer call, HVPs of the reference, training examples
 # the trace is over (cnn1d's HVP costs 3.5x the MLP's per example on this CPU: its trace is over 1000 of them)
-SETTINGS = {"mlp": ((32, 64, 128, 256, 384), 96, 768, 4000), "cnn1d": ((32, 64, 128, 256), 48, 384, 1000)}
+SETTINGS = {"mlp": ((8, 16, 32, 64, 128, 256, 384), 96, 768, 4000), "cnn1d": ((8, 16, 32, 64, 128, 256), 48, 384, 1000)}
 
 
 def cpu() -> float:
