@@ -1,7 +1,8 @@
 """The Hessian trace at equal accuracy (issue 27): HVPs and time to a 95% interval of relative half-width 5% and
 1%, batchgap's default estimator against PyHessian's ``trace`` and curvlinops' Hutchinson, Hutch++ and XTrace.
 
-    python benchmarks/trace_accuracy.py [mlp] [cnn1d]     # or: python benchmarks/run.py trace-accuracy
+    python benchmarks/run.py trace-accuracy      # both models
+    python benchmarks/trace_accuracy.py cnn1d    # one
 
 Models: the default MLP (146k parameters) and ``cnn1d`` (12k), each trained 10 epochs at batch 400 (seed 0)
 on MNIST-1D; the trace over all 4000 training examples (the first 1000 for cnn1d), float32 model, one
