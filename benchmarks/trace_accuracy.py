@@ -1,23 +1,25 @@
 """The Hessian trace at equal accuracy (issue 27): HVPs and time to a 95% interval of relative half-width 5% and
 1%, batchgap's default estimator against PyHessian's ``trace`` and curvlinops' Hutchinson, Hutch++ and XTrace.
 
-    python benchmarks/trace_accuracy.py [mlp] [cnn1d]     # or: python benchmarks/run.py trace-accuracy
+    python benchmarks/run.py trace-accuracy      # both models
+    python benchmarks/trace_accuracy.py cnn1d    # one
 
 Models: the default MLP (146k parameters) and ``cnn1d`` (12k), each trained 10 epochs at batch 400 (seed 0)
-on MNIST-1D; the trace over all 4000 training examples, float32 model, one thread. Per estimator:
+on MNIST-1D; the trace over all 4000 training examples (the first 1000 for cnn1d), float32 model, one
+thread. Per estimator:
 
-* the HVPs it needs: batchgap's ``hessian_trace`` with each method runs a ladder of probe counts (32, 64, ...,
-  384, seed 0) and reports its own interval; the count where the relative half-width reaches the target is
-  interpolated on log-log between the two ladder rungs around it (extrapolated from the last two rungs past
-  384, marked). Hutch++ and XTrace are the algorithms of curvlinops' ``hutchpp_trace`` and ``xtrace`` (the
-  same steps, Rademacher), so their counts are those of batchgap's same-named methods (XTrace's width is the
-  paper's error estimate, which undercovers: the count is optimistic for it). Plain Hutchinson (PyHessian
-  ``trace``, curvlinops ``hutchinson_trace``) needs m = (t sd / (target |tr|))^2 with sd the per-probe
-  standard deviation of z^T H z measured on 128 probes.
-* the time per HVP (matvec) of each library's own call, measured at about 96 probes (wall and process CPU
-  seconds; one repeat each, interleaved), so time to accuracy = HVPs x that time.
-* every estimate is compared with a reference trace: batchgap's Lanczos-deflated estimator at 768 HVPs (seed
-  1; its own 95% interval printed beside it).
+* the HVPs it needs: batchgap's ``hessian_trace`` with each method runs a ladder of probe counts (8, 16,
+  ..., :data:`SETTINGS`, seed 0) and reports its own interval; the count where the relative half-width
+  reaches the target is interpolated on log-log between the two ladder rungs around it (extrapolated from
+  the last two rungs past the last, marked). Hutch++ and XTrace are the algorithms of curvlinops'
+  ``hutchpp_trace`` and ``xtrace`` (the same steps, Rademacher), so their counts are those of batchgap's
+  same-named methods (XTrace's width is the paper's error estimate, which undercovers: the count is
+  optimistic for it). Plain Hutchinson (PyHessian ``trace``, curvlinops ``hutchinson_trace``) needs
+  m = (z sd / (target |tr|))^2 with sd the per-probe standard deviation of z^T H z measured on 128 probes.
+* the time per HVP (matvec) of each library's own call, measured at 96 matvecs (48 for cnn1d; wall and
+  process CPU seconds, one call each), so time to accuracy = HVPs x that time.
+* every estimate is compared with a reference trace: batchgap's Lanczos-deflated estimator at 768 HVPs (384
+  for cnn1d; seed 1; its own 95% interval printed beside it). :data:`SETTINGS` holds these per model.
 """
 from __future__ import annotations
 
@@ -32,9 +34,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import load, mnist1d, row, set_threads  # noqa: E402
 
-LADDER = (32, 64, 128, 256, 384)
 TARGETS = (0.05, 0.01)
-TIMED = 96  # matvecs per timed peer call
+# per model: the ladder of probe counts, matvecs per timed peer call, HVPs of the reference, training examples
+# the trace is over (cnn1d's HVP costs 3.5x the MLP's per example on this CPU: its trace is over 1000 of them)
+SETTINGS = {"mlp": ((8, 16, 32, 64, 128, 256, 384), 96, 768, 4000), "cnn1d": ((8, 16, 32, 64, 128, 256), 48, 384, 1000)}
 
 
 def cpu() -> float:
@@ -73,6 +76,7 @@ def needed(ladder: list[tuple[int, float]], target: float) -> tuple[float, str]:
 
 
 def measure(arch: str) -> list[dict]:
+    LADDER, TIMED, REF, EXAMPLES = SETTINGS[arch]
     import torch
     from curvlinops import HessianLinearOperator, hutchinson_trace, hutchpp_trace, xtrace
     from pyhessian import hessian
@@ -82,11 +86,11 @@ def measure(arch: str) -> list[dict]:
     set_threads(1)
     ds = mnist1d()
     model = trained(arch, ds)
-    x, y = ds.train.x, ds.train.y
+    x, y = ds.train.x[:EXAMPLES], ds.train.y[:EXAMPLES]
     data, criterion = (x, y), torch.nn.CrossEntropyLoss()
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    ref, ref_wall, _ = clocked(lambda: hessian_trace(model, data, n_probes=768, seed=1))
+    ref, ref_wall, _ = clocked(lambda: hessian_trace(model, data, n_probes=REF, seed=1))
     tr = ref.value
     ladders, per_hvp = {}, {}
     for method in ("lanczos-deflated", "hutch++", "xtrace"):
@@ -141,12 +145,12 @@ def measure(arch: str) -> list[dict]:
         ours_w, ours_c = m_ours * ours_hvp[0], m_ours * ours_hvp[1]
         ratio = cost[fastest][2] / ours_c
         rows.append(row(
-            f"trace to a 95% interval of +-{target:.0%}, {arch} ({P} parameters, 4000 examples)",
+            f"trace to a 95% interval of +-{target:.0%}, {arch} ({P} parameters, {EXAMPLES} examples)",
             f"{m_ours:.0f} HVPs{note_ours}, {ours_c:.1f} s CPU ({ours_w:.1f} s wall) (hessian_trace, lanczos-deflated)",
             "; ".join(f"{k}: {m:.0f} matvecs{n}, {c:.1f} s CPU ({w:.1f} s wall)"
                       for k, (m, w, c, n, _) in cost.items()),
             f"{ratio:.2f}x {fastest} (CPU)", ">= 3x the fastest peer at 1%", target == 0.01 and ratio >= 3,
-            f"reference {tr:.6g} [{ref.ci_low:.6g}, {ref.ci_high:.6g}] (lanczos-deflated, 768 HVPs, seed 1, "
+            f"reference {tr:.6g} [{ref.ci_low:.6g}, {ref.ci_high:.6g}] (lanczos-deflated, {REF} HVPs, seed 1, "
             f"{ref_wall:.0f} s); ladders (HVPs, relative half-width): "
             + "; ".join(f"{k} " + ", ".join(f"{m}: {w:.2%}" for m, w in v) for k, v in ladders.items())
             + f"; Hutchinson per-probe sd {sd:.4g} (128 probes); peers at {TIMED} matvecs, error against the "

@@ -197,6 +197,8 @@ def hessian_trace(
     with session(model, bn, data, bn_data, batch_size, obj):
         F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
         dev, N = F.x0.device, F.num_params
+        if method == "xtrace" and n_probes // 2 > N:
+            raise ValueError(f"xtrace needs n_probes // 2 <= the {N} parameters, got n_probes={n_probes}")
         Q = None
         if deflate is not None:
             if deflate.eigenvectors.shape[1] != N or deflate.params_measured != F.params_measured:
