@@ -677,11 +677,14 @@ BENCHMARKS = {
     "peers-curves": lambda: importlib.import_module("peers").curves_rows(),
     "peers-hessian": lambda: importlib.import_module("peers").hessian_rows(),
     "peers-density": lambda: importlib.import_module("peers").density_rows(),
+    # issue 27: one measurement on 1 and 2 processes (benchmarks/data_parallel.py, spawns its workers)
+    "data-parallel": lambda: importlib.import_module("data_parallel").rows(),
 }
 # Not part of "all" (they take 3-10 minutes each): `python benchmarks/run.py --studies [--keep DIR]`
 STUDIES = {f"study-{n}": n for n in EXPERIMENT_STUDIES}
 # Also not part of "all": torch.compile of C1 (about 200 s of compiling on this CPU, 0.84x of eager when measured)
-EXTRA = {"mfu-compile": lambda: mfu(with_compile=True)}
+EXTRA = {"mfu-compile": lambda: mfu(with_compile=True),
+         "trace-accuracy": lambda: importlib.import_module("trace_accuracy").rows()}  # about 20 min on one core
 
 
 def parser() -> argparse.ArgumentParser:

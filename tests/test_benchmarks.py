@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_architecture import cycles  # the one cycle finder, tested there
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -49,26 +50,6 @@ def graph(mods: dict[str, Path]) -> dict[str, set[str]]:
                     found.add(target)
         edges[name] = found
     return edges
-
-
-def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
-    found, state = [], {}
-
-    def visit(u, stack):
-        state[u] = "open"
-        stack.append(u)
-        for v in sorted(edges[u]):
-            if state.get(v) == "open":
-                found.append(stack[stack.index(v):] + [v])
-            elif v not in state:
-                visit(v, stack)
-        stack.pop()
-        state[u] = "done"
-
-    for u in sorted(edges):
-        if u not in state:
-            visit(u, [])
-    return found
 
 
 def frozen_violations(mods: dict[str, Path]) -> list[str]:
@@ -198,3 +179,18 @@ def test_the_frozen_976ebaa_hvps_are_the_exact_hessian_times_v_on_a_tiny_net():
     assert torch.allclose(f.hvp(V), exact, rtol=1e-10, atol=1e-12)
     assert torch.allclose(f.hvp(V[1]), exact[1], rtol=1e-10, atol=1e-12)
     assert torch.allclose(f.forward_over_reverse(V[2]), exact[2], rtol=1e-10, atol=1e-12)
+
+
+def test_trace_accuracy_interpolates_the_hvps_a_target_width_needs():
+    """benchmarks/trace_accuracy.needed: on a ladder that follows a power law w = a m^-p it finds the exact
+    crossing, between rungs and past the last (extrapolated, and said so)."""
+    sys.path.insert(0, str(BENCH))
+    from trace_accuracy import needed
+
+    for p, targets in ((0.5, (0.2, 0.05)), (0.8, (0.05, 0.01))):
+        ladder = [(m, 2.0 * m ** -p) for m in (32, 64, 128, 256)]
+        for target in targets:
+            m, note = needed(ladder, target)
+            assert m == pytest.approx((2.0 / target) ** (1 / p), rel=1e-9)
+            assert ("extrapolated" in note) == ((2.0 / target) ** (1 / p) > 256)
+    assert needed([(32, 0.01), (64, 0.008)], 0.05) == (32.0, "")

@@ -136,7 +136,7 @@ def test_lightning_callback_records_and_leaves_training_unchanged(tmp_path):
 
     plain, data = fit_lightning([])
     cb = GeometryCallback(data, every=2, subset=32, out=tmp_path / "pl.jsonl",
-                          measures=["loss", "lambda_max", "trace"], options={"trace": {"n_probes": 3}})
+                          measures=["loss", "lambda_max", "trace"], options={"trace": {"n_probes": 4}})
     tracked, _ = fit_lightning([cb])
     for (n, a), (_, b) in zip(plain.state_dict().items(), tracked.state_dict().items()):
         assert torch.equal(a, b), n

@@ -48,7 +48,7 @@ def test_density_integrates_to_one_and_its_mean_is_the_trace(tiny):
     assert r.trace_stderr > 0 and abs(r.trace - exact) < 4 * r.trace_stderr
     np.testing.assert_allclose(r.ritz_weights.sum(1), 1.0, rtol=1e-12)
     # the trace is Hutchinson over the same seeded Rademacher probes
-    h = hessian_trace(model, data, n_probes=20, batch_size=16, seed=1)
+    h = hessian_trace(model, data, n_probes=20, method="hutchinson", batch_size=16, seed=1)
     assert r.trace == pytest.approx(h.value, rel=1e-9) and r.trace_stderr == pytest.approx(h.stderr, rel=1e-7)
     assert r.grid[0] == pytest.approx(r.lambda_min - 5 * r.sigma) and len(r.grid) == 201
     assert r.sigma == pytest.approx(0.01 * (r.lambda_max - r.lambda_min))
@@ -174,7 +174,7 @@ def test_a_trace_is_given_only_with_its_interval(tiny):
 
     model, data, _ = tiny
     r = hessian_density(model, data, n_vectors=6, steps=8, batch_size=16, seed=2)
-    h = hessian_trace(model, data, n_probes=6, batch_size=16, seed=2)
+    h = hessian_trace(model, data, n_probes=6, method="hutchinson", batch_size=16, seed=2)
     assert r.trace == pytest.approx(h.value, rel=1e-9)
     assert (r.trace_ci_low, r.trace_ci_high) == pytest.approx((h.ci_low, h.ci_high), rel=1e-7)
     assert r.trace_confidence == 0.95 and "Student-t" in r.trace_interval

@@ -52,6 +52,7 @@ def test_report_has_the_correlation_measures_and_density_sections(quick):
     for fig in ("correlation_ranking.png", "correlation_scatter.png", "hessian_density.png"):
         assert (quick / "figures" / fig).stat().st_size > 1000
     assert "ψ batch_size | ψ lr" in md
+    assert "| τ lr | 95% interval | τ batch | 95% interval |" in md  # issue 28: tau against the training choices
     assert "PAC-Bayes flatness 1/σ², error target" in md and "PAC-Bayes flatness 1/σ², loss target" in md
     # every table row has as many cells as its header (a '|' inside a label would break it)
     for block in md.split("\n\n"):

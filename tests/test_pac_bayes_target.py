@@ -43,10 +43,12 @@ def expected_drop(model, data, sigma, magnitude_aware):
 
 
 def brute_force_drops(model, data, sigma, magnitude_aware, n_samples, seed):
-    """acc(w) - acc(w + u_j) for each documented draw z_j, by perturbing a copy of the module and counting."""
+    """acc(w) - acc(w + u_j) for each documented draw z_j (antithetic: z = randn(M / 2, N), rows z_1, -z_1, ...),
+    by perturbing a copy of the module and counting."""
     x, y = data
-    Z = torch.randn((n_samples, model.weight.numel()), generator=torch.Generator().manual_seed(seed),
+    Z = torch.randn((n_samples // 2, model.weight.numel()), generator=torch.Generator().manual_seed(seed),
                     dtype=torch.float64)
+    Z = torch.stack([Z, -Z], 1).reshape(n_samples, -1)
     W = model.weight.detach()
     base = float((model(x).argmax(1) == y).double().mean())
     out = []

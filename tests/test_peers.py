@@ -167,7 +167,7 @@ def test_trace_estimates_agree_with_the_dense_trace(trained, xy):
 
     x, y = xy
     exact = float(torch.trace(dense_hessian(trained, x, y)))
-    ours = hessian_trace(trained, (x, y), n_probes=400, seed=0, confidence=0.99)
+    ours = hessian_trace(trained, (x, y), n_probes=400, method="hutchinson", seed=0, confidence=0.99)
     assert ours.ci_low <= exact <= ours.ci_high
     assert ours.ci_high - ours.ci_low < 0.2 * abs(exact)  # could fail: the interval is narrow
     vhv, hvps = peers.pyhessian_trace(trained, nn.CrossEntropyLoss(), x, y, 60, seed=0)
@@ -181,7 +181,7 @@ def test_trace_estimates_agree_with_the_dense_trace(trained, xy):
     # PyHessian after torch.manual_seed(0) draws the same Rademacher probes as batchgap's seed 0 (both take
     # torch's CPU generator's draws in parameter order, probe after probe): the same estimate to rounding.
     # If batchgap's draw ever changes, this equality, not the estimator, is what breaks.
-    same = hessian_trace(trained, (x, y), n_probes=60, seed=0).value
+    same = hessian_trace(trained, (x, y), n_probes=60, method="hutchinson", seed=0).value
     assert same == pytest.approx(float(np.mean(vhv)), rel=1e-5)
     assert abs(same - exact) > 1e-3 * abs(exact)  # could fail: not the exact trace, the same 60 probes
 

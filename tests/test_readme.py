@@ -2,6 +2,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -52,6 +53,45 @@ def test_python_example_runs(mnist1d_dir):
     assert len(acc) == 25 and 0 <= acc.min() <= acc.max() <= 1
 
 
+def own_model_block(first_line):
+    """The README's ```python block under "## Your own model" that starts with ``first_line``."""
+    section = README.split("## Your own model", 1)[1].split("\n## ", 1)[0]
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if b.startswith(first_line)]
+    assert len(blocks) == 1, first_line
+    return blocks[0]
+
+
+def test_the_own_loop_example_tracks_sb_and_lb_and_the_report_draws_them(tmp_path, monkeypatch):
+    """Issue 25: the README's `track` loop runs as printed, writes one record per 10 steps for both runs."""
+    import json
+
+    from batchgap.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    exec(compile(own_model_block("# your own loop"), "README.md", "exec"), {"__name__": "readme"})
+    for name in ("sb", "lb"):
+        records = [json.loads(line) for line in (tmp_path / f"track-{name}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [10, 20, 30]
+        assert all(r["budget"]["hvps_used"] <= 40 for r in records)
+        assert all(r["measures"]["lambda_max"]["value"] > 0 for r in records)
+    assert main(["report", "track-sb.jsonl", "track-lb.jsonl"]) == 0
+    assert (tmp_path / "track-sb.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_callback_example_trains_gpt2_and_measures_through_sdpa(tmp_path, monkeypatch):
+    """Issue 25: the README's Hugging Face callback example runs as printed (a real Trainer, GPT-2 built from
+    its config) and its records carry the math-backend note for the fused attention."""
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    ns = {"__name__": "readme"}
+    exec(compile(own_model_block("# the callbacks"), "README.md", "exec"), ns)
+    records = ns["geometry"].records
+    assert [r["step"] for r in records] == [2, 4]
+    lam = records[-1]["measures"]["lambda_max"]
+    assert lam["value"] > 0 and lam["attention"] and lam["unit"] == "token"
+
+
 def test_public_api_is_importable_from_the_package_root():
     import batchgap
 
@@ -78,7 +118,7 @@ def test_every_builtin_study_has_a_docs_page_linked_from_the_readme():
 
 
 EXPERIMENTS = {"batch-sweep", "warm-start", "sharpness-trajectory", "remedies", "noise-scale", "measures",
-               "edge-of-stability", "char-lm"}
+               "edge-of-stability", "critical-batch", "reparametrization", "char-lm"}
 
 
 def test_each_experiment_study_page_has_its_question_command_time_and_figure():

@@ -99,7 +99,7 @@ def test_training_with_tracking_is_bitwise_the_same_as_without(tmp_path):
     torch.manual_seed(7)
     tracker = batchgap.track(tracked_model, data, every=2, subset=16, out=tmp_path / "t.jsonl",
                              measures=["loss", "lambda_max", "trace", "eps_sharpness", "noise_scale"],
-                             options={"trace": {"n_probes": 3}, "eps_sharpness": {"max_iter": 2},
+                             options={"trace": {"n_probes": 4}, "eps_sharpness": {"max_iter": 2},
                                       "lambda_max": {"max_hvp": 5}})
     tracked = train(tracked_model, data, 6, tracker)
     tracker.close()

@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     meas.add_argument("--device", metavar="DEVICE",
                       help="auto, cpu, cuda or cuda:N (default: $BATCHGAP_DEVICE, else auto)")
     meas.add_argument("--no-report", action="store_true", help="write measures.json only")
+    meas.add_argument("--nproc", type=int, metavar="N",
+                      help="measure data-parallel on N processes of this machine (torchrun; each full-data pass "
+                           "split over them, every value as one process's up to float rounding)")
 
     cor = sub.add_parser("correlate", help="which measure ranks the runs of finished studies by their generalization "
                                            "gap: Kendall's tau and Psi with bootstrap intervals")
@@ -256,15 +259,28 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_measure(args) -> int:
-    from .measure_cmd import measure, prepare
+    from . import devices, distributed
+    from .measure_cmd import check_nproc, measure, prepare
 
-    _warn_threads(args.threads, lambda s: print(s, file=sys.stderr, flush=True))
-
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc: must be at least 1, got {args.nproc}")
+    if os.environ.get("RANK", "0") == "0":  # once, not per rank
+        _warn_threads(args.threads, lambda s: print(s, file=sys.stderr, flush=True))
+    launching = not distributed.launched() and (args.nproc or 1) > 1
+    device, launcher = args.device, None
+    if distributed.launched():  # a torchrun worker: join the group, every full-data pass is shared
+        device, launcher = distributed.start_worker(devices.resolve(args.device))
     job = prepare(args.checkpoint, args.out, model=args.model, options=args.options, bn=args.bn, data=args.data,
                   num_classes=args.num_classes, data_dir=args.data_dir, download=args.download, compare=args.compare,
                   sets=args.sets, seed=args.seed, trust_pickle=args.trust_pickle, threads=args.threads,
-                  device=args.device)
-    path = measure(job, command="batchgap " + " ".join(shlex.quote(a) for a in args.argv))
+                  device=device)
+    check_nproc(job, args.nproc if launching else distributed.world_size())
+    if launching:  # everything checked here (one line, not N tracebacks); the same command under torchrun
+        return distributed.launch(args.argv, args.nproc)
+    command = "batchgap " + " ".join(shlex.quote(a) for a in args.argv)
+    path = measure(job, command=f"{launcher} {command}" if launcher else command)
+    if path is None:  # a data-parallel worker other than rank 0, which writes and reports
+        return 0
     if args.no_report:
         print(path)
         return 0

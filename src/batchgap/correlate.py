@@ -11,6 +11,11 @@ Jiang et al. 2019 ("Fantastic generalization measures and where to find them", s
   measure follows the gap when ONE training choice changes, which a tau over everything can get right
   for the wrong reason (a measure that tracks only the batch size ranks a batch-size-driven gap well).
 
+* beside them, each measure's tau against the learning rate and against the batch size of the same runs
+  (with the same interval), so a reader sees whether a measure tracks the gap or only a training choice
+  (Andriushchenko et al. 2023, "A modern look at the relationship between sharpness and generalization",
+  found sharpness follows the learning rate more than the gap).
+
 Every measure is oriented as a complexity, larger predicting a LARGER gap, as its theory says (a
 margin enters as 1/margin^2, PAC-Bayes flatness as 1/sigma^2), so a positive tau or Psi means "ranks
 the gap as its theory predicts". Runs that do not fit the training set (train accuracy below
@@ -130,7 +135,7 @@ FIXED_MEASURES = (
             "Andriushchenko et al. 2023"),
     Measure("hessian_top_eigenvalue", "Hessian λ_max", _eig, "Keskar et al. 2017; Jastrzębski et al."),
     Measure("hessian_trace", "Hessian trace", _geo("hessian_trace"),
-            "Hessian-based flatness (Hutchinson's estimator); not one of Jiang et al. 2019's measures"),
+            "Hessian-based flatness (randomized estimate, method recorded); not one of Jiang et al. 2019's measures"),
     Measure("average_sharpness", "average sharpness σ", _geo("average_sharpness"),
             "Neyshabur et al. 2017 (expected sharpness, loss rise at fixed σ); "
             "not one of Jiang et al. 2019's measures"),
@@ -225,6 +230,18 @@ def _psi_parts(points: list[Point], axes: list[str]) -> dict[str, list[tuple[int
     return out
 
 
+def _tau_with_interval(x, y, point_seeds, seeds, draws) -> tuple[float | None, Interval | None]:
+    """Kendall's tau-b of x against y over these points, with the seed bootstrap's interval (the one the
+    gap's tau has); (None, None) when either is constant (a training choice the runs do not vary)."""
+    tau = kendall_tau_b(x, y)
+    if math.isnan(tau):
+        return None, None
+    if draws is None:
+        return tau, Interval(None, None, LEVEL, no_interval(len(seeds)), len(seeds))
+    sums = seed_pair_sums(x, y, point_seeds, seeds)
+    return tau, expanded_percentile_interval(tau_b_of_counts(sums, draws), len(seeds), TAU_RESAMPLED)
+
+
 # ------------------------------------------------------------------ the table
 
 @dataclass
@@ -239,6 +256,12 @@ class Row:
     psi_interval: Interval | None
     psi_axes: dict = field(default_factory=dict)  # axis -> psi_i (None: no group varies it alone)
     groups: dict = field(default_factory=dict)  # axis -> groups with a defined tau
+    # tau of the measure against a training choice over the same runs (Andriushchenko et al. 2023: a measure
+    # can follow the learning rate, not the gap); None where that choice does not vary among the runs
+    tau_lr: float | None = None
+    tau_lr_interval: Interval | None = None
+    tau_batch: float | None = None
+    tau_batch_interval: Interval | None = None
 
 
 @dataclass
@@ -311,14 +334,21 @@ def correlate(results: list[tuple[str, Results]], target: str = "gap", n_boot: i
             sums = seed_pair_sums([p.value for p in pts], [p.target for p in pts], [p.seed for p in pts], seeds)
             tau_iv = expanded_percentile_interval(tau_b_of_counts(sums, draws), len(seeds), TAU_RESAMPLED)
             psi_iv = expanded_percentile_interval(psi_of_counts(parts, seeds, draws)[0], len(seeds), PSI_RESAMPLED)
+        (tau_lr, tau_lr_iv), (tau_b, tau_b_iv) = (
+            _tau_with_interval([p.value for p in pts], [choice(p) for p in pts], [p.seed for p in pts], seeds, draws)
+            for choice in (lambda p: p.lr, lambda p: p.batch_size))
         rows.append(Row(m.key, m.label, m.source, len(pts), None if math.isnan(tau) else tau,
                         tau_iv if not math.isnan(tau) else None, psi, psi_iv if psi is not None else None,
-                        per_axis, {a: len(g) for a, g in parts.items()}))
+                        per_axis, {a: len(g) for a, g in parts.items()}, tau_lr, tau_lr_iv, tau_b, tau_b_iv))
     rows.sort(key=lambda row: (row.psi is None, -(row.psi if row.psi is not None else 0.0)))
     return Correlation(
         target=target, target_label=label, axes=axes, seeds=seeds, runs_total=len(seen), runs_used=len(runs),
         left_out=dict(left), sources=[name for name, _ in results], rows=rows, points=points_out,
         method=("Kendall's tau-b over the fitted runs; Psi (Jiang et al. 2019): the mean over the varying axes "
                 "of the mean tau within the sets of runs where only that axis varies (the seed held fixed); "
-                "measures oriented as complexities (positive = ranks the gap as the measure's theory predicts)"),
+                "measures oriented as complexities (positive = ranks the gap as the measure's theory predicts); "
+                "τ lr and τ batch: Kendall's tau-b of the measure against the run's learning rate and batch size "
+                "over the same runs, with the same seed bootstrap (a measure whose τ against a training choice is "
+                "as large as its τ against the gap may follow that choice rather than generalization, as "
+                "Andriushchenko et al. 2023 found for sharpness and the learning rate)"),
     )

@@ -136,8 +136,9 @@ def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int,
         out["hessian_eigenvalues"] = hessian_eigenvalues(
             model, data, k=mcfg.hessian_top_k, max_hvp=mcfg.hessian_max_hvp, seed=seed, **common).as_dict()
     if mcfg.hessian_trace_probes:
-        out["hessian_trace"] = hessian_trace(
-            model, data, n_probes=mcfg.hessian_trace_probes, seed=seed, **common).as_dict()
+        probes = mcfg.hessian_trace_probes  # Lanczos-deflated from 4 HVPs (its fewest); below, plain Hutchinson
+        out["hessian_trace"] = hessian_trace(model, data, n_probes=probes, seed=seed, **common,
+                                             method="lanczos-deflated" if probes >= 4 else "hutchinson").as_dict()
     if mcfg.noise_scale_batches:
         out["noise_scale"] = noise_scale(model, data, mcfg, seed, objective)
     if mcfg.hessian_top_k and sharp:
@@ -185,6 +186,7 @@ def generalization_measures(model: nn.Module, data, mcfg: MeasureConfig, seed: i
     only within its tolerance (2%) where the estimate is monotone in sigma (where it is not, another start
     can find another crossing; the result's ``monotone`` says which)."""
     out: dict = {}
+    pairs = mcfg.flatness_samples >= 4 and mcfg.flatness_samples % 2 == 0  # antithetic draws need two pairs
     if mcfg.norms:
         out["norms"] = norm_measures(model, data, **common).as_dict()
     start = {}
@@ -192,7 +194,7 @@ def generalization_measures(model: nn.Module, data, mcfg: MeasureConfig, seed: i
                             ("average_sharpness_mag", mcfg.average_sigma_relative, True)):
         if sigma:
             a = average_sharpness(model, data, sigma=sigma, magnitude_aware=mag, n_samples=mcfg.flatness_samples,
-                                  seed=seed, **common)
+                                  seed=seed, antithetic=pairs, **common)
             out[key] = a.as_dict()
             if math.isfinite(a.value) and a.value > 0 and mcfg.pac_bayes_delta:
                 start[mag] = sigma * (mcfg.pac_bayes_delta / a.value) ** 0.5
@@ -204,7 +206,7 @@ def generalization_measures(model: nn.Module, data, mcfg: MeasureConfig, seed: i
                 out[PAC_BAYES_KEYS[target] % key] = pac_bayes_flatness(
                     model, data, delta=mcfg.pac_bayes_delta, magnitude_aware=mag, n_samples=mcfg.flatness_samples,
                     seed=seed, rtol=FLATNESS_RTOL, sigma_start=start.get(mag) if target == "loss" else None,
-                    target=target, **common).as_dict()
+                    target=target, antithetic=pairs, **common).as_dict()
     if mcfg.worst_case_delta:
         for key, mag in (("worst_case", False), ("worst_case_mag", True)):
             out[key] = worst_case_flatness(model, data, delta=mcfg.worst_case_delta, magnitude_aware=mag,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
 import warnings
@@ -26,9 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import build, devices, plugins
+from . import build, devices, distributed, plugins
 from .config import DataConfig, MeasureConfig, ModelConfig, StudyConfig, from_dict, parse_set
 from .data import DATASETS
+from .landscape import ranks
 from .data.base import Dataset
 from .errors import UserError, closest
 from .measure import data_protocol, endpoint_metrics, geometry, parametric_plot
@@ -350,8 +352,23 @@ def prepare(
 
 # ------------------------------------------------------------------------------------ measuring
 
-def measure(job: Job, command: str | None = None) -> Path:
-    """Compute every measurement of ``job`` in its thread count and write ``OUT/measures.json``; its path."""
+def check_nproc(job: Job, nproc: int | None) -> None:
+    """Refuse (one line) more processes than the smallest data pass has batches of ``eval_batch_size``."""
+    if (nproc or 1) < 2:
+        return
+    smallest = min(len(job.ds.train), len(job.ds.test), job.mcfg.geometry_examples or len(job.ds.train))
+    count = math.ceil(smallest / job.mcfg.eval_batch_size)
+    if nproc > count:
+        raise UserError(f"--nproc {nproc}: the smallest data pass ({smallest} examples) makes {count} batch(es) of "
+                        f"measure.eval_batch_size={job.mcfg.eval_batch_size}, one at least per process; use at most "
+                        f"{count} processes or a smaller measure.eval_batch_size")
+
+
+def measure(job: Job, command: str | None = None) -> Path | None:
+    """Compute every measurement of ``job`` in its thread count and write ``OUT/measures.json``; its path.
+
+    Under a process group (``--nproc``, torchrun) every rank measures its share of each full-data pass
+    (:mod:`batchgap.landscape.ranks`) and rank 0 alone writes; the others return None."""
     t0 = time.perf_counter()
     with devices.num_threads(job.threads):
         metrics = endpoint_metrics(job.model_a, job.ds, job.mcfg)
@@ -379,7 +396,12 @@ def measure(job: Job, command: str | None = None) -> Path:
         "parametric": pair,
         "names": dict(zip(NAMES, ["CHECKPOINT", "--compare"])),
         "wall_time_s": time.perf_counter() - t0,
+        "processes": ranks.fields(),
     }
+    if not distributed.is_main():
+        distributed.finish()
+        return None
+    distributed.finish()
     try:
         job.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -41,8 +41,9 @@ Log = Callable[[str], None]
 
 # Bumped when a measurement's method changes its numbers under the same settings, so that a resumed study
 # measures its runs again: 2 = the exact noise scale (2026-12-02); 3 = issue 24's measure labels (Jiang et
-# al.'s norm forms, the PAC-Bayes target, the density's trace only with its interval).
-MEASURE_METHODS = 3
+# al.'s norm forms, the PAC-Bayes target, the density's trace only with its interval); 4 = the Lanczos-deflated
+# Hessian trace and the antithetic flatness draws (issue 27).
+MEASURE_METHODS = 4
 
 
 def _measure_hash(cfg: StudyConfig) -> str:

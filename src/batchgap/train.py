@@ -40,6 +40,7 @@ from . import chainstep, devices, distributed
 from .config import TrainConfig
 from .data.base import DictData, TensorData
 from .errors import UserError
+from .landscape import ranks
 from .landscape.evaluate import evaluate
 from .landscape.objective import as_objective
 from .step import Augment, LossFn, Step, objective_step, sgd_step  # noqa: F401  (re-exported: batchgap.train.sgd_step)
@@ -294,7 +295,7 @@ def train(
                    "batch_loss": train_loss}
             last = epoch + 1 == cfg.epochs or result.diverged_epoch is not None
             if ((epoch + 1) % cfg.eval_every == 0 or last) and rank == 0:
-                with distributed.local_bn(model):
+                with distributed.local_bn(model), ranks.alone():  # rank 0 alone evaluates: no sharding
                     row.update(_epoch_metrics(model, train_data, test_data, cfg.eval_batch_size, objective))
             row["time_s"] = time.perf_counter() - t0
             result.history.append(row)

@@ -10,6 +10,7 @@ gradient accumulation); training is left bit for bit as it was.
 """
 from __future__ import annotations
 
+from ..landscape import ranks
 from ..track.sinks import need
 from ..track.tracker import track
 
@@ -37,14 +38,16 @@ class GeometryCallback(_lightning.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            self.tracker = track(pl_module, self.data, every=self.every, **self.track_options)
+            with ranks.alone():
+                self.tracker = track(pl_module, self.data, every=self.every, **self.track_options)
             self.records = self.tracker.records
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.tracker is not None and step != self._last:
             self._last = step
-            self.tracker.maybe_measure(step)
+            with ranks.alone():  # rank 0 measures by itself while the other ranks train on
+                self.tracker.maybe_measure(step)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.tracker is not None:

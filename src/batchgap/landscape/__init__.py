@@ -8,7 +8,8 @@ from .flatness import (
 from .curves import CurveResult, SurfaceResult, loss_curve, loss_surface
 from .directions import Direction, filter_normalized_direction
 from .evaluate import BN_MODES, Metrics, batches, evaluate, recompute_bn_statistics
-from .hessian import EigenResult, TraceResult, hessian_eigenvalues, hessian_trace
+from .hessian import EigenResult, hessian_eigenvalues
+from .trace import TraceResult, hessian_trace
 from .interpolation import InterpolationResult, PathCurve, interpolate
 from .objective import BatchLoss, Objective, huggingface_objective, pair_objective, tuple_objective
 from .noise import NoiseScaleResult, exact_gradient_noise_scale, gradient_noise_scale

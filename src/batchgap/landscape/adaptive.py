@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import Dataset as TorchDataset, IterableDataset, Subset, TensorDataset
 
 from .boxmax import SOLVER, START, default_max_fun, maximize_in_box
+from . import ranks
 from .functional import FullDataLoss, objective_fields, session
 from .objective import as_objective
 from .params import describe_params
@@ -190,16 +191,19 @@ def adaptive_sharpness(
     results, n_seen = [], 0
     obj = as_objective(objective, loss_fn)
     with session(model, bn, data, bn_data, batch_size, obj):
-        for part in parts:
+        def solve(part):
             F = FullDataLoss(model, part, None, batch_size, params, objective=obj)
             scale = F.x0.abs()
 
             def apply(u: torch.Tensor, scale=scale) -> torch.Tensor:
                 return scale * u.to(scale.dtype)
 
-            results.append(maximize_in_box(F, apply, apply, np.full(F.num_params, rho), max_iter, max_fun))
-            n_seen += F.n
-        num_params = F.num_params
+            return maximize_in_box(F, apply, apply, np.full(F.num_params, rho), max_iter, max_fun), F.n, F.num_params
+
+        # n-sharpness: one problem over all the data; m-sharpness: the batches, spread over the processes
+        for result, n_part, num_params in ([solve(data)] if m is None else ranks.spread(solve, parts)):
+            results.append(result)
+            n_seen += n_part
         bn_description = bn_protocol(model, bn, batch_size, bn_data)
     if sampling is None:
         sampling = f"all {n_seen} examples of the data, one maximum"

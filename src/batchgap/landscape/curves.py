@@ -63,6 +63,8 @@ class CurveResult:
     params_measured: str  # the perturbed parameters in words: trainable of all tensors, tied names
     objective: str  # the batch form and where the loss comes from (objective.Objective.kind)
     unit: str  # what n counts: examples, or tokens for a language model
+    world_size: int = 1  # processes that shared the data (ranks.py)
+    backend: str | None = None
 
     def as_dict(self) -> dict:
         return jsonable(self)
@@ -89,6 +91,8 @@ class SurfaceResult:
     params_measured: str
     objective: str
     unit: str
+    world_size: int = 1
+    backend: str | None = None
 
     def as_dict(self) -> dict:
         return jsonable(self)

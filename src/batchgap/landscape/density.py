@@ -10,10 +10,10 @@ and m Lanczos steps from v give the m-point Gauss quadrature of that sum: the Ri
 as weights (sum_k tau_k = 1). For v uniformly spread over eigenvectors in expectation (E N (v . u_i)^2 = 1),
 averaging over n_v start vectors estimates phi. Here:
 
-* start vectors: Rademacher (+-1 entries, the same probes as :func:`hessian.hessian_trace` with the same
-  ``seed``) from ``torch.Generator().manual_seed(seed)``, normalized; ``steps`` Lanczos steps each (capped
-  at N), full reorthogonalization (twice) within each chain, all chains in one block
-  (:func:`hessian.lanczos_block`: each step one HVP call on the block of running chains);
+* start vectors: Rademacher (+-1 entries, the same probes as :func:`trace.hessian_trace` with
+  ``method="hutchinson"`` and the same ``seed``) from ``torch.Generator().manual_seed(seed)``, normalized;
+  ``steps`` Lanczos steps each (capped at N), full reorthogonalization (twice) within each chain, all chains
+  in one block (:func:`hessian.lanczos_block`: each step one HVP call on the block of running chains);
 * the smoothed density on a grid:
   phi(t) = (1/n_v) sum_v sum_k tau_{v,k} g_s(t - theta_{v,k}), g_s the N(0, s^2) density,
   s = ``kernel_width`` * (lambda_max - lambda_min) (``sigma``; when that spread is 0, ``kernel_width``
@@ -143,7 +143,7 @@ def hessian_density(
         bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
         objective: how a batch becomes a loss (:mod:`objective`): an Objective, a ready name or a callable
             ``objective(model, batch) -> (loss_sum, weight)``; None for ``(inputs, targets)`` pairs and ``loss_fn``.
-        seed: seeds the start vectors (the same probes as :func:`hessian.hessian_trace` with this seed).
+        seed: seeds the start vectors (the probes of ``hessian_trace(method="hutchinson")`` with this seed).
         grid_points: points of the density's grid.
         kernel_width: the Gaussian kernel's std relative to lambda_max - lambda_min.
         confidence: of the trace's interval.

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import IterableDataset, TensorDataset, default_collate
 
 from .objective import as_objective, batch_rows, device_of, mean_cross_entropy, to_device  # noqa: F401
+from . import ranks
 from .params import is_batchnorm, preserved
 
 BN_MODES = ("eval", "batch", "recompute")
@@ -52,7 +53,7 @@ class Metrics:
         return asdict(self)
 
 
-def batches(data, batch_size: int = 1000) -> Iterator:
+def batches(data, batch_size: int = 1000, _skip=None) -> Iterator:
     """Yield batches from any accepted data form; the one place every measure reads data.
 
     Accepted, in this order of checks:
@@ -86,6 +87,9 @@ def batches(data, batch_size: int = 1000) -> Iterator:
     elif isinstance(data, TorchDataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
         n = len(data)
         for start in range(0, n, batch_size):
+            if _skip is not None and _skip(start // batch_size):
+                yield None  # another rank's batch: not loaded
+                continue
             items = [data[i] for i in range(start, min(start + batch_size, n))]
             if isinstance(items[0], Mapping):
                 yield default_collate(items)
@@ -106,6 +110,34 @@ def batches(data, batch_size: int = 1000) -> Iterator:
             yield {k: v[start : start + batch_size] for k, v in columns.items()}
     else:
         yield from data
+
+
+def _length(data):
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        return len(data[1])
+    if hasattr(data, "x") and hasattr(data, "y"):
+        return len(data.y)
+    return len(data) if hasattr(data, "__len__") else None
+
+
+def my_batches(data, batch_size: int = 1000, check: bool = True) -> Iterator:
+    """This process's share of :func:`batches` (all of them alone): under a process group of W ranks, batch i
+    goes to rank ``i % W`` (:mod:`ranks`). ``check``: first compare the data across ranks (a hash of its length
+    and first batch) and refuse a mismatch; after the pass, refuse fewer batches than ranks."""
+    rank, size = ranks.world()
+    if size == 1:
+        yield from batches(data, batch_size)
+        return
+    count = 0
+    for i, batch in enumerate(batches(data, batch_size, _skip=lambda i: i != 0 and i % size != rank)):
+        if i == 0 and check:
+            ranks.check_same(ranks.fingerprint(batch, _length(data)), "data (length or first batch)")
+        count += 1
+        if i % size == rank:
+            yield batch
+    if count == 0 and check:
+        ranks.check_same(ranks.fingerprint(None, _length(data)), "data (length or first batch)")
+    ranks.share(count, batch_size)
 
 
 def model_bn_semantics(model: nn.Module) -> str:
@@ -165,6 +197,29 @@ def _merge(acc, count: int, mean: torch.Tensor, m2: torch.Tensor):
     return total, mu + delta * (count / total), M + m2 + delta**2 * (n * count / total)
 
 
+def _across_ranks(pending: list, state: dict):
+    """The layer measured, its moments and its batch count over all ranks (Chan's update again, in rank
+    order): every rank holds the same. Alone: this rank's own."""
+    if ranks.world()[1] == 1:
+        return state["target"], state["acc"], state["batches"]
+    layer = state["target"]
+    mine = None if layer is None else pending.index(layer)
+    acc = None if state["acc"] is None else tuple(a.cpu() if torch.is_tensor(a) else a for a in state["acc"])
+    seen = ranks.gather((mine, acc, state["batches"]))
+    targets = {t for t, _, _ in seen if t is not None}
+    if len(targets) > 1:
+        raise ValueError("the forward pass reaches the BatchNorm layers in an order that depends on the batch: "
+                         "exact recomputed statistics need one order for all the data")
+    total = None
+    for _, part, _ in seen:
+        if part is not None:
+            total = _merge(total, *part)
+    if total is not None and layer is not None:
+        device = layer.running_mean.device
+        total = (total[0], total[1].to(device), total[2].to(device))
+    return (pending[targets.pop()] if targets else None), total, sum(b for _, _, b in seen)
+
+
 @torch.no_grad()
 def recompute_bn_statistics(model: nn.Module, data, batch_size: int = 1000, objective=None) -> None:
     """Set every tracking BN layer's running statistics to the exact ones over all of ``data``.
@@ -209,7 +264,7 @@ def recompute_bn_statistics(model: nn.Module, data, batch_size: int = 1000, obje
         handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in pending]
         seen = 0
         try:
-            for batch in batches(data, batch_size):
+            for batch in my_batches(data, batch_size, check=examples is None):
                 seen += batch_rows(batch)
                 try:
                     obj(model, to_device(batch, device))
@@ -218,6 +273,8 @@ def recompute_bn_statistics(model: nn.Module, data, batch_size: int = 1000, obje
         finally:
             for handle in handles:
                 handle.remove()
+        seen = ranks.all_sum(seen)
+        layer, state["acc"], state["batches"] = _across_ranks(pending, state)
         if examples is None:
             if seen == 0:
                 raise ValueError("no data to recompute the BatchNorm statistics on")
@@ -226,7 +283,6 @@ def recompute_bn_statistics(model: nn.Module, data, batch_size: int = 1000, obje
             raise ValueError(f"bn='recompute' reads the data once per BatchNorm layer, and a later pass saw {seen} "
                              f"examples where the first saw {examples}: pass a tensor pair, a TensorData, a "
                              "map-style dataset or a re-iterable sequence of batches, not a one-shot iterator")
-        layer = state["target"]
         if layer is None:  # the forward reaches none of the remaining layers
             break
         count, mean, m2 = state["acc"]
@@ -302,7 +358,7 @@ def evaluate(
         total_loss = torch.zeros((), dtype=torch.float64)
         correct, n = 0, 0
         classify = True
-        for batch in batches(data, batch_size):
+        for batch in my_batches(data, batch_size):
             step = obj(model, to_device(batch, device))
             total_loss += step.mean.double() * step.weight
             if classify and step.correct is not None:
@@ -310,6 +366,8 @@ def evaluate(
             else:
                 classify = False
             n += step.weight
+    total_loss, correct, n, unclassified = ranks.all_sum(total_loss, correct, n, int(not classify))
+    classify = unclassified == 0
     if n == 0:
         raise ValueError("no data to evaluate")
     return Metrics(loss=float(total_loss / n), accuracy=correct / n if classify else float("nan"), n=n)

@@ -5,8 +5,9 @@ analysis: the noise families and their invariance, the draw, the search, the dif
 L is the full-data, batch-weighted mean loss of :class:`functional.FullDataLoss` (default mean
 cross-entropy), acc the training accuracy, both functions of the flat vector w of the measured parameters
 (``params``). Noise: u = sigma z (plain) or u = sigma |w| z (magnitude-aware, invariant to a ReLU
-rescaling), z_1..z_M ~ N(0, I) the rows of ONE seeded draw :data:`DRAW`, used at every sigma (common random
-numbers).
+rescaling), z_1..z_M ~ N(0, I) the rows of ONE seeded draw, used at every sigma (common random numbers):
+by default antithetic pairs z_j, -z_j with the interval over the pair means (:mod:`montecarlo`, which cancels
+the first-order term g . u), or ``antithetic=False`` M independent rows (:data:`montecarlo.DRAW`).
 
 * :func:`average_sharpness`: (1/M) sum_j L(w + u_j) - L(w), with its Student-t interval.
 * :func:`pac_bayes_flatness`: 1 / sigma^2 for the largest sigma with g(sigma) <= delta; g the mean loss
@@ -28,17 +29,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 
 from .bracket import crossing, is_monotone
 from .boxmax import SOLVER, START, BoxMax, default_max_fun, maximize_in_box
 from .functional import FullDataLoss, measured_protocol, session
+from .montecarlo import check_draws, draws_words, interval, normal_draws
 from .objective import as_objective
 from .protocol import Measured
 
-DRAW = ("Z = torch.randn(M, N, generator=torch.Generator().manual_seed(seed), dtype=parameter dtype) on the CPU, "
-        "row j = z_j")
 SEARCH = ("start sigma (default the geometric mean of the range), steps toward the crossing predicted by the power "
           "law g ~ sigma^2 (at most 4x) until the estimate crosses delta, then log-log interpolation safeguarded by "
           "bisection in log sigma until hi/lo <= 1 + rtol; reported: lo, the largest tried at or below delta; a "
@@ -57,8 +56,8 @@ class AverageSharpnessResult(Measured):
 
     value: float  # (1/M) sum_j L(w + u_j) - L(w), the Monte Carlo estimate of E_u[L(w + u)] - L(w)
     params_measured: str
-    stderr: float  # std(samples, ddof=1) / sqrt(M)
-    ci_low: float  # Student-t interval, M - 1 degrees of freedom
+    stderr: float  # std(samples or, antithetic, pair means, ddof=1) / sqrt(their count)
+    ci_low: float  # Student-t interval, M - 1 (antithetic: M / 2 - 1) degrees of freedom
     ci_high: float
     confidence: float
     relative: float  # value / (1 + L(w)) * 100, Keskar's scale
@@ -70,6 +69,7 @@ class AverageSharpnessResult(Measured):
     seed: int
     noise: str  # the noise in words
     method: str
+    antithetic: bool = False  # draws in pairs z, -z (samples in pair order), interval over pair means
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,7 @@ class PacBayesResult(Measured):
     noise: str
     search: str
     method: str
+    antithetic: bool = False  # draws in pairs z, -z, interval over pair means
 
 
 @dataclass(frozen=True)
@@ -153,9 +154,8 @@ def _check(name: str, x) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
 
 
-def _check_common(n_samples: int, confidence: float, chunk: int) -> None:
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
-        raise ValueError(f"n_samples must be an int >= 2 (an interval needs two draws), got {n_samples!r}")
+def _check_common(n_samples: int, confidence: float, chunk: int, antithetic: bool) -> None:
+    check_draws(n_samples, antithetic)
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
@@ -170,24 +170,10 @@ def _check_range(name: str, bounds, rtol: float) -> tuple[float, float]:
     return lo, hi
 
 
-def _interval(samples: np.ndarray, confidence: float) -> tuple[float, float, float, float]:
-    """``(mean, stderr, low, high)``: the Student-t interval over the samples."""
-    m = len(samples)
-    mean = float(samples.mean())
-    stderr = float(samples.std(ddof=1) / np.sqrt(m))
-    half = float(stats.t.ppf((1 + confidence) / 2, m - 1)) * stderr
-    return mean, stderr, mean - half, mean + half
-
-
 def _chunk(chunk: int | None, F: FullDataLoss) -> int:
     """``None``: one point at a time on the CPU (vmap over points measured 1.3-1.7x slower there on the
     default MLP), 16 points per vmap on an accelerator, as :mod:`curves` does."""
     return chunk if chunk is not None else (1 if F.x0.device.type == "cpu" else 16)
-
-
-def _draw(F: FullDataLoss, n_samples: int, seed: int) -> torch.Tensor:
-    Z = torch.randn((n_samples, F.num_params), generator=torch.Generator().manual_seed(seed), dtype=F.x0.dtype)
-    return Z.to(F.x0.device)
 
 
 def _rises(F: FullDataLoss, Z: torch.Tensor, scale: torch.Tensor | None, sigma: float, base: float,
@@ -216,21 +202,23 @@ def _accuracy_at_w(F: FullDataLoss) -> float:
 def average_sharpness(
     model: nn.Module, data, sigma: float = 0.01, magnitude_aware: bool = False, n_samples: int = 16, seed: int = 0,
     loss_fn=None, batch_size: int = 1000, bn: str = "eval", params: str = "all", confidence: float = 0.95,
-    chunk: int | None = None, bn_data=None, objective=None,
+    chunk: int | None = None, bn_data=None, objective=None, antithetic: bool = True,
 ) -> AverageSharpnessResult:
     """Average sharpness E_u[L(w + u)] - L(w) by Monte Carlo, with its Student-t interval.
 
     Formula: (1/M) sum_j L(w + u_j) - L(w), u_j = sigma z_j (or sigma |w| z_j, ``magnitude_aware``), z_j ~ N(0, I)
-    the M = ``n_samples`` rows of one seeded draw; stderr = std(ddof=1) / sqrt(M). (Neyshabur et al. 2017's
-    expected sharpness; not one of Jiang et al. 2019's measures.)
+    the M = ``n_samples`` rows of one seeded draw, by default M / 2 antithetic pairs (z_j, -z_j), whose pair
+    means cancel the first-order term g . u; stderr = std(ddof=1) / sqrt(count) over the pair means (or the M
+    draws, ``antithetic=False``). (Neyshabur et al. 2017's expected sharpness; not one of Jiang et al. 2019's.)
 
     Args:
         model: the network; restored bit for bit.
         data: the examples (normally the training set).
         sigma: the noise scale (absolute, or relative to |w_i| when ``magnitude_aware``).
         magnitude_aware: u_i ~ N(0, sigma^2 w_i^2) instead of N(0, sigma^2).
-        n_samples: draws M (>= 2).
+        n_samples: draws M (>= 2; antithetic: even and >= 4).
         seed: seeds the draws.
+        antithetic: draw in pairs u, -u (default) or M independent draws.
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
         batch_size: examples per evaluation batch (memory only).
         bn: the BatchNorm protocol: ``"eval"``, ``"batch"`` or ``"recompute"`` (once, at the model's parameters).
@@ -247,25 +235,24 @@ def average_sharpness(
 
     Cost: ``n_samples + 1`` forward passes over the data, in two reads of it; memory M x N for the draws."""
     _check("sigma", sigma)
-    _check_common(n_samples, confidence, chunk)
+    _check_common(n_samples, confidence, chunk, antithetic)
     obj = as_objective(objective, loss_fn)
     with session(model, bn, data, bn_data, batch_size, obj):
         F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
         f_x = F.value(F.x0)
-        Z = _draw(F, n_samples, seed)
+        Z = normal_draws(n_samples, F.num_params, seed, F.x0.dtype, F.x0.device, antithetic)
         chunk = _chunk(chunk, F)
         samples = _rises(F, Z, F.x0.abs() if magnitude_aware else None, sigma, f_x, chunk, "loss")
         proto = measured_protocol(model, F, bn, bn_data, batch_size, params)
-    mean, stderr, low, high = _interval(samples, confidence)
+    mean, stderr, low, high = interval(samples, confidence, antithetic)
     how = "one point at a time" if chunk == 1 else f"vmap over {chunk} points"
     return AverageSharpnessResult(
         value=mean, stderr=stderr, ci_low=low, ci_high=high, confidence=confidence,
         relative=mean / (1 + f_x) * 100, sigma=float(sigma), magnitude_aware=bool(magnitude_aware),
         n_samples=n_samples, f_x=f_x, samples=tuple(float(s) for s in samples), seed=seed,
         noise=_noise_words(magnitude_aware),
-        method=(f"Monte Carlo over {n_samples} draws, {DRAW}; Student-t interval over the draws; each data batch "
-                f"read once for all points ({how}); float64 accumulation"),
-        **proto,
+        method=f"{draws_words(n_samples, antithetic)}; each data batch read once for all points ({how}); float64",
+        antithetic=antithetic, **proto,
     )
 
 
@@ -280,7 +267,7 @@ def pac_bayes_flatness(
     model: nn.Module, data, delta: float = 0.1, magnitude_aware: bool = False, n_samples: int = 16, seed: int = 0,
     rtol: float = 0.01, sigma_range: tuple = (1e-5, 10.0), loss_fn=None, batch_size: int = 1000, bn: str = "eval",
     params: str = "all", confidence: float = 0.95, chunk: int | None = None, bn_data=None,
-    sigma_start: float | None = None, target: str = "loss", objective=None,
+    sigma_start: float | None = None, target: str = "loss", objective=None, antithetic: bool = True,
 ) -> PacBayesResult:
     """PAC-Bayes flatness 1 / sigma^2 for the largest sigma whose expected rise stays within delta.
 
@@ -297,8 +284,9 @@ def pac_bayes_flatness(
         delta: the bound on g (Jiang et al.: 0.1 of accuracy).
         magnitude_aware: u_i ~ N(0, sigma^2 w_i^2) instead of N(0, sigma^2) (no epsilon floor: exactly
             invariant to a ReLU rescaling).
-        n_samples: the Monte Carlo draws M (>= 2, for the interval).
+        n_samples: the Monte Carlo draws M (>= 2, for the interval; antithetic: even and >= 4).
         seed: seeds the draws (``torch.Generator``).
+        antithetic: draw in pairs u, -u (default; interval over pair means) or M independent draws.
         rtol: the search stops when sigma_hi / sigma <= 1 + rtol.
         sigma_range: the (low, high) sigmas searched.
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
@@ -325,7 +313,7 @@ def pac_bayes_flatness(
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(repr(t) for t in TARGETS)}, got {target!r}")
     _check("delta", delta)
-    _check_common(n_samples, confidence, chunk)
+    _check_common(n_samples, confidence, chunk, antithetic)
     bounds = _check_range("sigma_range", sigma_range, rtol)
     start = math.sqrt(bounds[0] * bounds[1]) if sigma_start is None else float(sigma_start)
     _check("sigma_start", start)
@@ -335,7 +323,7 @@ def pac_bayes_flatness(
         F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
         f_x = F.value(F.x0)
         acc_x = _accuracy_at_w(F) if target == "error" else None
-        Z = _draw(F, n_samples, seed)
+        Z = normal_draws(n_samples, F.num_params, seed, F.x0.dtype, F.x0.device, antithetic)
         chunk = _chunk(chunk, F)
         scale = F.x0.abs() if magnitude_aware else None
         base = f_x if target == "loss" else acc_x
@@ -349,7 +337,7 @@ def pac_bayes_flatness(
     if lo is None:
         g = stderr = low = high = samples = None
     else:
-        g, stderr, low, high = _interval(found[lo], confidence)
+        g, stderr, low, high = interval(found[lo], confidence, antithetic)
         samples = tuple(float(s) for s in found[lo])
     how = "one point at a time" if chunk == 1 else f"vmap over {chunk} points"
     return PacBayesResult(
@@ -360,9 +348,9 @@ def pac_bayes_flatness(
         sigmas=tuple(s for s, _ in trace), g_values=tuple(v for _, v in trace), monotone=is_monotone(trace),
         sigmas_tried=len(trace), points_evaluated=n_samples * len(trace) + 1 + (target == "error"),
         data_passes=len(trace) + 1 + (target == "error"), noise=_noise_words(magnitude_aware), search=SEARCH,
-        method=(f"common random numbers: the same {n_samples} draws at every sigma, {DRAW}; Student-t interval over "
-                f"the draws at the reported sigma; each data batch read once per sigma ({how}); float64 accumulation"),
-        **proto,
+        method=(f"common random numbers, the same draws at every sigma: {draws_words(n_samples, antithetic)}, at the "
+                f"reported sigma; each data batch read once per sigma ({how}); float64 accumulation"),
+        antithetic=antithetic, **proto,
     )
 
 

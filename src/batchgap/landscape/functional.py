@@ -38,7 +38,8 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from .evaluate import BN_MODES, batches, bn_protocol, recompute_bn_statistics
+from . import ranks
+from .evaluate import BN_MODES, bn_protocol, my_batches, recompute_bn_statistics
 from .fold import folded_view
 from .objective import (
     ATTENTION_NOTE, Bound, as_objective, batch_rows, device_of, second_order, to_device,
@@ -92,8 +93,9 @@ def saved_bytes(t: torch.Tensor) -> int:
 
 
 def objective_fields(objective) -> dict:
-    """The objective's :class:`protocol.Measured` fields: the loss in words, the batch form, the unit."""
-    return dict(loss_fn=objective.name, objective=objective.kind, unit=objective.unit)
+    """The objective's :class:`protocol.Measured` fields: the loss in words, the batch form, the unit; and the
+    processes that shared the data (:func:`ranks.fields`: ``world_size``, ``backend``)."""
+    return dict(loss_fn=objective.name, objective=objective.kind, unit=objective.unit, **ranks.fields())
 
 
 def measured_protocol(model: nn.Module, F: "FullDataLoss", bn: str, bn_data, batch_size: int, params: str) -> dict:
@@ -109,6 +111,9 @@ GRAPH_BUDGET = 512 << 20  # bytes of saved tensors that hvp keeps between calls 
 
 class FullDataLoss:
     """L(theta) over all of ``data`` for the parameters ``which`` of ``model``. Use inside :func:`session`.
+
+    Under a process group each pass reads this rank's share of the batches and every sum is summed over the
+    ranks (:mod:`ranks`; :meth:`reduce`), so every rank holds the same values; ``n`` counts all ranks' units.
 
     Costs, in passes over ``data`` (measured on the study's MLP on a CPU, 4000 examples): :meth:`value`
     one forward pass F; :meth:`value_and_grad` one forward and backward, G = 2.2 F; :meth:`hvp` per
@@ -154,13 +159,13 @@ class FullDataLoss:
         return self.objective(self.bound(vector), batch)
 
     def batches(self):
-        """The data's batches on the model's device, each yielded once per pass; after a pass, ``rows`` is
-        checked against the last pass (a one-shot iterator is refused)."""
+        """This rank's share (all, alone) of the data's batches on the model's device, each yielded once per
+        pass; after a pass, ``rows`` is checked against the last pass (a one-shot iterator is refused)."""
         count = 0
-        for batch in batches(self.data, self.batch_size):
+        for batch in my_batches(self.data, self.batch_size, check=self.rows is None):
             count += batch_rows(batch)
             yield to_device(batch, self.device)
-        if count == 0 and self.rows is None:
+        if self.rows is None and ranks.all_sum(count) == 0:
             raise ValueError("no data to evaluate")
         if self.rows is not None and count != self.rows:
             raise ValueError(f"data changed between passes ({self.rows} then {count} rows): pass a "
@@ -168,8 +173,13 @@ class FullDataLoss:
                              "batches, not a one-shot iterator")
         self.rows = count
 
+    def reduce(self, *values):
+        """Sums of this rank's share summed over the ranks (:func:`ranks.all_sum`); the values themselves alone."""
+        return ranks.all_sum(*values)
+
     def count_units(self, weight) -> None:
-        """Record the units (objective weights) a full pass summed; a pass that sums others is refused."""
+        """Record the units (objective weights) a full pass summed over all ranks (:meth:`reduce` first); a pass
+        that sums others is refused."""
         if self.n is not None and weight != self.n:
             raise ValueError(f"the objective's units changed between passes ({self.n} then {weight})")
         self.n = weight
@@ -188,6 +198,7 @@ class FullDataLoss:
             step = self.loss(vector, batch)
             total += step.mean.double() * step.weight
             weight += step.weight
+        total, weight = self.reduce(total, weight)
         self.count_units(weight)
         return float(total / self.n)
 
@@ -203,6 +214,7 @@ class FullDataLoss:
             gsum += g.double() * step.weight
             total += step.mean.detach().double() * step.weight
             weight += step.weight
+        total, gsum, weight = self.reduce(total, gsum, weight)
         self.count_units(weight)
         return float(total / self.n), gsum / self.n
 
@@ -230,7 +242,8 @@ class FullDataLoss:
             if keep:
                 kept.append((leaf, g, step.weight))
             yield leaf, g, step.weight
-        self.count_units(weight)
+        if self.n is None or ranks.world()[1] == 1:  # ranks may keep graphs differently: no collective after
+            self.count_units(self.reduce(weight))
         if keep:
             self._graphs = kept
             self.graph_bytes = used
@@ -258,7 +271,7 @@ class FullDataLoss:
                 with second_order():
                     (hv,) = torch.autograd.grad(g @ V[i], leaf, retain_graph=keep or i + 1 < len(V))
                 out[i] += hv.double() * size
-        out /= self.n
+        out = self.reduce(out) / self.n
         return out[0] if single else out
 
     @torch.no_grad()
@@ -296,8 +309,9 @@ class FullDataLoss:
                 loss[s : s + chunk] += values.double().cpu() * weights[-1]
                 correct[s : s + chunk] += c.double().cpu()
             total_weight += weights[-1] if P else 0
+        loss, correct, total_weight, unclassified = self.reduce(loss, correct, total_weight, int(not all(kinds)))
         if P:
             self.count_units(total_weight)
-        classify = all(kinds)
+        classify = unclassified == 0
         accuracy = correct / self.n if classify else torch.full((P,), float("nan"), dtype=torch.float64)
         return loss / self.n, accuracy, classify

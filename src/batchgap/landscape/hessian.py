@@ -14,8 +14,7 @@ parameters. ``data``: any form :func:`evaluate.batches` accepts. Products H v ar
   returned residuals ``||H v - lambda v||`` are then computed with k extra HVPs, not estimated.
 * :func:`lanczos_block`: the engine, K independent Lanczos chains with one operator call per step on
   the block of K vectors; :func:`lanczos_top` (one chain) and :mod:`density` use it.
-* :func:`hessian_trace`: Hutchinson with Rademacher probes, tr = mean(z^T H z), with the standard
-  error over probes and a Student-t interval; or Hutch++ (Meyer et al. 2021), see its docstring.
+* the trace, :func:`trace.hessian_trace`, lives in :mod:`trace` (its estimators use :func:`lanczos_block`).
 """
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 
 from .functional import FullDataLoss, measured_protocol, session
@@ -55,23 +53,6 @@ class EigenResult(Measured):
         d = jsonable(self)
         d.pop("eigenvectors")
         return d
-
-
-@dataclass(frozen=True)
-class TraceResult(Measured):
-    """What :func:`hessian_trace` returns: the estimate, its standard error and interval, and the protocol."""
-
-    value: float
-    stderr: float
-    ci_low: float
-    ci_high: float
-    confidence: float
-    n_probes: int
-    hvps: int
-    method: str
-    interval: str
-    seed: int
-    params_measured: str  # params in words with the counts: trainable of all tensors and entries, tied names
 
 
 @dataclass
@@ -242,87 +223,3 @@ def rademacher(m: int, N: int, gen: torch.Generator, device) -> torch.Tensor:
     """``m`` Rademacher probes of length ``N`` (entries +-1, float64) drawn from ``gen``, on ``device``: the
     probes of Hutchinson's trace and the start vectors of the spectral density, the same for the same seed."""
     return (torch.randint(0, 2, (m, N), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1).to(device)
-
-
-def hessian_trace(
-    model: nn.Module, data, n_probes: int = 30, method: str = "hutchinson", seed: int = 0, loss_fn=None,
-    batch_size: int = 1000, bn: str = "eval", params: str = "all", confidence: float = 0.95,
-    chunk: int = 8, bn_data=None,
-    objective=None,
-) -> TraceResult:
-    """tr(H), the trace of the full-data loss Hessian, with a Student-t confidence interval.
-
-    * ``"hutchinson"``: z_i Rademacher, tr ~ mean_i z_i^T H z_i; stderr = sample std (ddof 1) / sqrt(m);
-      interval mean +- t_{(1+confidence)/2, m-1} stderr.
-    * ``"hutch++"``: m = n_probes split in three (s = m // 3 sketch probes S, s more HVPs for H Q,
-      m - 2s residual probes G): Q = orth(H S); tr = tr(Q^T H Q) + mean_i g_i'^T H g_i' with
-      g' = (I - Q Q^T) g. The interval is the Student-t interval of the residual Hutchinson term,
-      conditional on the sketch (tr(Q^T H Q) is exact given Q).
-
-    HVPs share one gradient graph per data batch among ``chunk`` probes at a time (memory does not
-    grow with ``chunk``: the probes' backward passes run one after another); the result does not
-    depend on it.
-
-    Args:
-        model: the trained model; restored bit for bit, also on error.
-        data: the data the loss is taken over: a tensor pair, a TensorData, a map-style dataset or an iterable
-            of batches.
-        n_probes: m, the Hessian-vector products in all (at least 2 for Hutchinson, 5 for Hutch++).
-        method: ``"hutchinson"`` or ``"hutch++"``.
-        seed: seeds the ``torch.Generator`` that draws the Rademacher probes.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
-        batch_size: examples per evaluation batch (memory only).
-        bn: the BatchNorm protocol: ``"eval"``, ``"batch"`` or ``"recompute"`` (once, at the model's parameters).
-        params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
-        confidence: the interval's coverage, e.g. 0.95.
-        chunk: probes sharing one gradient graph per batch (speed only, not the result).
-        bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
-        objective: how a batch becomes a loss (:mod:`objective`): an Objective, a ready name or a callable
-            ``objective(model, batch) -> (loss_sum, weight)``; None for ``(inputs, targets)`` pairs and ``loss_fn``.
-
-    Returns:
-        A :class:`TraceResult`: ``value``, ``stderr``, ``ci_low``, ``ci_high`` at ``confidence``, ``hvps``,
-        ``interval`` (what the interval is, in words) and the protocol.
-
-    Cost:
-        ``n_probes`` Hessian-vector products over all of ``data`` (one forward pass and gradient graph per
-        batch, then a backward pass of grad . v per probe); memory: the m x P float64 probes.
-    """
-    if method not in ("hutchinson", "hutch++"):
-        raise ValueError(f"method must be 'hutchinson' or 'hutch++', not {method!r}")
-    min_probes = 2 if method == "hutchinson" else 5
-    if n_probes < min_probes:
-        raise ValueError(f"n_probes must be >= {min_probes} for {method}, got {n_probes}")
-    gen = torch.Generator().manual_seed(seed)
-    obj = as_objective(objective, loss_fn)
-    with session(model, bn, data, bn_data, batch_size, obj):
-        F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
-        dev, N = F.x0.device, F.num_params
-        if method == "hutchinson":
-            Z = rademacher(n_probes, N, gen, dev)
-            samples = (Z * F.hvp(Z, chunk=chunk)).sum(dim=1)
-            exact, hvps = 0.0, n_probes
-            interval = "Student-t over the m Rademacher probe values z^T H z"
-        else:
-            s = n_probes // 3
-            S = rademacher(s, N, gen, dev)
-            Q, _ = torch.linalg.qr(F.hvp(S, chunk=chunk).T)  # (N, s)
-            exact = float(torch.trace(Q.T @ F.hvp(Q.T, chunk=chunk).T))
-            G = rademacher(n_probes - 2 * s, N, gen, dev)
-            G = G - (G @ Q) @ Q.T
-            samples = (G * F.hvp(G, chunk=chunk)).sum(dim=1)
-            hvps = n_probes
-            interval = ("Student-t over the residual probes g'^T H g', g' = (I - QQ^T) g, "
-                        "conditional on the sketch Q; tr(Q^T H Q) counted as exact")
-        samples = samples.cpu().numpy()
-        m = len(samples)
-        mean = float(samples.mean())
-        stderr = float(samples.std(ddof=1) / np.sqrt(m))
-        half = float(stats.t.ppf((1 + confidence) / 2, m - 1)) * stderr
-        proto = measured_protocol(model, F, bn, bn_data, batch_size, params)
-    value = exact + mean
-    return TraceResult(
-        value=value, stderr=stderr, ci_low=value - half, ci_high=value + half, confidence=confidence,
-        n_probes=n_probes, hvps=hvps,
-        method=f"{method}, Rademacher probes; {HVP_METHOD}", interval=interval, seed=seed, **proto,
-    )

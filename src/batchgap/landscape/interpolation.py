@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import ranks
 from .evaluate import BN_MODES, describe_bn, evaluate, model_bn_semantics, recompute_bn_statistics
 from .objective import as_objective
 from .params import preserved, tied_parameters
@@ -73,6 +74,8 @@ class InterpolationResult:
     params_interpolated: str  # in words: every parameter tensor (frozen included), each once, tied names
     objective: str  # the batch form and where the loss comes from (objective.Objective.kind)
     unit: str  # what each curve's n counts: examples, or tokens for a language model
+    world_size: int = 1  # processes that shared the data (ranks.py)
+    backend: str | None = None
 
     @property
     def loss(self) -> np.ndarray:
@@ -238,7 +241,7 @@ def interpolate(
         buffers=buffers,
         batch_size=batch_size,
         params_interpolated=_describe_interpolated(model_a),
-        loss_fn=obj.name, objective=obj.kind, unit=obj.unit,
+        loss_fn=obj.name, objective=obj.kind, unit=obj.unit, **ranks.fields(),
     )
 
 

@@ -24,13 +24,13 @@ import torch
 from torch import nn
 from torch.func import grad, grad_and_value
 
-from .evaluate import batches, model_bn_semantics
+from . import ranks
+from .evaluate import bn_protocol, model_bn_semantics, my_batches
 from .functional import FullDataLoss, objective_fields, session
 from .objective import Bound, PairObjective, as_objective, mean_cross_entropy
 from .params import describe_params, is_batchnorm
-from .pergrad import (
-    CLOSED_FORM_PATH, Mapper, NoClosedForm, closed_form_reason, mean_loss_error, objective_moments, per_example_moments,
-)
+from .pergrad import (CLOSED_FORM_PATH, Mapper, NoClosedForm, closed_form_reason, mean_loss_error, objective_moments,
+                      per_example_moments, summed_moments)
 from .noise_estimate import bootstrap_interval, mean_and_stderr
 from .noise_estimate import (  # re-exported: the estimator's algebra lives there
     b_simple_stderr as b_simple_stderr,
@@ -39,7 +39,6 @@ from .noise_estimate import (  # re-exported: the estimator's algebra lives ther
     two_batch_estimate as two_batch_estimate,
 )
 from .protocol import Measured
-from .evaluate import bn_protocol
 
 
 def _sampling(g: int | None) -> str:
@@ -186,13 +185,14 @@ def _blocks(data, units: torch.Tensor | None, batch_size: int, chunk: int):
     """(c, g, ...) inputs and targets of consecutive units: single examples in data order (g = 1; any
     iterable of batches, ``chunk`` at a time), or the ghost batches of ``units`` (``chunk // g`` at a time)."""
     if units is None:
-        for xb, yb in batches(data, batch_size):
+        for xb, yb in my_batches(data, batch_size):
             for s in range(0, len(yb), chunk):
                 yield xb[s : s + chunk, None], yb[s : s + chunk, None]
         return
     x, y = _tensor_pair(data)
     units, per = units.to(x.device), max(1, chunk // units.shape[1])
-    for s in range(0, len(units), per):
+    rank, size = ranks.world()  # this rank's share of the blocks: block i to rank i % size (all of them alone)
+    for s in range(rank * per, len(units), size * per):
         yield x[units[s : s + per]], y[units[s : s + per]]
 
 
@@ -212,7 +212,7 @@ def _unit_moments(F: FullDataLoss, blocks, mapper: Mapper, check: bool):
             grad_sum[name] += t.sum(0).double()
         sq_sum += _sq_norms(g).sum().cpu()
         count += len(yu)
-    return grad_sum, sq_sum, count
+    return summed_moments(grad_sum, sq_sum, count)
 
 
 def _bn_description(model: nn.Module, bn: str, batch_size: int, bn_data, units: torch.Tensor | None, n: int) -> str:

@@ -86,6 +86,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 from torch.utils._pytree import tree_map
 
+from . import ranks
 from .functional import FullDataLoss, measured_protocol, session
 from .objective import PairObjective, as_objective, is_classification, mean_cross_entropy, second_order
 from .params import is_normalization
@@ -325,7 +326,11 @@ def _data_pass(F: FullDataLoss, loss_fn):
                 true = logits.gather(1, index)[:, 0]
                 others = logits.scatter(1, index, float("-inf")).amax(1)
                 margins.append((true - others).cpu())
+    fr_sq, units = F.reduce(fr_sq, units)
     F.count_units(units)
+    shares = ranks.gather((reason, margins))  # every rank's margins, in rank order
+    reason = next((r for r, _ in shares if r is not None), None)
+    margins = [m for _, part in shares for m in part]
     method = ("jvp (forward mode, tangent w) of the per-unit losses of functional_call, one per batch; "
               "per-unit losses by " + " then ".join(_METHODS[h] for h in dict.fromkeys(used)))
     return fr_sq, (None if reason else torch.cat(margins).numpy()), reason, example, method

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from .evaluate import batches
+from . import ranks
+from .evaluate import my_batches
 from .params import is_batchnorm, named_parameters
 
 CLOSED_FORM_PATH = "per-example norms (Linear/BN closed form)"
@@ -187,7 +188,7 @@ def per_example_moments(model: nn.Module, data, loss_fn: Callable, batch_size: i
     sq_sum, count, checked = torch.zeros((), dtype=torch.float64), 0, not check
     handles = [m.register_forward_hook(forward_hook) for m in layers]
     try:
-        for x, y in batches(data, batch_size):
+        for x, y in my_batches(data, batch_size):
             for key in ("calls", "inputs", "deltas"):
                 state[key].clear()
             with torch.enable_grad():
@@ -222,7 +223,14 @@ def per_example_moments(model: nn.Module, data, loss_fn: Callable, batch_size: i
     finally:
         for h in handles:
             h.remove()
-    return grad_sum, sq_sum, count
+    return summed_moments(grad_sum, sq_sum, count)
+
+
+def summed_moments(grad_sum: dict, sq_sum, count):
+    """The moments of this rank's share summed over the ranks (:func:`ranks.all_sum`; as they are alone)."""
+    names = list(grad_sum)
+    *grads, sq_sum, count = ranks.all_sum(*grad_sum.values(), sq_sum, count)
+    return dict(zip(names, grads)), sq_sum, count
 
 
 def _stack(rows: list):
@@ -282,5 +290,6 @@ def objective_moments(F, chunk: int):
                 grad_sum[name] += t.double()
             sq_sum += (torch.linalg.vector_norm(g, dim=1).double() ** 2).sum().cpu()
         count += k
+    grad_sum, sq_sum, count = summed_moments(grad_sum, sq_sum, count)
     F.count_units(count)
     return grad_sum, sq_sum, count

@@ -14,7 +14,9 @@ class Measured:
     """What every full-data measure states beside its numbers: how many units (``n``; examples by default),
     the BatchNorm mode and its meaning, which parameters, the evaluation batch size, the loss, the objective
     (the batch form and where the loss comes from), its weighting unit, and how attention was differentiated
-    twice where it was (``attention``; None otherwise). Results extend it; ``as_dict`` is JSON."""
+    twice where it was (``attention``; None otherwise), and how many processes shared the data and over which
+backend (``world_size``, ``backend``: :mod:`ranks`; they change rounding only). Results extend it; ``as_dict``
+is JSON."""
 
     n: int
     bn: str
@@ -26,6 +28,8 @@ class Measured:
     objective: str = dataclasses.field(kw_only=True)
     unit: str = dataclasses.field(kw_only=True)
     attention: str | None = dataclasses.field(default=None, kw_only=True)
+    world_size: int = dataclasses.field(default=1, kw_only=True)  # processes that shared the data (ranks.py)
+    backend: str | None = dataclasses.field(default=None, kw_only=True)  # their torch.distributed backend
 
     def as_dict(self) -> dict:
         return jsonable(self)

@@ -44,13 +44,15 @@ def verdict(row: Row, n_seeds: int) -> str:
 def table(c: Correlation) -> list[str]:
     axes = c.axes
     head = ("| measure | Ψ | 95% interval | " + "".join(f"ψ {a} | " for a in axes) + "τ (all runs) | 95% interval "
-            "| runs | reading |")
-    lines = [head, "|" + "---|" * (7 + len(axes))]
+            "| τ lr | 95% interval | τ batch | 95% interval | runs | reading |")
+    lines = [head, "|" + "---|" * (11 + len(axes))]
     for row in c.rows:
         per_axis = " | ".join(_num(row.psi_axes.get(a)) for a in axes)
         lines.append(f"| {row.label.replace('|', chr(92) + '|')} | {_num(row.psi)} | {_iv(row.psi_interval)} | "
                      f"{per_axis}{' | ' if axes else ''}"
-                     f"{_num(row.tau)} | {_iv(row.tau_interval)} | {row.n} | {verdict(row, len(c.seeds))} |")
+                     f"{_num(row.tau)} | {_iv(row.tau_interval)} | {_num(row.tau_lr)} | {_iv(row.tau_lr_interval)} | "
+                     f"{_num(row.tau_batch)} | {_iv(row.tau_batch_interval)} | {row.n} | "
+                     f"{verdict(row, len(c.seeds))} |")
     return lines
 
 
@@ -84,6 +86,7 @@ def paragraph(c: Correlation) -> str:
         elif labels:
             parts.append(f"For {', '.join(labels)} {why}: undetermined with {seeds}, which says nothing either way "
                          "about the measure.")
+    parts += choice_sentences(c)
     top = [r for r in c.rows if r.psi is not None and r.psi_interval is not None and r.psi_interval.lo is not None]
     if len(top) >= 2:
         best = max(top, key=lambda r: r.psi)
@@ -94,6 +97,23 @@ def paragraph(c: Correlation) -> str:
             parts.append(f"{best.label} has the highest Ψ, but its interval overlaps another measure's: the order of "
                          "the leading measures is not established.")
     return " ".join(parts)
+
+
+def choice_sentences(c: Correlation) -> list[str]:
+    """Which measures follow a training choice: the interval of their τ against the learning rate or the batch
+    size excludes 0 (Andriushchenko et al. 2023); nothing is claimed from a point value alone."""
+    out = []
+    for what, tau, iv in (("learning rate", "tau_lr", "tau_lr_interval"), ("batch size", "tau_batch",
+                                                                            "tau_batch_interval")):
+        sure = [r for r in c.rows if getattr(r, tau) is not None and getattr(r, iv) is not None
+                and getattr(r, iv).lo is not None and (getattr(r, iv).lo > 0 or getattr(r, iv).hi < 0)]
+        if sure:
+            out.append(f"The 95% interval of τ against the {what} excludes 0 for "
+                       f"{', '.join(f'{r.label} ({getattr(r, tau):+.2f})' for r in sure)}: "
+                       f"{'these follow' if len(sure) > 1 else 'it follows'} the {what} of the runs, so "
+                       f"{'their' if len(sure) > 1 else 'its'} τ against the gap may reflect that training "
+                       "choice rather than generalization.")
+    return out
 
 
 def left_out(c: Correlation) -> str:

@@ -14,7 +14,8 @@ import torch
 
 from ..landscape.evaluate import bn_protocol, evaluate
 from ..landscape.functional import FullDataLoss, measured_protocol, objective_fields, session
-from ..landscape.hessian import HVP_METHOD, EigenResult, hessian_trace, lanczos_top
+from ..landscape.hessian import HVP_METHOD, EigenResult, lanczos_top
+from ..landscape.trace import MIN_PROBES, hessian_trace
 from ..landscape.objective import as_objective
 from ..landscape.noise import exact_gradient_noise_scale
 from ..landscape.protocol import frozen_array
@@ -133,7 +134,7 @@ MEASURES = {
     "loss": (_loss, (), "the unit-weighted mean loss (batchgap.evaluate)"),
     "lambda_max": (_lambda_max, ("tol", "max_hvp"), "the top Hessian eigenvalue (Lanczos, warm-started)"),
     "hessian_top": (_hessian_top, ("k", "tol", "max_hvp"), "the top k Hessian eigenvalues; value = the largest"),
-    "trace": (_trace, ("n_probes", "method", "confidence", "chunk"), "tr(H), Hutchinson (batchgap.hessian_trace)"),
+    "trace": (_trace, ("n_probes", "method", "confidence", "chunk"), "tr(H), with its interval (hessian_trace)"),
     "eps_sharpness": (_eps_sharpness, ("eps", "subspace_dim", "max_iter", "max_fun", "subspace_columns"),
                       "Keskar et al.'s eps-sharpness in percent (batchgap.eps_sharpness)"),
     "noise_scale": (_noise_scale, ("chunk", "ghost_batch"),
@@ -147,7 +148,7 @@ def fewest_hvps(name: str, opts: dict) -> int:
         k = 1 if name == "lambda_max" else int(opts.get("k", 3))
         return 2 * k  # k Lanczos steps and k residual products
     if name == "trace":
-        return 5 if opts.get("method", "hutchinson") == "hutch++" else 2
+        return MIN_PROBES.get(opts.get("method", "lanczos-deflated"), 2)
     return 0
 
 
