@@ -280,3 +280,48 @@ def test_measure_nproc_above_the_batch_count_is_one_line_before_anything_is_laun
     assert main([*argv, "--nproc", "0"]) == 2
     assert "--nproc: must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+# ---------------------------------------------------------------- batchgap run --nproc N: runs measured by all workers
+
+RUN_STUDY = ["train.epochs=1", "data.train_subset=400", "data.test_subset=200", "seeds=[0]",
+             "measure.interpolation_points=3", "measure.sharpness_eps=[0.001]", "measure.sharpness_max_iter=2",
+             "measure.sharpness_subspace_dim=0", "measure.adaptive_rho=0.0", "measure.hessian_top_k=2",
+             "measure.hessian_max_hvp=12", "measure.hessian_trace_probes=0", "measure.curve_directions=0",
+             "measure.surface_points=0", "measure.norms=false", "measure.average_sigma=0",
+             "measure.average_sigma_relative=0", "measure.pac_bayes_delta=0", "measure.density_vectors=0",
+             "measure.eval_batch_size=150"]
+
+
+def test_run_nproc_2_measures_each_run_on_both_workers_with_the_one_process_numbers(tmp_path, mnist1d_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from batchgap import build
+    from batchgap.config import load_study
+    from batchgap.measure import geometry
+    from batchgap.studies import find_study
+
+    out = tmp_path / "out"
+    sets = [a for s in RUN_STUDY for a in ("--set", s)]
+    env = {**os.environ, "BATCHGAP_DATA": str(mnist1d_dir), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "batchgap", "run", "default", "--nproc", "2", "--out", str(out),
+                           "--no-report", *sets], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "trained and measured on every worker" in proc.stderr
+    doc = json.loads((out / "results.json").read_text())
+    cfg = load_study(find_study("default"), RUN_STUDY)
+    ds = build.prepare_data(cfg, mnist1d_dir, False)  # 400 examples in batches of 150: 3, not divisible by 2
+    for run in doc["runs"]:
+        geo = run["geometry"]
+        assert geo["hessian_eigenvalues"]["world_size"] == 2 and geo["hessian_eigenvalues"]["backend"] == "gloo"
+        model = build.model(cfg, ds, torch.load(out / run["checkpoint"], weights_only=True))
+        torch.set_num_threads(1)
+        alone = geometry(model, ds, cfg.measure, run["seed"], surface=False)  # this process alone, its model file
+        assert alone["hessian_eigenvalues"]["world_size"] == 1
+        a, b = numbers(alone), numbers(geo)
+        assert a.keys() == b.keys()
+        for key in a:  # float32 model: float32 round-off, summed in another order, through the solvers
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=f"{run['id']}: {key}")

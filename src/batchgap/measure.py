@@ -8,6 +8,7 @@ Knows nothing of studies or files: it takes models and data, returns plain dicts
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -55,6 +56,31 @@ def endpoint_metrics(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, ob
 def objective_protocol(objective) -> dict:
     """How the batches became a loss, for a protocol: nothing for the default objective (results as before)."""
     return {} if objective is None else {"loss_fn": objective.name, "objective": objective.kind, "unit": objective.unit}
+
+
+def eval_batches(dataset: Dataset, mcfg: MeasureConfig) -> tuple[int, int]:
+    """``(examples, batches)`` of the smallest full-data pass the measures make (train, test, the geometry subset)
+    in batches of ``eval_batch_size``: data-parallel measurement needs a batch per process."""
+    smallest = min(len(dataset.train), len(dataset.test), mcfg.geometry_examples or len(dataset.train))
+    return smallest, math.ceil(smallest / mcfg.eval_batch_size)
+
+
+def measure_trained(model: nn.Module, x0: dict, dataset: Dataset, mcfg: MeasureConfig, seed: int, surface: bool,
+                    iterates: dict | None, build, geometry_of=None, objective=None) -> dict:
+    """Everything a study measures on one trained model, as its result's fields: ``train``/``test`` metrics,
+    ``eval_protocol``, ``distance_from_init``, ``geometry``, ``trajectory`` (over ``iterates``, models made by
+    ``build(state_dict)``; None: not measured) and ``measure_time_s``. ``objective``: the study's (None: the
+    default pairs); ``geometry_of``: the caller's :func:`geometry` (a study's module attribute, which its tests
+    wrap), default this module's."""
+    t0 = time.perf_counter()
+    metrics = endpoint_metrics(model, dataset, mcfg, objective)
+    out = {"train": metrics["train"], "test": metrics["test"], "eval_protocol": metrics["protocol"],
+           "distance_from_init": distance_from_init(model, x0),
+           "geometry": (geometry_of or geometry)(model, dataset, mcfg, seed, surface=surface, objective=objective)}
+    if iterates is not None:
+        out["trajectory"] = trajectory(build, iterates, dataset, mcfg, seed, objective)
+    out["measure_time_s"] = time.perf_counter() - t0
+    return out
 
 
 def distance_from_init(model: nn.Module, x0_state: dict) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import time
 import warnings
@@ -33,7 +32,7 @@ from .data import DATASETS
 from .landscape import ranks
 from .data.base import Dataset
 from .errors import UserError, closest
-from .measure import data_protocol, endpoint_metrics, geometry, parametric_plot
+from .measure import data_protocol, endpoint_metrics, eval_batches, geometry, parametric_plot
 from .models import BN_MODES, MODELS, bn_mode
 from .rundir import DamagedFile, RunDir, read_json
 from .typed import build as typed_build
@@ -356,8 +355,7 @@ def check_nproc(job: Job, nproc: int | None) -> None:
     """Refuse (one line) more processes than the smallest data pass has batches of ``eval_batch_size``."""
     if (nproc or 1) < 2:
         return
-    smallest = min(len(job.ds.train), len(job.ds.test), job.mcfg.geometry_examples or len(job.ds.train))
-    count = math.ceil(smallest / job.mcfg.eval_batch_size)
+    smallest, count = eval_batches(job.ds, job.mcfg)
     if nproc > count:
         raise UserError(f"--nproc {nproc}: the smallest data pass ({smallest} examples) makes {count} batch(es) of "
                         f"measure.eval_batch_size={job.mcfg.eval_batch_size}, one at least per process; use at most "

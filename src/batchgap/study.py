@@ -6,10 +6,10 @@ types and the statistics :mod:`batchgap.stats`'. This module only schedules: the
 other or ``jobs`` at a time in worker processes, every finished run skipped, every interrupted one
 resumed, each run in its own torch thread count (a setting of the run, part of its id).
 
-Data-parallel (torchrun, ``--nproc``): every worker trains each unfinished run together
-(:mod:`batchgap.distributed`), then the others leave and rank 0 alone measures and writes, as a
-single process would. Shards (``--shard I/N``): :mod:`batchgap.sharding`; :func:`merge_results`
-gathers what they finished.
+Data-parallel (torchrun, ``--nproc``): every worker trains each unfinished run together (:mod:`batchgap.distributed`)
+and measures it together (each full-data pass shared: :mod:`batchgap.landscape.ranks`), rank 0 writing; then the
+others leave and rank 0 alone draws the pairwise measures and the results. Shards (``--shard I/N``):
+:mod:`batchgap.sharding`; :func:`merge_results` gathers what they finished.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from .build import prepare_data, start_point
 from .config import StudyConfig, config_hash, from_dict
 from .data.base import Dataset
 from .errors import UserError
-from .measure import data_protocol, distance_from_init, endpoint_metrics, geometry, parametric_plot, trajectory
+from .measure import data_protocol, eval_batches, geometry, measure_trained, parametric_plot
 from .plan import Run, batch_schedule, model_tag, plan
 from .remedies import ghost_bn, make_step
 from .results import SCHEMA, TRAINING_FIELDS, Metrics, Pair, Results, RunResult, from_dict as load
@@ -39,10 +39,8 @@ from .train import train
 Log = Callable[[str], None]
 
 
-# Bumped when a measurement's method changes its numbers under the same settings, so that a resumed study
-# measures its runs again: 2 = the exact noise scale (2026-12-02); 3 = issue 24's measure labels (Jiang et
-# al.'s norm forms, the PAC-Bayes target, the density's trace only with its interval); 4 = the Lanczos-deflated
-# Hessian trace and the antithetic flatness draws (issue 27).
+# Bumped when a measure's method changes its numbers under the same settings (a resumed study re-measures): 2 the
+# exact noise scale; 3 issue 24's labels; 4 the Lanczos-deflated trace and antithetic flatness draws (issue 27).
 MEASURE_METHODS = 4
 
 
@@ -108,24 +106,26 @@ def execute_run(out: Output, cfg: StudyConfig, ds: Dataset, run: Run, progress: 
             model, x0, res, step, schedule = _train_run(out, cfg, ds, run, progress)
             model = build.model(cfg, ds, model.state_dict())  # measured as the plain architecture (ghost BN: same keys)
             result = _trained(out, cfg, ds, run, res, step, schedule)
-        if result.ok:
-            t0, obj = time.perf_counter(), build.objective(cfg)
-            metrics = endpoint_metrics(model, ds, cfg.measure, obj)
-            result.train, result.test = Metrics(**metrics["train"]), Metrics(**metrics["test"])
-            result.eval_protocol = metrics["protocol"]
-            result.distance_from_init = distance_from_init(model, x0)
-            surface = run.seed == cfg.seeds[0] and run.regime.name in cfg.compare
-            result.geometry = geometry(model, ds, cfg.measure, run.seed, surface=surface, objective=obj)
-            if cfg.measure.trajectory_epochs:
-                iterates = {e: rd.load_iterate(e) for e in cfg.measure.trajectory_epochs if e <= result.epochs}
-                result.trajectory = trajectory(lambda st: build.model(cfg, ds, st), iterates, ds, cfg.measure,
-                                               run.seed, obj)
-            result.measure_time_s = time.perf_counter() - t0
-    result.measure_hash, result.complete = measure_key, True
+        _measure_run(cfg, ds, run, rd, model, x0, result)
     if lifecycle.orphaned():  # a --jobs worker whose parent died: a rerun may own the directory now
         os._exit(lifecycle.EXIT_TERMINATED)
     rd.write_result(result)
     return result
+
+
+def _measure_run(cfg: StudyConfig, ds: Dataset, run: Run, rd, model, x0: dict, result: RunResult) -> None:
+    """A trained run's measurements into ``result``, which is then complete. Under a process group every worker
+    calls it and shares each full-data pass (landscape/ranks.py); the iterates of a trajectory are files."""
+    if result.ok:
+        epochs = cfg.measure.trajectory_epochs
+        iterates = {e: rd.load_iterate(e) for e in epochs if e <= result.epochs} if epochs else None
+        m = measure_trained(model, x0, ds, cfg.measure, run.seed, run.seed == cfg.seeds[0] and run.regime.name in
+                            cfg.compare, iterates, lambda st: build.model(cfg, ds, st), geometry,
+                            objective=build.objective(cfg))
+        result.train, result.test = Metrics(**m.pop("train")), Metrics(**m.pop("test"))
+        for key, value in m.items():
+            setattr(result, key, value)
+    result.measure_hash, result.complete = _measure_hash(cfg), True
 
 
 def _log_result(log: Log, r: RunResult) -> None:
@@ -219,17 +219,25 @@ def _stop(pool) -> None:
         p.join(timeout=10)
 
 
-def _train_data_parallel(out: Output, cfg: StudyConfig, ds: Dataset, runs: list[Run], progress, log: Log) -> None:
-    """Every worker trains every run not trained yet, together; then the process group is closed."""
+def _train_data_parallel(out: Output, cfg: StudyConfig, ds: Dataset, runs: list[Run], progress, log: Log) -> bool:
+    """All workers train, then measure (landscape/ranks.py; rank 0 writes), each run not trained yet; True unless a
+    pass has fewer batches than workers or the study a trajectory (rank 0's files): then rank 0 measures alone."""
     todo = distributed.broadcast([r.id for r in runs if out.run(r.id).finished(r.id) is None]
                                  if distributed.is_main() else None)
     world = distributed.world_size()
+    shared = not cfg.measure.trajectory_epochs and eval_batches(ds, cfg.measure)[1] >= world
     for i, run in enumerate([r for r in runs if r.id in todo], 1):
         log(f"[{i}/{len(todo)}] {run.id}: global batch {run.batch_size} on {world} workers "
             f"({run.batch_size // world} each), {run.regime.train.epochs} epochs")
         with devices.num_threads(run.threads):
-            _train_run(out, cfg, ds, run, progress)
+            model, x0, res, step, schedule = _train_run(out, cfg, ds, run, progress)
+            if shared:
+                result = _trained(out, cfg, ds, run, res, step, schedule)
+                _measure_run(cfg, ds, run, None, build.model(cfg, ds, model.state_dict()), x0, result)
+                if distributed.is_main():
+                    out.run(run.id).write_result(result)
     distributed.finish()
+    return shared
 
 
 def execute_pair(out: Output, cfg: StudyConfig, ds: Dataset, sb: RunResult, lb: RunResult) -> Pair | None:
@@ -306,19 +314,10 @@ def _plan_doc(cfg: StudyConfig, runs: list[Run], world_size: int) -> dict:
             "runs": [{"id": r.id, "regime": r.regime.name, "seed": r.seed} for r in runs]}
 
 
-def run_study(
-    cfg: StudyConfig,
-    out: str | Path,
-    data_dir: str | Path | None = None,
-    download: bool = False,
-    progress: bool | None = None,
-    log: Log = lambda s: None,
-    command: str | None = None,
-    jobs: int | None = None,
-    shard: tuple[int, int] | None = None,
-    device: str | torch.device | None = None,
-    force: bool = False,
-) -> Results | dict | None:
+def run_study(cfg: StudyConfig, out: str | Path, data_dir: str | Path | None = None, download: bool = False,
+              progress: bool | None = None, log: Log = lambda s: None, command: str | None = None,
+              jobs: int | None = None, shard: tuple[int, int] | None = None,
+              device: str | torch.device | None = None, force: bool = False) -> Results | dict | None:
     """Run every run of ``cfg`` that has not finished in ``out``, measure, write ``out/results.json``.
 
     ``jobs`` runs go side by side in worker processes (default: the cores available divided by the
@@ -388,10 +387,11 @@ def run_study(
             out.write(out.study, cfg.to_dict())
             out.write(out.plan, _plan_doc(cfg, runs, world))
         if world > 1:
-            _train_data_parallel(out, cfg, ds, mine, progress, log)
+            shared = _train_data_parallel(out, cfg, ds, mine, progress, log)
             if not main:
                 return None
-            log("trained on every worker; rank 0 measures")
+            log("trained and measured on every worker" if shared else "trained on every worker; rank 0 measures "
+                "alone (a pass has fewer evaluation batches than workers, or the study measures a trajectory)")
         results = execute_runs(out, cfg, ds, mine, jobs=jobs, data_dir=data_dir, progress=progress, log=log)
         if line := machine.note(results):  # a resume on another machine: its runs' last digits may differ
             log(line)

@@ -12,6 +12,7 @@ the optimizer step) on the main process only; training is left bit for bit as it
 """
 from __future__ import annotations
 
+from ..landscape import ranks
 from ..landscape.objective import huggingface_objective
 from ..track.sinks import need
 from ..track.tracker import track
@@ -40,12 +41,15 @@ class GeometryCallback(_transformers.TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
-            self.tracker = track(model, self.data, objective=self.objective, every=self.every, **self.track_options)
+            with ranks.alone():  # the main process measures by itself while the others train on
+                self.tracker = track(model, self.data, objective=self.objective, every=self.every,
+                                     **self.track_options)
             self.records = self.tracker.records
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.tracker is not None:
-            self.tracker.maybe_measure(state.global_step)
+            with ranks.alone():
+                self.tracker.maybe_measure(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.tracker is not None:

@@ -87,10 +87,10 @@ def gather(obj) -> list:
 
 
 def _digest(value, h) -> None:
-    if torch.is_tensor(value):
-        t = value.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1)[:4096].view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if torch.is_tensor(value):  # dtype, shape and the first 4096 entries (copied to the CPU alone)
+        h.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        t = value.detach().reshape(-1)[:4096].cpu().contiguous()
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     elif isinstance(value, dict):
         for k in sorted(value, key=str):
             h.update(str(k).encode())
