@@ -6,6 +6,7 @@ import pytest
 
 from batchgap.cli import main
 from batchgap.correlate import correlate
+from batchgap.report.generalization import draws
 from batchgap.results import load_results
 
 NEW = ("norms", "average_sharpness", "average_sharpness_mag", "pac_bayes", "pac_bayes_mag", "pac_bayes_error",
@@ -54,6 +55,10 @@ def test_report_has_the_correlation_measures_and_density_sections(quick):
     assert "ψ batch_size | ψ lr" in md
     assert "| τ lr | 95% interval | τ batch | 95% interval |" in md  # issue 28: tau against the training choices
     assert "PAC-Bayes flatness 1/σ², error target" in md and "PAC-Bayes flatness 1/σ², loss target" in md
+    pb = load_results(quick).runs[0].geometry["pac_bayes"]  # how the draws were made is said (issue 27)
+    assert f"({draws(pb)} common draws" in md
+    assert draws({"n_samples": 8, "antithetic": True}) == "8 (4 antithetic pairs u, −u)"
+    assert draws({"n_samples": 8, "antithetic": False}) == "8"
     # every table row has as many cells as its header (a '|' inside a label would break it)
     for block in md.split("\n\n"):
         rows = [line for line in block.splitlines() if line.startswith("|")]

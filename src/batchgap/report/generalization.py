@@ -21,6 +21,12 @@ def _regimes(res: Results) -> list[str]:
     return [comp.small, comp.large] if comp and comp.small and comp.large else [r.name for r in res.summary][:2]
 
 
+def draws(result: dict) -> str:
+    """How a Monte Carlo measure drew: "8", or "8 (4 antithetic pairs u, −u)"."""
+    n = result["n_samples"]
+    return f"{n} ({n // 2} antithetic pairs u, −u)" if result.get("antithetic") else str(n)
+
+
 def measures_table(res: Results) -> list[str]:
     """Each generalization measure the runs carry: mean ± std per compared regime, and LB/SB with a paired
     bootstrap interval over seeds (a difference for the measures that are logarithms)."""
@@ -57,12 +63,12 @@ def measures_table(res: Results) -> list[str]:
             bound = ("the training-accuracy drop E[acc(w) − acc(w+u)]" if p.get("target", "loss") == "error"
                      else "the loss rise E[L(w+u)] − L(w)")
             notes.append(f"PAC-Bayes flatness, {p.get('target', 'loss')} target: 1/σ² for the largest σ with "
-                         f"{bound} ≤ δ = {p['delta']:g} ({p['n_samples']} common draws, σ to {100 * p['rtol']:g}%)")
+                         f"{bound} ≤ δ = {p['delta']:g} ({draws(p)} common draws, σ to {100 * p['rtol']:g}%)")
     if a := geo.get("average_sharpness"):
         notes.append(f"average sharpness: E[L(w+u)] − L(w), u ~ N(0, {a['sigma']:g}² I)"
                      + (f" and u_i ~ N(0, {geo['average_sharpness_mag']['sigma']:g}² w_i²)"
                         if geo.get("average_sharpness_mag") else "")
-                     + f", {a['n_samples']} draws")
+                     + f", {draws(a)} draws")
     if w := geo.get("worst_case"):
         notes.append(f"worst-case flatness: 1/α² for the largest box |u_i| ≤ α (or α|w_i|) whose maximum rise is ≤ "
                      f"δ = {w['delta']:g} ({w['max_iter']} solver iterations per box; α an upper estimate)")

@@ -18,6 +18,7 @@ from ..errors import UserError  # noqa: E402
 from ..results import space_label  # noqa: E402
 from ..rundir import read_json  # noqa: E402
 from ..util import atomic_write_text  # noqa: E402
+from .generalization import draws  # noqa: E402
 
 # the file batchgap.measure_cmd writes, and the schema read here (its SCHEMA; a test holds the two equal)
 MEASURES, SCHEMA = "measures.json", 1
@@ -99,7 +100,7 @@ def numbers_table(doc: dict) -> list[str]:
         if a := geo.get(key):
             add(f"average sharpness, {words} = {a['sigma']:g}",
                 f"{_g(a['value'])} ({100 * a['confidence']:g}% interval {_g(a['ci_low'])} to {_g(a['ci_high'])})",
-                f"{a['noise']}; {a['n_samples']} draws; seed {a['seed']}")
+                f"{a['noise']}; {draws(a)} draws; seed {a['seed']}")
     for key, words in (("pac_bayes", "1/σ²"), ("pac_bayes_mag", "1/σ'² (magnitude-aware)"),
                        ("pac_bayes_error", "1/σ²"), ("pac_bayes_mag_error", "1/σ'² (magnitude-aware)"),
                        ("worst_case", "worst-case 1/α²"), ("worst_case_mag", "worst-case 1/α'² (magnitude-aware)")):
