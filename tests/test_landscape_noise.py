@@ -527,10 +527,10 @@ def test_the_report_and_the_summary_carry_ghost_batches_and_a_missing_estimate()
         rows = [RegimeSummary(name, batch, 0.1, 1, 0, one, one, one, one, one, one,
                               noise_scale=mean_std([v["b_simple"]]))
                 for name, batch, v in (("SB", 4, sb_noise), ("LB", 20, lb_noise))]
-        runs = [SimpleNamespace(regime=name, geometry={"data": "all", "noise_scale": v})
+        runs = [SimpleNamespace(regime=name, geometry={"data": "all", "noise_scale": v}, eval_protocol=None, train=None)
                 for name, v in (("SB", sb_noise), ("LB", lb_noise))]
         comp = Comparison("SB", "LB", large_over_small=[Ratio("noise_scale", None)])
-        return SimpleNamespace(runs=runs, summary=rows, comparison=comp, study={},
+        return SimpleNamespace(runs=runs, summary=rows, comparison=comp, study={}, data={},
                                regime=lambda name: next(r for r in rows if r.name == name))
 
     res = results(ghost, ghost)

@@ -370,7 +370,7 @@ def report_of(geometries: dict, paper=None):
     stat = lambda v: Stat(v, 0.0, 1)  # noqa: E731
     summary, runs = [], []
     for name, geo in geometries.items():
-        runs.append(SimpleNamespace(geometry=geo, regime=name, ok=True))
+        runs.append(SimpleNamespace(geometry=geo, regime=name, ok=True, eval_protocol=None))
         summary.append(RegimeSummary(
             name=name, batch_size=1, lr=1e-3, runs=1, diverged=0, train_accuracy=stat(1.0), test_accuracy=stat(1.0),
             train_loss=stat(0.1), test_loss=stat(0.1), distance_from_init=stat(1.0), wall_time_s=stat(1.0),
