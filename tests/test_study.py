@@ -191,6 +191,7 @@ def test_every_builtin_study_runs_quick(name, tmp_path, monkeypatch, mnist1d_dir
     jobs = []
     if _needs_files(name):  # the fake files' checksums are trusted in this process only: no worker processes
         data_dir, jobs = install_fake_data(monkeypatch, tmp_path / "data", n_train=300, n_test=150), ["--jobs", "1"]
+        jobs += ["--set", "measure.geometry_examples=4"]  # conv nets: every measure, 4 examples
     else:
         data_dir = mnist1d_dir
     out = tmp_path / "out"
