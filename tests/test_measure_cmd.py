@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+import batchgap
 from batchgap import (
-    adaptive_sharpness, eps_sharpness, evaluate, filter_normalized_direction, hessian_eigenvalues, hessian_trace,
-    loss_curve, loss_surface, plugins,
+    adaptive_sharpness, eps_sharpness, evaluate, filter_normalized_direction, hessian_eigenvalues, loss_curve,
+    loss_surface, plugins,
 )
 from batchgap.cli import main
 from batchgap.config import TrainConfig
@@ -136,13 +137,14 @@ def test_measures_equal_the_notebook_api(work, capsys):
     close(geo["adaptive_sharpness"]["value"], adaptive_sharpness(model, data, rho=0.01, max_iter=2, **common).value)
     close(geo["hessian_eigenvalues"]["eigenvalues"],
           hessian_eigenvalues(model, data, k=2, max_hvp=12, seed=0, **common).eigenvalues)
-    close(geo["hessian_trace"]["value"],  # 2 probes: below Lanczos-deflated's 4, the study measures plain Hutchinson
-          hessian_trace(model, data, n_probes=2, method="hutchinson", seed=0, **common).value)
+    shared = batchgap.density_and_trace(model, data, n_vectors=4, steps=20, trace_probes=2, seed=0, **common)[1]
+    close([geo["hessian_trace"][k] for k in ("value", "ci_low", "ci_high")],  # the trace shares the density's HVPs
+          [shared.value, shared.ci_low, shared.ci_high])
+    assert geo["hessian_trace"]["hvps"] == 2 and "spectral density" in geo["hessian_trace"]["method"]
     noise = exact_gradient_noise_scale(model, data, **common)  # exact: per-example norms in closed form
     for key in ("b_simple", "sq_norm_small", "grad_norm_sq"):
         close(geo["noise_scale"][key], getattr(noise, key))
     # the generalization measures (issue 15), each as the notebook call gives it
-    import batchgap
 
     close(geo["norms"]["fisher_rao_norm"], batchgap.norm_measures(model, data, **common).fisher_rao_norm)
     avg = batchgap.average_sharpness(model, data, sigma=0.1, magnitude_aware=True, n_samples=8, seed=0, **common)

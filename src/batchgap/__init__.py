@@ -21,6 +21,7 @@ from .errors import UserError
 from .landscape import (
     adaptive_sharpness,
     average_sharpness,
+    density_and_trace,
     distance,
     eps_sharpness,
     evaluate,
@@ -70,7 +71,8 @@ def write_report(out):
 
 __all__ = [
     "Dataset", "StudyConfig", "TensorData", "TrainConfig", "UserError", "__version__",
-    "adaptive_sharpness", "average_sharpness", "build_model", "distance", "eps_sharpness", "evaluate",
+    "adaptive_sharpness", "average_sharpness", "build_model", "density_and_trace", "distance", "eps_sharpness",
+    "evaluate",
     "exact_gradient_noise_scale", "filter_normalized_direction", "gradient_noise_scale", "hessian_density",
     "hessian_eigenvalues", "hessian_trace", "init_model", "interpolate", "load_dataset", "load_study", "loss_curve",
     "loss_surface", "norm_measures", "pac_bayes_flatness", "run_study", "worst_case_flatness", "write_report",

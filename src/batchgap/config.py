@@ -189,7 +189,10 @@ class MeasureConfig:
     hessian_top_k: int = field(default=1, metadata={"min": 0})
     hessian_max_hvp: int = field(
         default=100, metadata={"min": 1, "doc": "cap on Lanczos steps (HVPs) for the top eigenvalues"})
-    hessian_trace_probes: int = field(default=10, metadata={"min": 0})
+    hessian_trace_probes: int = field(default=10, metadata={
+        "min": 0, "doc": "Hessian trace: HVPs of its own; 0 = off. With the spectral density on (density_vectors "
+        ">= 2) the trace shares the density's HVPs (density_and_trace) and adds these as residual probes; else "
+        "hessian_trace, Lanczos-deflated from 4, plain Hutchinson below"})
     curve_directions: int = field(default=5, metadata={"min": 0})
     curve_points: int = field(default=21, metadata={"min": 3})
     curve_range: float = field(default=1.0, metadata={"gt": 0.0})

@@ -17,9 +17,9 @@ from torch import nn
 from .config import MeasureConfig
 from .data.base import Dataset
 from .landscape import (
-    adaptive_sharpness, average_sharpness, eps_sharpness, evaluate, filter_normalized_direction, gradient_noise_scale,
-    hessian_density, hessian_eigenvalues, hessian_trace, interpolate, loss_curve, loss_surface, norm_measures,
-    pac_bayes_flatness, worst_case_flatness,
+    adaptive_sharpness, average_sharpness, density_and_trace, eps_sharpness, evaluate, filter_normalized_direction,
+    gradient_noise_scale, hessian_density, hessian_eigenvalues, hessian_trace, interpolate, loss_curve, loss_surface,
+    norm_measures, pac_bayes_flatness, worst_case_flatness,
 )
 from .landscape.evaluate import describe_bn
 from .landscape.noise import exact_gradient_noise_scale, per_example_gradients_exist
@@ -161,7 +161,12 @@ def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int,
     if mcfg.hessian_top_k:
         out["hessian_eigenvalues"] = hessian_eigenvalues(
             model, data, k=mcfg.hessian_top_k, max_hvp=mcfg.hessian_max_hvp, seed=seed, **common).as_dict()
-    if mcfg.hessian_trace_probes:
+    density = None
+    if mcfg.hessian_trace_probes and mcfg.density_vectors >= 2:  # the trace reuses the spectral density's HVPs
+        dens, tr = density_and_trace(model, data, n_vectors=mcfg.density_vectors, steps=mcfg.density_steps,
+                                     trace_probes=mcfg.hessian_trace_probes, seed=seed, **common)
+        out["hessian_trace"], density = tr.as_dict(), dens.as_dict()
+    elif mcfg.hessian_trace_probes:
         probes = mcfg.hessian_trace_probes  # Lanczos-deflated from 4 HVPs (its fewest); below, plain Hutchinson
         out["hessian_trace"] = hessian_trace(model, data, n_probes=probes, seed=seed, **common,
                                              method="lanczos-deflated" if probes >= 4 else "hutchinson").as_dict()
@@ -169,7 +174,7 @@ def geometry(model: nn.Module, dataset: Dataset, mcfg: MeasureConfig, seed: int,
         out["noise_scale"] = noise_scale(model, data, mcfg, seed, objective)
     if mcfg.hessian_top_k and sharp:
         out["second_order"] = second_order(model, sharp, out["hessian_eigenvalues"])
-    out.update(generalization_measures(model, data, mcfg, seed, common))
+    out.update(generalization_measures(model, data, mcfg, seed, common, density))
     if mcfg.curve_directions:
         alphas = np.linspace(-mcfg.curve_range, mcfg.curve_range, mcfg.curve_points | 1)  # odd: holds alpha = 0
         curves = []
@@ -201,11 +206,13 @@ PAC_BAYES_KEYS = {"loss": "%s", "error": "%s_error"}
 FLATNESS_RTOL = 0.02  # PAC-Bayes sigma to 2%: its Monte Carlo error at 8 draws is larger (a few % of delta in g)
 
 
-def generalization_measures(model: nn.Module, data, mcfg: MeasureConfig, seed: int, common: dict) -> dict:
+def generalization_measures(model: nn.Module, data, mcfg: MeasureConfig, seed: int, common: dict,
+                            density: dict | None = None) -> dict:
     """The generalization measures the config asks for: norms and margins, average sharpness (plain and
     magnitude-aware), PAC-Bayes flatness (both variants, each for the loss and/or error target as
     ``mcfg.pac_bayes_target`` says: keys ``pac_bayes``, ``pac_bayes_mag`` for the loss, ``pac_bayes_error``,
-    ``pac_bayes_mag_error`` for the error), worst-case flatness (both variants), the Hessian's spectral density.
+    ``pac_bayes_mag_error`` for the error), worst-case flatness (both variants), the Hessian's spectral density
+    (``density``: already measured with the trace, :func:`geometry`).
 
     PAC-Bayes starts its search where the average sharpness at the same draws predicts the crossing
     (the rise is quadratic in sigma near a minimum); the start changes the search's path, and the result
@@ -237,9 +244,11 @@ def generalization_measures(model: nn.Module, data, mcfg: MeasureConfig, seed: i
         for key, mag in (("worst_case", False), ("worst_case_mag", True)):
             out[key] = worst_case_flatness(model, data, delta=mcfg.worst_case_delta, magnitude_aware=mag,
                                            max_iter=mcfg.worst_case_max_iter, **common).as_dict()
-    if mcfg.density_vectors:
-        out["density"] = hessian_density(model, data, n_vectors=mcfg.density_vectors, steps=mcfg.density_steps,
-                                         seed=seed, **common).as_dict()
+    if mcfg.density_vectors and density is None:
+        density = hessian_density(model, data, n_vectors=mcfg.density_vectors, steps=mcfg.density_steps, seed=seed,
+                                  **common).as_dict()
+    if density is not None:
+        out["density"] = density
     return out
 
 

@@ -40,8 +40,9 @@ Log = Callable[[str], None]
 
 
 # Bumped when a measure's method changes its numbers under the same settings (a resumed study re-measures): 2 the
-# exact noise scale; 3 issue 24's labels; 4 the Lanczos-deflated trace and antithetic flatness draws (issue 27).
-MEASURE_METHODS = 4
+# exact noise scale; 3 issue 24's labels; 4 the Lanczos-deflated trace and antithetic flatness draws (issue 27); 5 the
+# trace shares the spectral density's HVPs (density_and_trace) where both are measured.
+MEASURE_METHODS = 5
 
 
 def _measure_hash(cfg: StudyConfig) -> str:

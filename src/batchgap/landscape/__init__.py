@@ -1,6 +1,6 @@
 """Geometry of a trained model, each quantity on an explicit evaluation protocol."""
 from .adaptive import AdaptiveSharpnessResult, adaptive_sharpness
-from .density import DensityResult, hessian_density
+from .density import DensityResult, density_and_trace, hessian_density
 from .flatness import (
     AverageSharpnessResult, PacBayesResult, WorstCaseFlatnessResult, average_sharpness, pac_bayes_flatness,
     worst_case_flatness,
@@ -26,7 +26,7 @@ __all__ = [
     "EigenResult", "TraceResult", "hessian_eigenvalues", "hessian_trace",
     "SharpnessResult", "eps_sharpness", "AdaptiveSharpnessResult", "adaptive_sharpness",
     "NoiseScaleResult", "gradient_noise_scale", "exact_gradient_noise_scale",
-    "DensityResult", "hessian_density", "NormResult", "norm_measures",
+    "DensityResult", "density_and_trace", "hessian_density", "NormResult", "norm_measures",
     "AverageSharpnessResult", "PacBayesResult", "WorstCaseFlatnessResult", "average_sharpness", "pac_bayes_flatness",
     "worst_case_flatness", "BatchLoss", "Objective", "huggingface_objective", "pair_objective", "tuple_objective",
 ]

@@ -36,7 +36,8 @@ averaging over n_v start vectors estimates phi. Here:
   (sample std, ddof 1, / sqrt(n_v)) and the Student-t interval ``trace_ci_low``, ``trace_ci_high`` at
   ``trace_confidence`` (n_v - 1 degrees of freedom). A trace is given only with its interval: with one
   start vector every trace field is None and ``trace_reason`` says why. The density's mean times N is
-  the trace.
+  the trace. :func:`density_and_trace` gives, from the same chains, a better trace for a few more HVPs:
+  Hutchinson on the complement of the first chain's Krylov space (:mod:`trace`).
 
 A chain whose Krylov space becomes invariant (beta <= 1e-10 of its largest coefficient) stops early;
 its quadrature is then exact, and ``ritz_values`` / ``ritz_weights`` (n_v, m) are padded with nan / 0.
@@ -59,6 +60,7 @@ from .functional import FullDataLoss, measured_protocol, session
 from .hessian import HVP_METHOD, lanczos_block, rademacher
 from .objective import as_objective
 from .protocol import Measured, frozen_array, jsonable
+from .trace import TraceResult, shared_estimate, shared_trace
 
 BREAKDOWN = 1e-10  # a chain stops when beta <= BREAKDOWN x its largest |alpha|, beta: invariant subspace
 TAILS = 5.0  # the grid extends this many kernel stds beyond the extreme Ritz values
@@ -155,6 +157,57 @@ def hessian_density(
     Cost: ``n_vectors * steps`` HVPs (each ~4.8 loss-and-gradient passes over ``data``) in ``steps`` block
     calls sharing each batch's forward pass; memory n_v (steps + 1) N float64 for the Lanczos bases.
     """
+    _check(n_vectors, steps, grid_points, kernel_width, confidence)
+    gen = torch.Generator().manual_seed(seed)
+    obj = as_objective(objective, loss_fn)
+    with session(model, bn, data, bn_data, batch_size, obj):
+        F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
+        chains = lanczos_block(F.hvp, rademacher(n_vectors, F.num_params, gen, F.x0.device), steps,
+                               breakdown=BREAKDOWN)
+        proto = measured_protocol(model, F, bn, bn_data, batch_size, params)
+    return _density(chains, F.num_params, n_vectors, steps, grid_points, kernel_width, confidence, seed, proto)
+
+
+def density_and_trace(
+    model: nn.Module, data, n_vectors: int = 4, steps: int = 20, trace_probes: int = 10, loss_fn=None,
+    batch_size: int = 1000, bn: str = "eval", params: str = "all", seed: int = 0, grid_points: int = 201,
+    kernel_width: float = 0.01, bn_data=None, confidence: float = 0.95, objective=None,
+) -> tuple[DensityResult, TraceResult]:
+    """The spectral density and tr(H) from the same HVPs: ``hessian_density(...)``'s result (the same numbers, the
+    same seed) and a :class:`trace.TraceResult` that reuses its chains (issue 27: SLQ and the trace share HVPs).
+
+    The trace: Hutchinson on the complement of chain 0's Krylov basis Q (``steps`` Lanczos vectors), tr(Q H Q^T)
+    = the sum of chain 0's alphas exactly, and as residual probes the other n_v - 1 start vectors (their
+    z^T P H P z from the chains' first steps, :func:`trace.krylov_residuals`, no HVP) plus ``trace_probes`` more
+    Rademacher probes (``trace_probes`` HVPs in one block call, drawn after the start vectors from the same
+    generator); the Student-t interval of those n_v - 1 + ``trace_probes`` residual values, conditional on Q.
+    Against ``hessian_trace(n_probes=trace_probes)`` beside the density, the same HVPs buy a ``steps``-dimensional
+    deflation instead of a ``trace_probes / 2``-dimensional one and n_v - 1 more probes.
+
+    Args: as :func:`hessian_density` (``n_vectors`` >= 2 here), and ``trace_probes`` (>= 0, with
+    n_vectors - 1 + trace_probes >= 2 for the interval).
+
+    Cost: ``n_vectors * steps + trace_probes`` HVPs; memory as :func:`hessian_density` plus the probes.
+    """
+    _check(n_vectors, steps, grid_points, kernel_width, confidence)
+    if not isinstance(n_vectors, (int, np.integer)) or n_vectors < 2:
+        raise ValueError(f"n_vectors must be an integer >= 2 for a shared trace, got {n_vectors!r}")
+    if not isinstance(trace_probes, (int, np.integer)) or trace_probes < 0 or n_vectors - 1 + trace_probes < 2:
+        raise ValueError(f"trace_probes must be an integer >= 0 with n_vectors - 1 + trace_probes >= 2, "
+                         f"got {trace_probes!r} with n_vectors={n_vectors}")
+    gen = torch.Generator().manual_seed(seed)
+    obj = as_objective(objective, loss_fn)
+    with session(model, bn, data, bn_data, batch_size, obj):
+        F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
+        N = F.num_params
+        chains, exact, free, drawn, k = shared_estimate(F.hvp, N, F.x0.device, n_vectors, steps, trace_probes, gen)
+        proto = measured_protocol(model, F, bn, bn_data, batch_size, params)
+    density = _density(chains, N, n_vectors, steps, grid_points, kernel_width, confidence, seed, proto)
+    trace = shared_trace(exact, free, drawn, k, confidence, seed, density.hvps, proto)
+    return density, trace
+
+
+def _check(n_vectors, steps, grid_points, kernel_width, confidence) -> None:
     if not (isinstance(confidence, float) and 0 < confidence < 1):
         raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}")
     if not isinstance(n_vectors, (int, np.integer)) or n_vectors < 1:
@@ -165,14 +218,11 @@ def hessian_density(
         raise ValueError(f"grid_points must be an integer >= 2, got {grid_points!r}")
     if not (np.isfinite(kernel_width) and kernel_width > 0):
         raise ValueError(f"kernel_width must be positive and finite, got {kernel_width!r}")
-    gen = torch.Generator().manual_seed(seed)
-    obj = as_objective(objective, loss_fn)
-    with session(model, bn, data, bn_data, batch_size, obj):
-        F = FullDataLoss(model, data, None, batch_size, params, objective=obj)
-        N = F.num_params
-        V0 = rademacher(n_vectors, N, gen, F.x0.device)
-        chains = lanczos_block(F.hvp, V0, steps, breakdown=BREAKDOWN)
-        proto = measured_protocol(model, F, bn, bn_data, batch_size, params)
+
+
+def _density(chains, N: int, n_vectors: int, steps: int, grid_points: int, kernel_width: float, confidence: float,
+             seed: int, proto: dict) -> DensityResult:
+    """The :class:`DensityResult` of the chains (module docstring)."""
     steps = min(steps, N)
     quad = [ritz(a, b) for a, b in zip(chains.alphas, chains.betas)]
     m = max(len(t) for t, _ in quad)

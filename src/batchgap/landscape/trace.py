@@ -32,6 +32,10 @@ Student-t interval of the residual values g_i'^T H g_i' (m_r - 1 degrees of free
   the sum of their Ritz values (the Rayleigh quotients of the Ritz vectors, exact up to rounding under full
   reorthogonalization), and all m probes go to the residual: the eigenpairs a measurement already has
   remove their eigenvalues from the variance for no HVP.
+* shared with the spectral density (:func:`density.density_and_trace`, what a study measures when it measures
+  both): Q = the Krylov basis of the density's first Lanczos chain (its ``steps`` vectors), tr(Q H Q^T) = that
+  chain's alphas summed, and the residual probes are the density's other start vectors (their values come
+  from the chains' first steps, :func:`krylov_residuals`, for no HVP) plus the trace's own probes.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ from scipy import stats
 from torch import nn
 
 from .functional import FullDataLoss, measured_protocol, session
-from .hessian import HVP_METHOD, EigenResult, lanczos_block, rademacher
+from .hessian import HVP_METHOD, EigenResult, LanczosChains, lanczos_block, rademacher
 from .objective import as_objective
 from .protocol import Measured
 
@@ -118,6 +122,26 @@ def xtrace(hvp, m: int, gen, N: int, dev) -> tuple[float, np.ndarray, int]:
         papw = apw - Q @ defl(Q.T @ apw)
         t[i] = tr_q - float(si @ QZ @ si) + float(w @ papw)
     return 0.0, t, s
+
+
+def krylov_residuals(chains: LanczosChains, N: int) -> tuple[float, np.ndarray, torch.Tensor]:
+    """The trace parts a block of Lanczos chains (:func:`hessian.lanczos_block` with ``keep_basis=True``, from
+    independent Rademacher starts z_i / sqrt(N)) already holds, for no HVP: ``(sum of chain 0's alphas = tr(Q H Q^T),
+    residual values z_i^T P H P z_i of chains 1.., Q)`` with Q = chain 0's Krylov basis (k, N) and P = I - Q^T Q.
+
+    Chain i's first step gives H v_i = alpha_i1 v_i + beta_i1 q_i2 (v_i = z_i / sqrt(N), q_i2 its second Lanczos
+    vector; the Lanczos relation, to rounding), and Q H Q^T = T_0 (chain 0's tridiagonal; full
+    reorthogonalization), so with c = Q v_i, d = Q H v_i: v_i^T P H P v_i = alpha_i1 - 2 c.d + c^T T_0 c, times N
+    for z_i. Chains 1.. start independently of chain 0, so their values are unbiased residual probes given Q."""
+    Q = chains.bases[0]
+    T = torch.as_tensor(chains.tridiagonal(0), dtype=Q.dtype, device=Q.device)
+    values = []
+    for base, a, b in zip(chains.bases[1:], chains.alphas[1:], chains.betas[1:]):
+        v = base[0]
+        Hv = a[0] * v + (b[0] * base[1] if len(base) > 1 else 0.0)  # no second vector: v spans an invariant space
+        c, d = Q @ v, Q @ Hv
+        values.append(N * (float(a[0]) - 2 * float(c @ d) + float(c @ T @ c)))
+    return float(np.sum(chains.alphas[0])), np.array(values), Q
 
 
 def estimate(hvp, N: int, dev, method: str, m: int, gen: torch.Generator, confidence: float = 0.95,
@@ -225,4 +249,36 @@ def hessian_trace(
         value=value, stderr=stderr, ci_low=value - half, ci_high=value + half, confidence=confidence,
         n_probes=n_probes, hvps=hvps, method=f"{name}; {HVP_METHOD}", interval=interval, seed=seed,
         exact_part=exact, deflated=k, **proto,
+    )
+
+
+def shared_estimate(hvp, N: int, dev, n_vectors: int, steps: int, trace_probes: int, gen: torch.Generator
+                    ) -> tuple[LanczosChains, float, np.ndarray, np.ndarray, int]:
+    """SLQ's chains and the trace parts they share (:func:`density.density_and_trace`): ``(chains, tr(Q H Q^T),
+    the n_vectors - 1 free residual values, the trace_probes drawn ones, k)`` for the operator ``hvp``."""
+    chains = lanczos_block(hvp, rademacher(n_vectors, N, gen, dev), steps, keep_basis=True, breakdown=BREAKDOWN)
+    exact, free, Q = krylov_residuals(chains, N)
+    drawn = residual(hvp, Q, trace_probes, gen, N, dev) if trace_probes else np.empty(0)
+    return chains, exact, free, drawn, len(Q)
+
+
+def shared_trace(exact: float, free: np.ndarray, drawn: np.ndarray, k: int, confidence: float, seed: int,
+                 density_hvps: int, proto: dict) -> TraceResult:
+    """The :class:`TraceResult` of :func:`density.density_and_trace`: ``exact`` = tr(Q H Q^T) on the density's
+    k-dimensional Krylov basis, residual values ``free`` (the density's other start vectors) and ``drawn``."""
+    samples = np.concatenate([free, drawn])
+    n = len(samples)
+    stderr = float(samples.std(ddof=1) / np.sqrt(n))
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * stderr
+    value = exact + float(samples.mean())
+    return TraceResult(
+        value=value, stderr=stderr, ci_low=value - half, ci_high=value + half, confidence=confidence,
+        n_probes=len(drawn), hvps=len(drawn), seed=seed, exact_part=exact, deflated=k,
+        method=(f"Hutchinson on the complement of the spectral density's first {k}-step Lanczos Krylov basis, "
+                f"Rademacher; shares the density's {density_hvps} HVPs (its other {len(free)} start vectors are "
+                f"residual probes) and adds {len(drawn)}; {HVP_METHOD}"),
+        interval=(f"Student-t over the {n} residual probes g'^T H g', g' = (I - Q^T Q) g ({len(free)} the density's "
+                  f"start vectors, {len(drawn)} drawn), conditional on the {k}-dimensional basis Q; tr(Q H Q^T) = "
+                  f"{exact:.6g} exact"),
+        **proto,
     )
