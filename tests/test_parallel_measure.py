@@ -118,6 +118,24 @@ def measure_all(data) -> dict:
     return out
 
 
+def sampled_gradients(run) -> int:
+    """How many batch gradients this process computed in ``run`` (the sampled noise scale's |G_B|^2 rows)."""
+    from batchgap.landscape import noise
+
+    rows, real = [0], noise._sq_norms
+
+    def counted(grads):
+        rows[0] += len(next(iter(grads.values())))
+        return real(grads)
+
+    noise._sq_norms = counted
+    try:
+        run()
+    finally:
+        noise._sq_norms = real
+    return rows[0]
+
+
 def _worker(rank, world, store, results):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -136,6 +154,8 @@ def _worker(rank, world, store, results):
         except ValueError as err:
             refusals[name] = str(err)
     out["refusals"] = refusals
+    out["noise_rows"] = sampled_gradients(lambda: batchgap.gradient_noise_scale(net(), toy(), small=4, n_batches=6,
+                                                                                n_boot=50, batch_size=BATCH))
     with ranks.alone():  # inside alone(), one rank measures by itself while the others do not take part
         out["alone"] = batchgap.evaluate(net(), toy(), batch_size=BATCH).loss if rank == 0 else None
     torch.save(out, f"{results}-{rank}.pt")
@@ -325,3 +345,11 @@ def test_run_nproc_2_measures_each_run_on_both_workers_with_the_one_process_numb
         assert a.keys() == b.keys()
         for key in a:  # float32 model: float32 round-off, summed in another order, through the solvers
             np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=f"{run['id']}: {key}")
+
+
+def test_the_sampled_noise_scale_splits_its_batches_over_the_ranks(spawned):
+    """Each rank computes its share of the 6 sampled batch gradients (not all 6), and still holds every value."""
+    world, got = spawned
+    assert sampled_gradients(lambda: batchgap.gradient_noise_scale(net(), toy(), small=4, n_batches=6, n_boot=50,
+                                                                   batch_size=BATCH)) == 6
+    assert [out["noise_rows"] for out in got] == [6 // world] * world

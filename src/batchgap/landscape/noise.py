@@ -31,8 +31,8 @@ from .objective import Bound, PairObjective, as_objective, mean_cross_entropy
 from .params import describe_params, is_batchnorm
 from .pergrad import (CLOSED_FORM_PATH, Mapper, NoClosedForm, closed_form_reason, mean_loss_error, objective_moments,
                       per_example_moments, summed_moments)
-from .noise_estimate import bootstrap_interval, mean_and_stderr
 from .noise_estimate import (  # re-exported: the estimator's algebra lives there
+    bootstrap_interval, mean_and_stderr,
     b_simple_stderr as b_simple_stderr,
     expected_batch_sq_norm as expected_batch_sq_norm,
     finite_population_factor as finite_population_factor,
@@ -166,19 +166,19 @@ def _pairs_only(obj, what: str) -> None:
 @torch.no_grad()  # torch.func.grad still differentiates; no autograd graph to parameters left out of theta
 def _batch_sq_norms(F: FullDataLoss, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, chunk: int,
                     mapper: Mapper | None = None, ghost: bool = False) -> torch.Tensor:
-    """|G_B|^2 (float64, on the CPU) for each batch of ``index``: (k, B) examples, or (k, B/g, g) units (the
-    mean of the ghost batches' losses, each normalized by itself). ``vmap`` over ``max(1, chunk // B)`` batches."""
+    """|G_B|^2 (float64, CPU) of each batch of ``index``: (k, B) examples or (k, B/g, g) units (the ghost batches'
+    mean loss); ``vmap`` over ``max(1, chunk // B)`` batches, each rank a share (:func:`ranks.span`)."""
     mapper = mapper or Mapper("batches")
     index = (index[..., None] if index.dim() == 2 else index).to(x.device)
     theta, batch_loss = _functional(F)
     grad_fn = grad((lambda p, xb, yb: mapper.map(batch_loss, p, xb, yb).mean()) if ghost else
                    (lambda p, xb, yb: batch_loss(p, xb.flatten(0, 1), yb.flatten(0, 1))))
     per_call = max(1, chunk // (index.shape[1] * index.shape[2]))
-    out = torch.empty(len(index), dtype=torch.float64)
-    for s in range(0, len(index), per_call):
-        b = index[s : s + per_call]
+    (lo, hi), out = ranks.span(len(index)), torch.zeros(len(index), dtype=torch.float64)
+    for s in range(lo, hi, per_call):
+        b = index[s : min(s + per_call, hi)]
         out[s : s + len(b)] = _sq_norms(mapper.run(lambda: mapper.map(grad_fn, theta, x[b], y[b]))).cpu()
-    return out
+    return ranks.all_sum(out)  # each entry from one rank, zeros from the rest: every rank holds all, exactly
 
 
 def _blocks(data, units: torch.Tensor | None, batch_size: int, chunk: int):
