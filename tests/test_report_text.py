@@ -75,3 +75,18 @@ def test_the_paragraph_says_what_the_intervals_allow(row):
         assert needle in text, (needle, text)
     for needle in must_not:
         assert needle not in text, (needle, text)
+
+
+@pytest.mark.parametrize("n, method, want", [
+    (5, "unbounded with 5 seeds (Fieller, t with 4 d.f.: the denominator's mean is not distinguishable from 0)",
+     "0.966× (unbounded: no interval)"),
+    (1, "one seed: no interval", "0.966× (one seed)"),
+])
+def test_a_ratio_cell_without_an_interval_says_why(n, method, want):
+    """Five seeds whose SB mean Fieller cannot tell from 0 have no interval: the table must not call that one seed."""
+    from batchgap.report.geometry import _cell
+
+    res = results((5, 80, 20), (2, 9, 4), n=n)
+    res.comparison.large_over_small.append(
+        Ratio("hessian_top_eigenvalue", 0.966, None, None, Interval(None, None, 0.95, method, n)))
+    assert _cell(res, "hessian_top_eigenvalue") == want

@@ -31,7 +31,10 @@ def _cell(res: Results, measure: str, eps: float | None = None, dim: int | None 
     if r is None or not r.value:
         return "n/a"
     iv = r.interval
-    return f"{r.value:.3g}×" + (f" [{iv.lo:.3g}, {iv.hi:.3g}]" if iv and iv.lo is not None else " (one seed)")
+    if iv and iv.lo is not None:
+        return f"{r.value:.3g}× [{iv.lo:.3g}, {iv.hi:.3g}]"
+    unbounded = iv is not None and iv.method.startswith("unbounded")  # Fieller: the SB mean not told from 0
+    return f"{r.value:.3g}× ({'unbounded: no interval' if unbounded else 'one seed'})"
 
 
 def _paper(paper: list, eps: float, subspace_dim: int | None) -> tuple[str, str]:
