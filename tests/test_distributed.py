@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -65,10 +66,13 @@ def _worker(rank, tmp, data_dir):
     torch.set_num_threads(1)
     tmp = Path(tmp)
     dist.init_process_group("gloo", init_method=f"file://{tmp / 'store'}", rank=rank, world_size=WORLD)
-    out = {}
+    out = {"warnings": []}
     for name, (_, _, ghost) in CASES.items():
         model = ghost_bn(net(), ghost) if ghost else net()
-        res = fit(model, name)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = fit(model, name)
+        out["warnings"] += [str(w.message) for w in caught]
         out[name] = {"state": model.state_dict(), "history": res.history, "distributed": res.distributed,
                      "bn_layer": type(model.fc1.bn).__name__}
     # a run stopped after epoch 1 and resumed by a fresh model; each rank names its own directory,
@@ -206,6 +210,29 @@ def test_nproc_launches_torchrun_and_finishes_the_study(tmp_path, mnist1d_dir, m
     assert "trained on 2 data-parallel worker(s) there, 1 now" in capsys.readouterr().err
 
 
+def test_a_data_parallel_study_measured_again_is_measured_on_every_worker_without_training(tmp_path, mnist1d_dir):
+    """Changed measure settings on a finished --nproc study: the trained runs are measured again on both workers
+    (each pass shared, world_size 2 in the protocols), not trained again and not measured by rank 0 alone."""
+    out = tmp_path / "out"
+    env = {**os.environ, "BATCHGAP_DATA": str(mnist1d_dir), "OMP_NUM_THREADS": "1"}
+
+    def run(*more):
+        sets = [a for s in [*STUDY, "measure.eval_batch_size=100", *more] for a in ("--set", s)]
+        proc = subprocess.run([sys.executable, "-m", "batchgap", "run", "default", "--nproc", "2", "--out", str(out),
+                               "--no-report", *sets], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads((out / "results.json").read_text())["runs"], proc.stderr
+
+    first, _ = run()
+    assert [r["geometry"]["noise_scale"]["world_size"] for r in first] == [2, 2]  # measured on both workers
+    again, log = run("measure.norms=true")
+    assert "measured again on 2 workers" in log and "global batch" not in log
+    assert "Warning" not in log  # torchrun's launch and DDP once warned (runpy's RuntimeWarning, a FutureWarning)
+    for a, b in zip(first, again):
+        assert (a["id"], a["wall_time_s"], a["history"]) == (b["id"], b["wall_time_s"], b["history"])  # not trained
+        assert b["geometry"]["norms"]["world_size"] == 2 and b["geometry"]["norms"]["backend"] == "gloo"
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--nproc", "2", "--jobs", "2"], "--jobs and --nproc"),
     (["--nproc", "0"], "--nproc: must be at least 1"),
@@ -223,3 +250,9 @@ def test_bad_nproc_is_one_line_before_anything_is_launched(argv, needle, tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err
     assert not (tmp_path / "out").exists()
+
+
+def test_data_parallel_training_warns_nothing(spawned):
+    """torch 2.13's DDP warns that broadcast_buffers is deprecated: a user of --nproc saw it twice per run."""
+    _, outs = spawned
+    assert all(not out["warnings"] for out in outs), outs[0]["warnings"]

@@ -41,6 +41,7 @@ one place the CLI and the study start and join a process group.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -199,7 +200,7 @@ def launch(argv: list[str], nproc: int) -> int:
 
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "batchgap.lifecycle", str(os.getpid()),  # bound to this process, then torchrun
+    cmd = [sys.executable, "-c", BIND, str(os.getpid()),  # bound to this process, then torchrun
            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "batchgap", *_without_nproc(argv)]
     with subprocess.Popen(cmd, env=env) as proc:
@@ -212,6 +213,10 @@ def launch(argv: list[str], nproc: int) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
             raise
+
+
+# runs lifecycle.trampoline (not ``-m batchgap.lifecycle``: the package imports that module first, and runpy warns)
+BIND = "import sys; from batchgap.lifecycle import trampoline; sys.exit(trampoline(sys.argv[1:]))"
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -378,8 +383,12 @@ def data_parallel(model: nn.Module, bn_sync: bool = False) -> Iterator[nn.Module
     try:
         device = next(model.parameters()).device
         ids = [device] if device.type == "cuda" else None
-        # buffers stay equal on every worker by construction: no broadcast from rank 0 each step
-        net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        # no broadcast of buffers from rank 0 each step (training normalizes by batch statistics; rank 0's running
+        # statistics are the ones saved). torch >= 2.13 calls that forward_sync_buffers and warns on the old name;
+        # it also copies rank 0's buffers once at init, which changes no number of rank 0's
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel)
+                   .parameters else "broadcast_buffers")
+        net = DistributedDataParallel(model, device_ids=ids, **{no_sync: False})
         yield net
     finally:
         for parent, name, original in swapped:
