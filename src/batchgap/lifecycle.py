@@ -14,8 +14,9 @@ already be writing:
   stops its workers, says what it kept, and exits with 143 (128 + SIGTERM), as a shell reports it.
 - :func:`start_time`: a process's start time, so that a lock naming a pid is not fooled by the pid's reuse.
 
-``python -m batchgap.lifecycle PARENT_PID PROGRAM ARGS...`` runs PROGRAM (torchrun) bound to PARENT_PID the
-same way, with ``$BATCHGAP_PARENT_PID`` set to its own pid for the processes it starts (the ranks).
+:func:`trampoline` (``PARENT_PID PROGRAM ARGS...``; :data:`distributed.BIND` calls it) runs PROGRAM (torchrun)
+bound to PARENT_PID the same way, with ``$BATCHGAP_PARENT_PID`` set to its own pid for the processes it starts
+(the ranks).
 """
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ def alive(pid: int, started: int | None = None) -> bool:
         return True
 
 
-def _trampoline(argv: list[str]) -> int:
+def trampoline(argv: list[str]) -> int:
     """``PARENT_PID PROGRAM ARGS...``: become PROGRAM, bound to PARENT_PID (see the module docstring)."""
     parent, cmd = int(argv[0]), argv[1:]
     if _prctl_pdeathsig(signal.SIGTERM):  # survives exec: torchrun ends its ranks on SIGTERM
@@ -174,4 +175,4 @@ def _trampoline(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_trampoline(sys.argv[1:]))
+    sys.exit(trampoline(sys.argv[1:]))
