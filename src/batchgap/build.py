@@ -9,7 +9,7 @@ from .data import check_augment, load_dataset, make_augment as builtin_augment
 from .data.base import Dataset, DictData
 from .errors import UserError
 from .models import bn_mode, init_model
-from .plan import model_tag
+from .plan import Run, model_tag, plan
 from .rundir import Output
 
 
@@ -112,3 +112,16 @@ def start_point(out: Output, cfg: StudyConfig, ds: Dataset, seed: int) -> dict:
     if distributed.is_main():
         out.save_x0(tag, seed, state)
     return state
+
+
+def check_study(cfg: StudyConfig, data_dir=None, download: bool = False, world_size: int = 1,
+                device: torch.device | None = None) -> tuple[Dataset, list[Run]]:
+    """Everything that can be wrong with the input, found before the output directory is touched:
+    the data set and its runs."""
+    ds = prepare_data(cfg, data_dir, download)
+    check_model(cfg, ds)  # model name, options, input shape, logits (or the objective's loss) of a batch
+    augments = [r.train.augment or cfg.data.augment for r in cfg.regimes]
+    for name in augments:
+        augment(cfg, name, ds.input_shape)
+    user = plugins.identity(cfg.model.name, ds, augments, cfg.root)
+    return ds, plan(cfg, len(ds.train), world_size, (device or torch.device("cpu")).type, user)

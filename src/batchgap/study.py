@@ -24,12 +24,12 @@ from typing import Callable
 import torch
 
 from . import build, devices, distributed, lifecycle, machine, plugins, sharding
-from .build import prepare_data, start_point
+from .build import check_study as check_study, prepare_data, start_point
 from .config import StudyConfig, config_hash, from_dict
 from .data.base import Dataset
 from .errors import UserError
 from .measure import data_protocol, eval_batches, geometry, measure_trained, parametric_plot
-from .plan import Run, batch_schedule, model_tag, plan
+from .plan import Run, batch_schedule, model_tag
 from .remedies import ghost_bn, make_step
 from .results import SCHEMA, TRAINING_FIELDS, Metrics, Pair, Results, RunResult, from_dict as load
 from .rundir import Output, other_study, read_json, remove_temp_files
@@ -221,21 +221,29 @@ def _stop(pool) -> None:
 
 
 def _train_data_parallel(out: Output, cfg: StudyConfig, ds: Dataset, runs: list[Run], progress, log: Log) -> bool:
-    """All workers train, then measure (landscape/ranks.py; rank 0 writes), each run not trained yet; True unless a
-    pass has fewer batches than workers or the study a trajectory (rank 0's files): then rank 0 measures alone."""
-    todo = distributed.broadcast([r.id for r in runs if out.run(r.id).finished(r.id) is None]
-                                 if distributed.is_main() else None)
-    world = distributed.world_size()
+    """All workers train, then measure (landscape/ranks.py; rank 0 reads and writes the files), each run not trained
+    yet, and measure again each trained run measured under other settings; True unless a pass has fewer batches than
+    workers or the study measures a trajectory (rank 0's files): then rank 0 measures alone, after."""
+    key, main, world = _measure_hash(cfg), distributed.is_main(), distributed.world_size()
     shared = not cfg.measure.trajectory_epochs and eval_batches(ds, cfg.measure)[1] >= world
+    done = {r.id: out.run(r.id).finished(r.id) for r in runs} if main else {}
+    again = {i: {k: getattr(d, k) for k in TRAINING_FIELDS} for i, d in done.items()
+             if d is not None and shared and d.measure_hash != key and not d.diverged_epoch}
+    todo, again = distributed.broadcast(([i for i, d in done.items() if d is None or i in again], again))
     for i, run in enumerate([r for r in runs if r.id in todo], 1):
-        log(f"[{i}/{len(todo)}] {run.id}: global batch {run.batch_size} on {world} workers "
-            f"({run.batch_size // world} each), {run.regime.train.epochs} epochs")
+        log(f"[{i}/{len(todo)}] {run.id}: " + (f"measured again on {world} workers" if run.id in again else
+            f"global batch {run.batch_size} on {world} workers ({run.batch_size // world} each), "
+            f"{run.regime.train.epochs} epochs"))
         with devices.num_threads(run.threads):
-            model, x0, res, step, schedule = _train_run(out, cfg, ds, run, progress)
+            if run.id in again:  # trained: rank 0's model on every worker
+                state = distributed.broadcast(out.run(run.id).load_model() if main else None)
+                x0, result = start_point(out, cfg, ds, run.seed), RunResult(**again[run.id])
+            else:
+                model, x0, res, step, schedule = _train_run(out, cfg, ds, run, progress)
+                state, result = model.state_dict(), _trained(out, cfg, ds, run, res, step, schedule)
             if shared:
-                result = _trained(out, cfg, ds, run, res, step, schedule)
-                _measure_run(cfg, ds, run, None, build.model(cfg, ds, model.state_dict()), x0, result)
-                if distributed.is_main():
+                _measure_run(cfg, ds, run, None, build.model(cfg, ds, state), x0, result)
+                if main:
                     out.run(run.id).write_result(result)
     distributed.finish()
     return shared
@@ -280,19 +288,6 @@ def _results(cfg: StudyConfig, ds: Dataset, runs: list[RunResult], pairs: list[P
         comparison=compare(cfg.compare[0], cfg.compare[1], runs, summary) if cfg.compare else None,
         wall_time_s=time.perf_counter() - t0, unfinished=list(unfinished), user=user or {},
     )
-
-
-def check_study(cfg: StudyConfig, data_dir=None, download: bool = False, world_size: int = 1,
-                device: torch.device | None = None) -> tuple[Dataset, list[Run]]:
-    """Everything that can be wrong with the input, found before the output directory is touched:
-    the data set and its runs."""
-    ds = prepare_data(cfg, data_dir, download)
-    build.check_model(cfg, ds)  # model name, options, input shape, logits (or the objective's loss) of a batch
-    augments = [r.train.augment or cfg.data.augment for r in cfg.regimes]
-    for name in augments:
-        build.augment(cfg, name, ds.input_shape)
-    user = plugins.identity(cfg.model.name, ds, augments, cfg.root)
-    return ds, plan(cfg, len(ds.train), world_size, (device or torch.device("cpu")).type, user)
 
 
 def check_one_study(out: Output, cfg: StudyConfig, force: bool = False, world_size: int = 1) -> None:
@@ -392,7 +387,8 @@ def run_study(cfg: StudyConfig, out: str | Path, data_dir: str | Path | None = N
             if not main:
                 return None
             log("trained and measured on every worker" if shared else "trained on every worker; rank 0 measures "
-                "alone (a pass has fewer evaluation batches than workers, or the study measures a trajectory)")
+                "alone (a pass has fewer evaluation batches than workers: measure.eval_batch_size at most the "
+                "smallest set over the workers measures on all; or the study measures a trajectory)")
         results = execute_runs(out, cfg, ds, mine, jobs=jobs, data_dir=data_dir, progress=progress, log=log)
         if line := machine.note(results):  # a resume on another machine: its runs' last digits may differ
             log(line)
