@@ -24,7 +24,6 @@ from it (:mod:`critical_report`).
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -37,12 +36,12 @@ import numpy as np
 import torch
 
 from .. import devices
-from ..config import config_hash, from_dict, read_toml
-from ..errors import UserError, closest
+from ..config import config_hash, from_dict
+from ..errors import UserError
 from ..lifecycle import die_with_parent, orphaned
-from ..overrides import apply_set, parse_set
 from ..typed import build
 from ..util import atomic_save_torch, atomic_write_json, progress_bar
+from .common import load_study
 from .critical_fit import bootstrap_fit, fit_table
 from .critical_summary import PROTOCOL, summarize
 from .critical_train import branch, noise_scales, sgd_to_targets
@@ -92,25 +91,7 @@ def load(path, quick: bool = False, sets=()):
     Returns:
         ``(raw dict, the data and model as a StudyConfig, CriticalSettings)``; a mistake raises a UserError.
     """
-    path = Path(path)
-    raw = read_toml(path)
-    for key in raw:
-        if key not in TOP_KEYS:
-            raise UserError(f"{path}: {key}: unknown key{closest(key, TOP_KEYS)}; allowed: {', '.join(TOP_KEYS)}")
-    check(raw, str(path))
-    raw = copy.deepcopy(raw)
-    if quick:
-        table = raw.get("quick", {})
-        if not isinstance(table, dict):
-            raise UserError(f"{path}: quick: expected a table of dotted keys, got {table!r}")
-        for key, value in table.items():
-            apply_set(raw, key, value)
-    for assignment in sets:
-        apply_set(raw, *parse_set(assignment))
-    cfg, settings = check(raw, str(path))
-    raw.setdefault("root", str(path.resolve().parent))
-    cfg.root = raw["root"]
-    return raw, cfg, settings
+    return load_study(path, quick, sets, TOP_KEYS, check)
 
 
 def check(raw: dict, where: str):

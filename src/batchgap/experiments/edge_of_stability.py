@@ -16,7 +16,6 @@ runs it finished; ``results.json`` gathers them with each run's summary against 
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -27,12 +26,12 @@ from pathlib import Path
 import torch
 
 from .. import devices
-from ..config import from_dict, read_toml
+from ..config import from_dict
 from ..errors import UserError, closest
 from ..lifecycle import die_with_parent, orphaned
-from ..overrides import apply_set, parse_set
 from ..typed import build
 from ..util import atomic_write_json, progress_bar
+from .common import load_study
 from .eos_summary import summarize, threshold
 from .eos_trace import LOSSES, model_objective, trace
 
@@ -91,25 +90,7 @@ def load(path: str | Path, quick: bool = False, sets=()) -> tuple[dict, object, 
     Returns:
         ``(raw dict, the data and model as a StudyConfig, EosSettings)``; a mistake raises a one-line UserError.
     """
-    path = Path(path)
-    raw = read_toml(path)
-    for key in raw:
-        if key not in TOP_KEYS:
-            raise UserError(f"{path}: {key}: unknown key{closest(key, TOP_KEYS)}; allowed: {', '.join(TOP_KEYS)}")
-    check(raw, str(path))  # as written: a mistake is refused even where --quick overrides it
-    raw = copy.deepcopy(raw)
-    if quick:
-        table = raw.get("quick", {})
-        if not isinstance(table, dict):
-            raise UserError(f"{path}: quick: expected a table of dotted keys, got {table!r}")
-        for key, value in table.items():
-            apply_set(raw, key, value)
-    for assignment in sets:
-        apply_set(raw, *parse_set(assignment))
-    cfg, settings = check(raw, str(path))
-    raw.setdefault("root", str(path.resolve().parent))
-    cfg.root = raw["root"]
-    return raw, cfg, settings
+    return load_study(path, quick, sets, TOP_KEYS, check)
 
 
 def check(raw: dict, where: str):

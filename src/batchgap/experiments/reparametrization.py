@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 
 from .. import devices
-from ..config import config_hash, from_dict, read_toml
+from ..config import config_hash, from_dict
 from ..errors import UserError, closest
 from ..lifecycle import die_with_parent, orphaned
-from ..overrides import apply_set, parse_set
 from ..typed import build
 from ..util import atomic_write_json, progress_bar
+from .common import load_study
 from .reparam_table import summarize
 
 KIND = "reparametrization"
@@ -84,25 +84,7 @@ def load(path: str | Path, quick: bool = False, sets=()) -> tuple[dict, object, 
 
     Returns:
         ``(raw dict, the study as a StudyConfig, ReparamSettings)``; a mistake raises a one-line UserError."""
-    path = Path(path)
-    raw = read_toml(path)
-    for key in raw:
-        if key not in TOP_KEYS:
-            raise UserError(f"{path}: {key}: unknown key{closest(key, TOP_KEYS)}; allowed: {', '.join(TOP_KEYS)}")
-    check(raw, str(path))
-    raw = copy.deepcopy(raw)
-    if quick:
-        table = raw.get("quick", {})
-        if not isinstance(table, dict):
-            raise UserError(f"{path}: quick: expected a table of dotted keys, got {table!r}")
-        for key, value in table.items():
-            apply_set(raw, key, value)
-    for assignment in sets:
-        apply_set(raw, *parse_set(assignment))
-    cfg, settings = check(raw, str(path))
-    raw.setdefault("root", str(path.resolve().parent))
-    cfg.root = raw["root"]
-    return raw, cfg, settings
+    return load_study(path, quick, sets, TOP_KEYS, check)
 
 
 def check(raw: dict, where: str):
