@@ -1,11 +1,16 @@
 """What the three experiments (critical-batch, edge-of-stability, reparametrization) share, written once.
 
 Each experiment's ``load`` reads its study file through :func:`load_study`: checked as written, then with
-``--quick`` and ``--set``. What differs (each study's settings, jobs, numbers and report) stays in its own modules.
+``--quick`` and ``--set``. Its ``run`` makes the checks before anything is written with :func:`start_run`
+(``--jobs``, one study per output directory: :func:`check_output`), takes a job's record back when the job
+already finished (:func:`finished`) and begins ``results.json`` with :func:`results_head`. What differs (each
+study's settings, jobs, numbers and report) stays in its own modules.
 """
 from __future__ import annotations
 
 import copy
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 from ..config import read_toml
@@ -46,3 +51,96 @@ def load_study(path, quick: bool, sets, top_keys: tuple, check) -> tuple:
     raw.setdefault("root", str(path.resolve().parent))
     cfg.root = raw["root"]
     return raw, cfg, settings
+
+
+def read_json(file: Path) -> dict | None:
+    """The JSON object in ``file``, or None when it is missing, unreadable or not an object.
+
+    Args:
+        file: the file.
+
+    Returns:
+        The dict, or None.
+    """
+    try:
+        doc = json.loads(file.read_text(encoding="utf8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def check_output(out: Path, kind: str, name: str, force: bool) -> None:
+    """One directory holds one study: refuse (UserError) another study's output unless ``force``.
+
+    Args:
+        out: the output directory.
+        kind: the experiment about to run into it.
+        name: its study's name.
+        force: run into it whatever it holds.
+
+    Returns:
+        None.
+    """
+    doc = read_json(out / "results.json")
+    if doc is None or force:
+        return
+    if doc.get("experiment") != kind or doc.get("name") != name:
+        other = doc.get("experiment") or "a regimes-and-seeds study"
+        raise UserError(f"{out}: holds {other} {doc.get('name', doc.get('study', {}).get('name', ''))!r}, not "
+                        f"{kind} {name!r}; choose another --out, or --force to make it this study's")
+
+
+def start_run(kind: str, load, path, out, quick: bool, sets, jobs, force: bool) -> tuple:
+    """What every experiment's ``run`` checks before it writes anything, in this order: the study file
+    (``load``), ``--jobs``, the output directory (:func:`check_output`).
+
+    Args:
+        kind: the experiment.
+        load: the experiment's ``load(path, quick, sets) -> (raw, cfg, settings)``.
+        path: the study file.
+        out: the output directory.
+        quick: apply the study's ``[quick]`` table.
+        sets: ``--set`` assignments.
+        jobs: ``--jobs`` (None: not given).
+        force: run into a directory that holds another study.
+
+    Returns:
+        ``(raw, cfg, settings, out as a Path)``.
+    """
+    raw, cfg, settings = load(path, quick, sets)
+    out = Path(out)
+    if jobs is not None and jobs < 1:
+        raise UserError(f"--jobs: must be at least 1, got {jobs}")
+    check_output(out, kind, cfg.name, force)
+    return raw, cfg, settings, out
+
+
+def results_head(kind: str, schema: int, cfg, quick: bool, settings) -> dict:
+    """The first keys of every experiment's ``results.json``, in their order.
+
+    Args:
+        kind: the experiment.
+        schema: its results schema.
+        cfg: the study (its name and description).
+        quick: whether ``--quick`` was given.
+        settings: the experiment's settings dataclass.
+
+    Returns:
+        ``{"experiment", "schema", "name", "description", "quick", "settings"}``.
+    """
+    return {"experiment": kind, "schema": schema, "name": cfg.name, "description": cfg.description,
+            "quick": quick, "settings": asdict(settings)}
+
+
+def finished(file: Path, ident: str) -> dict | None:
+    """The record of a job that already finished: ``file``'s when it is the job ``ident``'s, else None.
+
+    Args:
+        file: where the job writes its record.
+        ident: the job's id (the hash of what makes its numbers).
+
+    Returns:
+        The record, or None (the job is to run).
+    """
+    done = read_json(file)
+    return done if done is not None and done.get("id") == ident else None

@@ -41,7 +41,7 @@ from ..errors import UserError
 from ..lifecycle import die_with_parent, orphaned
 from ..typed import build
 from ..util import atomic_save_torch, atomic_write_json, progress_bar
-from .common import load_study
+from .common import finished, load_study, results_head, start_run
 from .critical_fit import bootstrap_fit, fit_table
 from .critical_summary import PROTOCOL, summarize
 from .critical_train import branch, noise_scales, sgd_to_targets
@@ -241,8 +241,8 @@ def _gather(out: Path, cfg, s, ident: dict, specs: list[dict], jobs: int, progre
     for spec in specs:
         spec["id"] = config_hash({**ident, **spec})
         file = out / "jobs" / f"{spec['id']}.json"
-        done = _read(file)
-        if done is not None and done.get("id") == spec["id"]:
+        done = finished(file, spec["id"])
+        if done is not None:
             records[spec["id"]] = done
         else:
             todo.append({"cfg": cfg, "settings": s, "spec": spec, "id": spec["id"], "path": str(file),
@@ -274,11 +274,7 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
         seeds x batch sizes x learning rates SGD runs, seeds x (targets + 1) noise measurements, (targets + 1) x
         batch sizes x learning rates branches of ``branch_examples`` examples.
     """
-    raw, cfg, s = load(path, quick, sets)
-    out = Path(out)
-    if jobs is not None and jobs < 1:
-        raise UserError(f"--jobs: must be at least 1, got {jobs}")
-    _check_output(out, cfg.name, force)
+    raw, cfg, s, out = start_run(KIND, load, path, out, quick, sets, jobs, force)
     n = check_model(cfg, s)
     jobs = jobs or devices.cores()
     sizes = batch_grid(n, s)
@@ -309,8 +305,7 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
                         or _reached(runs, ref, t, s, seed0) for b in sizes]
         branches, _ = _gather(out, cfg, s, ident, branch_specs, jobs, progress, f"{KIND} branches",
                               lambda spec: iterates({**spec, "lr": ref["lr"]}))
-    doc = {"experiment": KIND, "schema": SCHEMA, "name": cfg.name, "description": cfg.description, "quick": quick,
-           "settings": asdict(s), "data": asdict(cfg.data), "model": asdict(cfg.model), "n": n,
+    doc = {**results_head(KIND, SCHEMA, cfg, quick, s), "data": asdict(cfg.data), "model": asdict(cfg.model), "n": n,
            "environment": devices.environment(), "protocol": PROTOCOL, "batch_sizes": sizes,
            "runs": [{k: v for k, v in r.items() if k != "keep"} for r in runs], "fits": fits, "reference": ref,
            **summarize(noise, branches, s, sizes)}
@@ -390,22 +385,3 @@ def show(path, *, quick=False, sets=()) -> dict:
     n = cfg.data.train_subset or None
     return {"experiment": KIND, "name": cfg.name, "description": cfg.description, "data": asdict(cfg.data),
             "model": asdict(cfg.model), "critical": asdict(s), "batch_sizes": batch_grid(n, s) if n else None}
-
-
-def _read(file: Path) -> dict | None:
-    try:
-        doc = json.loads(file.read_text(encoding="utf8"))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _check_output(out: Path, name: str, force: bool) -> None:
-    """One directory holds one study: refuse another study's output unless ``force``."""
-    doc = _read(out / "results.json")
-    if doc is None or force:
-        return
-    if doc.get("experiment") != KIND or doc.get("name") != name:
-        other = doc.get("experiment") or "a regimes-and-seeds study"
-        raise UserError(f"{out}: holds {other} {doc.get('name', doc.get('study', {}).get('name', ''))!r}, not "
-                        f"{KIND} {name!r}; choose another --out, or --force to make it this study's")

@@ -31,7 +31,7 @@ from ..errors import UserError, closest
 from ..lifecycle import die_with_parent, orphaned
 from ..typed import build
 from ..util import atomic_write_json, progress_bar
-from .common import load_study
+from .common import finished, load_study, results_head, start_run
 from .eos_summary import summarize, threshold
 from .eos_trace import LOSSES, model_objective, trace
 
@@ -233,19 +233,15 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
     """
     from ..config import config_hash
 
-    raw, cfg, s = load(path, quick, sets)
-    out = Path(out)
-    if jobs is not None and jobs < 1:
-        raise UserError(f"--jobs: must be at least 1, got {jobs}")
-    _check_output(out, cfg.name, force)
+    raw, cfg, s, out = start_run(KIND, load, path, out, quick, sets, jobs, force)
     check_model(cfg, s)
     ident = _identity(cfg, s)
     specs, todo, records = plan(cfg, s), [], {}
     for spec in specs:
         spec["id"] = config_hash({**ident, **{k: v for k, v in spec.items() if k != "label"}})
         file = out / "traces" / f"{spec['id']}.json"
-        done = _read(file)
-        if done is not None and done.get("id") == spec["id"]:
+        done = finished(file, spec["id"])
+        if done is not None:
             records[spec["id"]] = done
         else:
             todo.append({"cfg": cfg, "settings": s, "spec": spec, "id": spec["id"], "path": str(file)})
@@ -254,19 +250,18 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
     jobs = min(jobs or devices.cores(), max(1, len(todo)))
     pool = None
     if jobs == 1:
-        finished = map(run_one, todo)
+        made = map(run_one, todo)
     else:  # workers die with this process (Ctrl-C, SIGTERM, SIGKILL): none finishes or writes a run after it
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
                                    initargs=(os.getpid(),))
-        finished = pool.map(run_one, todo)
+        made = pool.map(run_one, todo)
     try:
-        for rec in progress_bar(finished, desc=KIND, enabled=progress, total=len(todo)):
+        for rec in progress_bar(made, desc=KIND, enabled=progress, total=len(todo)):
             records[rec["id"]] = rec
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
-    doc = {"experiment": KIND, "schema": SCHEMA, "name": cfg.name, "description": cfg.description,
-           "quick": quick, "settings": asdict(s), "data": asdict(cfg.data), "model": asdict(cfg.model),
+    doc = {**results_head(KIND, SCHEMA, cfg, quick, s), "data": asdict(cfg.data), "model": asdict(cfg.model),
            "environment": devices.environment(), "protocol": PROTOCOL,
            "runs": [summarize(records[sp["id"]], s.beta1) for sp in specs]}
     atomic_write_json(out / "results.json", doc)
@@ -320,22 +315,3 @@ def show(path, *, quick=False, sets=()) -> dict:
             "model": asdict(cfg.model), "eos": asdict(s),
             "runs": [{k: v for k, v in r.items()} for r in plan(cfg, s)],
             "thresholds": {r["label"] + f" ({r['loss']})": threshold(r, s.beta1) for r in plan(cfg, s)}}
-
-
-def _read(file: Path) -> dict | None:
-    try:
-        doc = json.loads(file.read_text(encoding="utf8"))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _check_output(out: Path, name: str, force: bool) -> None:
-    """One directory holds one study: refuse another study's output unless ``force``."""
-    doc = _read(out / "results.json")
-    if doc is None or force:
-        return
-    if doc.get("experiment") != KIND or doc.get("name") != name:
-        other = doc.get("experiment") or "a regimes-and-seeds study"
-        raise UserError(f"{out}: holds {other} {doc.get('name', doc.get('study', {}).get('name', ''))!r}, not "
-                        f"{KIND} {name!r}; choose another --out, or --force to make it this study's")

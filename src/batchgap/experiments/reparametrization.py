@@ -37,7 +37,7 @@ from ..errors import UserError, closest
 from ..lifecycle import die_with_parent, orphaned
 from ..typed import build
 from ..util import atomic_write_json, progress_bar
-from .common import load_study
+from .common import finished, load_study, results_head, start_run
 from .reparam_table import summarize
 
 KIND = "reparametrization"
@@ -175,25 +175,6 @@ def measure_one(job: dict) -> dict:
     return record
 
 
-def _read(file: Path) -> dict | None:
-    try:
-        doc = json.loads(file.read_text(encoding="utf8"))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _check_output(out: Path, name: str, force: bool) -> None:
-    """One directory holds one study: refuse another study's output unless ``force``."""
-    doc = _read(out / "results.json")
-    if doc is None or force:
-        return
-    if doc.get("experiment") != KIND or doc.get("name") != name:
-        other = doc.get("experiment") or "a regimes-and-seeds study"
-        raise UserError(f"{out}: holds {other} {doc.get('name', doc.get('study', {}).get('name', ''))!r}, not "
-                        f"{KIND} {name!r}; choose another --out, or --force to make it this study's")
-
-
 def _pool_map(fn, jobs_list: list, jobs: int, progress, desc: str):
     """``fn`` over ``jobs_list`` here (jobs 1) or in spawned workers that die with this process."""
     if jobs == 1:
@@ -229,11 +210,7 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
     from ..rundir import Output
     from ..study import check_study, execute_runs
 
-    raw, cfg, s = load(path, quick, sets)
-    out = Path(out)
-    if jobs is not None and jobs < 1:
-        raise UserError(f"--jobs: must be at least 1, got {jobs}")
-    _check_output(out, cfg.name, force)
+    raw, cfg, s, out = start_run(KIND, load, path, out, quick, sets, jobs, force)
     check_model(cfg, s)
     t0 = time.perf_counter()
     tcfg = _training_cfg(cfg)
@@ -251,8 +228,8 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
         for kind, alpha in [("none", 1.0)] + [(k, a) for k in s.transforms for a in s.factors]:
             spec_id = config_hash({**ident, "run": r.id, "kind": kind, "alpha": alpha})
             specs.append(spec_id)
-            done = _read(out / "reparam" / f"{spec_id}.json")
-            if done is not None and done.get("id") == spec_id:
+            done = finished(out / "reparam" / f"{spec_id}.json", spec_id)
+            if done is not None:
                 records[spec_id] = done
             else:
                 todo.append({"cfg": cfg, "settings": s, "run": info, "kind": kind, "alpha": alpha, "id": spec_id,
@@ -262,8 +239,7 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
     for rec in _pool_map(measure_one, todo, min(jobs, max(1, len(todo))), progress, KIND):
         records[rec["id"]] = rec
     recs = [records[i] for i in specs]
-    doc = {"experiment": KIND, "schema": SCHEMA, "name": cfg.name, "description": cfg.description, "quick": quick,
-           "settings": asdict(s), "compare": list(cfg.compare), "seeds": list(cfg.seeds),
+    doc = {**results_head(KIND, SCHEMA, cfg, quick, s), "compare": list(cfg.compare), "seeds": list(cfg.seeds),
            "data": asdict(cfg.data), "model": asdict(cfg.model), "measure": asdict(cfg.measure),
            "environment": devices.environment(), "protocol": PROTOCOL,
            "runs": [{"id": r.id, "regime": r.regime, "seed": r.seed, "batch_size": r.batch_size, "lr": r.lr,
