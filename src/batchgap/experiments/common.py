@@ -3,19 +3,26 @@
 Each experiment's ``load`` reads its study file through :func:`load_study`: checked as written, then with
 ``--quick`` and ``--set``. Its ``run`` makes the checks before anything is written with :func:`start_run`
 (``--jobs``, one study per output directory: :func:`check_output`), takes a job's record back when the job
-already finished (:func:`finished`) and begins ``results.json`` with :func:`results_head`. What differs (each
-study's settings, jobs, numbers and report) stays in its own modules.
+already finished (:func:`finished`), runs the rest here or in worker processes that die with this one
+(:func:`pool_map`) and begins ``results.json`` with :func:`results_head`; every job loads the data set once per
+process (:func:`study_data`). What differs (each study's settings, jobs, numbers and report) stays in its own
+modules.
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
+from multiprocessing import get_context
 from pathlib import Path
 
 from ..config import read_toml
 from ..errors import UserError, closest
+from ..lifecycle import die_with_parent
 from ..overrides import apply_set, parse_set
+from ..util import progress_bar
 
 
 def load_study(path, quick: bool, sets, top_keys: tuple, check) -> tuple:
@@ -132,6 +139,30 @@ def results_head(kind: str, schema: int, cfg, quick: bool, settings) -> dict:
             "quick": quick, "settings": asdict(settings)}
 
 
+_DATA: dict = {}
+
+
+def study_data(cfg, convert=None):
+    """The study's data set, loaded once per process whatever number of jobs it runs (the last one asked for is
+    kept).
+
+    Args:
+        cfg: the data (and its root).
+        convert: called once on the data set; its result is what is kept and returned (None: the data set).
+
+    Returns:
+        The data set, or ``convert(data set)``.
+    """
+    from ..build import prepare_data
+
+    key = (json.dumps(asdict(cfg.data), sort_keys=True) + str(cfg.root), convert)
+    if key not in _DATA:
+        _DATA.clear()
+        ds = prepare_data(cfg)
+        _DATA[key] = ds if convert is None else convert(ds)
+    return _DATA[key]
+
+
 def finished(file: Path, ident: str) -> dict | None:
     """The record of a job that already finished: ``file``'s when it is the job ``ident``'s, else None.
 
@@ -144,3 +175,29 @@ def finished(file: Path, ident: str) -> dict | None:
     """
     done = read_json(file)
     return done if done is not None and done.get("id") == ident else None
+
+
+def pool_map(fn, todo: list, jobs: int, progress, desc: str):
+    """``fn`` over ``todo`` in this process (``jobs`` 1) or in spawned worker processes that die with this one
+    (Ctrl-C, SIGTERM, SIGKILL: none finishes or writes a job after it); yields the results in order.
+
+    Args:
+        fn: a module-level function of one job.
+        todo: the jobs.
+        jobs: processes at once (at most ``len(todo)`` are started).
+        progress: a progress bar (None: when stderr is a terminal).
+        desc: the progress bar's label.
+
+    Returns:
+        A generator of ``fn(job)`` for each job of ``todo``.
+    """
+    jobs = min(jobs, max(1, len(todo)))
+    if jobs == 1:
+        yield from progress_bar(map(fn, todo), desc=desc, enabled=progress, total=len(todo))
+        return
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
+                               initargs=(os.getpid(),))
+    try:
+        yield from progress_bar(pool.map(fn, todo), desc=desc, enabled=progress, total=len(todo))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)

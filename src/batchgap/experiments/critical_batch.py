@@ -24,12 +24,8 @@ from it (:mod:`critical_report`).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +34,10 @@ import torch
 from .. import devices
 from ..config import config_hash, from_dict
 from ..errors import UserError
-from ..lifecycle import die_with_parent, orphaned
+from ..lifecycle import orphaned
 from ..typed import build
-from ..util import atomic_save_torch, atomic_write_json, progress_bar
-from .common import finished, load_study, results_head, start_run
+from ..util import atomic_save_torch, atomic_write_json
+from .common import finished, load_study, pool_map, results_head, start_run, study_data
 from .critical_fit import bootstrap_fit, fit_table
 from .critical_summary import PROTOCOL, summarize
 from .critical_train import branch, noise_scales, sgd_to_targets
@@ -135,19 +131,14 @@ def batch_grid(n: int, s: CriticalSettings) -> list[int]:
     return sizes + [n]
 
 
-_DATA: dict = {}
+def _float_inputs(ds) -> tuple:
+    """The data set, its training inputs as float and its training labels."""
+    return ds, ds.train.x.float(), ds.train.y
 
 
 def _data(cfg):
     """The study's data set (float inputs), loaded once per process."""
-    from ..build import prepare_data
-
-    key = json.dumps(asdict(cfg.data), sort_keys=True) + str(cfg.root)
-    if key not in _DATA:
-        _DATA.clear()
-        ds = prepare_data(cfg)
-        _DATA[key] = (ds, ds.train.x.float(), ds.train.y)
-    return _DATA[key]
+    return study_data(cfg, _float_inputs)
 
 
 def check_model(cfg, s: CriticalSettings) -> int:
@@ -220,21 +211,6 @@ def _checkpoint(job: dict, net) -> torch.Tensor:
     return torch.load(job["iterates"], weights_only=True)[job["spec"]["target"]]
 
 
-def _execute(todo: list[dict], jobs: int, progress, desc: str) -> list[dict]:
-    """Run jobs in this process (jobs = 1) or in worker processes that die with it; their records."""
-    if not todo:
-        return []
-    jobs = min(jobs, len(todo))
-    if jobs == 1:
-        return [run_job(j) for j in progress_bar(todo, desc=desc, enabled=progress, total=len(todo))]
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
-                               initargs=(os.getpid(),))
-    try:
-        return list(progress_bar(pool.map(run_job, todo), desc=desc, enabled=progress, total=len(todo)))
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
 def _gather(out: Path, cfg, s, ident: dict, specs: list[dict], jobs: int, progress, desc: str, extra=None):
     """Each spec's record: read back where finished, else run (``extra(spec)`` adds job fields)."""
     records, todo = {}, []
@@ -248,7 +224,7 @@ def _gather(out: Path, cfg, s, ident: dict, specs: list[dict], jobs: int, progre
             todo.append({"cfg": cfg, "settings": s, "spec": spec, "id": spec["id"], "path": str(file),
                          **(extra(spec) if extra else {})})
     (out / "jobs").mkdir(parents=True, exist_ok=True)
-    for rec in _execute(todo, jobs, progress, desc):
+    for rec in pool_map(run_job, todo, jobs, progress, desc) if todo else ():  # none to run: no progress bar
         records[rec["id"]] = rec
     return [records[sp["id"]] for sp in specs], len(todo)
 

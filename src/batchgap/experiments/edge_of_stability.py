@@ -16,11 +16,7 @@ runs it finished; ``results.json`` gathers them with each run's summary against 
 """
 from __future__ import annotations
 
-import json
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -28,10 +24,10 @@ import torch
 from .. import devices
 from ..config import from_dict
 from ..errors import UserError, closest
-from ..lifecycle import die_with_parent, orphaned
+from ..lifecycle import orphaned
 from ..typed import build
-from ..util import atomic_write_json, progress_bar
-from .common import finished, load_study, results_head, start_run
+from ..util import atomic_write_json
+from .common import finished, load_study, pool_map, results_head, start_run, study_data
 from .eos_summary import summarize, threshold
 from .eos_trace import LOSSES, model_objective, trace
 
@@ -145,20 +141,6 @@ def _identity(cfg, s: EosSettings) -> dict:
             "threads": 1}
 
 
-_DATA: dict = {}
-
-
-def _data(cfg):
-    """The study's data set, loaded once per process whatever number of runs it does."""
-    from ..build import prepare_data
-
-    key = json.dumps(asdict(cfg.data), sort_keys=True) + str(cfg.root)
-    if key not in _DATA:
-        _DATA.clear()
-        _DATA[key] = prepare_data(cfg)
-    return _DATA[key]
-
-
 def check_model(cfg, s: EosSettings) -> None:
     """Refuse (UserError) a model with BatchNorm or dropout, one that does not map the inputs to one logit per
     class, and an SGD batch larger than the training set.
@@ -173,7 +155,7 @@ def check_model(cfg, s: EosSettings) -> None:
     from ..build import fresh
     from ..plugins import check_output
 
-    ds = _data(cfg)
+    ds = study_data(cfg)
     net = fresh(cfg, ds, s.seed)
     if any(isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Dropout)) for m in net.modules()):
         raise UserError(f"model {cfg.model.name}: edge-of-stability needs a network without BatchNorm or dropout "
@@ -197,7 +179,7 @@ def run_one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     cfg, s, spec = job["cfg"], job["settings"], job["spec"]
-    ds = _data(cfg)
+    ds = study_data(cfg)
     net = fresh(cfg, ds, s.seed)
     x, y = ds.train.x.float(), ds.train.y
     obj = model_objective(net, x, y, spec["loss"])
@@ -247,20 +229,8 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
             todo.append({"cfg": cfg, "settings": s, "spec": spec, "id": spec["id"], "path": str(file)})
     (out / "traces").mkdir(parents=True, exist_ok=True)
     log(f"{KIND}: {len(specs)} runs, {len(specs) - len(todo)} already finished in {out}")
-    jobs = min(jobs or devices.cores(), max(1, len(todo)))
-    pool = None
-    if jobs == 1:
-        made = map(run_one, todo)
-    else:  # workers die with this process (Ctrl-C, SIGTERM, SIGKILL): none finishes or writes a run after it
-        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
-                                   initargs=(os.getpid(),))
-        made = pool.map(run_one, todo)
-    try:
-        for rec in progress_bar(made, desc=KIND, enabled=progress, total=len(todo)):
-            records[rec["id"]] = rec
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+    for rec in pool_map(run_one, todo, jobs or devices.cores(), progress, KIND):
+        records[rec["id"]] = rec
     doc = {**results_head(KIND, SCHEMA, cfg, quick, s), "data": asdict(cfg.data), "model": asdict(cfg.model),
            "environment": devices.environment(), "protocol": PROTOCOL,
            "runs": [summarize(records[sp["id"]], s.beta1) for sp in specs]}

@@ -21,12 +21,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -34,10 +30,10 @@ import torch
 from .. import devices
 from ..config import config_hash, from_dict
 from ..errors import UserError, closest
-from ..lifecycle import die_with_parent, orphaned
+from ..lifecycle import orphaned
 from ..typed import build
-from ..util import atomic_write_json, progress_bar
-from .common import finished, load_study, results_head, start_run
+from ..util import atomic_write_json
+from .common import finished, load_study, pool_map, results_head, start_run, study_data
 from .reparam_table import summarize
 
 KIND = "reparametrization"
@@ -99,26 +95,12 @@ def check(raw: dict, where: str):
     return cfg, settings
 
 
-_DATA: dict = {}
-
-
-def _data(cfg):
-    """The study's data set, loaded once per process."""
-    from ..build import prepare_data
-
-    key = json.dumps(asdict(cfg.data), sort_keys=True) + str(cfg.root)
-    if key not in _DATA:
-        _DATA.clear()
-        _DATA[key] = prepare_data(cfg)
-    return _DATA[key]
-
-
 def check_model(cfg, s: ReparamSettings) -> None:
     """Refuse (UserError) a model a transform does not apply to or does not preserve, tried at alpha = 2 on x0."""
     from ..build import fresh
     from ..landscape.rescale import checked
 
-    ds = _data(cfg)
+    ds = study_data(cfg)
     net = fresh(cfg, ds, cfg.seeds[0])
     for kind in s.transforms:
         try:
@@ -151,7 +133,7 @@ def measure_one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     cfg, s, run = job["cfg"], job["settings"], job["run"]
-    ds = _data(cfg)
+    ds = study_data(cfg)
     model = builder.model(cfg, ds, load_checkpoint(Path(run["checkpoint"])))
     change = 0.0
     t0, c0 = time.perf_counter(), time.process_time()
@@ -173,19 +155,6 @@ def measure_one(job: dict) -> dict:
     if not orphaned():
         atomic_write_json(job["path"], record)
     return record
-
-
-def _pool_map(fn, jobs_list: list, jobs: int, progress, desc: str):
-    """``fn`` over ``jobs_list`` here (jobs 1) or in spawned workers that die with this process."""
-    if jobs == 1:
-        yield from progress_bar(map(fn, jobs_list), desc=desc, enabled=progress, total=len(jobs_list))
-        return
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
-                               initargs=(os.getpid(),))
-    try:
-        yield from progress_bar(pool.map(fn, jobs_list), desc=desc, enabled=progress, total=len(jobs_list))
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print, force=False) -> Path:
@@ -236,7 +205,7 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
                              "path": str(out / "reparam" / f"{spec_id}.json")})
     (out / "reparam").mkdir(parents=True, exist_ok=True)
     log(f"{KIND}: {len(specs)} measurements, {len(specs) - len(todo)} already finished")
-    for rec in _pool_map(measure_one, todo, min(jobs, max(1, len(todo))), progress, KIND):
+    for rec in pool_map(measure_one, todo, jobs, progress, KIND):
         records[rec["id"]] = rec
     recs = [records[i] for i in specs]
     doc = {**results_head(KIND, SCHEMA, cfg, quick, s), "compare": list(cfg.compare), "seeds": list(cfg.seeds),
