@@ -5,12 +5,14 @@ Each experiment's ``load`` reads its study file through :func:`load_study`: chec
 (``--jobs``, one study per output directory: :func:`check_output`), takes a job's record back when the job
 already finished (:func:`finished`), runs the rest here or in worker processes that die with this one
 (:func:`pool_map`) and begins ``results.json`` with :func:`results_head`; every job loads the data set once per
-process (:func:`study_data`). What differs (each study's settings, jobs, numbers and report) stays in its own
-modules.
+process (:func:`study_data`). Its report module reads ``results.json`` back with :func:`load_results` and
+writes its figures with :func:`save_png` and ``report.md`` with :func:`write_markdown`. What differs (each
+study's settings, jobs, numbers and the report's contents) stays in its own modules.
 """
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -22,7 +24,7 @@ from ..config import read_toml
 from ..errors import UserError, closest
 from ..lifecycle import die_with_parent
 from ..overrides import apply_set, parse_set
-from ..util import progress_bar
+from ..util import atomic_write_bytes, atomic_write_text, progress_bar
 
 
 def load_study(path, quick: bool, sets, top_keys: tuple, check) -> tuple:
@@ -201,3 +203,58 @@ def pool_map(fn, todo: list, jobs: int, progress, desc: str):
         yield from progress_bar(pool.map(fn, todo), desc=desc, enabled=progress, total=len(todo))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def load_results(out: Path, kind: str) -> dict:
+    """``out/results.json`` for a report, refused (UserError) when unreadable or another study's.
+
+    Args:
+        out: the output directory.
+        kind: the experiment whose report is drawn.
+
+    Returns:
+        The results.
+    """
+    try:
+        doc = json.loads((out / "results.json").read_text(encoding="utf8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{out}: no readable results.json ({e})") from None
+    if doc.get("experiment") != kind:
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise UserError(f"{out}: results.json is not {article} {kind} study's")
+    return doc
+
+
+def save_png(fig, path: Path, dpi: int) -> Path:
+    """Write a matplotlib figure, laid out already, to ``path`` as PNG (atomically) and close it.
+
+    Args:
+        fig: the figure.
+        path: the PNG file; its directory is created when missing.
+        dpi: its resolution.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib.pyplot as plt  # the report modules import it first, with the Agg backend
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def write_markdown(out: Path, lines: list[str]) -> Path:
+    """Write ``out/report.md`` (atomically): the lines joined by newlines.
+
+    Args:
+        out: the output directory.
+        lines: the report's lines.
+
+    Returns:
+        The report's path.
+    """
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
