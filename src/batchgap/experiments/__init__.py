@@ -12,7 +12,8 @@ A study file with a top-level key ``experiment = "KIND"`` is run by the module `
 
 Each module parses its own settings from the study file (the ``[data]`` and ``[model]`` tables mean what
 they mean in every study), so :mod:`batchgap.config` does not grow with each experiment; what the modules share
-is written once in :mod:`batchgap.experiments.common`.
+(the study file read with ``--quick`` and ``--set``, the checks before a run, resuming finished jobs, the worker
+pool, the reports' reading and writing) is written once in :mod:`batchgap.experiments.common`.
 """
 from __future__ import annotations
 
