@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from experiment_checks import assert_documented, assert_other_output_refused, assert_refused_in_one_line, run_cli
+
 from batchgap.experiments.critical_fit import (
     b_noise_estimate, best_steps, bootstrap_fit, fit_pareto, fit_table, pareto_steps,
 )
@@ -193,12 +195,6 @@ def test_the_local_critical_batch_is_the_largest_batch_up_to_which_every_branch_
     assert local_critical_batch(sizes, 1.0, [1.2, 1.0, 1.0, 1.0], 0.1) == (None, [None] * 4)  # no progress
 
 
-def run_cli(*args):
-    from batchgap.cli import main
-
-    return main(["run", *args])
-
-
 def test_the_study_runs_quick_end_to_end_resumes_with_the_same_numbers_and_redraws(tmp_path, mnist1d_dir,
                                                                                   monkeypatch, capsys):
     from batchgap.cli import main
@@ -257,36 +253,18 @@ def test_the_study_runs_quick_end_to_end_resumes_with_the_same_numbers_and_redra
 def test_bad_settings_stop_with_one_line_before_anything_is_written(setting, needle, tmp_path, mnist1d_dir,
                                                                     monkeypatch, capsys):
     monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
-    out = tmp_path / "out"
-    assert run_cli("critical-batch", "--quick", "--out", str(out), "--set", setting) == 2
-    err = capsys.readouterr().err.strip()
-    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert not out.exists()
+    assert_refused_in_one_line("critical-batch", setting, needle, tmp_path / "out", capsys)
 
 
 def test_another_studys_output_is_refused_without_force(tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "results.json").write_text(json.dumps({"experiment": "edge-of-stability", "name": "x", "runs": []}))
-    before = (out / "results.json").read_text()
-    assert run_cli("critical-batch", "--quick", "--out", str(out)) == 2
-    assert "--force" in capsys.readouterr().err and (out / "results.json").read_text() == before
+    other = {"experiment": "edge-of-stability", "name": "x", "runs": []}
+    assert_other_output_refused("critical-batch", other, tmp_path / "out", capsys)
 
 
 def test_every_public_function_of_the_study_documents_its_arguments_and_return():
-    import inspect
-
     from batchgap.experiments import critical_batch, critical_fit, critical_report, critical_summary, critical_train
 
-    for module in (critical_batch, critical_fit, critical_report, critical_summary, critical_train):
-        for name, fn in vars(module).items():
-            if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != module.__name__:
-                continue
-            doc = inspect.getdoc(fn) or ""
-            assert "Args:" in doc and "Returns:" in doc, f"{module.__name__}.{name}"
-            args = doc.split("Args:", 1)[1].split("Returns:", 1)[0]
-            for p in inspect.signature(fn).parameters:
-                assert f"{p}:" in args, f"{module.__name__}.{name}: {p}"
+    assert_documented((critical_batch, critical_fit, critical_report, critical_summary, critical_train))
 
 
 def test_the_batch_grid_is_a_log_grid_ending_at_the_full_training_set_and_the_reference_is_the_smallest_batch():

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from experiment_checks import assert_documented, assert_other_output_refused, assert_refused_in_one_line, run_cli
+
 from batchgap.cli import main
 from batchgap.experiments import edge_of_stability as eos
 from batchgap.experiments.eos_summary import summarize
@@ -127,10 +129,6 @@ def test_the_summary_reads_reach_hover_and_settle_from_the_ratios():
     assert adam["threshold"] == pytest.approx(38 / 0.5) and adam["summary"]["reached_at"] == 20
 
 
-def run_cli(*args):
-    return main(["run", *args])
-
-
 def test_the_study_runs_quick_end_to_end_resumes_and_redraws(tmp_path, mnist1d_dir, monkeypatch, capsys):
     monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
     out = tmp_path / "out"
@@ -171,36 +169,18 @@ def test_the_study_runs_quick_end_to_end_resumes_and_redraws(tmp_path, mnist1d_d
 def test_bad_settings_stop_with_one_line_before_anything_is_written(setting, needle, tmp_path, mnist1d_dir,
                                                                     monkeypatch, capsys):
     monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
-    out = tmp_path / "out"
-    assert run_cli("edge-of-stability", "--quick", "--out", str(out), "--set", setting) == 2
-    err = capsys.readouterr().err.strip()
-    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert not out.exists()
+    assert_refused_in_one_line("edge-of-stability", setting, needle, tmp_path / "out", capsys)
 
 
 def test_another_studys_output_is_refused_without_force(tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "results.json").write_text(json.dumps({"schema": 3, "study": {"name": "default"}, "runs": []}))
-    before = (out / "results.json").read_text()
-    assert run_cli("edge-of-stability", "--quick", "--out", str(out)) == 2
-    assert "--force" in capsys.readouterr().err and (out / "results.json").read_text() == before
+    other = {"schema": 3, "study": {"name": "default"}, "runs": []}
+    assert_other_output_refused("edge-of-stability", other, tmp_path / "out", capsys)
 
 
 def test_every_public_function_of_the_study_documents_its_arguments_and_return():
-    import inspect
-
     from batchgap.experiments import eos_report, eos_summary, eos_trace
 
-    for module in (eos, eos_trace, eos_summary, eos_report):
-        for name, fn in vars(module).items():
-            if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != module.__name__:
-                continue
-            doc = inspect.getdoc(fn) or ""
-            assert "Args:" in doc and "Returns:" in doc, f"{module.__name__}.{name}"
-            args = doc.split("Args:", 1)[1].split("Returns:", 1)[0]
-            for p in inspect.signature(fn).parameters:
-                assert f"{p}:" in args, f"{module.__name__}.{name}: {p}"
+    assert_documented((eos, eos_trace, eos_summary, eos_report))
 
 
 def test_a_divergent_run_is_stopped_marked_and_reported(tmp_path, mnist1d_dir, monkeypatch):

@@ -11,7 +11,9 @@ A study file with a top-level key ``experiment = "KIND"`` is run by the module `
 * ``show(path, *, quick, sets) -> dict``: the validated settings as plain data (``batchgap show``).
 
 Each module parses its own settings from the study file (the ``[data]`` and ``[model]`` tables mean what
-they mean in every study), so :mod:`batchgap.config` does not grow with each experiment.
+they mean in every study), so :mod:`batchgap.config` does not grow with each experiment; what the modules share
+(the study file read with ``--quick`` and ``--set``, the checks before a run, resuming finished jobs, the worker
+pool, the reports' reading and writing) is written once in :mod:`batchgap.experiments.common`.
 """
 from __future__ import annotations
 

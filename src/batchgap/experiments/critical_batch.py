@@ -24,25 +24,20 @@ from it (:mod:`critical_report`).
 """
 from __future__ import annotations
 
-import copy
-import json
 import math
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import devices
-from ..config import config_hash, from_dict, read_toml
-from ..errors import UserError, closest
-from ..lifecycle import die_with_parent, orphaned
-from ..overrides import apply_set, parse_set
+from ..config import config_hash, from_dict
+from ..errors import UserError
+from ..lifecycle import orphaned
 from ..typed import build
-from ..util import atomic_save_torch, atomic_write_json, progress_bar
+from ..util import atomic_save_torch, atomic_write_json
+from .common import finished, load_study, pool_map, results_head, start_run, study_data
 from .critical_fit import bootstrap_fit, fit_table
 from .critical_summary import PROTOCOL, summarize
 from .critical_train import branch, noise_scales, sgd_to_targets
@@ -92,25 +87,7 @@ def load(path, quick: bool = False, sets=()):
     Returns:
         ``(raw dict, the data and model as a StudyConfig, CriticalSettings)``; a mistake raises a UserError.
     """
-    path = Path(path)
-    raw = read_toml(path)
-    for key in raw:
-        if key not in TOP_KEYS:
-            raise UserError(f"{path}: {key}: unknown key{closest(key, TOP_KEYS)}; allowed: {', '.join(TOP_KEYS)}")
-    check(raw, str(path))
-    raw = copy.deepcopy(raw)
-    if quick:
-        table = raw.get("quick", {})
-        if not isinstance(table, dict):
-            raise UserError(f"{path}: quick: expected a table of dotted keys, got {table!r}")
-        for key, value in table.items():
-            apply_set(raw, key, value)
-    for assignment in sets:
-        apply_set(raw, *parse_set(assignment))
-    cfg, settings = check(raw, str(path))
-    raw.setdefault("root", str(path.resolve().parent))
-    cfg.root = raw["root"]
-    return raw, cfg, settings
+    return load_study(path, quick, sets, TOP_KEYS, check)
 
 
 def check(raw: dict, where: str):
@@ -154,19 +131,14 @@ def batch_grid(n: int, s: CriticalSettings) -> list[int]:
     return sizes + [n]
 
 
-_DATA: dict = {}
+def _float_inputs(ds) -> tuple:
+    """The data set, its training inputs as float and its training labels."""
+    return ds, ds.train.x.float(), ds.train.y
 
 
 def _data(cfg):
     """The study's data set (float inputs), loaded once per process."""
-    from ..build import prepare_data
-
-    key = json.dumps(asdict(cfg.data), sort_keys=True) + str(cfg.root)
-    if key not in _DATA:
-        _DATA.clear()
-        ds = prepare_data(cfg)
-        _DATA[key] = (ds, ds.train.x.float(), ds.train.y)
-    return _DATA[key]
+    return study_data(cfg, _float_inputs)
 
 
 def check_model(cfg, s: CriticalSettings) -> int:
@@ -239,35 +211,20 @@ def _checkpoint(job: dict, net) -> torch.Tensor:
     return torch.load(job["iterates"], weights_only=True)[job["spec"]["target"]]
 
 
-def _execute(todo: list[dict], jobs: int, progress, desc: str) -> list[dict]:
-    """Run jobs in this process (jobs = 1) or in worker processes that die with it; their records."""
-    if not todo:
-        return []
-    jobs = min(jobs, len(todo))
-    if jobs == 1:
-        return [run_job(j) for j in progress_bar(todo, desc=desc, enabled=progress, total=len(todo))]
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
-                               initargs=(os.getpid(),))
-    try:
-        return list(progress_bar(pool.map(run_job, todo), desc=desc, enabled=progress, total=len(todo)))
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
 def _gather(out: Path, cfg, s, ident: dict, specs: list[dict], jobs: int, progress, desc: str, extra=None):
     """Each spec's record: read back where finished, else run (``extra(spec)`` adds job fields)."""
     records, todo = {}, []
     for spec in specs:
         spec["id"] = config_hash({**ident, **spec})
         file = out / "jobs" / f"{spec['id']}.json"
-        done = _read(file)
-        if done is not None and done.get("id") == spec["id"]:
+        done = finished(file, spec["id"])
+        if done is not None:
             records[spec["id"]] = done
         else:
             todo.append({"cfg": cfg, "settings": s, "spec": spec, "id": spec["id"], "path": str(file),
                          **(extra(spec) if extra else {})})
     (out / "jobs").mkdir(parents=True, exist_ok=True)
-    for rec in _execute(todo, jobs, progress, desc):
+    for rec in pool_map(run_job, todo, jobs, progress, desc) if todo else ():  # none to run: no progress bar
         records[rec["id"]] = rec
     return [records[sp["id"]] for sp in specs], len(todo)
 
@@ -293,11 +250,7 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
         seeds x batch sizes x learning rates SGD runs, seeds x (targets + 1) noise measurements, (targets + 1) x
         batch sizes x learning rates branches of ``branch_examples`` examples.
     """
-    raw, cfg, s = load(path, quick, sets)
-    out = Path(out)
-    if jobs is not None and jobs < 1:
-        raise UserError(f"--jobs: must be at least 1, got {jobs}")
-    _check_output(out, cfg.name, force)
+    raw, cfg, s, out = start_run(KIND, load, path, out, quick, sets, jobs, force)
     n = check_model(cfg, s)
     jobs = jobs or devices.cores()
     sizes = batch_grid(n, s)
@@ -328,8 +281,7 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
                         or _reached(runs, ref, t, s, seed0) for b in sizes]
         branches, _ = _gather(out, cfg, s, ident, branch_specs, jobs, progress, f"{KIND} branches",
                               lambda spec: iterates({**spec, "lr": ref["lr"]}))
-    doc = {"experiment": KIND, "schema": SCHEMA, "name": cfg.name, "description": cfg.description, "quick": quick,
-           "settings": asdict(s), "data": asdict(cfg.data), "model": asdict(cfg.model), "n": n,
+    doc = {**results_head(KIND, SCHEMA, cfg, quick, s), "data": asdict(cfg.data), "model": asdict(cfg.model), "n": n,
            "environment": devices.environment(), "protocol": PROTOCOL, "batch_sizes": sizes,
            "runs": [{k: v for k, v in r.items() if k != "keep"} for r in runs], "fits": fits, "reference": ref,
            **summarize(noise, branches, s, sizes)}
@@ -409,22 +361,3 @@ def show(path, *, quick=False, sets=()) -> dict:
     n = cfg.data.train_subset or None
     return {"experiment": KIND, "name": cfg.name, "description": cfg.description, "data": asdict(cfg.data),
             "model": asdict(cfg.model), "critical": asdict(s), "batch_sizes": batch_grid(n, s) if n else None}
-
-
-def _read(file: Path) -> dict | None:
-    try:
-        doc = json.loads(file.read_text(encoding="utf8"))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _check_output(out: Path, name: str, force: bool) -> None:
-    """One directory holds one study: refuse another study's output unless ``force``."""
-    doc = _read(out / "results.json")
-    if doc is None or force:
-        return
-    if doc.get("experiment") != KIND or doc.get("name") != name:
-        other = doc.get("experiment") or "a regimes-and-seeds study"
-        raise UserError(f"{out}: holds {other} {doc.get('name', doc.get('study', {}).get('name', ''))!r}, not "
-                        f"{KIND} {name!r}; choose another --out, or --force to make it this study's")

@@ -1,8 +1,6 @@
 """The critical-batch report: two figures and report.md, drawn from ``results.json`` alone."""
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import matplotlib
@@ -11,8 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..errors import UserError  # noqa: E402
-from ..util import atomic_write_bytes, atomic_write_text  # noqa: E402
+from .common import load_results, save_png, write_markdown  # noqa: E402
 from .critical_fit import pareto_steps  # noqa: E402
 
 STEPS_FIGURE = "critical_batch_steps.png"
@@ -31,23 +28,9 @@ CLAIMS = (
 )
 
 
-def _load(out: Path) -> dict:
-    try:
-        doc = json.loads((out / "results.json").read_text(encoding="utf8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{out}: no readable results.json ({e})") from None
-    if doc.get("experiment") != "critical-batch":
-        raise UserError(f"{out}: results.json is not a critical-batch study's")
-    return doc
-
-
 def _png(fig, path: Path) -> Path:
-    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, dpi=110, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_png(fig, path, 110)
 
 
 def draw_steps(doc: dict, path: Path) -> Path:
@@ -208,7 +191,7 @@ def write_report(out: Path) -> Path:
     Returns:
         The report's path.
     """
-    doc = _load(out)
+    doc = load_results(out, "critical-batch")
     draw_steps(doc, out / "figures" / STEPS_FIGURE)
     draw_scales(doc, out / "figures" / SCALES_FIGURE)
     s = doc["settings"]
@@ -221,6 +204,4 @@ def write_report(out: Path) -> Path:
     lines += lines_of(doc)
     lines += ["", "## What the papers report", ""] + [f"- {c}" for c in CLAIMS]
     lines += ["", "## Protocol", ""] + [f"- **{k}**: {v}" for k, v in doc["protocol"].items()]
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+    return write_markdown(out, lines + [""])

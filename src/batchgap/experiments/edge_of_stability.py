@@ -16,23 +16,18 @@ runs it finished; ``results.json`` gathers them with each run's summary against 
 """
 from __future__ import annotations
 
-import copy
-import json
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 
 from .. import devices
-from ..config import from_dict, read_toml
+from ..config import from_dict
 from ..errors import UserError, closest
-from ..lifecycle import die_with_parent, orphaned
-from ..overrides import apply_set, parse_set
+from ..lifecycle import orphaned
 from ..typed import build
-from ..util import atomic_write_json, progress_bar
+from ..util import atomic_write_json
+from .common import finished, load_study, pool_map, results_head, start_run, study_data
 from .eos_summary import summarize, threshold
 from .eos_trace import LOSSES, model_objective, trace
 
@@ -91,25 +86,7 @@ def load(path: str | Path, quick: bool = False, sets=()) -> tuple[dict, object, 
     Returns:
         ``(raw dict, the data and model as a StudyConfig, EosSettings)``; a mistake raises a one-line UserError.
     """
-    path = Path(path)
-    raw = read_toml(path)
-    for key in raw:
-        if key not in TOP_KEYS:
-            raise UserError(f"{path}: {key}: unknown key{closest(key, TOP_KEYS)}; allowed: {', '.join(TOP_KEYS)}")
-    check(raw, str(path))  # as written: a mistake is refused even where --quick overrides it
-    raw = copy.deepcopy(raw)
-    if quick:
-        table = raw.get("quick", {})
-        if not isinstance(table, dict):
-            raise UserError(f"{path}: quick: expected a table of dotted keys, got {table!r}")
-        for key, value in table.items():
-            apply_set(raw, key, value)
-    for assignment in sets:
-        apply_set(raw, *parse_set(assignment))
-    cfg, settings = check(raw, str(path))
-    raw.setdefault("root", str(path.resolve().parent))
-    cfg.root = raw["root"]
-    return raw, cfg, settings
+    return load_study(path, quick, sets, TOP_KEYS, check)
 
 
 def check(raw: dict, where: str):
@@ -164,20 +141,6 @@ def _identity(cfg, s: EosSettings) -> dict:
             "threads": 1}
 
 
-_DATA: dict = {}
-
-
-def _data(cfg):
-    """The study's data set, loaded once per process whatever number of runs it does."""
-    from ..build import prepare_data
-
-    key = json.dumps(asdict(cfg.data), sort_keys=True) + str(cfg.root)
-    if key not in _DATA:
-        _DATA.clear()
-        _DATA[key] = prepare_data(cfg)
-    return _DATA[key]
-
-
 def check_model(cfg, s: EosSettings) -> None:
     """Refuse (UserError) a model with BatchNorm or dropout, one that does not map the inputs to one logit per
     class, and an SGD batch larger than the training set.
@@ -192,7 +155,7 @@ def check_model(cfg, s: EosSettings) -> None:
     from ..build import fresh
     from ..plugins import check_output
 
-    ds = _data(cfg)
+    ds = study_data(cfg)
     net = fresh(cfg, ds, s.seed)
     if any(isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Dropout)) for m in net.modules()):
         raise UserError(f"model {cfg.model.name}: edge-of-stability needs a network without BatchNorm or dropout "
@@ -216,7 +179,7 @@ def run_one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     cfg, s, spec = job["cfg"], job["settings"], job["spec"]
-    ds = _data(cfg)
+    ds = study_data(cfg)
     net = fresh(cfg, ds, s.seed)
     x, y = ds.train.x.float(), ds.train.y
     obj = model_objective(net, x, y, spec["loss"])
@@ -252,40 +215,23 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
     """
     from ..config import config_hash
 
-    raw, cfg, s = load(path, quick, sets)
-    out = Path(out)
-    if jobs is not None and jobs < 1:
-        raise UserError(f"--jobs: must be at least 1, got {jobs}")
-    _check_output(out, cfg.name, force)
+    raw, cfg, s, out = start_run(KIND, load, path, out, quick, sets, jobs, force)
     check_model(cfg, s)
     ident = _identity(cfg, s)
     specs, todo, records = plan(cfg, s), [], {}
     for spec in specs:
         spec["id"] = config_hash({**ident, **{k: v for k, v in spec.items() if k != "label"}})
         file = out / "traces" / f"{spec['id']}.json"
-        done = _read(file)
-        if done is not None and done.get("id") == spec["id"]:
+        done = finished(file, spec["id"])
+        if done is not None:
             records[spec["id"]] = done
         else:
             todo.append({"cfg": cfg, "settings": s, "spec": spec, "id": spec["id"], "path": str(file)})
     (out / "traces").mkdir(parents=True, exist_ok=True)
     log(f"{KIND}: {len(specs)} runs, {len(specs) - len(todo)} already finished in {out}")
-    jobs = min(jobs or devices.cores(), max(1, len(todo)))
-    pool = None
-    if jobs == 1:
-        finished = map(run_one, todo)
-    else:  # workers die with this process (Ctrl-C, SIGTERM, SIGKILL): none finishes or writes a run after it
-        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
-                                   initargs=(os.getpid(),))
-        finished = pool.map(run_one, todo)
-    try:
-        for rec in progress_bar(finished, desc=KIND, enabled=progress, total=len(todo)):
-            records[rec["id"]] = rec
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-    doc = {"experiment": KIND, "schema": SCHEMA, "name": cfg.name, "description": cfg.description,
-           "quick": quick, "settings": asdict(s), "data": asdict(cfg.data), "model": asdict(cfg.model),
+    for rec in pool_map(run_one, todo, jobs or devices.cores(), progress, KIND):
+        records[rec["id"]] = rec
+    doc = {**results_head(KIND, SCHEMA, cfg, quick, s), "data": asdict(cfg.data), "model": asdict(cfg.model),
            "environment": devices.environment(), "protocol": PROTOCOL,
            "runs": [summarize(records[sp["id"]], s.beta1) for sp in specs]}
     atomic_write_json(out / "results.json", doc)
@@ -339,22 +285,3 @@ def show(path, *, quick=False, sets=()) -> dict:
             "model": asdict(cfg.model), "eos": asdict(s),
             "runs": [{k: v for k, v in r.items()} for r in plan(cfg, s)],
             "thresholds": {r["label"] + f" ({r['loss']})": threshold(r, s.beta1) for r in plan(cfg, s)}}
-
-
-def _read(file: Path) -> dict | None:
-    try:
-        doc = json.loads(file.read_text(encoding="utf8"))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _check_output(out: Path, name: str, force: bool) -> None:
-    """One directory holds one study: refuse another study's output unless ``force``."""
-    doc = _read(out / "results.json")
-    if doc is None or force:
-        return
-    if doc.get("experiment") != KIND or doc.get("name") != name:
-        other = doc.get("experiment") or "a regimes-and-seeds study"
-        raise UserError(f"{out}: holds {other} {doc.get('name', doc.get('study', {}).get('name', ''))!r}, not "
-                        f"{KIND} {name!r}; choose another --out, or --force to make it this study's")

@@ -1,8 +1,6 @@
 """The edge-of-stability report: one figure and report.md, drawn from ``results.json`` alone."""
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import matplotlib
@@ -10,8 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..errors import UserError  # noqa: E402
-from ..util import atomic_write_bytes, atomic_write_text  # noqa: E402
+from .common import load_results, save_png, write_markdown  # noqa: E402
 from .eos_summary import HOVER_HIGH, HOVER_LOW, REACH, findings  # noqa: E402
 
 FIGURE = "edge_of_stability.png"
@@ -26,16 +23,6 @@ CLAIMS = (
     "(2 + 2 beta1)/((1 - beta1) eta) = 38/eta for beta1 = 0.9 and hovers there (adaptive edge of stability), "
     "while the raw lambda_max need not stay below 2/eta.",
 )
-
-
-def _load(out: Path) -> dict:
-    try:
-        doc = json.loads((out / "results.json").read_text(encoding="utf8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{out}: no readable results.json ({e})") from None
-    if doc.get("experiment") != "edge-of-stability":
-        raise UserError(f"{out}: results.json is not an edge-of-stability study's")
-    return doc
 
 
 def _series(r: dict, key: str):
@@ -91,11 +78,7 @@ def draw(doc: dict, path: Path) -> Path:
     # fixed margins: tight_layout measured every log-axis tick label and took 9 s of a 16 s figure
     fig.subplots_adjust(left=0.04, right=0.99, bottom=0.16 / len(losses), top=1 - 0.06 / len(losses), wspace=0.28,
                         hspace=0.35)
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_png(fig, path, 110)
 
 
 def _table(doc: dict) -> list[str]:
@@ -130,7 +113,7 @@ def write_report(out: Path) -> Path:
     Returns:
         The report's path.
     """
-    doc = _load(out)
+    doc = load_results(out, "edge-of-stability")
     (out / "figures").mkdir(parents=True, exist_ok=True)
     draw(doc, out / "figures" / FIGURE)
     st = doc["settings"]
@@ -155,6 +138,4 @@ def write_report(out: Path) -> Path:
     unconv = sum(r["summary"]["unconverged_lanczos"] for r in doc["runs"])
     lines += [f"- Lanczos measurements that stopped at max_lanczos = {st['max_lanczos']} before tol = "
               f"{st['tol']:g}: {unconv}", ""]
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
+    return write_markdown(out, lines)

@@ -1,8 +1,6 @@
 """The reparametrization report: the invariance table, the orderings and one figure, from ``results.json`` alone."""
 from __future__ import annotations
 
-import io
-import json
 import statistics
 from pathlib import Path
 
@@ -11,8 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..errors import UserError  # noqa: E402
-from ..util import atomic_write_bytes, atomic_write_text  # noqa: E402
+from .common import load_results, save_png, write_markdown  # noqa: E402
 
 FIGURE = "reparametrization.png"
 WORDS = {"layers": "Dinh rescaling (layer × α, next × 1/α)", "batchnorm": "pre-BatchNorm layer × α"}
@@ -20,16 +17,6 @@ CLAIM = ("Dinh et al. 2017: for a ReLU network the alpha-scale transformation ch
          "eps-sharpness and the Hessian's top eigenvalue as large (or as small) as one likes, so neither can "
          "compare two solutions on its own; measures built to be scale-aware (adaptive sharpness, Kwon et al. 2021 "
          "and Andriushchenko et al. 2023; Li et al.'s filter-normalized curves) are unchanged by it.")
-
-
-def _load(out: Path) -> dict:
-    try:
-        doc = json.loads((out / "results.json").read_text(encoding="utf8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{out}: no readable results.json ({e})") from None
-    if doc.get("experiment") != "reparametrization":
-        raise UserError(f"{out}: results.json is not a reparametrization study's")
-    return doc
 
 
 def median_ratio(rs: list) -> float | None:
@@ -110,16 +97,12 @@ def draw(summary: dict, path: Path) -> Path:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.27, 1, 1))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_png(fig, path, 100)
 
 
 def write_report(out: Path) -> Path:
     """``out/report.md`` and ``out/figures/reparametrization.png`` from ``out/results.json``."""
-    doc = _load(out)
+    doc = load_results(out, "reparametrization")
     s = doc["summary"]
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +120,4 @@ def write_report(out: Path) -> Path:
           "factors and 1) keeps it.", "", *table(s), "", *findings(s), "",
           f"![ratio against alpha](figures/{FIGURE})", "", "## Protocol", "",
           *(f"- {k}: {v}" for k, v in doc["protocol"].items()), ""]
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(md))
-    return path
+    return write_markdown(out, md)

@@ -21,23 +21,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 
 from .. import devices
-from ..config import config_hash, from_dict, read_toml
+from ..config import config_hash, from_dict
 from ..errors import UserError, closest
-from ..lifecycle import die_with_parent, orphaned
-from ..overrides import apply_set, parse_set
+from ..lifecycle import orphaned
 from ..typed import build
-from ..util import atomic_write_json, progress_bar
+from ..util import atomic_write_json
+from .common import finished, load_study, pool_map, results_head, start_run, study_data
 from .reparam_table import summarize
 
 KIND = "reparametrization"
@@ -84,25 +80,7 @@ def load(path: str | Path, quick: bool = False, sets=()) -> tuple[dict, object, 
 
     Returns:
         ``(raw dict, the study as a StudyConfig, ReparamSettings)``; a mistake raises a one-line UserError."""
-    path = Path(path)
-    raw = read_toml(path)
-    for key in raw:
-        if key not in TOP_KEYS:
-            raise UserError(f"{path}: {key}: unknown key{closest(key, TOP_KEYS)}; allowed: {', '.join(TOP_KEYS)}")
-    check(raw, str(path))
-    raw = copy.deepcopy(raw)
-    if quick:
-        table = raw.get("quick", {})
-        if not isinstance(table, dict):
-            raise UserError(f"{path}: quick: expected a table of dotted keys, got {table!r}")
-        for key, value in table.items():
-            apply_set(raw, key, value)
-    for assignment in sets:
-        apply_set(raw, *parse_set(assignment))
-    cfg, settings = check(raw, str(path))
-    raw.setdefault("root", str(path.resolve().parent))
-    cfg.root = raw["root"]
-    return raw, cfg, settings
+    return load_study(path, quick, sets, TOP_KEYS, check)
 
 
 def check(raw: dict, where: str):
@@ -117,26 +95,12 @@ def check(raw: dict, where: str):
     return cfg, settings
 
 
-_DATA: dict = {}
-
-
-def _data(cfg):
-    """The study's data set, loaded once per process."""
-    from ..build import prepare_data
-
-    key = json.dumps(asdict(cfg.data), sort_keys=True) + str(cfg.root)
-    if key not in _DATA:
-        _DATA.clear()
-        _DATA[key] = prepare_data(cfg)
-    return _DATA[key]
-
-
 def check_model(cfg, s: ReparamSettings) -> None:
     """Refuse (UserError) a model a transform does not apply to or does not preserve, tried at alpha = 2 on x0."""
     from ..build import fresh
     from ..landscape.rescale import checked
 
-    ds = _data(cfg)
+    ds = study_data(cfg)
     net = fresh(cfg, ds, cfg.seeds[0])
     for kind in s.transforms:
         try:
@@ -169,7 +133,7 @@ def measure_one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     cfg, s, run = job["cfg"], job["settings"], job["run"]
-    ds = _data(cfg)
+    ds = study_data(cfg)
     model = builder.model(cfg, ds, load_checkpoint(Path(run["checkpoint"])))
     change = 0.0
     t0, c0 = time.perf_counter(), time.process_time()
@@ -191,38 +155,6 @@ def measure_one(job: dict) -> dict:
     if not orphaned():
         atomic_write_json(job["path"], record)
     return record
-
-
-def _read(file: Path) -> dict | None:
-    try:
-        doc = json.loads(file.read_text(encoding="utf8"))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _check_output(out: Path, name: str, force: bool) -> None:
-    """One directory holds one study: refuse another study's output unless ``force``."""
-    doc = _read(out / "results.json")
-    if doc is None or force:
-        return
-    if doc.get("experiment") != KIND or doc.get("name") != name:
-        other = doc.get("experiment") or "a regimes-and-seeds study"
-        raise UserError(f"{out}: holds {other} {doc.get('name', doc.get('study', {}).get('name', ''))!r}, not "
-                        f"{KIND} {name!r}; choose another --out, or --force to make it this study's")
-
-
-def _pool_map(fn, jobs_list: list, jobs: int, progress, desc: str):
-    """``fn`` over ``jobs_list`` here (jobs 1) or in spawned workers that die with this process."""
-    if jobs == 1:
-        yield from progress_bar(map(fn, jobs_list), desc=desc, enabled=progress, total=len(jobs_list))
-        return
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
-                               initargs=(os.getpid(),))
-    try:
-        yield from progress_bar(pool.map(fn, jobs_list), desc=desc, enabled=progress, total=len(jobs_list))
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print, force=False) -> Path:
@@ -247,11 +179,7 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
     from ..rundir import Output
     from ..study import check_study, execute_runs
 
-    raw, cfg, s = load(path, quick, sets)
-    out = Path(out)
-    if jobs is not None and jobs < 1:
-        raise UserError(f"--jobs: must be at least 1, got {jobs}")
-    _check_output(out, cfg.name, force)
+    raw, cfg, s, out = start_run(KIND, load, path, out, quick, sets, jobs, force)
     check_model(cfg, s)
     t0 = time.perf_counter()
     tcfg = _training_cfg(cfg)
@@ -269,19 +197,18 @@ def run(path, out, *, quick=False, sets=(), jobs=None, progress=None, log=print,
         for kind, alpha in [("none", 1.0)] + [(k, a) for k in s.transforms for a in s.factors]:
             spec_id = config_hash({**ident, "run": r.id, "kind": kind, "alpha": alpha})
             specs.append(spec_id)
-            done = _read(out / "reparam" / f"{spec_id}.json")
-            if done is not None and done.get("id") == spec_id:
+            done = finished(out / "reparam" / f"{spec_id}.json", spec_id)
+            if done is not None:
                 records[spec_id] = done
             else:
                 todo.append({"cfg": cfg, "settings": s, "run": info, "kind": kind, "alpha": alpha, "id": spec_id,
                              "path": str(out / "reparam" / f"{spec_id}.json")})
     (out / "reparam").mkdir(parents=True, exist_ok=True)
     log(f"{KIND}: {len(specs)} measurements, {len(specs) - len(todo)} already finished")
-    for rec in _pool_map(measure_one, todo, min(jobs, max(1, len(todo))), progress, KIND):
+    for rec in pool_map(measure_one, todo, jobs, progress, KIND):
         records[rec["id"]] = rec
     recs = [records[i] for i in specs]
-    doc = {"experiment": KIND, "schema": SCHEMA, "name": cfg.name, "description": cfg.description, "quick": quick,
-           "settings": asdict(s), "compare": list(cfg.compare), "seeds": list(cfg.seeds),
+    doc = {**results_head(KIND, SCHEMA, cfg, quick, s), "compare": list(cfg.compare), "seeds": list(cfg.seeds),
            "data": asdict(cfg.data), "model": asdict(cfg.model), "measure": asdict(cfg.measure),
            "environment": devices.environment(), "protocol": PROTOCOL,
            "runs": [{"id": r.id, "regime": r.regime, "seed": r.seed, "batch_size": r.batch_size, "lr": r.lr,
