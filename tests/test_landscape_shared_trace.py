@@ -12,7 +12,14 @@ from batchgap import density_and_trace, hessian_density
 from batchgap.landscape.hessian import rademacher
 from batchgap.landscape.trace import estimate, shared_estimate
 
-from test_landscape_trace import HIGH, LOW, SEEDS, net  # noqa: F401  (net: the fixture)
+import test_landscape_trace
+from test_landscape_trace import HIGH, LOW, SEEDS
+
+
+@pytest.fixture(scope="module")
+def net():
+    """test_landscape_trace's net: a 93-parameter tanh MLP, its dense Hessian, and the same with 3 outliers."""
+    return test_landscape_trace.net.__wrapped__()
 
 
 def projector(H, z0, k):
