@@ -184,8 +184,27 @@ def density_and_trace(
     Against ``hessian_trace(n_probes=trace_probes)`` beside the density, the same HVPs buy a ``steps``-dimensional
     deflation instead of a ``trace_probes / 2``-dimensional one and n_v - 1 more probes.
 
-    Args: as :func:`hessian_density` (``n_vectors`` >= 2 here), and ``trace_probes`` (>= 0, with
-    n_vectors - 1 + trace_probes >= 2 for the interval).
+    Args:
+        model: the network; restored bit for bit.
+        data: the examples of the loss (normally the training set).
+        n_vectors: start vectors n_v (>= 2: chain 0 gives the basis, the others residual probes).
+        steps: Lanczos steps per vector (>= 2, capped at the number of parameters N): the basis dimension.
+        trace_probes: residual probes drawn for the trace beyond the start vectors (>= 0, with
+            n_vectors - 1 + trace_probes >= 2 for the interval): its added HVPs.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; None for cross-entropy on logits.
+        batch_size: examples per evaluation batch (memory only).
+        bn: the BatchNorm protocol: ``"eval"``, ``"batch"`` or ``"recompute"`` (once, at the model's parameters).
+        params: the measured parameters: ``"all"`` trainable, or ``"no-bn"``.
+        seed: seeds the start vectors and then the trace's probes (one generator).
+        grid_points: points of the density's grid.
+        kernel_width: the Gaussian kernel's std relative to lambda_max - lambda_min.
+        bn_data: the data ``"recompute"`` recomputes the BatchNorm statistics on; None for ``data``.
+        confidence: of both intervals (the density's trace and the shared trace).
+        objective: how a batch becomes a loss (:mod:`objective`); None for ``(inputs, targets)`` pairs and ``loss_fn``.
+
+    Returns:
+        ``(DensityResult, TraceResult)``: the density as :func:`hessian_density` gives it with the same arguments,
+        and the trace (``hvps`` = ``trace_probes``, the HVPs it added; ``deflated`` = the basis dimension).
 
     Cost: ``n_vectors * steps + trace_probes`` HVPs; memory as :func:`hessian_density` plus the probes.
     """
