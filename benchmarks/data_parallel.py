@@ -2,11 +2,12 @@
 
     python benchmarks/run.py data-parallel        # or: python benchmarks/data_parallel.py
 
-The default MLP trained as ``harness.trained_mlp`` on MNIST-1D's 4000 training examples; eps-sharpness
-(eps 1e-3, max_iter 10, full space) and the top-3 Hessian eigenvalues, each called on every rank of a gloo
-group (``batchgap.eps_sharpness(model, data)`` as a torchrun script calls it), evaluation batches of 1000 (4
-batches: 2 per rank). The worlds alternate, ``REPEATS`` times each, each in a fresh spawn; a measurement's
-time is rank 0's wall time between two barriers (median of the repeats). Beside it: the seconds the ranks
+The default MLP and the conv net ``cnn1d`` (3 x conv1d, BN, ReLU), each trained as ``harness.trained_mlp`` on
+MNIST-1D's 4000 training examples; eps-sharpness (eps 1e-3, max_iter 10, full space) and the top-3 Hessian
+eigenvalues, each called on every rank of a gloo group (``batchgap.eps_sharpness(model, data)`` as a torchrun
+script calls it), evaluation batches of 1000 (4 batches: 2 per rank). The worlds alternate, ``REPEATS`` times
+each, each in a fresh spawn with one thread for torch and for numpy/scipy's BLAS; a measurement's time is rank
+0's wall time between two barriers (median of the repeats). Beside it: the seconds the ranks
 spent in the all-reduce (``ranks.all_sum``, waits for the slower rank included) and the CPU seconds.
 """
 from __future__ import annotations
@@ -23,9 +24,10 @@ from harness import load, mnist1d, row, trained_mlp  # noqa: E402
 
 REPEATS = 3
 MEASURES = ("eps-sharpness", "top-3 eigenvalues")
+ARCHS = {"mlp": "default MLP", "cnn1d": "conv net cnn1d"}
 
 
-def _worker(rank: int, world: int, store: str, state: str, out: str) -> None:
+def _worker(rank: int, world: int, store: str, arch: str, state: str, out: str) -> None:
     import resource
 
     import torch
@@ -38,7 +40,7 @@ def _worker(rank: int, world: int, store: str, state: str, out: str) -> None:
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    model = init_model("mlp", (40,), 10, 0)
+    model = init_model(arch, (40,), 10, 0)
     model.load_state_dict(torch.load(state))
     data = mnist1d().train
     comm = [0.0]
@@ -73,27 +75,41 @@ def _worker(rank: int, world: int, store: str, state: str, out: str) -> None:
         torch.save({"rank0": result, "ranks": cpus}, out)
 
 
-def measure(world: int, state: Path, tmp: Path, k: int) -> dict:
+def measure(world: int, arch: str, state: Path, tmp: Path, k: int) -> dict:
     import torch
     import torch.multiprocessing as mp
 
-    out = tmp / f"out-{world}-{k}.pt"
-    mp.spawn(_worker, args=(world, str(tmp / f"store-{world}-{k}"), str(state), str(out)), nprocs=world, join=True)
+    out = tmp / f"out-{arch}-{world}-{k}.pt"
+    mp.spawn(_worker, args=(world, str(tmp / f"store-{arch}-{world}-{k}"), arch, str(state), str(out)), nprocs=world,
+             join=True)
     return torch.load(out, weights_only=False)
 
 
-def rows() -> list[dict]:
+def rows(archs=tuple(ARCHS)) -> list[dict]:
+    out = []
+    for arch in archs:
+        out += arch_rows(arch)
+    return out
+
+
+def arch_rows(arch: str) -> list[dict]:
+    import os
+
     import torch
 
+    # one thread each, numpy's and scipy's BLAS too: their threads (L-BFGS-B's vector work) otherwise let the one
+    # process use ~1.7 cores (measured: eps-sharpness 4.3 CPU s in 2.6 s wall) and the two ranks compete for them
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"  # read by each spawned worker as it loads numpy
     start = load()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         torch.set_num_threads(1)
-        torch.save(trained_mlp(mnist1d()).state_dict(), tmp / "mlp.pt")
+        torch.save(trained_mlp(mnist1d(), arch=arch).state_dict(), tmp / f"{arch}.pt")
         got = {1: [], 2: []}
         for k in range(REPEATS):
             for world in (1, 2):
-                got[world].append(measure(world, tmp / "mlp.pt", tmp, k))
+                got[world].append(measure(world, arch, tmp / f"{arch}.pt", tmp, k))
     out = []
     for name in MEASURES:
         wall = {w: statistics.median(g["rank0"][name]["wall"] for g in got[w]) for w in got}
@@ -105,7 +121,7 @@ def rows() -> list[dict]:
         cpu1 = statistics.median(g["rank0"][name]["cpu"] for g in got[1])
         cpu2 = statistics.median(max(r[name]["cpu"] for r in g["ranks"]) for g in got[2])
         total2 = statistics.median(sum(r[name]["cpu"] for r in g["ranks"]) for g in got[2])
-        out.append(row(f"{name}, default MLP, 4000 examples: 2 processes against 1 (gloo, 1 thread each)",
+        out.append(row(f"{name}, {ARCHS[arch]}, 4000 examples: 2 processes against 1 (gloo, 1 thread each)",
                        f"{wall[2]:.2f} s on 2 processes", f"{wall[1]:.2f} s on 1", f"{speedup:.2f}x",
                        ">= 1.7x, same value", speedup >= 1.7 and rel < 1e-4,
                        f"values agree to {rel:.1e}; CPU s: 1 process {cpu1:.2f}, busier rank {cpu2:.2f} "
@@ -115,5 +131,5 @@ def rows() -> list[dict]:
 
 
 if __name__ == "__main__":
-    for r in rows():
+    for r in rows(tuple(sys.argv[1:]) or tuple(ARCHS)):
         print(" | ".join(str(v) for v in r.values()))

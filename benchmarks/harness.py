@@ -64,14 +64,14 @@ def synthetic_cifar(n: int):
     return TensorData(torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
 
 
-def trained_mlp(ds, epochs=3):
-    """The default MLP (seed 0) trained ``epochs`` epochs at batch 400 on ``ds.train``: the model of the
-    measurement rows."""
+def trained_mlp(ds, epochs=3, arch="mlp"):
+    """The default MLP (seed 0; or another MNIST-1D ``arch``, e.g. ``"cnn1d"``) trained ``epochs`` epochs at batch
+    400 on ``ds.train``: the model of the measurement rows."""
     from batchgap.config import TrainConfig
     from batchgap.models import init_model
     from batchgap.train import train
 
-    m = init_model("mlp", (40,), 10, 0)
+    m = init_model(arch, (40,), 10, 0)
     train(m, ds.train, None, TrainConfig(epochs=epochs), 400, seed=0, progress=False)
     return m
 
