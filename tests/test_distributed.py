@@ -190,14 +190,27 @@ def test_a_data_parallel_study_is_written_by_rank_0_alone(spawned):
 
 def test_nproc_launches_torchrun_and_finishes_the_study(tmp_path, mnist1d_dir, monkeypatch, capsys):
     out = tmp_path / "out"
-    sets = [a for s in STUDY for a in ("--set", s)]
+    sets = [a for s in [*STUDY, "measure.eval_batch_size=100"] for a in ("--set", s)]  # 2 test batches: 1 a worker
     env = {**os.environ, "BATCHGAP_DATA": str(mnist1d_dir), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "batchgap", "run", "default", "--nproc", "2", "--out", str(out),
-                           "--no-report", *sets], capture_output=True, text=True, env=env, timeout=300)
+
+    def launch(*more):
+        return subprocess.run([sys.executable, "-m", "batchgap", "run", "default", "--nproc", "2", "--out", str(out),
+                               "--no-report", *sets, *more], capture_output=True, text=True, env=env, timeout=300)
+
+    proc = launch()
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [str(out / "results.json")]  # printed by rank 0 alone
+    assert "Warning" not in proc.stderr  # torchrun's launch and DDP once warned (runpy's RuntimeWarning, FutureWarning)
     doc = json.loads((out / "results.json").read_text())
     assert [r["distributed"]["world_size"] for r in doc["runs"]] == [2, 2]
+    assert [r["geometry"]["noise_scale"]["world_size"] for r in doc["runs"]] == [2, 2]  # measured on both workers
+    # changed measure settings: the runs are measured again on both workers, not trained again, not by rank 0 alone
+    again = launch("--set", "measure.norms=true")
+    assert again.returncode == 0 and "measured again on 2 workers" in again.stderr, again.stderr
+    assert "global batch" not in again.stderr
+    for a, b in zip(doc["runs"], json.loads((out / "results.json").read_text())["runs"]):
+        assert (a["id"], a["wall_time_s"], a["history"]) == (b["id"], b["wall_time_s"], b["history"])  # not trained
+        assert b["geometry"]["norms"]["world_size"] == 2 and b["geometry"]["norms"]["backend"] == "gloo"
     assert doc["command"].startswith("torchrun --nproc_per_node=2 -m batchgap run default --out")
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".lock")]
     # the run ids hold the number of workers: a single-process run of the same study makes new runs
@@ -208,29 +221,6 @@ def test_nproc_launches_torchrun_and_finishes_the_study(tmp_path, mnist1d_dir, m
     monkeypatch.setenv("BATCHGAP_DATA", str(mnist1d_dir))
     assert main(["run", "default", "--out", str(out), "--no-report", *sets]) == 2
     assert "trained on 2 data-parallel worker(s) there, 1 now" in capsys.readouterr().err
-
-
-def test_a_data_parallel_study_measured_again_is_measured_on_every_worker_without_training(tmp_path, mnist1d_dir):
-    """Changed measure settings on a finished --nproc study: the trained runs are measured again on both workers
-    (each pass shared, world_size 2 in the protocols), not trained again and not measured by rank 0 alone."""
-    out = tmp_path / "out"
-    env = {**os.environ, "BATCHGAP_DATA": str(mnist1d_dir), "OMP_NUM_THREADS": "1"}
-
-    def run(*more):
-        sets = [a for s in [*STUDY, "measure.eval_batch_size=100", *more] for a in ("--set", s)]
-        proc = subprocess.run([sys.executable, "-m", "batchgap", "run", "default", "--nproc", "2", "--out", str(out),
-                               "--no-report", *sets], capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads((out / "results.json").read_text())["runs"], proc.stderr
-
-    first, _ = run()
-    assert [r["geometry"]["noise_scale"]["world_size"] for r in first] == [2, 2]  # measured on both workers
-    again, log = run("measure.norms=true")
-    assert "measured again on 2 workers" in log and "global batch" not in log
-    assert "Warning" not in log  # torchrun's launch and DDP once warned (runpy's RuntimeWarning, a FutureWarning)
-    for a, b in zip(first, again):
-        assert (a["id"], a["wall_time_s"], a["history"]) == (b["id"], b["wall_time_s"], b["history"])  # not trained
-        assert b["geometry"]["norms"]["world_size"] == 2 and b["geometry"]["norms"]["backend"] == "gloo"
 
 
 @pytest.mark.parametrize("argv, needle", [
