@@ -24,12 +24,16 @@ thread. Per estimator:
 from __future__ import annotations
 
 import math
+import os
 import resource
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # one BLAS thread: read as numpy loads
+    os.environ.setdefault(_var, "1")  # (run as a script; under run.py numpy is loaded already: pin them there)
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import load, mnist1d, row, set_threads  # noqa: E402
