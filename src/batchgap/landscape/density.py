@@ -53,11 +53,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 
 from .functional import FullDataLoss, measured_protocol, session
 from .hessian import HVP_METHOD, lanczos_block, rademacher
+from .montecarlo import interval
 from .objective import as_objective
 from .protocol import Measured, frozen_array, jsonable
 from .trace import TraceResult, shared_estimate, shared_trace
@@ -255,10 +255,7 @@ def _density(chains, N: int, n_vectors: int, steps: int, grid_points: int, kerne
     per_chain = N * np.array([float(w @ t) for t, w in quad])
     trace = stderr = low = high = None
     if n_vectors > 1:
-        trace = float(per_chain.mean())
-        stderr = float(per_chain.std(ddof=1) / np.sqrt(n_vectors))
-        half = float(stats.t.ppf((1 + confidence) / 2, n_vectors - 1)) * stderr
-        low, high = trace - half, trace + half
+        trace, stderr, low, high = interval(per_chain, confidence, antithetic=False)
         how = f"Student-t over the {n_vectors} start vectors' N v^T H v ({n_vectors - 1} degrees of freedom)"
     else:
         how = "none: one start vector gives no interval, so no trace (n_vectors >= 2 for one)"

@@ -148,8 +148,7 @@ def _functional(F: FullDataLoss):
     """The measured parameters as a dict of tensors, and ``loss(params, x, y)`` of the batch mean loss. Gradients
     with respect to the dict, not the flat vector: slices of a flat vector cost a full-size zero tensor per
     parameter tensor and per example under vmap."""
-    params = {name: t.detach() for name, t in F.as_dict(F.x0).items()}
-    obj = F.objective
+    params, obj = {name: t.detach() for name, t in F.as_dict(F.x0).items()}, F.objective
 
     def loss(p, x, y):
         return obj.loss_of(obj.forward(Bound(F.model, p), (x, y))[0], y)
@@ -167,18 +166,19 @@ def _pairs_only(obj, what: str) -> None:
 def _batch_sq_norms(F: FullDataLoss, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, chunk: int,
                     mapper: Mapper | None = None, ghost: bool = False) -> torch.Tensor:
     """|G_B|^2 (float64, CPU) of each batch of ``index``: (k, B) examples or (k, B/g, g) units (the ghost batches'
-    mean loss); ``vmap`` over ``max(1, chunk // B)`` batches, each rank a share (:func:`ranks.span`)."""
+    mean loss); ``vmap`` over ``max(1, chunk // B)`` batches, rank r its r-th share (:func:`ranks.spread`)."""
     mapper = mapper or Mapper("batches")
     index = (index[..., None] if index.dim() == 2 else index).to(x.device)
     theta, batch_loss = _functional(F)
     grad_fn = grad((lambda p, xb, yb: mapper.map(batch_loss, p, xb, yb).mean()) if ghost else
                    (lambda p, xb, yb: batch_loss(p, xb.flatten(0, 1), yb.flatten(0, 1))))
     per_call = max(1, chunk // (index.shape[1] * index.shape[2]))
-    (lo, hi), out = ranks.span(len(index)), torch.zeros(len(index), dtype=torch.float64)
-    for s in range(lo, hi, per_call):
-        b = index[s : min(s + per_call, hi)]
-        out[s : s + len(b)] = _sq_norms(mapper.run(lambda: mapper.map(grad_fn, theta, x[b], y[b]))).cpu()
-    return ranks.all_sum(out)  # each entry from one rank, zeros from the rest: every rank holds all, exactly
+    def norms(b):  # the batches b in one vmapped call
+        return _sq_norms(mapper.run(lambda: mapper.map(grad_fn, theta, x[b], y[b]))).cpu()
+
+    parts = ranks.spread(lambda part: [norms(b) for b in part.split(per_call) if len(b)],
+                         index.tensor_split(ranks.world()[1]))
+    return torch.cat([torch.zeros(0, dtype=torch.float64), *(t for part in parts for t in part)])
 
 
 def _blocks(data, units: torch.Tensor | None, batch_size: int, chunk: int):

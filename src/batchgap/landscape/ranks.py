@@ -44,13 +44,6 @@ def world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def span(k: int) -> tuple[int, int]:
-    """``(lo, hi)``: this rank's contiguous share of k independent items (items lo..hi-1; sizes differ by at most
-    1), for work that is split by item rather than by data batch; ``(0, k)`` alone."""
-    rank, size = world()
-    return k * rank // size, k * (rank + 1) // size
-
-
 def fields() -> dict:
     """The protocol's record of how a measurement was computed: ``world_size`` and ``backend`` (None alone)."""
     _, size = world()

@@ -43,11 +43,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 
 from .functional import FullDataLoss, measured_protocol, session
 from .hessian import HVP_METHOD, EigenResult, LanczosChains, lanczos_block, rademacher
+from .montecarlo import interval
 from .objective import as_objective
 from .protocol import Measured
 
@@ -156,10 +156,8 @@ def estimate(hvp, N: int, dev, method: str, m: int, gen: torch.Generator, confid
     else:
         exact, samples, k = {"hutch++": hutch_pp, "lanczos-deflated": lanczos_deflated, "xtrace": xtrace}[method](
             hvp, m, gen, N, dev)
-    n = len(samples)
-    stderr = float(samples.std(ddof=1) / np.sqrt(n))
-    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * stderr
-    return exact + float(samples.mean()), stderr, half, exact, k, n
+    mean, stderr, low, _ = interval(samples, confidence, antithetic=False)
+    return exact + mean, stderr, mean - low, exact, k, len(samples)
 
 
 def hessian_trace(
@@ -266,13 +264,10 @@ def shared_trace(exact: float, free: np.ndarray, drawn: np.ndarray, k: int, conf
                  density_hvps: int, proto: dict) -> TraceResult:
     """The :class:`TraceResult` of :func:`density.density_and_trace`: ``exact`` = tr(Q H Q^T) on the density's
     k-dimensional Krylov basis, residual values ``free`` (the density's other start vectors) and ``drawn``."""
-    samples = np.concatenate([free, drawn])
-    n = len(samples)
-    stderr = float(samples.std(ddof=1) / np.sqrt(n))
-    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * stderr
-    value = exact + float(samples.mean())
+    n = len(free) + len(drawn)
+    mean, stderr, low, high = interval(np.concatenate([free, drawn]), confidence, antithetic=False)
     return TraceResult(
-        value=value, stderr=stderr, ci_low=value - half, ci_high=value + half, confidence=confidence,
+        value=exact + mean, stderr=stderr, ci_low=exact + low, ci_high=exact + high, confidence=confidence,
         n_probes=len(drawn), hvps=len(drawn), seed=seed, exact_part=exact, deflated=k,
         method=(f"Hutchinson on the complement of the spectral density's first {k}-step Lanczos Krylov basis, "
                 f"Rademacher; shares the density's {density_hvps} HVPs (its other {len(free)} start vectors are "
